@@ -1,0 +1,10 @@
+//! Devices the `vmm` monitor emulates for its guests.
+//!
+//! `legacy` holds the port-I/O devices of a PC (serial UART, i8042 reset line, a
+//! debug-exit port); every device validates what the guest writes and never panics on
+//! guest input. Devices report a guest-requested stop through [`ExitSignal`].
+
+pub mod exit_signal;
+pub mod legacy;
+
+pub use exit_signal::{ExitReason, ExitSignal};

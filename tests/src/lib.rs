@@ -1,0 +1,164 @@
+//! Helpers for the integration tests: find the built `vmm` binary and the test kernels,
+//! run a VM with a time limit, and skip cleanly (or fail under CI) without `/dev/kvm`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use test_kernels::kernel_path;
+
+/// The cargo target directory (`target/`), found from this test executable's path.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors()
+        .find(|p| p.join("CACHEDIR.TAG").exists())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The `vmm` binary built in the same profile as this test (target/debug or target/release).
+pub fn vmm_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // .../target/<profile>/deps/<test-exe>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
+    let bin = profile_dir.join("vmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace`, as the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether KVM is usable. Without it: under CI (`CI=true`) the test fails loudly;
+/// elsewhere it prints `skipped: no /dev/kvm` and the caller returns early.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+            panic!("/dev/kvm is missing or not accessible, and CI=true: KVM tests cannot be skipped in CI");
+        }
+        eprintln!("skipped: no /dev/kvm");
+    }
+    ok
+}
+
+/// What a `vmm` run produced.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (None if killed by a signal).
+    pub status: Option<i32>,
+    /// Guest serial output (stdout).
+    pub stdout: String,
+    /// Monitor messages (stderr).
+    pub stderr: String,
+    /// Wall-clock time of the run.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    fn from_output(out: Output, elapsed: Duration) -> Self {
+        Self {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed,
+        }
+    }
+
+    /// Asserts the exit status, printing both streams when it differs.
+    pub fn expect_status(&self, want: i32) -> &Self {
+        assert_eq!(
+            self.status,
+            Some(want),
+            "unexpected exit status\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts that stdout contains `line` as a whole line.
+    pub fn expect_line(&self, line: &str) -> &Self {
+        assert!(
+            self.stdout
+                .lines()
+                .any(|l| l.trim_end_matches('\r') == line),
+            "missing line {line:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `vmm` with `args`, stdin closed, and a hard limit of `limit` (the test fails if the
+/// monitor hangs past it).
+pub fn vmm(args: &[&str], limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    // Poll for the end; kill and fail if the monitor outlives the limit.
+    loop {
+        match child.try_wait().expect("try_wait") {
+            Some(_) => break,
+            None if start.elapsed() > limit => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "vmm {args:?} hung for more than {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let out = child.wait_with_output().expect("wait");
+    Run::from_output(out, start.elapsed())
+}
+
+/// Runs a test kernel: `vmm run --kernel <kernel> <extra...>`.
+pub fn run_kernel(kernel: &str, extra: &[&str], limit: Duration) -> Run {
+    let path = kernel_path(kernel);
+    let path = path.to_str().expect("utf-8 path").to_string();
+    let mut args = vec!["run", "--kernel", path.as_str()];
+    args.extend_from_slice(extra);
+    vmm(&args, limit)
+}
+
+/// A scratch directory unique to this process and `name`, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Creates the directory.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmm-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,336 @@
+//! The VM's settings, from the command line or a JSON file, and their validation.
+//!
+//! Every problem is reported as a [`ConfigError`] naming the field and what is wrong, so
+//! the `vmm` binary can print one line and exit with status 2.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Smallest guest memory the monitor accepts, in MiB.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Guest memory used when none is given, in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Longest kernel command line accepted, in bytes (without the NUL).
+pub const MAX_CMDLINE_LEN: usize = 4095;
+
+/// A problem with one setting.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    /// The setting at fault, spelled as in the JSON file (`mem_mib`, `kernel`, ...).
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// Builds an error for `field`.
+    pub fn new(field: &str, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel: a 64-bit ELF (test kernel or vmlinux) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    /// File that receives the guest's serial output; stdout when absent.
+    #[serde(default)]
+    pub serial_out: Option<PathBuf>,
+    /// Install seccomp filters on the monitor's threads.
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+    /// Stop the VM after this many milliseconds (exit status 124).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_mem_mib() -> u64 {
+    DEFAULT_MEM_MIB
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Kernel image formats the monitor can boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A 64-bit ELF file.
+    Elf,
+    /// A Linux bzImage.
+    BzImage,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: default_vcpus(),
+            mem_mib: DEFAULT_MEM_MIB,
+            serial_out: None,
+            seccomp: true,
+            timeout_ms: None,
+        }
+    }
+
+    /// Parses a JSON configuration; unknown fields are rejected.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            // serde names the unknown or missing field in its message; keep it.
+            ConfigError::new("config", format!("malformed JSON: {msg}"))
+        })
+    }
+
+    /// Reads and parses a JSON configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Checks every setting that can be checked without KVM; returns the kernel's format.
+    ///
+    /// `max_vcpus` is KVM's limit and `host_mem_mib` the host's memory, both from the caller.
+    pub fn validate(&self, max_vcpus: u32, host_mem_mib: u64) -> Result<KernelFormat, ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::new("vcpus", "must be at least 1"));
+        }
+        if self.vcpus > max_vcpus {
+            return Err(ConfigError::new(
+                "vcpus",
+                format!("{} exceeds the KVM limit of {max_vcpus}", self.vcpus),
+            ));
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::new(
+                "mem_mib",
+                format!(
+                    "{} MiB is below the minimum of {MIN_MEM_MIB} MiB",
+                    self.mem_mib
+                ),
+            ));
+        }
+        if self.mem_mib > host_mem_mib {
+            return Err(ConfigError::new(
+                "mem_mib",
+                format!("{} MiB exceeds the host's {host_mem_mib} MiB", self.mem_mib),
+            ));
+        }
+        if self.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(ConfigError::new(
+                "cmdline",
+                format!(
+                    "{} bytes is longer than {MAX_CMDLINE_LEN}",
+                    self.cmdline.len()
+                ),
+            ));
+        }
+        if !self.cmdline.is_ascii() || self.cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+            return Err(ConfigError::new(
+                "cmdline",
+                "must be printable ASCII without NUL or newline",
+            ));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(ConfigError::new("timeout_ms", "must be greater than 0"));
+        }
+        if let Some(initrd) = &self.initrd {
+            let meta = std::fs::metadata(initrd)
+                .map_err(|e| ConfigError::new("initrd", format!("{}: {e}", initrd.display())))?;
+            if !meta.is_file() {
+                return Err(ConfigError::new(
+                    "initrd",
+                    format!("{} is not a file", initrd.display()),
+                ));
+            }
+        }
+        if let Some(out) = &self.serial_out {
+            if out.is_dir() {
+                return Err(ConfigError::new(
+                    "serial_out",
+                    format!("{} is a directory", out.display()),
+                ));
+            }
+        }
+        detect_kernel_format(&self.kernel)
+    }
+}
+
+/// Looks at a kernel file's magic numbers: ELF64 x86-64 or bzImage ("HdrS" at 0x202).
+pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let mut file = File::open(path)
+        .map_err(|e| ConfigError::new("kernel", format!("{}: {e}", path.display())))?;
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(ConfigError::new(
+            "kernel",
+            format!("{} is not a file", path.display()),
+        ));
+    }
+    let mut head = vec![0u8; 0x210];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => {
+                return Err(ConfigError::new(
+                    "kernel",
+                    format!("{}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    head.truncate(got);
+    if head.len() >= 20 && head[..4] == *b"\x7fELF" {
+        // EI_CLASS 2 = 64-bit, EI_DATA 1 = little endian, e_machine 62 = x86-64.
+        if head[4] != 2 || head[5] != 1 || u16::from_le_bytes([head[18], head[19]]) != 62 {
+            return Err(ConfigError::new(
+                "kernel",
+                format!("{} is an ELF file but not 64-bit x86-64", path.display()),
+            ));
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    if head.len() >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ConfigError::new(
+        "kernel",
+        format!("{} is not an ELF or bzImage file", path.display()),
+    ))
+}
+
+/// The host's memory in MiB (from /proc/meminfo), or `u64::MAX` if it cannot be read.
+pub fn host_mem_mib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn elf_file() -> tempfile_lite::TempFile {
+        let mut head = vec![0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2;
+        head[5] = 1;
+        head[18] = 62;
+        tempfile_lite::TempFile::with(&head)
+    }
+
+    /// A tiny temporary-file helper so the tests need no extra crate.
+    mod tempfile_lite {
+        use std::path::PathBuf;
+        pub struct TempFile(pub PathBuf);
+        impl TempFile {
+            pub fn with(bytes: &[u8]) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "vmm-config-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, bytes).unwrap();
+                TempFile(p)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn json_defaults_and_unknown_fields() {
+        let c = VmConfig::from_json(r#"{"kernel":"k"}"#).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.mem_mib, DEFAULT_MEM_MIB);
+        assert!(c.seccomp);
+        let e = VmConfig::from_json(r#"{"kernel":"k","vcpu":2}"#).unwrap_err();
+        assert!(e.problem.contains("unknown field `vcpu`"), "{e}");
+        let e = VmConfig::from_json(r#"{"kernel":"k","vcpus":"two"}"#).unwrap_err();
+        assert!(e.problem.contains("invalid type"), "{e}");
+        assert!(VmConfig::from_json("{").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let k = elf_file();
+        let mut c = VmConfig::new(&k.0);
+        assert_eq!(c.validate(8, 1024).unwrap(), KernelFormat::Elf);
+        c.vcpus = 0;
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "vcpus");
+        c.vcpus = 9;
+        assert!(c
+            .validate(8, 1024)
+            .unwrap_err()
+            .problem
+            .contains("KVM limit of 8"));
+        c.vcpus = 1;
+        c.mem_mib = 8;
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "mem_mib");
+        c.mem_mib = 4096;
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "mem_mib");
+        c.mem_mib = 64;
+        c.cmdline = "a\nb".into();
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "cmdline");
+    }
+
+    #[test]
+    fn kernel_format_detection() {
+        let junk = tempfile_lite::TempFile::with(b"not a kernel at all");
+        let e = detect_kernel_format(&junk.0).unwrap_err();
+        assert!(e.problem.contains("not an ELF or bzImage"));
+        let e = detect_kernel_format(Path::new("/nonexistent/kernel")).unwrap_err();
+        assert_eq!(e.field, "kernel");
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bz = tempfile_lite::TempFile::with(&bz);
+        assert_eq!(detect_kernel_format(&bz.0).unwrap(), KernelFormat::BzImage);
+        let mut elf32 = vec![0u8; 64];
+        elf32[..4].copy_from_slice(b"\x7fELF");
+        elf32[4] = 1;
+        let elf32 = tempfile_lite::TempFile::with(&elf32);
+        assert!(detect_kernel_format(&elf32.0)
+            .unwrap_err()
+            .problem
+            .contains("not 64-bit"));
+        let _ = std::io::stdout().flush();
+    }
+}

@@ -1,0 +1,20 @@
+//! The `vmm` monitor: boots guests directly on KVM with the rust-vmm crates.
+//!
+//! - [`config`]: the VM's settings and their validation.
+//! - [`memory`]: guest memory layout and allocation.
+//! - [`boot`]: kernel loading (ELF, bzImage), zero page, long-mode entry state.
+//! - [`cpuid`]: the per-vCPU CPUID table.
+//! - [`vcpu`]: the run loop of one vCPU thread.
+//! - [`vm`]: putting it all together and running a VM to its end.
+//! - [`seccomp`]: the filters of the monitor's threads.
+
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod memory;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConfigError, VmConfig};
+pub use vm::{run, RunOutcome, VmError, EXIT_GUEST_CRASH, EXIT_TIMEOUT};

@@ -1,0 +1,418 @@
+//! Building a VM from a [`VmConfig`] and running it to its end: KVM VM with in-kernel
+//! irqchip and PIT, guest memory, kernel, legacy devices, one thread per vCPU, and the
+//! event loop on the calling thread.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::{
+    serial::{COM1_IRQ, COM1_PORT_COUNT},
+    DebugExit, PostPort, SerialConsole, SerialInput, COM1_PORT, DEBUG_EXIT_PORT, I8042,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, POST_PORT,
+};
+use devices::{ExitReason, ExitSignal};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::DevicePio;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::boot::{self, long_mode, BootError};
+use crate::config::{host_mem_mib, ConfigError, VmConfig};
+use crate::cpuid::{self, VcpuTopology};
+use crate::memory::{self, MemoryError};
+use crate::seccomp::{self, SeccompError};
+use crate::vcpu::Vcpu;
+
+/// Address of the TSS pages KVM needs on Intel hosts (just below the BIOS area at 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest (or a vCPU fault, or the monitor) stopped the VM.
+    Stopped(ExitReason),
+    /// `timeout_ms` passed first.
+    TimedOut(u64),
+}
+
+impl RunOutcome {
+    /// The `vmm` process exit status for this outcome.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            RunOutcome::Stopped(ExitReason::GuestExit(code)) => i32::from(*code),
+            RunOutcome::Stopped(ExitReason::Reset) => 0,
+            RunOutcome::Stopped(ExitReason::Crash(_)) => EXIT_GUEST_CRASH,
+            RunOutcome::Stopped(ExitReason::MonitorError(_)) => 1,
+            RunOutcome::TimedOut(_) => EXIT_TIMEOUT,
+        }
+    }
+}
+
+/// Exit status when `timeout_ms` ends the run (as `timeout(1)`).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when the guest crashed (triple fault, internal or emulation error).
+pub const EXIT_GUEST_CRASH: i32 = 125;
+
+/// Errors that stop a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A user setting is wrong: exit status 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot use /dev/kvm: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl during set-up failed.
+    #[error("KVM refused to {what}: {source}")]
+    KvmSetup {
+        /// What the monitor was doing.
+        what: &'static str,
+        /// KVM's reason.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel could not be loaded.
+    #[error("boot: {0}")]
+    Boot(String),
+    /// A vCPU could not be put in its boot state.
+    #[error("vCPU {index}: {source}")]
+    VcpuSetup {
+        /// Which vCPU.
+        index: u32,
+        /// What failed.
+        #[source]
+        source: long_mode::LongModeError,
+    },
+    /// The CPUID table could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// A device could not be created or registered.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// seccomp set-up failed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+impl VmError {
+    /// Whether the error is the user's (exit status 2) rather than the host's.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, VmError::Config(_))
+    }
+}
+
+impl From<BootError> for VmError {
+    fn from(e: BootError) -> Self {
+        match e {
+            BootError::Config(c) => VmError::Config(c),
+            other => VmError::Boot(other.to_string()),
+        }
+    }
+}
+
+/// Watches the exit eventfd for the event loop.
+struct ExitWatcher {
+    exit: ExitSignal,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Draining the counter is enough: the loop checks the signal after each wake-up.
+        let _ = self.exit.event_fd().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.event_fd(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e}");
+        }
+    }
+}
+
+/// Puts stdin in raw mode for the guest console while alive, if stdin is a terminal.
+struct RawStdin {
+    active: bool,
+}
+
+impl RawStdin {
+    fn enter() -> Self {
+        let stdin = io::stdin();
+        let lock = stdin.lock();
+        // SAFETY: isatty on fd 0 only inspects it.
+        let is_tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+        let active = is_tty && lock.set_raw_mode().is_ok();
+        Self { active }
+    }
+}
+
+impl Drop for RawStdin {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+fn register_pio(
+    io: &mut IoManager,
+    device: &'static str,
+    base: u16,
+    len: u16,
+    dev: Arc<dyn DevicePio + Send + Sync>,
+) -> Result<(), VmError> {
+    let range = PioRange::new(PioAddress(base), len).map_err(|e| VmError::Device {
+        device,
+        reason: format!("{e:?}"),
+    })?;
+    io.register_pio(range, dev).map_err(|e| VmError::Device {
+        device,
+        reason: format!("{e:?}"),
+    })
+}
+
+fn serial_writer(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
+    match &cfg.serial_out {
+        Some(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| ConfigError::new("serial_out", format!("{}: {e}", path.display())))?;
+            Ok(Box::new(f))
+        }
+        // Unbuffered: every byte the guest prints is visible at once.
+        None => Ok(Box::new(stdout_file()?)),
+    }
+}
+
+/// A `File` on a duplicate of fd 1, so writes bypass Rust's line buffer.
+fn stdout_file() -> Result<File, VmError> {
+    let fd = io::stdout().as_raw_fd();
+    // SAFETY: dup of a valid fd; the new fd is owned by the returned File.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(VmError::Device {
+            device: "serial",
+            reason: format!("cannot duplicate stdout: {}", io::Error::last_os_error()),
+        });
+    }
+    // SAFETY: `dup` is a fresh fd nobody else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
+/// Creates the VM and its vCPUs from `cfg`, runs it, and returns how it ended.
+pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let max_vcpus = kvm.get_max_vcpus() as u32;
+    let format = cfg.validate(max_vcpus, host_mem_mib())?;
+    let started = Instant::now();
+
+    let vm: VmFd = kvm.create_vm().map_err(|source| VmError::KvmSetup {
+        what: "create a VM",
+        source,
+    })?;
+    let setup = |what| move |source| VmError::KvmSetup { what, source };
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(setup("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(setup("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(setup("create the in-kernel PIT"))?;
+
+    let mem = memory::create_guest_memory(cfg.mem_mib)?;
+    memory::register_with_kvm(&vm, &mem)?;
+    let boot_info = boot::load(&mem, cfg, format)?;
+    long_mode::write_boot_tables(&mem).map_err(|e| VmError::Boot(e.to_string()))?;
+    log::info!(
+        "kernel {} loaded: entry {:#x}, end {:#x}, {}",
+        cfg.kernel.display(),
+        boot_info.entry,
+        boot_info.kernel_end,
+        if boot_info.multi_entry {
+            "all vCPUs start at the entry"
+        } else {
+            "boot vCPU starts"
+        }
+    );
+
+    // Devices.
+    let exit = ExitSignal::new().map_err(|e| VmError::Device {
+        device: "exit signal",
+        reason: e.to_string(),
+    })?;
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device {
+        device: "serial",
+        reason: e.to_string(),
+    })?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(setup("register the serial irqfd"))?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        serial_writer(cfg)?,
+    )));
+    let mut io_manager = IoManager::new();
+    register_pio(
+        &mut io_manager,
+        "serial",
+        COM1_PORT,
+        COM1_PORT_COUNT,
+        serial.clone(),
+    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    register_pio(&mut io_manager, "i8042", I8042_DATA_PORT, 1, i8042.clone())?;
+    register_pio(&mut io_manager, "i8042", I8042_COMMAND_PORT, 1, i8042)?;
+    register_pio(
+        &mut io_manager,
+        "debug-exit",
+        DEBUG_EXIT_PORT,
+        devices::legacy::debug_exit::DEBUG_EXIT_PORT_COUNT,
+        Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+    )?;
+    register_pio(
+        &mut io_manager,
+        "post",
+        POST_PORT,
+        1,
+        Arc::new(Mutex::new(PostPort::default())),
+    )?;
+    let io_manager = Arc::new(io_manager);
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(setup("report its supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for index in 0..cfg.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(setup("create a vCPU"))?;
+        let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+        let table = cpuid::filter(
+            &supported,
+            VcpuTopology {
+                index,
+                count: cfg.vcpus,
+                tsc_khz,
+            },
+        )?;
+        fd.set_cpuid2(&table).map_err(setup("set a vCPU's CPUID"))?;
+        long_mode::setup_vcpu(&fd, boot_info.entry, index)
+            .map_err(|source| VmError::VcpuSetup { index, source })?;
+        if index > 0 && boot_info.multi_entry {
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(setup("make an application processor runnable"))?;
+        }
+        vcpus.push(Vcpu::new(index, fd, io_manager.clone(), exit.clone()));
+    }
+
+    let vcpu_filter = if cfg.seccomp {
+        Some(seccomp::vcpu_filter()?)
+    } else {
+        None
+    };
+    let main_filter = if cfg.seccomp {
+        Some(seccomp::main_filter()?)
+    } else {
+        None
+    };
+
+    // Event loop: guest console input and the exit signal.
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    let stdin = io::stdin();
+    let stdin_file = {
+        // SAFETY: dup of fd 0; the File owns the new fd.
+        let dup = unsafe { libc::dup(stdin.as_raw_fd()) };
+        (dup >= 0).then(|| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+    };
+    if let Some(f) = stdin_file {
+        events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+            serial.clone(),
+            Box::new(f),
+        ))));
+    }
+    let _raw = RawStdin::enter();
+
+    let mut threads = Vec::new();
+    for mut vcpu in vcpus {
+        let filter = vcpu_filter.clone();
+        let exit = exit.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .spawn(move || {
+                if let Some(f) = &filter {
+                    if let Err(e) = seccomp::install("vCPU", f) {
+                        exit.request(ExitReason::MonitorError(e.to_string()));
+                        return;
+                    }
+                }
+                vcpu.run();
+            })
+            .map_err(VmError::Thread)?;
+        threads.push(handle);
+    }
+    log::info!("VM set up in {:?}", started.elapsed());
+    if let Some(f) = &main_filter {
+        seccomp::install("main", f)?;
+    }
+
+    let deadline = cfg
+        .timeout_ms
+        .map(|ms| (ms, started + Duration::from_millis(ms)));
+    let outcome = loop {
+        if let Some(reason) = exit.reason() {
+            break RunOutcome::Stopped(reason);
+        }
+        let wait_ms = match deadline {
+            Some((ms, at)) => {
+                let now = Instant::now();
+                if now >= at {
+                    break RunOutcome::TimedOut(ms);
+                }
+                (at - now).as_millis().min(i32::MAX as u128) as i32 + 1
+            }
+            None => -1,
+        };
+        events
+            .run_with_timeout(wait_ms)
+            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    };
+    if let Ok(mut s) = serial.lock() {
+        let _ = s.flush();
+    }
+    // vCPU threads still inside KVM_RUN end with the process; the caller exits next.
+    drop(threads);
+    Ok(outcome)
+}
