@@ -1,5 +1,10 @@
 //! The built-in tuner of the `vmm` monitor.
 //!
-//! Empty for now: the performance monitoring agent, the ONNX policy, the configuration
-//! manager and the state repository land with the telemetry and tuner issues. The monitor
-//! will reach the tuner only through one narrow trait (read counters, apply an action).
+//! - [`counters`]: plain snapshots of the monitor's counters and the [`counters::CounterSource`]
+//!   trait through which the monitor exposes them.
+//!
+//! The policy, configuration manager and state repository land with later issues; the
+//! monitor reaches the tuner only through narrow traits, so everything here can be tested
+//! against a fake monitor.
+
+pub mod counters;

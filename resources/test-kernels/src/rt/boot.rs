@@ -3,7 +3,7 @@
 //! The monitor starts every vCPU at `_start` (1 MiB) in 64-bit mode at CPL 0 with
 //! `RDI` = vCPU index and `RSI` = zero page (see `BOOT.md`). On this project's nested KVM
 //! every CPL 0 instruction goes through KVM's instruction emulator (~0.5 us each), so the
-//! stub is straight-line code of about 40 instructions, without loops:
+//! stub is 44 straight-line instructions, without loops:
 //!
 //! 1. `RDI >= MAX_CPUS` -> `ud2` (no IDT: the monitor reports a triple fault).
 //! 2. `lgdt` our GDT: null, 0x08 kernel code64, 0x10 kernel data, 0x18 user data
@@ -11,8 +11,8 @@
 //!    per vCPU at 0x28 + 16 * index, all for the same TSS, and `ltr` this vCPU's one.
 //!    The TSS only exists for its I/O permission bitmap, which allows every port: on this
 //!    project's nested KVM, `in`/`out` at CPL 3 are checked against the bitmap of the
-//!    current TSS despite IOPL 3 (with the monitor's unset TR the "bitmap" is whatever
-//!    sits at guest-physical 0..8 KiB, and ports whose bit is set there triple-fault).
+//!    current TSS despite IOPL 3 (with the monitor's TSS at base 0 the "bitmap" is
+//!    whatever sits at guest-physical 0..8 KiB, and ports whose bit is set there fault).
 //!    One descriptor per vCPU because `ltr` marks its descriptor busy and would fault on a
 //!    busy one.
 //! 3. `CR3` = our own page tables (static data below): identity map of the first 4 GiB
@@ -26,8 +26,8 @@
 //!    (CS 0x23, SS 0x1b, RFLAGS 0x3002 = IOPL 3, IF 0) into [`rt_entry`] with
 //!    `RDI` = vCPU index and `RSI` = zero page preserved.
 //!
-//! There is no IDT and no TSS: any exception at CPL 3 becomes a triple fault, which the
-//! monitor reports. That is intended (see the `bad-triple-fault` kernel).
+//! There is no IDT (and the TSS has no usable stacks): any exception at CPL 3 becomes a
+//! triple fault, which the monitor reports. That is intended (see the `bad-triple-fault` kernel).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
