@@ -334,3 +334,13 @@ fn bad_input_gets_one_line_and_status_2() {
     // clap's own usage errors use status 2 as well.
     vmm(&["run", "--kernel", hello, "--vcpus", "two"], LIMIT).expect_status(2);
 }
+
+#[test]
+fn i8042_reset_ends_the_run_with_status_0() {
+    if !kvm_available() {
+        return;
+    }
+    let run = run_kernel("reset", &[], LIMIT);
+    run.expect_status(0).expect_line("reset: requesting");
+    assert!(!run.stdout.contains("reset: ignored"), "{}", run.stdout);
+}
