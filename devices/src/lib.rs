@@ -5,6 +5,9 @@
 //! guest input. Devices report a guest-requested stop through [`ExitSignal`].
 
 pub mod exit_signal;
+pub mod io_scheduler;
 pub mod legacy;
+pub mod rate_limiter;
+pub mod virtio;
 
 pub use exit_signal::{ExitReason, ExitSignal};

@@ -102,6 +102,16 @@ pub struct QueueCounters {
     /// Latency histogram: counts per bucket, bucket `i` holding latencies below
     /// [`LATENCY_BUCKETS_US`]`[i]` microseconds (the last bucket is unbounded).
     pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of the latencies of the requests counted in `latency_buckets`, in nanoseconds
+    /// (the Prometheus histogram's `_sum`; 0 where the monitor does not track it).
+    pub latency_ns_sum: u64,
+}
+
+impl QueueCounters {
+    /// Whether this queue belongs to a network device (its device id starts with `net`).
+    pub fn is_net(&self) -> bool {
+        self.device.starts_with("net")
+    }
 }
 
 /// Upper bounds of the latency histogram buckets, in microseconds.

@@ -2,9 +2,23 @@
 //!
 //! - [`counters`]: plain snapshots of the monitor's counters and the [`counters::CounterSource`]
 //!   trait through which the monitor exposes them.
+//! - [`schema`]: the versioned performance vector schema (feature names, units,
+//!   normalisation), printable and serialisable for model cards.
+//! - [`agent`]: the sampling agent turning counter snapshots into performance vectors every
+//!   interval and feeding them to sinks.
+//! - [`state_repo`]: the state repository (SQLite, WAL) of vectors, actions, rewards and
+//!   events, with retention and CSV/Parquet export.
+//! - [`anomaly`]: a rolling EWMA z-score anomaly detector over the vector.
+//! - [`prometheus`]: the counters in the Prometheus text format and a tiny `/metrics`
+//!   HTTP server.
 //!
-//! The policy, configuration manager and state repository land with later issues; the
-//! monitor reaches the tuner only through narrow traits, so everything here can be tested
-//! against a fake monitor.
+//! The policy and configuration manager land with later issues; the monitor reaches the
+//! tuner only through narrow traits, so everything here can be tested against a fake
+//! monitor.
 
+pub mod agent;
+pub mod anomaly;
 pub mod counters;
+pub mod prometheus;
+pub mod schema;
+pub mod state_repo;

@@ -14,7 +14,9 @@ pub const MIN_MEM_MIB: u64 = 16;
 /// Guest memory used when none is given, in MiB.
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// Longest kernel command line accepted, in bytes (without the NUL).
-pub const MAX_CMDLINE_LEN: usize = 4095;
+pub const MAX_CMDLINE_LEN: usize = 3072;
+/// Most virtio devices one VM can have.
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 
 /// A problem with one setting.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +65,52 @@ pub struct VmConfig {
     /// Stop the VM after this many milliseconds (exit status 124).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// virtio-blk drives, in slot order.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+}
+
+/// One virtio-blk drive.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Backing file (raw image).
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Name in logs, metrics and the control API; `blk<N>` when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl DriveConfig {
+    /// Parses the `--drive` syntax: `path=FILE[,read-only][,id=NAME]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut path = None;
+        let mut read_only = false;
+        let mut id = None;
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                None if part == "read-only" || part == "ro" => read_only = true,
+                _ => {
+                    return Err(ConfigError::new(
+                        "drives",
+                        format!("unknown or empty option {part:?} in {spec:?} (expected path=FILE[,read-only][,id=NAME])"),
+                    ))
+                }
+            }
+        }
+        let path =
+            path.ok_or_else(|| ConfigError::new("drives", format!("{spec:?} has no path=FILE")))?;
+        Ok(Self {
+            path,
+            read_only,
+            id,
+        })
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -96,6 +144,7 @@ impl VmConfig {
             serial_out: None,
             seccomp: true,
             timeout_ms: None,
+            drives: Vec::new(),
         }
     }
 
@@ -180,7 +229,59 @@ impl VmConfig {
                 ));
             }
         }
+        if self.drives.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::new(
+                "drives",
+                format!(
+                    "{} drives exceed the limit of {MAX_VIRTIO_DEVICES}",
+                    self.drives.len()
+                ),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, d) in self.drives.iter().enumerate() {
+            let meta = std::fs::metadata(&d.path)
+                .map_err(|e| ConfigError::new("drives", format!("{}: {e}", d.path.display())))?;
+            if !meta.is_file() {
+                return Err(ConfigError::new(
+                    "drives",
+                    format!("{} is not a regular file", d.path.display()),
+                ));
+            }
+            if meta.len() < 512 {
+                return Err(ConfigError::new(
+                    "drives",
+                    format!("{} is smaller than one 512-byte sector", d.path.display()),
+                ));
+            }
+            let id = d.id.clone().unwrap_or_else(|| format!("blk{i}"));
+            if id.is_empty()
+                || id.len() > 32
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::new(
+                    "drives",
+                    format!("id {id:?} must be 1-32 of [A-Za-z0-9_-]"),
+                ));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::new(
+                    "drives",
+                    format!("id {id:?} is used twice"),
+                ));
+            }
+        }
         detect_kernel_format(&self.kernel)
+    }
+
+    /// The id of drive `index` (its own or `blk<index>`).
+    pub fn drive_id(&self, index: usize) -> String {
+        self.drives
+            .get(index)
+            .and_then(|d| d.id.clone())
+            .unwrap_or_else(|| format!("blk{index}"))
     }
 }
 
@@ -310,6 +411,24 @@ mod tests {
         c.mem_mib = 64;
         c.cmdline = "a\nb".into();
         assert_eq!(c.validate(8, 1024).unwrap_err().field, "cmdline");
+    }
+
+    #[test]
+    fn drive_specs() {
+        let d = DriveConfig::parse("path=/tmp/a.img,read-only,id=data").unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("data"));
+        assert!(!DriveConfig::parse("path=x").unwrap().read_only);
+        assert_eq!(DriveConfig::parse("read-only").unwrap_err().field, "drives");
+        assert!(DriveConfig::parse("path=x,fast")
+            .unwrap_err()
+            .problem
+            .contains("\"fast\""));
+        let c = VmConfig::from_json(r#"{"kernel":"k","drives":[{"path":"d","read_only":true}]}"#)
+            .unwrap();
+        assert!(c.drives[0].read_only);
+        assert!(VmConfig::from_json(r#"{"kernel":"k","drives":[{"file":"d"}]}"#).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`boot`]: kernel loading (ELF, bzImage), zero page, long-mode entry state.
 //! - [`cpuid`]: the per-vCPU CPUID table.
 //! - [`vcpu`]: the run loop of one vCPU thread.
+//! - [`vcpu_stats`]: per-vCPU exit and time counters kept in that loop.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
 
@@ -14,6 +15,7 @@ pub mod cpuid;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
+pub mod vcpu_stats;
 pub mod vm;
 
 pub use config::{ConfigError, VmConfig};

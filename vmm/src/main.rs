@@ -55,6 +55,9 @@ struct RunArgs {
     /// End the run after this many milliseconds (exit status 124).
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
+    /// Add a virtio-blk drive: path=FILE[,read-only][,id=NAME] (repeatable).
+    #[arg(long = "drive", value_name = "SPEC")]
+    drives: Vec<String>,
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -99,6 +102,13 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if args.timeout_ms.is_some() {
         cfg.timeout_ms = args.timeout_ms;
+    }
+    if !args.drives.is_empty() {
+        cfg.drives = args
+            .drives
+            .iter()
+            .map(|d| vmm::config::DriveConfig::parse(d))
+            .collect::<Result<_, _>>()?;
     }
     Ok(cfg)
 }

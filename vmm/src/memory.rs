@@ -33,6 +33,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO hole.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio slot; slot `i` is at `VIRTIO_MMIO_BASE + i * 0x1000`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// IRQ of virtio slot 0; slot `i` uses `VIRTIO_IRQ_BASE + i`.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Where the local APIC lives (inside the MMIO hole).
 pub const LAPIC_START: u64 = 0xfee0_0000;
 
@@ -61,6 +65,13 @@ pub enum MemoryError {
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
 }
+
+// The boot structures must not overlap; checked at compile time.
+const _: () = assert!(GDT_START + 32 <= IDT_START);
+const _: () = assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(PD_START + PD_COUNT * 4096 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_CAPACITY as u64 <= EBDA_START);
 
 /// The RAM ranges of a guest with `mem_bytes` of memory: up to the MMIO hole, then above 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
@@ -121,14 +132,5 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (1usize << 30)));
         assert_eq!(low_ram_end(4 << 30), MMIO_GAP_START);
-    }
-
-    #[test]
-    fn boot_structures_do_not_overlap() {
-        assert!(GDT_START + 32 <= IDT_START);
-        assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
-        assert!(BOOT_STACK_POINTER < PML4_START);
-        assert!(PD_START + PD_COUNT * 4096 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_CAPACITY as u64 <= EBDA_START);
     }
 }

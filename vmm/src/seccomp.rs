@@ -116,6 +116,12 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
+            // virtio-blk back ends and rate-limiter timers run on the event loop.
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ],
     )

@@ -2,11 +2,15 @@
 //! buses, and the crash report when the guest does something KVM cannot go on from.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use devices::{ExitReason, ExitSignal};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use tuner::counters::ExitKind;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+
+use crate::vcpu_stats::VcpuStats;
 
 /// Unhandled accesses logged in full per vCPU before the log thins out.
 const UNHANDLED_LOG_FIRST: u64 = 10;
@@ -19,7 +23,7 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 /// Why a vCPU cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Fault {
-    TripleFault,
+    Triple,
     InternalError,
     FailEntry(u64),
     Unexpected(String),
@@ -32,6 +36,8 @@ pub struct Vcpu {
     io: Arc<IoManager>,
     exit: ExitSignal,
     unhandled: u64,
+    stats: Arc<VcpuStats>,
+    count: bool,
 }
 
 impl Vcpu {
@@ -43,7 +49,19 @@ impl Vcpu {
             io,
             exit,
             unhandled: 0,
+            stats: Arc::new(VcpuStats::default()),
+            count: true,
         }
+    }
+
+    /// This vCPU's live counters.
+    pub fn stats(&self) -> Arc<VcpuStats> {
+        self.stats.clone()
+    }
+
+    /// Turns the run-loop counters off (only to measure what they cost).
+    pub fn set_counting(&mut self, on: bool) {
+        self.count = on;
     }
 
     /// This vCPU's index.
@@ -70,72 +88,110 @@ impl Vcpu {
         let mut note_unhandled = |what: &str, addr: u64, len: usize| {
             *unhandled += 1;
             let n = *unhandled;
-            if n <= UNHANDLED_LOG_FIRST || n % UNHANDLED_LOG_EVERY == 0 {
+            if n <= UNHANDLED_LOG_FIRST || n.is_multiple_of(UNHANDLED_LOG_EVERY) {
                 log::warn!(
                     "vCPU {index}: guest {what} at {addr:#x} ({len} bytes) has no device; ignored ({n} so far)"
                 );
             }
         };
-        match self.fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoOut(port, data) => {
-                    if io.pio_write(PioAddress(port), data).is_err() {
-                        note_unhandled("port write", u64::from(port), data.len());
-                    }
-                    Ok(())
+        let count = self.count;
+        let stats = &self.stats;
+        let entered = if count { Some(Instant::now()) } else { None };
+        let mut kind = ExitKind::Other;
+        let mut left = None;
+        let result = match self.fd.run() {
+            Ok(exit) => {
+                if let Some(t) = entered {
+                    left = Some((Instant::now(), t));
                 }
-                VcpuExit::IoIn(port, data) => {
-                    if io.pio_read(PioAddress(port), data).is_err() {
-                        data.fill(0xff);
-                        note_unhandled("port read", u64::from(port), data.len());
-                    }
-                    Ok(())
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    if io.mmio_write(MmioAddress(addr), data).is_err() {
-                        note_unhandled("MMIO write", addr, data.len());
-                    }
-                    Ok(())
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    if io.mmio_read(MmioAddress(addr), data).is_err() {
-                        data.fill(0xff);
-                        note_unhandled("MMIO read", addr, data.len());
-                    }
-                    Ok(())
-                }
-                VcpuExit::Shutdown => Err(Fault::TripleFault),
-                VcpuExit::InternalError => Err(Fault::InternalError),
-                VcpuExit::FailEntry(reason, _cpu) => Err(Fault::FailEntry(reason)),
-                VcpuExit::SystemEvent(kind, _) => {
-                    match kind {
-                        KVM_SYSTEM_EVENT_RESET => self.exit.request(ExitReason::Reset),
-                        KVM_SYSTEM_EVENT_SHUTDOWN => self.exit.request(ExitReason::GuestExit(0)),
-                        other => {
-                            return Err(Fault::Unexpected(format!("system event {other}")));
+                match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        kind = ExitKind::IoOut;
+                        if io.pio_write(PioAddress(port), data).is_err() {
+                            note_unhandled("port write", u64::from(port), data.len());
                         }
+                        Ok(())
                     }
-                    Ok(())
+                    VcpuExit::IoIn(port, data) => {
+                        kind = ExitKind::IoIn;
+                        if io.pio_read(PioAddress(port), data).is_err() {
+                            data.fill(0xff);
+                            note_unhandled("port read", u64::from(port), data.len());
+                        }
+                        Ok(())
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        kind = ExitKind::MmioWrite;
+                        if io.mmio_write(MmioAddress(addr), data).is_err() {
+                            note_unhandled("MMIO write", addr, data.len());
+                        }
+                        Ok(())
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        kind = ExitKind::MmioRead;
+                        if io.mmio_read(MmioAddress(addr), data).is_err() {
+                            data.fill(0xff);
+                            note_unhandled("MMIO read", addr, data.len());
+                        }
+                        Ok(())
+                    }
+                    VcpuExit::Shutdown => {
+                        kind = ExitKind::Shutdown;
+                        Err(Fault::Triple)
+                    }
+                    VcpuExit::InternalError => {
+                        kind = ExitKind::InternalError;
+                        Err(Fault::InternalError)
+                    }
+                    VcpuExit::FailEntry(reason, _cpu) => Err(Fault::FailEntry(reason)),
+                    VcpuExit::SystemEvent(kind, _) => {
+                        match kind {
+                            KVM_SYSTEM_EVENT_RESET => self.exit.request(ExitReason::Reset),
+                            KVM_SYSTEM_EVENT_SHUTDOWN => {
+                                self.exit.request(ExitReason::GuestExit(0))
+                            }
+                            other => {
+                                return Err(Fault::Unexpected(format!("system event {other}")));
+                            }
+                        }
+                        Ok(())
+                    }
+                    VcpuExit::Hlt => {
+                        kind = ExitKind::Hlt;
+                        // With the in-kernel irqchip KVM handles HLT itself; if it comes here the
+                        // vCPU would spin, so park it.
+                        log::info!("vCPU {index}: halted");
+                        self.exit.request(ExitReason::GuestExit(0));
+                        Ok(())
+                    }
+                    VcpuExit::Intr => {
+                        kind = ExitKind::Interrupted;
+                        Ok(())
+                    }
+                    other => Err(Fault::Unexpected(format!("{other:?}"))),
                 }
-                VcpuExit::Hlt => {
-                    // With the in-kernel irqchip KVM handles HLT itself; if it comes here the
-                    // vCPU would spin, so park it.
-                    log::info!("vCPU {index}: halted");
-                    self.exit.request(ExitReason::GuestExit(0));
-                    Ok(())
-                }
-                VcpuExit::Intr => Ok(()),
-                other => Err(Fault::Unexpected(format!("{other:?}"))),
-            },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                kind = ExitKind::Interrupted;
+                Ok(())
+            }
             Err(e) => Err(Fault::Unexpected(format!("KVM_RUN failed: {e}"))),
+        };
+        if count {
+            stats.count_exit(kind);
+            if let Some((left, entered)) = left {
+                let guest = left.duration_since(entered).as_nanos() as u64;
+                let monitor = left.elapsed().as_nanos() as u64;
+                stats.add_times(guest, monitor);
+            }
         }
+        result
     }
 
     /// One line naming the vCPU, the reason and the registers.
     fn crash_report(&mut self, fault: &Fault) -> String {
         let reason = match fault {
-            Fault::TripleFault => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+            Fault::Triple => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Fault::FailEntry(r) => format!("VM entry failed (hardware reason {r:#x})"),
             Fault::Unexpected(s) => format!("unexpected exit: {s}"),
             Fault::InternalError => {

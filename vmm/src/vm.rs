@@ -13,15 +13,18 @@ use devices::legacy::{
     DebugExit, PostPort, SerialConsole, SerialInput, COM1_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT, POST_PORT,
 };
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_WINDOW_SIZE};
 use devices::{ExitReason, ExitSignal};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::DevicePio;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -225,6 +228,44 @@ fn stdout_file() -> Result<File, VmError> {
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
 }
 
+/// Puts a virtio device on the MMIO bus at `base` with interrupt `irq`: its register
+/// window, an irqfd for its interrupt and an ioeventfd per queue on QueueNotify.
+fn attach_virtio<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    io: &mut IoManager,
+    mem: &vm_memory::GuestMemoryMmap,
+    id: &str,
+    device: Arc<Mutex<D>>,
+    base: u64,
+    irq: u32,
+) -> Result<(), VmError> {
+    let dev_err = |reason: String| VmError::Device {
+        device: "virtio",
+        reason,
+    };
+    let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err(e.to_string()))?;
+    vm.register_irqfd(&irqfd, irq)
+        .map_err(|e| dev_err(format!("{id}: irqfd for IRQ {irq}: {e}")))?;
+    let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
+    {
+        let d = device
+            .lock()
+            .map_err(|_| dev_err(format!("{id}: lock poisoned")))?;
+        for (q, evt) in d.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(base + u64::from(QUEUE_NOTIFY_OFFSET));
+            vm.register_ioevent(evt, &notify, q as u32)
+                .map_err(|e| dev_err(format!("{id}: ioeventfd for queue {q}: {e}")))?;
+        }
+    }
+    let transport = MmioTransport::new(id, device, mem.clone(), interrupt);
+    let range = MmioRange::new(MmioAddress(base), MMIO_WINDOW_SIZE)
+        .map_err(|e| dev_err(format!("{e:?}")))?;
+    io.register_mmio(range, Arc::new(Mutex::new(transport)))
+        .map_err(|e| dev_err(format!("{id}: {e:?}")))?;
+    log::info!("{id}: virtio-mmio at {base:#x}, IRQ {irq}");
+    Ok(())
+}
+
 /// Creates the VM and its vCPUs from `cfg`, runs it, and returns how it ended.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
@@ -250,7 +291,41 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
 
     let mem = memory::create_guest_memory(cfg.mem_mib)?;
     memory::register_with_kvm(&vm, &mem)?;
-    let boot_info = boot::load(&mem, cfg, format)?;
+
+    // virtio devices: created first so their command-line words reach the kernel.
+    let mut io_manager = IoManager::new();
+    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    let mut virtio_words = Vec::new();
+    let mut blocks = Vec::new();
+    for (i, drive) in cfg.drives.iter().enumerate() {
+        let id = cfg.drive_id(i);
+        let block = Block::new(BlockConfig {
+            id: id.clone(),
+            path: drive.path.clone(),
+            read_only: drive.read_only,
+        })
+        .map_err(|e| ConfigError::new("drives", e.to_string()))?;
+        let block = Arc::new(Mutex::new(block));
+        let slot = i as u64;
+        let (base, irq) = (
+            memory::VIRTIO_MMIO_BASE + slot * MMIO_WINDOW_SIZE,
+            memory::VIRTIO_IRQ_BASE + slot as u32,
+        );
+        attach_virtio(&vm, &mut io_manager, &mem, &id, block.clone(), base, irq)?;
+        virtio_words.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        subscribers.push(block.clone());
+        blocks.push(block);
+    }
+    let mut boot_cfg = cfg.clone();
+    if !virtio_words.is_empty() {
+        let words = virtio_words.join(" ");
+        boot_cfg.cmdline = if cfg.cmdline.is_empty() {
+            words
+        } else {
+            format!("{} {words}", cfg.cmdline)
+        };
+    }
+    let boot_info = boot::load(&mem, &boot_cfg, format)?;
     long_mode::write_boot_tables(&mem).map_err(|e| VmError::Boot(e.to_string()))?;
     log::info!(
         "kernel {} loaded: entry {:#x}, end {:#x}, {}",
@@ -279,7 +354,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         serial_irq,
         serial_writer(cfg)?,
     )));
-    let mut io_manager = IoManager::new();
     register_pio(
         &mut io_manager,
         "serial",
@@ -351,6 +425,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    for s in subscribers {
+        events.add_subscriber(s);
+    }
     let stdin = io::stdin();
     let stdin_file = {
         // SAFETY: dup of fd 0; the File owns the new fd.

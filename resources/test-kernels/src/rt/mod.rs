@@ -55,6 +55,7 @@ pub mod io;
 pub mod mem;
 pub mod smp;
 pub mod time;
+pub mod virtio;
 
 pub use boot::{MAX_CPUS, STACK_SIZE};
 pub use cmdline::{arg, arg_u64, cmdline, flag, zero_page};

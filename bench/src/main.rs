@@ -1,0 +1,321 @@
+//! `vmm-bench`: the project's benchmarks, each writing JSON to stdout and to
+//! `target/bench/<name>.json`.
+//!
+//! - `boot`: spawn to first serial byte and to exit, `vmm` against QEMU `microvm`.
+//! - `pio`: port-I/O exit round trip, `vmm` against a bare kvm-ioctls loop (and QEMU).
+//! - `memory`: the monitor's resident memory beyond guest RAM.
+//! - `all`: the three in a row; `summary`: a table of the latest result files.
+//!
+//! `scripts/bench.sh` builds, installs QEMU if needed and runs `all` then `summary`;
+//! `BENCHMARKS.md` explains the figures.
+
+mod bare;
+mod boot;
+mod child;
+mod error;
+mod memory;
+mod pio;
+mod pvh;
+mod qemu;
+mod report;
+mod stats;
+mod summary;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::error::BenchError;
+
+#[derive(Parser)]
+#[command(
+    name = "vmm-bench",
+    version,
+    about = "Benchmarks of the vmm monitor (JSON to stdout and to <out-dir>/<name>.json)"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The vmm binary [default: `vmm` beside this program].
+    #[arg(long, global = true, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    /// Where result files go [default: <cargo target dir>/bench].
+    #[arg(long, global = true, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The QEMU binary [default: qemu-system-x86_64 on PATH].
+    #[arg(long, global = true, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// QEMU's -cpu value (see BENCHMARKS.md for why it is not plain `host`).
+    #[arg(long, global = true, value_name = "CPU", default_value = qemu::DEFAULT_CPU)]
+    qemu_cpu: String,
+    /// Leave QEMU out of the comparisons.
+    #[arg(long, global = true)]
+    no_qemu: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot latency of `hello`: vmm against QEMU microvm, interleaved.
+    Boot(BootArgs),
+    /// Port-I/O exit round trip: vmm against a bare kvm-ioctls loop (and QEMU), interleaved.
+    Pio(PioArgs),
+    /// The monitor's resident memory beyond guest RAM (bad-loop kernel).
+    Memory(MemoryArgs),
+    /// boot, pio and memory with their defaults (or --quick); JSON of all three to stdout.
+    All {
+        /// A fast smoke run (3 boot runs, 1 pio round of 20000 exits): not for figures.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Print a table of the latest result files in the output directory.
+    Summary,
+    /// Write a test kernel wrapped for QEMU's PVH boot (to rerun a comparison by hand).
+    PvhWrap {
+        /// The test kernel.
+        #[arg(long, value_name = "PATH")]
+        kernel: PathBuf,
+        /// The command line to embed.
+        #[arg(long, value_name = "STR", default_value = "")]
+        cmdline: String,
+        /// The output file.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct BootArgs {
+    /// Measured runs of each side.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Unmeasured warm-up runs of each side.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// The kernel [default: the `hello` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct PioArgs {
+    /// Runs of each side.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Port writes per run.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// Guest memory of the bare VM in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// The kernel [default: the `pio-bench` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct MemoryArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// vmm's --timeout-ms (samples are taken before it).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(2000..))]
+    timeout_ms: u64,
+    /// The kernel [default: the `bad-loop` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+/// Paths and programs every benchmark uses.
+struct Env {
+    vmm: PathBuf,
+    out_dir: PathBuf,
+    qemu: Result<qemu::Qemu, String>,
+}
+
+fn existing(what: &'static str, path: PathBuf, hint: &'static str) -> Result<PathBuf, BenchError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BenchError::Missing { what, path, hint })
+    }
+}
+
+fn kernel(explicit: &Option<PathBuf>, name: &str) -> Result<PathBuf, BenchError> {
+    existing(
+        "test kernel",
+        explicit
+            .clone()
+            .unwrap_or_else(|| test_kernels::kernel_path(name)),
+        "build the workspace first (cargo build --release --workspace)",
+    )
+}
+
+/// `--out-dir`, or `bench/` beside the test kernels in the cargo target directory.
+fn out_dir(c: &Common) -> PathBuf {
+    c.out_dir.clone().unwrap_or_else(|| {
+        Path::new(test_kernels::KERNELS_DIR)
+            .parent()
+            .map(|t| t.join("bench"))
+            .unwrap_or_else(|| PathBuf::from("target/bench"))
+    })
+}
+
+impl Env {
+    fn new(c: &Common) -> Result<Self, BenchError> {
+        let vmm = match &c.vmm {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| BenchError::io("locating vmm-bench", e))?
+                .with_file_name("vmm"),
+        };
+        let vmm = existing(
+            "the vmm binary",
+            vmm,
+            "build it (cargo build --release --workspace) or pass --vmm",
+        )?;
+        let out_dir = out_dir(c);
+        std::fs::create_dir_all(&out_dir)
+            .map_err(|e| BenchError::io(format!("creating {}", out_dir.display()), e))?;
+        let qemu = if c.no_qemu {
+            Err("left out (--no-qemu)".to_string())
+        } else {
+            qemu::find(c.qemu.as_deref(), &c.qemu_cpu)
+        };
+        if let Err(reason) = &qemu {
+            eprintln!("vmm-bench: QEMU not compared: {reason}");
+        }
+        Ok(Self { vmm, out_dir, qemu })
+    }
+
+    fn boot(&self, a: &BootArgs) -> Result<boot::BootReport, BenchError> {
+        boot::run(&boot::BootSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "hello")?,
+            expected_output: boot::HELLO_OUTPUT.to_string(),
+            runs: a.runs as usize,
+            warmup: a.warmup as usize,
+            qemu: self.qemu.clone(),
+            out_dir: self.out_dir.clone(),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    fn pio(&self, a: &PioArgs) -> Result<pio::PioReport, BenchError> {
+        pio::run(&pio::PioSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "pio-bench")?,
+            count: a.count,
+            runs: a.runs as usize,
+            mem_mib: a.mem_mib,
+            qemu: self.qemu.clone(),
+            out_dir: self.out_dir.clone(),
+        })
+    }
+
+    fn memory(&self, a: &MemoryArgs) -> Result<memory::MemoryReport, BenchError> {
+        let t = a.timeout_ms;
+        memory::run(&memory::MemorySettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "bad-loop")?,
+            mem_mib: a.mem_mib,
+            timeout_ms: t,
+            sample_after_ms: vec![t / 6, t / 3, t / 2],
+        })
+    }
+
+    /// Writes `<name>.json`, prints the JSON, and says where it went on stderr.
+    fn emit<T: Serialize>(&self, name: &str, value: &T) -> Result<(), BenchError> {
+        let (path, text) = report::write_json(&self.out_dir, name, value)?;
+        println!("{text}");
+        eprintln!("vmm-bench: wrote {}", path.display());
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct AllReport {
+    boot: boot::BootReport,
+    pio: pio::PioReport,
+    memory: memory::MemoryReport,
+}
+
+fn real_main(cli: Cli) -> Result<(), BenchError> {
+    if let Cmd::PvhWrap {
+        kernel,
+        cmdline,
+        out,
+    } = &cli.command
+    {
+        let elf = std::fs::read(kernel)
+            .map_err(|e| BenchError::io(format!("reading {}", kernel.display()), e))?;
+        let w = pvh::wrap(&elf, cmdline)?;
+        std::fs::write(out, &w.elf)
+            .map_err(|e| BenchError::io(format!("writing {}", out.display()), e))?;
+        eprintln!(
+            "vmm-bench: wrote {} (PVH entry {:#x}, shim at {:#x})",
+            out.display(),
+            w.pvh_entry,
+            w.shim_base
+        );
+        return Ok(());
+    }
+    if let Cmd::Summary = cli.command {
+        print!("{}", summary::render(&out_dir(&cli.common))?);
+        return Ok(());
+    }
+    let env = Env::new(&cli.common)?;
+    match cli.command {
+        Cmd::Boot(a) => env.emit("boot", &env.boot(&a)?),
+        Cmd::Pio(a) => env.emit("pio", &env.pio(&a)?),
+        Cmd::Memory(a) => env.emit("memory", &env.memory(&a)?),
+        Cmd::All { quick } => {
+            let boot_args = BootArgs {
+                runs: if quick { 3 } else { 20 },
+                warmup: 1,
+                kernel: None,
+            };
+            let pio_args = PioArgs {
+                runs: if quick { 1 } else { 5 },
+                count: if quick { 20_000 } else { 200_000 },
+                mem_mib: 128,
+                kernel: None,
+            };
+            let mem_args = MemoryArgs {
+                mem_mib: 128,
+                timeout_ms: 3000,
+                kernel: None,
+            };
+            eprintln!("== boot latency");
+            let boot = env.boot(&boot_args)?;
+            report::write_json(&env.out_dir, "boot", &boot)?;
+            eprintln!("== port-I/O exit round trip");
+            let pio = env.pio(&pio_args)?;
+            report::write_json(&env.out_dir, "pio", &pio)?;
+            eprintln!("== monitor memory");
+            let memory = env.memory(&mem_args)?;
+            report::write_json(&env.out_dir, "memory", &memory)?;
+            env.emit("all", &AllReport { boot, pio, memory })
+        }
+        Cmd::Summary | Cmd::PvhWrap { .. } => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

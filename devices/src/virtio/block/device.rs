@@ -1,0 +1,391 @@
+//! The virtio-blk device: features, config space, and queue processing.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::{self, Disk};
+use super::{QUEUE_SIZE, SECTOR_SIZE};
+use crate::rate_limiter::{
+    BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
+};
+use crate::virtio::{
+    ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// Settings of one drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Name used in logs, metrics and the control API (e.g. `blk0`).
+    pub id: String,
+    /// Backing file (raw image).
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backing file is not a regular file or is empty.
+    #[error("{path}: {problem}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// The rate limiter settings are invalid or its timer failed.
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-blk device backed by a raw file.
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    capacity: u64,
+    serial: Vec<u8>,
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    active: Option<Active>,
+    broken: Arc<AtomicBool>,
+    metrics: Arc<QueueMetrics>,
+    buffer: Vec<u8>,
+    limiter: RateLimiter,
+    throttled_since: Option<Instant>,
+}
+
+impl Block {
+    /// Opens the backing file and creates the device.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| BlockError::Open {
+                path: config.path.clone(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| BlockError::Open {
+            path: config.path.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(BlockError::BadFile {
+                path: config.path.clone(),
+                problem: "not a regular file".into(),
+            });
+        }
+        let capacity = meta.len() / SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(BlockError::BadFile {
+                path: config.path.clone(),
+                problem: "smaller than one 512-byte sector".into(),
+            });
+        }
+        if meta.len() % SECTOR_SIZE != 0 {
+            log::warn!(
+                "{}: size is not a multiple of 512; the last {} bytes are not visible to the guest",
+                config.path.display(),
+                meta.len() % SECTOR_SIZE
+            );
+        }
+        let serial = serial_for(&config.id, &config.path);
+        Ok(Self {
+            config,
+            file,
+            capacity,
+            serial,
+            acked_features: 0,
+            queue_events: vec![EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            active: None,
+            broken: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::new(QueueMetrics::default()),
+            buffer: Vec::new(),
+            limiter: RateLimiter::unlimited()?,
+            throttled_since: None,
+        })
+    }
+
+    /// The rate limiter (its fd goes into the event loop).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// The limits in force.
+    pub fn rate_limit(&self) -> RateLimiterConfig {
+        self.limiter.config()
+    }
+
+    /// Changes the limits while the guest runs. Tokens already spent stay spent (no free
+    /// burst); `None` for a bucket removes that limit. No request is lost: throttled
+    /// requests stay in the queue and are retried under the new limits.
+    pub fn set_rate_limit(&mut self, config: RateLimiterConfig) -> Result<(), BlockError> {
+        config.validate()?;
+        let update = |b: Option<crate::rate_limiter::BucketConfig>| match b {
+            Some(c) if !c.is_unlimited() => BucketUpdate::Update(c),
+            _ => BucketUpdate::Disabled,
+        };
+        self.limiter
+            .update_buckets(update(config.bandwidth), update(config.ops))?;
+        log::info!(
+            "virtio-blk {}: rate limit set to {config:?}",
+            self.config.id
+        );
+        Ok(())
+    }
+
+    /// Called when the limiter's timer fires: retries the throttled queue.
+    pub fn on_rate_limiter_event(&mut self) {
+        match self.limiter.event_handler() {
+            Ok(()) => self.process_queue(),
+            Err(RateLimiterError::SpuriousEvent) => {}
+            Err(e) => log::warn!("virtio-blk {}: rate limiter timer: {e}", self.config.id),
+        }
+    }
+
+    /// The drive's settings.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Counters of the request queue.
+    pub fn metrics(&self) -> Arc<QueueMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Whether the device stopped because the guest broke the protocol.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        log::warn!(
+            "virtio-blk {}: {why}; device stopped until the driver resets it",
+            self.config.id
+        );
+        self.broken.store(true, Ordering::Relaxed);
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+        }
+    }
+
+    /// Processes every available request of the queue. Called on a queue notification.
+    pub fn process_queue(&mut self) {
+        if self.is_broken() {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let started = Instant::now();
+        let mem = active.mem.clone();
+        // Queue depth: requests the driver made available and the device has not taken.
+        match active
+            .queue
+            .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(avail) => {
+                let depth = avail.0.wrapping_sub(active.queue.next_avail());
+                if depth > active.queue.size() {
+                    let size = active.queue.size();
+                    self.mark_broken(&format!(
+                        "available index runs {depth} entries ahead of a {size}-entry queue"
+                    ));
+                    return;
+                }
+                self.metrics.sample_depth(u64::from(depth));
+            }
+            Err(e) => {
+                self.mark_broken(&format!("cannot read the available ring: {e}"));
+                return;
+            }
+        }
+        let mut used_any = false;
+        let mut failure = None;
+        while let Some(chain) = active.queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            // Throttled requests wait in the queue (never fail) until the timer fires.
+            let bytes = request::data_len(&chain, &mem);
+            if !self.limiter.consume(1, TokenType::Ops) {
+                active.queue.go_to_previous_position();
+                self.throttled_since.get_or_insert_with(Instant::now);
+                break;
+            }
+            if !self.limiter.consume(bytes, TokenType::Bytes) {
+                self.limiter.manual_replenish(1, TokenType::Ops);
+                active.queue.go_to_previous_position();
+                self.throttled_since.get_or_insert_with(Instant::now);
+                break;
+            }
+            if let Some(since) = self.throttled_since.take() {
+                self.metrics.add_throttled(since.elapsed());
+            }
+            let mut disk = Disk {
+                file: &self.file,
+                capacity: self.capacity,
+                read_only: self.config.read_only,
+                id: &self.serial,
+                buffer: &mut self.buffer,
+            };
+            let outcome = request::handle(chain, &mem, &mut disk);
+            if let Some(e) = &outcome.error {
+                log::warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
+            }
+            self.metrics.record_request(
+                outcome.data_bytes,
+                outcome.error.is_some(),
+                started.elapsed(),
+            );
+            if let Err(e) = active.queue.add_used(&mem, head, outcome.used_len) {
+                failure = Some(format!("cannot update the used ring: {e}"));
+                break;
+            }
+            used_any = true;
+        }
+        if let Some(why) = failure {
+            self.mark_broken(&why);
+            return;
+        }
+        if used_any {
+            match active.queue.needs_notification(&mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => log::warn!("virtio-blk {}: cannot read used event: {e}", self.config.id),
+            }
+        }
+    }
+}
+
+/// The GET_ID serial: the drive id, then the file name, cut to 20 bytes.
+fn serial_for(id: &str, path: &Path) -> Vec<u8> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s = format!("{id}:{name}").into_bytes();
+    s.truncate(20);
+    s
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if self.config.read_only {
+            f |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Config space: capacity (u64, sectors) at 0; everything else reads as 0.
+        let cap = self.capacity.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset.saturating_add(i as u64);
+            *b = if at < 8 { cap[at as usize] } else { 0 };
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-blk {}: ignored {}-byte config write at {offset:#x}",
+            self.config.id,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        if !queue.ready() {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        log::info!(
+            "virtio-blk {}: activated ({} sectors, {})",
+            self.config.id,
+            self.capacity,
+            if self.config.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        );
+        self.broken.store(false, Ordering::Relaxed);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        // Requests made available before activation are served now.
+        self.process_queue();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.broken.store(false, Ordering::Relaxed);
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.is_broken()
+    }
+}

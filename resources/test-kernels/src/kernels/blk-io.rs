@@ -1,0 +1,777 @@
+//! `blk-io`: drives a virtio-blk device through the polling driver in `rt/virtio.rs`.
+//!
+//! Parameters (`key=value`): `dev=0` (index among the virtio-blk devices), `mode=capacity`
+//! (`capacity`, `fill`, `check`, `id`, `rotest`, `seqread`, `seqwrite`, `randread`,
+//! `randwrite`), `bs=4096` (bytes per request: a multiple of 512, at most 65536),
+//! `depth=1` (requests in flight, 1..=64), `ms=1000` (timed modes), `sectors=2048`
+//! (`fill`/`check`), `seed=0`, `span=min(capacity, 65536)` (sectors the timed modes cover),
+//! `verify=0` (1: read back what a timed write mode wrote), `progress=0` (ms between
+//! progress lines in the timed modes, 0 = none), `timeout_ms=30000` (longest wait for any
+//! completion before giving up).
+//!
+//! Output lines (all start with `blk-io: `):
+//! - `capacity`: `blk-io: capacity=<sectors> ro=<0|1>`
+//! - `fill`: `blk-io: fill ok sectors=<n>` (pattern below, then FLUSH if offered)
+//! - `check`: `blk-io: check ok sectors=<n>` or
+//!   `blk-io: check mismatch sector=<s> byte=<j> got=<g> want=<w>` (exit 1)
+//! - `id`: `blk-io: id=<string up to the first NUL>`
+//! - `rotest`: `blk-io: write status=<status>` (exit 0 whatever the status)
+//! - timed modes: optional `blk-io: progress t_ms=<t> ops=<n> bytes=<b>` lines, then
+//!   `blk-io: mode=<m> bs=<bs> depth=<d> ms=<elapsed> ops=<n> bytes=<b> ops_per_sec=<x>
+//!   bytes_per_sec=<y> errors=<e>`; with `verify=1` after a write mode
+//!   `blk-io: verify ok blocks=<n>` or
+//!   `blk-io: verify mismatch sector=<s> stored=0x<c> computed=0x<c> tag=<w1>` (exit 1)
+//! - errors: `blk-io: error <what>` (exit 1; exit 2 for a bad parameter)
+//!
+//! Fill pattern: byte j (0..512) of sector s is `(s * 131 + j * 7 + seed) & 0xff`.
+//! Timed-write sectors: u64 words w0..w63 (little endian); w1 = the sector number,
+//! w2 = a write tag, w3..w63 pseudo-random; w0 = XOR over i in 1..=63 of
+//! `mix(w_i + i * 0x9e3779b97f4a7c15)` with `mix` the splitmix64 finalizer.
+#![no_std]
+#![no_main]
+
+#[macro_use]
+#[path = "../rt/mod.rs"]
+mod rt;
+
+use rt::virtio::{self, Blk, BLK_S_OK, BLK_T_IN, BLK_T_OUT, SECTOR_SIZE};
+
+/// Most requests in flight (`depth`).
+const MAX_DEPTH: usize = 64;
+/// Largest request (`bs`).
+const MAX_BS: u64 = 65536;
+/// Default `span` cap in sectors.
+const DEFAULT_SPAN: u64 = 65536;
+/// Sector size as a usize.
+const SECTOR: usize = SECTOR_SIZE as usize;
+/// Exit status for a bad parameter.
+const EXIT_USAGE: u8 = 2;
+/// Exit status for a failure (device error, verification mismatch).
+const EXIT_FAIL: u8 = 1;
+
+/// Prints `blk-io: error <args>` and exits with `code`.
+macro_rules! die {
+    ($code:expr, $($arg:tt)*) => {{
+        println!("blk-io: error {}", format_args!($($arg)*));
+        rt::exit($code)
+    }};
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Capacity,
+    Fill,
+    Check,
+    Id,
+    RoTest,
+    Timed { write: bool, random: bool },
+}
+
+struct Params {
+    dev: u64,
+    mode: Mode,
+    mode_name: &'static str,
+    bs: u64,
+    depth: usize,
+    ms: u64,
+    sectors: u64,
+    seed: u64,
+    span: Option<u64>,
+    verify: bool,
+    progress_ms: u64,
+    timeout_ns: u64,
+}
+
+fn params() -> Params {
+    let mode_arg = rt::arg("mode").unwrap_or(b"capacity");
+    let (mode, mode_name) = match mode_arg {
+        b"capacity" => (Mode::Capacity, "capacity"),
+        b"fill" => (Mode::Fill, "fill"),
+        b"check" => (Mode::Check, "check"),
+        b"id" => (Mode::Id, "id"),
+        b"rotest" => (Mode::RoTest, "rotest"),
+        b"seqread" => (Mode::Timed { write: false, random: false }, "seqread"),
+        b"seqwrite" => (Mode::Timed { write: true, random: false }, "seqwrite"),
+        b"randread" => (Mode::Timed { write: false, random: true }, "randread"),
+        b"randwrite" => (Mode::Timed { write: true, random: true }, "randwrite"),
+        _ => die!(EXIT_USAGE, "bad parameter mode"),
+    };
+    let bs = rt::arg_u64("bs", 4096);
+    if bs == 0 || !bs.is_multiple_of(SECTOR_SIZE) || bs > MAX_BS {
+        die!(EXIT_USAGE, "bad parameter bs={} (multiple of 512, at most 65536)", bs);
+    }
+    let depth = rt::arg_u64("depth", 1);
+    if depth == 0 || depth > MAX_DEPTH as u64 {
+        die!(EXIT_USAGE, "bad parameter depth={} (1..=64)", depth);
+    }
+    Params {
+        dev: rt::arg_u64("dev", 0),
+        mode,
+        mode_name,
+        bs,
+        depth: depth as usize,
+        ms: rt::arg_u64("ms", 1000),
+        sectors: rt::arg_u64("sectors", 2048),
+        seed: rt::arg_u64("seed", 0),
+        span: rt::arg("span").map(|_| rt::arg_u64("span", 0)),
+        verify: rt::arg_u64("verify", 0) != 0,
+        progress_ms: rt::arg_u64("progress", 0),
+        timeout_ns: rt::arg_u64("timeout_ms", 30_000).saturating_mul(1_000_000),
+    }
+}
+
+fn kmain(cpu: usize) -> ! {
+    if cpu != 0 {
+        rt::park();
+    }
+    let p = params();
+    if !virtio::dma_region_is_ram() {
+        die!(
+            EXIT_FAIL,
+            "guest RAM does not cover [8 MiB, 16 MiB) (give the guest at least 32 MiB)"
+        );
+    }
+    let blk = match Blk::open(p.dev as usize) {
+        Ok(blk) => blk,
+        Err(virtio::Error::NoDevice) if p.dev == 0 => die!(EXIT_FAIL, "no virtio-blk device"),
+        Err(virtio::Error::NoDevice) => die!(EXIT_FAIL, "no virtio-blk device dev={}", p.dev),
+        Err(e) => die!(EXIT_FAIL, "virtio-blk init: {}", e),
+    };
+    if p.depth > blk.max_in_flight() {
+        die!(
+            EXIT_USAGE,
+            "bad parameter depth={} (queue holds {})",
+            p.depth,
+            blk.max_in_flight()
+        );
+    }
+    match p.mode {
+        Mode::Capacity => {
+            println!(
+                "blk-io: capacity={} ro={}",
+                blk.capacity(),
+                blk.read_only() as u8
+            );
+            rt::exit(0)
+        }
+        Mode::Id => id(blk, &p),
+        Mode::RoTest => rotest(blk, &p),
+        Mode::Fill | Mode::Check => sweep(blk, &p),
+        Mode::Timed { write, random } => timed(blk, &p, write, random),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+/// A DMA buffer as a byte slice.
+///
+/// # Safety
+/// `addr..addr + len` must be DMA memory that no in-flight request uses for as long as
+/// the slice lives.
+unsafe fn bytes_mut<'a>(addr: u64, len: usize) -> &'a mut [u8] {
+    core::slice::from_raw_parts_mut(addr as usize as *mut u8, len)
+}
+
+/// Allocates DMA memory or dies.
+fn alloc(size: u64, align: u64, what: &str) -> u64 {
+    match virtio::dma_alloc(size, align) {
+        Some(a) => a,
+        None => die!(EXIT_USAGE, "DMA region [8 MiB, 16 MiB) too small for {}", what),
+    }
+}
+
+/// Byte 0 of sector `s` in the fill pattern; byte j is that plus 7 * j (mod 256).
+fn pattern_base(s: u64, seed: u64) -> u8 {
+    (s.wrapping_mul(131).wrapping_add(seed) & 0xff) as u8
+}
+
+/// Writes the fill pattern for sectors `first..` into `buf` (whole sectors).
+fn fill_pattern(buf: &mut [u8], first: u64, seed: u64) {
+    for (k, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
+        let mut v = pattern_base(first + k as u64, seed);
+        for b in sector {
+            *b = v;
+            v = v.wrapping_add(7);
+        }
+    }
+}
+
+/// First byte of `buf` (sectors `first..`) that differs from the fill pattern:
+/// (sector, byte, got, want).
+fn check_pattern(buf: &[u8], first: u64, seed: u64) -> Option<(u64, usize, u8, u8)> {
+    for (k, sector) in buf.chunks_exact(SECTOR).enumerate() {
+        let s = first + k as u64;
+        let mut want = pattern_base(s, seed);
+        for (j, &got) in sector.iter().enumerate() {
+            if got != want {
+                return Some((s, j, got, want));
+            }
+            want = want.wrapping_add(7);
+        }
+    }
+    None
+}
+
+/// splitmix64's finalizer: a bijective 64-bit mix.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Contribution of word `i` (value `w`) to a sector checksum.
+fn term(i: u64, w: u64) -> u64 {
+    mix(w.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// Reads u64 word `i` of the sector at `addr`.
+fn word(addr: u64, i: u64) -> u64 {
+    // SAFETY: callers pass sectors of DMA buffers that are not in flight.
+    unsafe { core::ptr::read((addr + 8 * i) as usize as *const u64) }
+}
+
+/// Writes u64 word `i` of the sector at `addr`.
+fn set_word(addr: u64, i: u64, v: u64) {
+    // SAFETY: as in `word`.
+    unsafe { core::ptr::write((addr + 8 * i) as usize as *mut u64, v) }
+}
+
+/// Checksum of the sector at `addr`: XOR of `term(i, w_i)` for words 1..=63.
+fn checksum(addr: u64) -> u64 {
+    (1..64).fold(0, |acc, i| acc ^ term(i, word(addr, i)))
+}
+
+/// One step of xorshift64 (state must be non-zero).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// A non-zero xorshift state derived from `seed` and a stream constant.
+fn rng_state(seed: u64, stream: u64) -> u64 {
+    match mix(seed ^ stream) {
+        0 => 1,
+        x => x,
+    }
+}
+
+/// Nanoseconds to whole milliseconds.
+fn ms_of(ns: u64) -> u64 {
+    ns / 1_000_000
+}
+
+/// `count` per second over `ns`.
+fn per_sec(count: u64, ns: u64) -> u64 {
+    if ns == 0 {
+        0
+    } else {
+        (u128::from(count) * 1_000_000_000 / u128::from(ns)) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The request pump: keeps up to `depth` requests in flight.
+
+/// One request buffer and the request currently using it.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// DMA buffer of `bs` bytes.
+    buf: u64,
+    /// Request type (`BLK_T_IN` / `BLK_T_OUT`).
+    ty: u32,
+    /// First sector.
+    sector: u64,
+    /// Bytes (a multiple of 512, at most `bs`).
+    len: u32,
+    /// Timed write modes: per-sector checksum contributions of words 3..=63 (DMA array).
+    rest: u64,
+}
+
+/// Why a run stopped early.
+enum Stop {
+    /// The workload printed its own failure line.
+    Failed,
+    /// The driver reported an error.
+    Dev(virtio::Error),
+}
+
+/// A workload: produces requests and checks their results.
+trait Work {
+    /// Describes the next request in `slot` (whose buffer is free); false when there is
+    /// nothing more to submit (it is not called again).
+    fn next(&mut self, slot: &mut Slot) -> bool;
+    /// A request finished with `status`.
+    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop>;
+    /// Called with the TSC while waiting for completions and after every batch of them.
+    fn tick(&mut self, _now: u64) {}
+}
+
+struct Pump {
+    blk: Blk,
+    slots: [Slot; MAX_DEPTH],
+    /// Indices of the free slots (a stack).
+    free: [u8; MAX_DEPTH],
+    nfree: usize,
+    /// Slot of each in-flight head.
+    head_slot: [u8; virtio::MAX_QUEUE_SIZE as usize],
+    /// Longest wait for any completion, in TSC ticks.
+    timeout_ticks: u64,
+}
+
+impl Pump {
+    /// `depth` slots with buffers of `bs` bytes each.
+    fn new(blk: Blk, depth: usize, bs: u64, timeout_ns: u64) -> Pump {
+        let mut slots = [Slot::default(); MAX_DEPTH];
+        let mut free = [0u8; MAX_DEPTH];
+        for (i, slot) in slots.iter_mut().take(depth).enumerate() {
+            slot.buf = alloc(bs, 4096, "the request buffers");
+            free[i] = (depth - 1 - i) as u8;
+        }
+        Pump {
+            blk,
+            slots,
+            free,
+            nfree: depth,
+            head_slot: [0; virtio::MAX_QUEUE_SIZE as usize],
+            timeout_ticks: rt::ns_to_ticks(timeout_ns),
+        }
+    }
+
+    /// Runs `work` until it has nothing more to submit and nothing is in flight.
+    /// One notification per batch of submissions.
+    fn run<W: Work>(&mut self, work: &mut W) -> Result<(), Stop> {
+        let mut more = true;
+        loop {
+            let mut added = false;
+            while more && self.nfree > 0 {
+                let s = usize::from(self.free[self.nfree - 1]);
+                if !work.next(&mut self.slots[s]) {
+                    more = false;
+                    break;
+                }
+                let sl = self.slots[s];
+                let head = self
+                    .blk
+                    .submit(sl.ty, sl.sector, sl.buf, sl.len)
+                    .ok_or(Stop::Dev(virtio::Error::QueueFull))?;
+                self.head_slot[usize::from(head)] = s as u8;
+                self.nfree -= 1;
+                added = true;
+            }
+            if added {
+                self.blk.kick();
+            }
+            if self.blk.in_flight() == 0 {
+                return Ok(());
+            }
+            let waited = rt::rdtsc();
+            let mut c = loop {
+                if let Some(c) = self.blk.poll().map_err(Stop::Dev)? {
+                    break c;
+                }
+                let now = rt::rdtsc();
+                if now.wrapping_sub(waited) > self.timeout_ticks {
+                    return Err(Stop::Dev(virtio::Error::Timeout));
+                }
+                work.tick(now);
+                core::hint::spin_loop();
+            };
+            loop {
+                let s = self.head_slot[usize::from(c.head)];
+                self.free[self.nfree] = s;
+                self.nfree += 1;
+                work.done(&self.slots[usize::from(s)], c.status)?;
+                match self.blk.poll().map_err(Stop::Dev)? {
+                    Some(next) => c = next,
+                    None => break,
+                }
+            }
+            work.tick(rt::rdtsc());
+        }
+    }
+
+    /// Runs `work`; on failure prints the error line (unless the workload did) and exits 1.
+    fn run_or_die<W: Work>(&mut self, work: &mut W) {
+        match self.run(work) {
+            Ok(()) => {}
+            Err(Stop::Failed) => rt::exit(EXIT_FAIL),
+            Err(Stop::Dev(e)) => die!(
+                EXIT_FAIL,
+                "{} ({} requests in flight)",
+                e,
+                self.blk.in_flight()
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// capacity / id / rotest.
+
+fn id(mut blk: Blk, p: &Params) -> ! {
+    let buf = alloc(64, 64, "the id buffer");
+    match blk.get_id(buf, p.timeout_ns) {
+        Ok(BLK_S_OK) => {}
+        Ok(status) => die!(EXIT_FAIL, "get_id status={}", status),
+        Err(e) => die!(EXIT_FAIL, "get_id: {}", e),
+    }
+    // SAFETY: the GET_ID request finished; nothing else uses the buffer.
+    let raw = unsafe { bytes_mut(buf, virtio::BLK_ID_BYTES as usize) };
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    let mut text = [0u8; virtio::BLK_ID_BYTES as usize];
+    for (t, &b) in text.iter_mut().zip(&raw[..len]) {
+        *t = if (0x20..0x7f).contains(&b) { b } else { b'?' };
+    }
+    rt::console()
+        .str("blk-io: id=")
+        .bytes(&text[..len])
+        .str("\n");
+    rt::exit(0)
+}
+
+fn rotest(mut blk: Blk, p: &Params) -> ! {
+    let buf = alloc(SECTOR_SIZE, 4096, "the sector buffer");
+    // SAFETY: fresh DMA buffer, not in flight.
+    fill_pattern(unsafe { bytes_mut(buf, SECTOR) }, 0, p.seed);
+    match blk.write(0, buf, SECTOR_SIZE as u32, p.timeout_ns) {
+        Ok(status) => println!("blk-io: write status={}", status),
+        Err(e) => die!(EXIT_FAIL, "write: {}", e),
+    }
+    rt::exit(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// fill / check.
+
+/// Writes (fill) or reads and checks (check) the pattern over sectors [0, end).
+struct Sweep {
+    write: bool,
+    next: u64,
+    end: u64,
+    spb: u64,
+    seed: u64,
+}
+
+impl Work for Sweep {
+    fn next(&mut self, slot: &mut Slot) -> bool {
+        if self.next >= self.end {
+            return false;
+        }
+        let n = self.spb.min(self.end - self.next);
+        slot.sector = self.next;
+        slot.len = (n * SECTOR_SIZE) as u32;
+        slot.ty = if self.write { BLK_T_OUT } else { BLK_T_IN };
+        if self.write {
+            // SAFETY: the slot's buffer is free (not in flight).
+            fill_pattern(unsafe { bytes_mut(slot.buf, slot.len as usize) }, self.next, self.seed);
+        }
+        self.next += n;
+        true
+    }
+
+    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+        if status != BLK_S_OK {
+            println!(
+                "blk-io: error {} status={} sector={}",
+                if self.write { "write" } else { "read" },
+                status,
+                slot.sector
+            );
+            return Err(Stop::Failed);
+        }
+        if !self.write {
+            // SAFETY: the read finished; the buffer is back with the driver.
+            let data = unsafe { bytes_mut(slot.buf, slot.len as usize) };
+            if let Some((s, j, got, want)) = check_pattern(data, slot.sector, self.seed) {
+                println!(
+                    "blk-io: check mismatch sector={} byte={} got={} want={}",
+                    s, j, got, want
+                );
+                return Err(Stop::Failed);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sweep(blk: Blk, p: &Params) -> ! {
+    let write = p.mode == Mode::Fill;
+    if p.sectors > blk.capacity() {
+        die!(
+            EXIT_USAGE,
+            "bad parameter sectors={} (capacity={})",
+            p.sectors,
+            blk.capacity()
+        );
+    }
+    let mut pump = Pump::new(blk, p.depth, p.bs, p.timeout_ns);
+    let mut work = Sweep {
+        write,
+        next: 0,
+        end: p.sectors,
+        spb: p.bs / SECTOR_SIZE,
+        seed: p.seed,
+    };
+    pump.run_or_die(&mut work);
+    if write {
+        if pump.blk.has_flush() {
+            match pump.blk.flush(p.timeout_ns) {
+                Ok(BLK_S_OK) => {}
+                Ok(status) => die!(EXIT_FAIL, "flush status={}", status),
+                Err(e) => die!(EXIT_FAIL, "flush: {}", e),
+            }
+        }
+        println!("blk-io: fill ok sectors={}", p.sectors);
+    } else {
+        println!("blk-io: check ok sectors={}", p.sectors);
+    }
+    rt::exit(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Timed modes.
+
+struct Timed {
+    write: bool,
+    random: bool,
+    nblocks: u64,
+    spb: u64,
+    bs: u64,
+    next_block: u64,
+    rng: u64,
+    start: u64,
+    deadline: u64,
+    ops: u64,
+    bytes: u64,
+    errors: u64,
+    tag: u64,
+    /// Verify bitmap (one bit per block written successfully), 0 if none.
+    bitmap: u64,
+    /// TSC ticks between progress lines, 0 = none.
+    progress_ticks: u64,
+    next_progress: u64,
+}
+
+impl Work for Timed {
+    #[inline]
+    fn next(&mut self, slot: &mut Slot) -> bool {
+        if rt::rdtsc() >= self.deadline {
+            return false;
+        }
+        let block = if self.random {
+            xorshift(&mut self.rng) % self.nblocks
+        } else {
+            let b = self.next_block;
+            self.next_block = if b + 1 == self.nblocks { 0 } else { b + 1 };
+            b
+        };
+        slot.sector = block * self.spb;
+        slot.len = self.bs as u32;
+        if self.write {
+            slot.ty = BLK_T_OUT;
+            self.tag += 1;
+            let t2 = term(2, self.tag);
+            for k in 0..self.spb {
+                let sec = slot.buf + k * SECTOR_SIZE;
+                let s = slot.sector + k;
+                // SAFETY: `rest` holds `spb` u64s for this slot's buffer.
+                let rest = unsafe { core::ptr::read((slot.rest + 8 * k) as usize as *const u64) };
+                set_word(sec, 1, s);
+                set_word(sec, 2, self.tag);
+                set_word(sec, 0, rest ^ term(1, s) ^ t2);
+            }
+        } else {
+            slot.ty = BLK_T_IN;
+        }
+        true
+    }
+
+    #[inline]
+    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+        if status == BLK_S_OK {
+            self.ops += 1;
+            self.bytes += u64::from(slot.len);
+            if self.bitmap != 0 {
+                let block = slot.sector / self.spb;
+                let w = (self.bitmap + 8 * (block / 64)) as usize as *mut u64;
+                // SAFETY: the bitmap holds `nblocks` bits and block < nblocks.
+                unsafe { *w |= 1 << (block % 64) };
+            }
+        } else {
+            self.errors += 1;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, now: u64) {
+        if self.progress_ticks == 0 || now < self.next_progress {
+            return;
+        }
+        while self.next_progress <= now {
+            self.next_progress += self.progress_ticks;
+        }
+        println!(
+            "blk-io: progress t_ms={} ops={} bytes={}",
+            ms_of(rt::ticks_to_ns(now - self.start)),
+            self.ops,
+            self.bytes
+        );
+    }
+}
+
+/// Reads back every block whose bit is set in the bitmap and checks its sectors.
+struct Verify {
+    bitmap: u64,
+    nblocks: u64,
+    spb: u64,
+    bs: u64,
+    next_block: u64,
+    blocks: u64,
+}
+
+impl Verify {
+    /// The first block >= `from` whose bit is set.
+    fn find(&self, from: u64) -> Option<u64> {
+        let mut b = from;
+        while b < self.nblocks {
+            // SAFETY: the bitmap holds `nblocks` bits.
+            let w = unsafe { *((self.bitmap + 8 * (b / 64)) as usize as *const u64) } >> (b % 64);
+            if w != 0 {
+                let hit = b + u64::from(w.trailing_zeros());
+                return (hit < self.nblocks).then_some(hit);
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+impl Work for Verify {
+    fn next(&mut self, slot: &mut Slot) -> bool {
+        let Some(block) = self.find(self.next_block) else {
+            return false;
+        };
+        self.next_block = block + 1;
+        slot.ty = BLK_T_IN;
+        slot.sector = block * self.spb;
+        slot.len = self.bs as u32;
+        true
+    }
+
+    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+        if status != BLK_S_OK {
+            println!(
+                "blk-io: error verify read status={} sector={}",
+                status, slot.sector
+            );
+            return Err(Stop::Failed);
+        }
+        for k in 0..self.spb {
+            let sec = slot.buf + k * SECTOR_SIZE;
+            let s = slot.sector + k;
+            let stored = word(sec, 0);
+            let computed = checksum(sec);
+            let tag = word(sec, 1);
+            if stored != computed || tag != s {
+                println!(
+                    "blk-io: verify mismatch sector={} stored={:#x} computed={:#x} tag={}",
+                    s, stored, computed, tag
+                );
+                return Err(Stop::Failed);
+            }
+        }
+        self.blocks += 1;
+        Ok(())
+    }
+}
+
+fn timed(blk: Blk, p: &Params, write: bool, random: bool) -> ! {
+    let capacity = blk.capacity();
+    let span = p.span.unwrap_or(capacity.min(DEFAULT_SPAN));
+    if span > capacity {
+        die!(EXIT_USAGE, "bad parameter span={} (capacity={})", span, capacity);
+    }
+    let spb = p.bs / SECTOR_SIZE;
+    let nblocks = span / spb;
+    if nblocks == 0 {
+        die!(EXIT_USAGE, "bad parameter span={} (smaller than bs)", span);
+    }
+    let mut pump = Pump::new(blk, p.depth, p.bs, p.timeout_ns);
+    if write {
+        // Pseudo-random words 3..=63 in every sector of every buffer, written once; their
+        // checksum contribution is cached so a write only stamps words 0..=2.
+        let mut rng = rng_state(p.seed, 0xda7a);
+        for slot in pump.slots.iter_mut().take(p.depth) {
+            slot.rest = alloc(8 * spb, 64, "the write buffers");
+            for k in 0..spb {
+                let sec = slot.buf + k * SECTOR_SIZE;
+                let mut rest = 0;
+                for i in 3..64 {
+                    let w = xorshift(&mut rng);
+                    set_word(sec, i, w);
+                    rest ^= term(i, w);
+                }
+                // SAFETY: `rest` holds `spb` u64s.
+                unsafe { core::ptr::write((slot.rest + 8 * k) as usize as *mut u64, rest) };
+            }
+        }
+    }
+    let bitmap = if write && p.verify {
+        alloc(nblocks.div_ceil(64) * 8, 64, "the verify bitmap")
+    } else {
+        0
+    };
+    let start = rt::rdtsc();
+    let progress_ticks = rt::ns_to_ticks(p.progress_ms.saturating_mul(1_000_000));
+    let mut work = Timed {
+        write,
+        random,
+        nblocks,
+        spb,
+        bs: p.bs,
+        next_block: 0,
+        rng: rng_state(p.seed, 0x0ff5e7),
+        start,
+        deadline: start.saturating_add(rt::ns_to_ticks(p.ms.saturating_mul(1_000_000))),
+        ops: 0,
+        bytes: 0,
+        errors: 0,
+        tag: p.seed << 32,
+        bitmap,
+        progress_ticks,
+        next_progress: start + progress_ticks,
+    };
+    pump.run_or_die(&mut work);
+    let ns = rt::ticks_to_ns(rt::rdtsc() - start);
+    println!(
+        "blk-io: mode={} bs={} depth={} ms={} ops={} bytes={} ops_per_sec={} bytes_per_sec={} errors={}",
+        p.mode_name,
+        p.bs,
+        p.depth,
+        ms_of(ns),
+        work.ops,
+        work.bytes,
+        per_sec(work.ops, ns),
+        per_sec(work.bytes, ns),
+        work.errors
+    );
+    if work.errors != 0 {
+        die!(EXIT_FAIL, "{} requests failed", work.errors);
+    }
+    if bitmap != 0 {
+        let mut verify = Verify {
+            bitmap,
+            nblocks,
+            spb,
+            bs: p.bs,
+            next_block: 0,
+            blocks: 0,
+        };
+        pump.run_or_die(&mut verify);
+        println!("blk-io: verify ok blocks={}", verify.blocks);
+    }
+    rt::exit(0)
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's benchmarks in one command (see BENCHMARKS.md):
+#   1. builds everything in release mode,
+#   2. installs QEMU (Debian's qemu-system-x86) if qemu-system-x86_64 is missing,
+#   3. runs vmm-bench all: boot latency (vmm vs QEMU microvm), port-I/O exit round trip
+#      (vmm vs a bare kvm-ioctls loop, and QEMU), the monitor's resident memory,
+#   4. prints a summary. JSON results: target/bench/{boot,pio,memory,all}.json.
+# Usage: scripts/bench.sh [vmm-bench all options, e.g. --quick or --no-qemu]
+# Takes about 2 minutes after the build on a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -w /dev/kvm ]; then
+    echo "bench.sh: /dev/kvm is missing or not writable: the benchmarks need KVM" >&2
+    exit 1
+fi
+
+echo "== build (release)"
+cargo build --release --workspace
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    echo "== installing qemu-system-x86 (for the QEMU microvm comparison)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+        sudo="sudo"
+    fi
+    if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends qemu-system-x86; }; then
+        echo "bench.sh: could not install qemu-system-x86; QEMU will be reported as not measured" >&2
+    fi
+fi
+
+mkdir -p target/bench
+echo "== benchmarks (progress below; JSON in target/bench/)"
+start=$(date +%s)
+target/release/vmm-bench all "$@" >/dev/null
+echo "== done in $(($(date +%s) - start)) s"
+echo
+target/release/vmm-bench summary

@@ -1,0 +1,921 @@
+//! Live metrics in the Prometheus text exposition format (version 0.0.4), and a tiny
+//! HTTP/1.1 server answering `GET /metrics`.
+//!
+//! [`render`] turns a [`CounterSnapshot`] (and optionally the latest [`Sample`]) into the
+//! text format with Prometheus naming conventions: counters end in `_total`, times are in
+//! seconds, sizes in bytes, the I/O latency histogram is a native Prometheus histogram
+//! (`_bucket{le=...}`, `_sum`, `_count`), and every family has `# HELP` and `# TYPE`
+//! lines.
+//!
+//! The server is written by hand on a std [`TcpListener`]: it serves one read-only
+//! endpoint to a scraper every few seconds, which needs a request line and a header
+//! terminator, not an HTTP library. A dependency (and its async runtime or thread pool)
+//! would outweigh the ~150 lines here. It handles one connection at a time with a total
+//! deadline per request, caps the request head at [`ServerLimits::max_request_bytes`],
+//! answers `Connection: close`, and never panics on malformed input.
+
+use std::fmt::{Display, Write as _};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::agent::{LatestSample, Sample};
+use crate::counters::{CounterSnapshot, CounterSource, ExitKind, LATENCY_BUCKETS_US};
+use crate::schema::{FEATURES, SCHEMA_VERSION};
+
+/// Content type of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Errors of the metrics server.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Requested address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The address did not resolve.
+    #[error("address {0} does not resolve")]
+    NoAddress(String),
+    /// A socket operation failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The server thread panicked.
+    #[error("the metrics server thread panicked")]
+    Panicked,
+}
+
+/// Escapes a label value (`\`, `"` and newlines).
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// Formats a float the way Prometheus parses it (`+Inf`, `-Inf`, `NaN`).
+fn fmt_f64(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".into()
+    } else if x == f64::INFINITY {
+        "+Inf".into()
+    } else if x == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        format!("{x}")
+    }
+}
+
+fn secs(ns: u64) -> String {
+    fmt_f64(ns as f64 / 1e9)
+}
+
+/// Extracts one exported value from a queue's counters.
+type QueueValue = fn(&crate::counters::QueueCounters) -> String;
+
+/// Accumulates exposition text.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// Renders a snapshot (and, if given, the latest sample's features) in the text format.
+pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
+    let mut o = Out(String::with_capacity(8192));
+
+    o.family(
+        "vmm_vcpu_exits_total",
+        "counter",
+        "VM exits handled, by vCPU and exit reason.",
+    );
+    for v in &snap.vcpus {
+        let vcpu = v.index.to_string();
+        for k in ExitKind::ALL {
+            let n = v.exits.get(k.index()).copied().unwrap_or(0);
+            o.sample(
+                "vmm_vcpu_exits_total",
+                &[("vcpu", &vcpu), ("reason", k.name())],
+                n,
+            );
+        }
+    }
+    o.family(
+        "vmm_vcpu_guest_seconds_total",
+        "counter",
+        "Time spent inside KVM_RUN, by vCPU.",
+    );
+    for v in &snap.vcpus {
+        let vcpu = v.index.to_string();
+        o.sample(
+            "vmm_vcpu_guest_seconds_total",
+            &[("vcpu", &vcpu)],
+            secs(v.guest_ns),
+        );
+    }
+    o.family(
+        "vmm_vcpu_monitor_seconds_total",
+        "counter",
+        "Time spent in the monitor handling exits, by vCPU.",
+    );
+    for v in &snap.vcpus {
+        let vcpu = v.index.to_string();
+        o.sample(
+            "vmm_vcpu_monitor_seconds_total",
+            &[("vcpu", &vcpu)],
+            secs(v.monitor_ns),
+        );
+    }
+    o.family(
+        "vmm_vcpu_kvm_stat",
+        "untyped",
+        "KVM binary statistics, by vCPU and statistic name.",
+    );
+    for v in &snap.vcpus {
+        let vcpu = v.index.to_string();
+        for (name, value) in &v.kvm_stats {
+            o.sample(
+                "vmm_vcpu_kvm_stat",
+                &[("vcpu", &vcpu), ("stat", name)],
+                value,
+            );
+        }
+    }
+
+    let per_queue: [(&str, &str, QueueValue); 4] = [
+        (
+            "vmm_queue_requests_total",
+            "Requests completed, by device and queue.",
+            |q| q.requests.to_string(),
+        ),
+        (
+            "vmm_queue_bytes_total",
+            "Bytes moved, by device and queue.",
+            |q| q.bytes.to_string(),
+        ),
+        (
+            "vmm_queue_errors_total",
+            "Requests that ended in an error status, by device and queue.",
+            |q| q.errors.to_string(),
+        ),
+        (
+            "vmm_queue_throttled_seconds_total",
+            "Time requests waited on a rate limiter, by device and queue.",
+            |q| secs(q.throttled_ns),
+        ),
+    ];
+    for (name, help, value) in per_queue {
+        o.family(name, "counter", help);
+        for q in &snap.queues {
+            let queue = q.queue.to_string();
+            o.sample(name, &[("device", &q.device), ("queue", &queue)], value(q));
+        }
+    }
+    o.family(
+        "vmm_queue_depth",
+        "summary",
+        "Sampled queue depth (mean = sum / count), by device and queue.",
+    );
+    for q in &snap.queues {
+        let queue = q.queue.to_string();
+        let l = [("device", q.device.as_str()), ("queue", queue.as_str())];
+        o.sample("vmm_queue_depth_sum", &l, q.depth_sum);
+        o.sample("vmm_queue_depth_count", &l, q.depth_samples);
+    }
+    o.family(
+        "vmm_queue_request_latency_seconds",
+        "histogram",
+        "Request latency, by device and queue.",
+    );
+    for q in &snap.queues {
+        let queue = q.queue.to_string();
+        let mut cumulative = 0u64;
+        for (i, count) in q.latency_buckets.iter().enumerate() {
+            cumulative = cumulative.saturating_add(*count);
+            let le = match LATENCY_BUCKETS_US.get(i) {
+                Some(us) => fmt_f64(*us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            o.sample(
+                "vmm_queue_request_latency_seconds_bucket",
+                &[("device", &q.device), ("queue", &queue), ("le", &le)],
+                cumulative,
+            );
+        }
+        let l = [("device", q.device.as_str()), ("queue", queue.as_str())];
+        o.sample(
+            "vmm_queue_request_latency_seconds_sum",
+            &l,
+            secs(q.latency_ns_sum),
+        );
+        o.sample("vmm_queue_request_latency_seconds_count", &l, cumulative);
+    }
+
+    let m = &snap.memory;
+    o.family("vmm_memory_guest_bytes", "gauge", "Guest memory size.");
+    o.sample("vmm_memory_guest_bytes", &[], m.guest_bytes);
+    o.family(
+        "vmm_memory_resident_bytes",
+        "gauge",
+        "Guest memory resident on the host.",
+    );
+    o.sample("vmm_memory_resident_bytes", &[], m.resident_bytes);
+    o.family(
+        "vmm_memory_page_faults_total",
+        "counter",
+        "Host page faults taken by the monitor process.",
+    );
+    o.sample("vmm_memory_page_faults_total", &[], m.page_faults);
+    o.family(
+        "vmm_memory_dirty_pages_total",
+        "counter",
+        "Guest pages dirtied (KVM dirty log).",
+    );
+    o.sample("vmm_memory_dirty_pages_total", &[], m.dirty_pages);
+
+    let g = &snap.guest;
+    o.family(
+        "vmm_guest_ops_total",
+        "counter",
+        "Operations the guest workload reported done.",
+    );
+    o.sample("vmm_guest_ops_total", &[], g.ops);
+    o.family(
+        "vmm_guest_bytes_total",
+        "counter",
+        "Bytes the guest workload reported processed.",
+    );
+    o.sample("vmm_guest_bytes_total", &[], g.bytes);
+    o.family(
+        "vmm_guest_op_latency_seconds",
+        "summary",
+        "Latency of the guest workload's operations, as it reported them.",
+    );
+    o.sample(
+        "vmm_guest_op_latency_seconds_sum",
+        &[],
+        secs(g.latency_ns_sum),
+    );
+    o.sample("vmm_guest_op_latency_seconds_count", &[], g.latency_samples);
+
+    o.family(
+        "vmm_active_vcpus",
+        "gauge",
+        "vCPUs the guest is asked to use.",
+    );
+    o.sample("vmm_active_vcpus", &[], snap.active_vcpus);
+    o.family(
+        "vmm_host_cores",
+        "gauge",
+        "Host cores the vCPU threads may run on.",
+    );
+    o.sample("vmm_host_cores", &[], snap.host_cores);
+
+    if let Some(s) = sample {
+        o.family(
+            "vmm_tuner_schema_version",
+            "gauge",
+            "Version of the performance vector schema.",
+        );
+        o.sample("vmm_tuner_schema_version", &[], SCHEMA_VERSION);
+        o.family(
+            "vmm_tuner_sample_interval_seconds",
+            "gauge",
+            "Length of the latest sampling interval.",
+        );
+        o.sample(
+            "vmm_tuner_sample_interval_seconds",
+            &[],
+            secs(s.interval_ns),
+        );
+        o.family(
+            "vmm_tuner_feature",
+            "gauge",
+            "Latest performance vector, normalised to [0, 1], by feature.",
+        );
+        for (f, v) in FEATURES.iter().zip(s.vector.iter()) {
+            o.sample(
+                "vmm_tuner_feature",
+                &[("feature", f.name)],
+                fmt_f64(*v as f64),
+            );
+        }
+        o.family(
+            "vmm_tuner_feature_raw",
+            "gauge",
+            "Latest performance vector in the schema's units, by feature.",
+        );
+        for (f, v) in FEATURES.iter().zip(s.raw.iter()) {
+            o.sample(
+                "vmm_tuner_feature_raw",
+                &[("feature", f.name), ("unit", f.unit)],
+                fmt_f64(*v),
+            );
+        }
+    }
+    o.0
+}
+
+/// Limits that keep one bad client from hurting the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Total time a client gets to send its request head.
+    pub read_timeout: Duration,
+    /// Time allowed for writing the response.
+    pub write_timeout: Duration,
+    /// Largest request head accepted (request line and headers).
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(5),
+            max_request_bytes: 8192,
+        }
+    }
+}
+
+/// Counts of the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Scrapes answered with 200.
+    pub scrapes: u64,
+    /// Requests answered with 4xx or 5xx, or dropped (timeouts, I/O errors).
+    pub rejected: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    scrapes: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// A running metrics server. Stop it with [`MetricsServer::stop`] (dropping it also
+/// stops it).
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for MetricsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Conn<'a> {
+    source: &'a dyn CounterSource,
+    latest: Option<&'a LatestSample>,
+    limits: ServerLimits,
+}
+
+/// Outcome of reading a request head.
+enum Head {
+    Complete(Vec<u8>),
+    TooLarge,
+    TimedOut,
+    Closed,
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .or_else(|| buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2))
+}
+
+impl Conn<'_> {
+    fn read_head(&self, stream: &mut TcpStream) -> io::Result<Head> {
+        let deadline = Instant::now() + self.limits.read_timeout;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = find_head_end(&buf) {
+                buf.truncate(end);
+                return Ok(Head::Complete(buf));
+            }
+            if buf.len() > self.limits.max_request_bytes {
+                return Ok(Head::TooLarge);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Head::TimedOut);
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(Head::Closed),
+                Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    return Ok(Head::TimedOut)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Discards what the client is still sending (briefly, up to a bound) before the
+    /// connection closes: closing with unread input makes the kernel send a reset, which
+    /// can destroy the error response before the client reads it.
+    fn drain(&self, stream: &mut TcpStream) {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + self.limits.read_timeout.min(Duration::from_millis(500));
+        let mut chunk = [0u8; 4096];
+        let mut budget = 1usize << 20;
+        while budget > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => budget = budget.saturating_sub(n),
+            }
+        }
+    }
+
+    /// Serves one connection; returns whether it was a successful scrape.
+    fn serve(&self, stream: &mut TcpStream) -> io::Result<bool> {
+        stream.set_write_timeout(Some(self.limits.write_timeout))?;
+        let head = match self.read_head(stream)? {
+            Head::Complete(h) => h,
+            Head::TooLarge => {
+                respond(stream, 431, "Request Header Fields Too Large", "", b"")?;
+                self.drain(stream);
+                return Ok(false);
+            }
+            Head::TimedOut => {
+                respond(stream, 408, "Request Timeout", "", b"")?;
+                return Ok(false);
+            }
+            Head::Closed => return Ok(false),
+        };
+        let Ok(text) = std::str::from_utf8(&head) else {
+            respond(stream, 400, "Bad Request", "", b"bad request\n")?;
+            return Ok(false);
+        };
+        let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+        let (Some(method), Some(target), Some(version), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            respond(stream, 400, "Bad Request", "", b"bad request\n")?;
+            return Ok(false);
+        };
+        if !version.starts_with("HTTP/1.") {
+            respond(stream, 505, "HTTP Version Not Supported", "", b"")?;
+            return Ok(false);
+        }
+        let path = target.split('?').next().unwrap_or("");
+        if path != "/metrics" {
+            respond(stream, 404, "Not Found", "", b"not found\n")?;
+            return Ok(false);
+        }
+        if method != "GET" && method != "HEAD" {
+            respond(
+                stream,
+                405,
+                "Method Not Allowed",
+                "Allow: GET, HEAD\r\n",
+                b"",
+            )?;
+            return Ok(false);
+        }
+        let body = catch_unwind(AssertUnwindSafe(|| {
+            let snapshot = self.source.snapshot();
+            let sample = self.latest.and_then(|l| l.get());
+            render(&snapshot, sample.as_deref())
+        }));
+        let Ok(body) = body else {
+            log::error!("metrics: reading the counters panicked");
+            respond(stream, 500, "Internal Server Error", "", b"")?;
+            return Ok(false);
+        };
+        let header = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(header.as_bytes())?;
+        if method == "GET" {
+            stream.write_all(body.as_bytes())?;
+        }
+        stream.flush()?;
+        Ok(true)
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    reason: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> io::Result<()> {
+    let header = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+impl MetricsServer {
+    /// Starts serving `GET /metrics` on `addr` (e.g. `127.0.0.1:9100`, or port 0 for any
+    /// free port) from `source`, with default limits and no tuner features.
+    pub fn start(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        source: Arc<dyn CounterSource>,
+    ) -> Result<MetricsServer, MetricsError> {
+        Self::start_with(addr, source, None, ServerLimits::default())
+    }
+
+    /// Like [`MetricsServer::start`], also exporting the latest sample held in `latest`
+    /// (see [`crate::agent::Agent::latest_handle`]), with the given limits.
+    pub fn start_with(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        source: Arc<dyn CounterSource>,
+        latest: Option<LatestSample>,
+        limits: ServerLimits,
+    ) -> Result<MetricsServer, MetricsError> {
+        let shown = format!("{addr:?}");
+        let resolved = addr
+            .to_socket_addrs()
+            .map_err(|source| MetricsError::Bind {
+                addr: shown.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| MetricsError::NoAddress(shown.clone()))?;
+        let listener = TcpListener::bind(resolved).map_err(|source| MetricsError::Bind {
+            addr: shown.clone(),
+            source,
+        })?;
+        let local = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let (t_stop, t_counters) = (Arc::clone(&stop), Arc::clone(&counters));
+        let handle = thread::Builder::new()
+            .name("tuner-metrics".to_string())
+            .spawn(move || {
+                let conn = Conn {
+                    source: source.as_ref(),
+                    latest: latest.as_ref(),
+                    limits,
+                };
+                for stream in listener.incoming() {
+                    if t_stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let mut stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::warn!("metrics: accept failed: {e}");
+                            // Avoid spinning on persistent errors (e.g. out of fds).
+                            thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    };
+                    match conn.serve(&mut stream) {
+                        Ok(true) => {
+                            t_counters.scrapes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {
+                            t_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            log::debug!("metrics: connection error: {e}");
+                            t_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })?;
+        log::info!("metrics server listening on http://{local}/metrics");
+        Ok(MetricsServer {
+            addr: local,
+            stop,
+            handle: Some(handle),
+            counters,
+        })
+    }
+
+    /// The address the server listens on (with the actual port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            scrapes: self.counters.scrapes.load(Ordering::Relaxed),
+            rejected: self.counters.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the server and joins its thread.
+    pub fn stop(mut self) -> Result<(), MetricsError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), MetricsError> {
+        let Some(handle) = self.handle.take() else {
+            return Ok(());
+        };
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
+            Ok(_) => handle.join().map_err(|_| MetricsError::Panicked),
+            Err(e) => {
+                // Cannot wake it: leave the thread to exit at its next connection rather
+                // than hang here.
+                log::warn!("metrics: cannot wake the server thread ({e}); detaching it");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            log::error!("stopping the metrics server: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::tests::snapshot_at;
+    use crate::agent::Sampler;
+    use crate::counters::{QueueCounters, VcpuCounters};
+
+    /// A source whose counters rise with every snapshot.
+    struct Rising(AtomicU64);
+
+    impl CounterSource for Rising {
+        fn snapshot(&self) -> CounterSnapshot {
+            snapshot_at(self.0.fetch_add(1, Ordering::Relaxed) + 1)
+        }
+    }
+
+    fn value_of(body: &str, series: &str) -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn request(addr: SocketAddr, raw: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(raw).expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn renders_families_with_help_type_and_labels() {
+        let mut snap = snapshot_at(2);
+        snap.vcpus.push(VcpuCounters {
+            index: 1,
+            kvm_stats: vec![("halt_exits".into(), 9)],
+            ..VcpuCounters::default()
+        });
+        snap.queues.push(QueueCounters {
+            device: "blk\"odd\\name\n".into(),
+            ..QueueCounters::default()
+        });
+        let text = render(&snap, None);
+        for family in [
+            "vmm_vcpu_exits_total",
+            "vmm_vcpu_guest_seconds_total",
+            "vmm_queue_requests_total",
+            "vmm_queue_bytes_total",
+            "vmm_queue_throttled_seconds_total",
+            "vmm_queue_request_latency_seconds",
+            "vmm_memory_resident_bytes",
+            "vmm_guest_ops_total",
+        ] {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        assert!(text.contains("# TYPE vmm_queue_request_latency_seconds histogram\n"));
+        assert_eq!(
+            value_of(&text, "vmm_vcpu_exits_total{vcpu=\"0\",reason=\"io_out\"}"),
+            Some(200.0)
+        );
+        assert_eq!(
+            value_of(&text, "vmm_vcpu_guest_seconds_total{vcpu=\"0\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value_of(&text, "vmm_vcpu_kvm_stat{vcpu=\"1\",stat=\"halt_exits\"}"),
+            Some(9.0)
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_queue_throttled_seconds_total{device=\"blk0\",queue=\"0\"}"
+            ),
+            Some(0.5)
+        );
+        // Histogram: cumulative buckets in seconds, +Inf equals _count.
+        let b = |le: &str| {
+            value_of(
+                &text,
+                &format!(
+                    "vmm_queue_request_latency_seconds_bucket{{device=\"blk0\",queue=\"0\",le=\"{le}\"}}"
+                ),
+            )
+        };
+        assert_eq!(b("0.00001"), Some(0.0));
+        assert_eq!(b("0.0001"), Some(120.0));
+        assert_eq!(b("0.00025"), Some(198.0));
+        assert_eq!(b("+Inf"), Some(200.0));
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_queue_request_latency_seconds_count{device=\"blk0\",queue=\"0\"}"
+            ),
+            Some(200.0)
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_queue_request_latency_seconds_sum{device=\"blk0\",queue=\"0\"}"
+            ),
+            Some(0.03)
+        );
+        assert_eq!(
+            value_of(&text, "vmm_memory_resident_bytes"),
+            Some((1u64 << 28) as f64)
+        );
+        assert_eq!(value_of(&text, "vmm_guest_ops_total"), Some(10000.0));
+        assert!(text.contains("device=\"blk\\\"odd\\\\name\\n\""));
+        assert!(!text.contains("vmm_tuner_feature"));
+        // Every non-comment line is `name{labels} value` with a parseable value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = line.rsplit_once(' ').expect("value");
+            assert!(v.parse::<f64>().is_ok() || v == "+Inf", "{line}");
+        }
+
+        let mut sampler = Sampler::new();
+        let sample = sampler.sample(&snapshot_at(1), &snapshot_at(2));
+        let text = render(&snap, Some(&sample));
+        assert_eq!(
+            value_of(&text, "vmm_tuner_feature{feature=\"cpu_utilisation\"}"),
+            Some(0.5)
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_tuner_feature_raw{feature=\"guest_ops_rate\",unit=\"ops/s\"}"
+            ),
+            Some(5000.0)
+        );
+        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(1.0));
+    }
+
+    #[test]
+    fn serves_rising_counters() {
+        let source = Arc::new(Rising(AtomicU64::new(0)));
+        let latest = LatestSample::new();
+        let mut sampler = Sampler::new();
+        latest.set(Arc::new(sampler.sample(&snapshot_at(1), &snapshot_at(2))));
+        let server =
+            MetricsServer::start_with("127.0.0.1:0", source, Some(latest), ServerLimits::default())
+                .expect("start");
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0);
+
+        let get = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        let first = request(addr, get);
+        let second = request(addr, get);
+        for resp in [&first, &second] {
+            assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+            assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
+            let (head, body) = resp.split_once("\r\n\r\n").expect("head");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.parse().ok())
+                .expect("length");
+            assert_eq!(body.len(), len);
+            assert!(body.contains("vmm_tuner_feature{feature=\"cpu_utilisation\"} 0.5"));
+        }
+        let ops = |r: &str| {
+            value_of(
+                r.split_once("\r\n\r\n").map_or("", |x| x.1),
+                "vmm_guest_ops_total",
+            )
+        };
+        let (a, b) = (ops(&first).expect("first"), ops(&second).expect("second"));
+        assert!(b > a, "{a} -> {b}");
+
+        // Query strings are ignored; HEAD has no body.
+        assert!(request(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200"));
+        let head = request(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"));
+        assert_eq!(server.stats().scrapes, 4);
+        server.stop().expect("stop");
+    }
+
+    #[test]
+    fn rejects_bad_requests_and_survives() {
+        let source = Arc::new(Rising(AtomicU64::new(0)));
+        let limits = ServerLimits {
+            read_timeout: Duration::from_millis(200),
+            ..ServerLimits::default()
+        };
+        let server = MetricsServer::start_with("127.0.0.1:0", source, None, limits).expect("start");
+        let addr = server.local_addr();
+        let status = |raw: &[u8]| {
+            let r = request(addr, raw);
+            r.split_whitespace().nth(1).unwrap_or("").to_string()
+        };
+        assert_eq!(status(b"GET / HTTP/1.1\r\n\r\n"), "404");
+        assert_eq!(status(b"GET /metricsx HTTP/1.1\r\n\r\n"), "404");
+        assert_eq!(status(b"POST /metrics HTTP/1.1\r\n\r\n"), "405");
+        assert_eq!(status(b"garbage\r\n\r\n"), "400");
+        assert_eq!(status(b"GET /metrics SPDY/3\r\n\r\n"), "505");
+        assert_eq!(status(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"), "400");
+        let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 20_000));
+        assert_eq!(status(&big), "431");
+        // A client that never finishes its request times out ...
+        let t0 = Instant::now();
+        assert_eq!(status(b"GET /metrics HTTP/1.1\r\n"), "408");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // ... and one that connects and vanishes is harmless.
+        drop(TcpStream::connect(addr).expect("connect"));
+        // The server still answers.
+        assert_eq!(status(b"GET /metrics HTTP/1.1\r\n\r\n"), "200");
+        let stats = server.stats();
+        assert_eq!(stats.scrapes, 1);
+        assert!(stats.rejected >= 8, "{stats:?}");
+        server.stop().expect("stop");
+    }
+
+    #[test]
+    fn bind_errors_are_reported() {
+        let source: Arc<dyn CounterSource> = Arc::new(Rising(AtomicU64::new(0)));
+        let first = MetricsServer::start("127.0.0.1:0", Arc::clone(&source)).expect("start");
+        let taken = first.local_addr();
+        assert!(matches!(
+            MetricsServer::start(taken, source),
+            Err(MetricsError::Bind { .. })
+        ));
+    }
+}
