@@ -68,6 +68,12 @@ pub struct BareRun {
     pub exits: u64,
     /// Wall time from VM creation to the debug exit.
     pub wall: Duration,
+    /// Time `KVM_SET_USER_MEMORY_REGION` took for guest RAM.
+    pub register_memory: Duration,
+    /// From VM creation to the first serial byte.
+    pub first_serial: Option<Duration>,
+    /// From VM creation to the VM's teardown (vCPU, VM and guest memory released).
+    pub end: Duration,
 }
 
 extern "C" fn on_kick(_: libc::c_int) {}
@@ -117,7 +123,9 @@ fn run_here(
         .map_err(|e| BareError::Setup(e.to_string()))?;
     let mem =
         vmm::memory::create_guest_memory(mem_mib).map_err(|e| BareError::Setup(e.to_string()))?;
+    let t_reg = Instant::now();
     vmm::memory::register_with_kvm(&vm, &mem).map_err(|e| BareError::Setup(e.to_string()))?;
+    let register_memory = t_reg.elapsed();
     let info = vmm::boot::load(&mem, &cfg, format).map_err(|e| BareError::Setup(e.to_string()))?;
     long_mode::write_boot_tables(&mem).map_err(|e| BareError::Setup(e.to_string()))?;
 
@@ -140,6 +148,7 @@ fn run_here(
     long_mode::setup_vcpu(&vcpu, info.entry, 0).map_err(|e| BareError::Setup(e.to_string()))?;
 
     let mut serial = Vec::new();
+    let mut first_serial = None;
     let mut post_exits = 0u64;
     let mut exits = 0u64;
     let exit_code = loop {
@@ -148,7 +157,12 @@ fn run_here(
                 exits += 1;
                 match exit {
                     VcpuExit::IoOut(POST_PORT, _) => post_exits += 1,
-                    VcpuExit::IoOut(SERIAL_PORT, data) => serial.extend_from_slice(data),
+                    VcpuExit::IoOut(SERIAL_PORT, data) => {
+                        if first_serial.is_none() {
+                            first_serial = Some(started.elapsed());
+                        }
+                        serial.extend_from_slice(data)
+                    }
                     VcpuExit::IoOut(DEBUG_EXIT_PORT, data) => {
                         let mut v = [0u8; 4];
                         let n = data.len().min(4);
@@ -168,12 +182,19 @@ fn run_here(
             Err(e) => return Err(BareError::Guest(format!("KVM_RUN failed: {e}"))),
         }
     };
+    let wall = started.elapsed();
+    drop(vcpu);
+    drop(vm);
+    drop(mem);
     Ok(BareRun {
         serial,
         exit_code,
         post_exits,
         exits,
-        wall: started.elapsed(),
+        wall,
+        register_memory,
+        first_serial,
+        end: started.elapsed(),
     })
 }
 

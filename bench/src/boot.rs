@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::bare;
 use crate::child::{run_timed, Timed};
 use crate::error::BenchError;
 use crate::qemu::{self, Qemu};
@@ -82,6 +83,22 @@ pub enum QemuSide {
     },
 }
 
+/// The floor on this host: the same kernel booted in-process by the bare kvm-ioctls loop
+/// (no process to spawn, no dynamic loading, no devices), times from VM creation.
+#[derive(Debug, Clone, Serialize)]
+pub struct BareFloor {
+    /// What this is.
+    pub what: String,
+    /// VM creation to the first serial byte.
+    pub first_byte_ms: Summary,
+    /// VM creation to the VM torn down (vCPU, VM fd and guest memory released).
+    pub end_ms: Summary,
+    /// Of which `KVM_SET_USER_MEMORY_REGION` for 128 MiB of guest RAM.
+    pub register_memory_ms: Summary,
+    /// Of which the teardown after the guest's debug exit.
+    pub teardown_ms: Summary,
+}
+
 /// The boot benchmark's result file.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootReport {
@@ -99,6 +116,8 @@ pub struct BootReport {
     pub vmm: SideResult,
     /// QEMU's results.
     pub qemu: QemuSide,
+    /// The in-process floor.
+    pub bare_floor: BareFloor,
     /// Median QEMU time over median `vmm` time, to the first byte (how many times faster).
     pub speedup_first_byte: Option<f64>,
     /// Median QEMU time over median `vmm` time, to exit.
@@ -206,6 +225,7 @@ pub fn run(s: &BootSettings) -> Result<BootReport, BenchError> {
         }
     }
     // ABBA: alternate which side goes first, so drift on the machine hits both alike.
+    let mut floor: Vec<[f64; 4]> = Vec::new();
     for i in 0..s.runs {
         let n = sides.len();
         for k in 0..n {
@@ -213,6 +233,21 @@ pub fn run(s: &BootSettings) -> Result<BootReport, BenchError> {
             let sample = sides[idx].run_once(&s.expected_output, s.timeout)?;
             sides[idx].samples.push(sample);
         }
+        let r = bare::run(&s.kernel, "", 128, s.timeout)?;
+        if String::from_utf8_lossy(&r.serial) != s.expected_output || r.exit_code != 0 {
+            return Err(BenchError::Unexpected(format!(
+                "bare loop: exit code {} and serial output {:?}",
+                r.exit_code,
+                String::from_utf8_lossy(&r.serial)
+            )));
+        }
+        let first = r.first_serial.unwrap_or(r.wall);
+        floor.push([
+            ms(first),
+            ms(r.end),
+            ms(r.register_memory),
+            ms(r.end.saturating_sub(r.wall)),
+        ]);
         let last: Vec<String> = sides
             .iter()
             .filter_map(|sd| {
@@ -229,6 +264,20 @@ pub fn run(s: &BootSettings) -> Result<BootReport, BenchError> {
         );
     }
 
+    let col = |k: usize| {
+        summarize(&floor.iter().map(|x| x[k]).collect::<Vec<_>>())
+            .ok_or_else(|| BenchError::Unexpected("bare loop: no samples".into()))
+    };
+    let bare_floor = BareFloor {
+        what: "the same kernel in the bare kvm-ioctls loop inside vmm-bench, 128 MiB, one \
+               run after each vmm/qemu pair; times from VM creation (no spawn, exec or \
+               dynamic loading)"
+            .into(),
+        first_byte_ms: col(0)?,
+        end_ms: col(1)?,
+        register_memory_ms: col(2)?,
+        teardown_ms: col(3)?,
+    };
     let vmm = sides[0].result()?;
     let qemu = match (sides.get(1), qemu_unavailable) {
         (Some(side), _) => QemuSide::Measured {
@@ -260,6 +309,7 @@ pub fn run(s: &BootSettings) -> Result<BootReport, BenchError> {
         order: "interleaved, ABBA (vmm first in even runs, qemu first in odd runs)".into(),
         vmm,
         qemu,
+        bare_floor,
         speedup_first_byte,
         speedup_exit,
     })

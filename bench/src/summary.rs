@@ -81,6 +81,18 @@ pub fn render(dir: &Path) -> Result<String, BenchError> {
         } else {
             let _ = writeln!(s, "  qemu  not measured: {}", text(&b, &["qemu", "reason"]));
         }
+        let _ = writeln!(
+            s,
+            "  floor (bare KVM loop in-process, from VM creation): first byte {}, torn down {}",
+            spread(&b, &["bare_floor", "first_byte_ms"], 1),
+            spread(&b, &["bare_floor", "end_ms"], 1)
+        );
+        let _ = writeln!(
+            s,
+            "        of which registering 128 MiB with KVM {} and teardown {}",
+            spread(&b, &["bare_floor", "register_memory_ms"], 1),
+            spread(&b, &["bare_floor", "teardown_ms"], 1)
+        );
     }
     if let Some(p) = load(dir, "pio")? {
         let _ = writeln!(

@@ -5,6 +5,7 @@
 //! guest input. Devices report a guest-requested stop through [`ExitSignal`].
 
 pub mod exit_signal;
+pub mod guest_metrics;
 pub mod io_scheduler;
 pub mod legacy;
 pub mod rate_limiter;

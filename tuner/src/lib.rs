@@ -16,6 +16,8 @@
 //! tuner only through narrow traits, so everything here can be tested against a fake
 //! monitor.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod anomaly;
 pub mod counters;

@@ -68,6 +68,110 @@ pub struct VmConfig {
     /// virtio-blk drives, in slot order.
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// Unix socket of the control API (PATCH drives' limits and priorities at run time).
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
+    /// Sampling interval of the performance monitoring agent, in milliseconds.
+    #[serde(default = "default_metrics_interval_ms")]
+    pub metrics_interval_ms: u64,
+    /// State repository (SQLite) receiving one row per interval; off when absent.
+    #[serde(default)]
+    pub state_db: Option<PathBuf>,
+    /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// Name of this VM in the state repository and metrics.
+    #[serde(default = "default_vm_id")]
+    pub vm_id: String,
+}
+
+fn default_metrics_interval_ms() -> u64 {
+    100
+}
+fn default_vm_id() -> String {
+    "vm0".to_string()
+}
+
+/// One token bucket of a rate limiter (Firecracker's semantics): `size` tokens (bytes or
+/// operations) refilled every `refill_time_ms`, plus an optional one-time burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketSpec {
+    /// Tokens per refill period (and the bucket's capacity).
+    pub size: u64,
+    /// Refill period in milliseconds (at least 100).
+    pub refill_time_ms: u64,
+    /// Extra tokens available once.
+    #[serde(default)]
+    pub one_time_burst: u64,
+}
+
+/// A drive's rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Bytes bucket.
+    #[serde(default)]
+    pub bandwidth: Option<BucketSpec>,
+    /// Operations bucket.
+    #[serde(default)]
+    pub ops: Option<BucketSpec>,
+}
+
+impl RateLimitSpec {
+    /// The devices crate's form, validated (refill periods of at least 100 ms).
+    pub fn to_limiter(
+        self,
+        field: &str,
+    ) -> Result<devices::rate_limiter::RateLimiterConfig, ConfigError> {
+        let conv = |b: Option<BucketSpec>| {
+            b.map(|b| devices::rate_limiter::BucketConfig {
+                size: b.size,
+                one_time_burst: b.one_time_burst,
+                refill_time_ms: b.refill_time_ms,
+            })
+        };
+        let cfg = devices::rate_limiter::RateLimiterConfig {
+            bandwidth: conv(self.bandwidth),
+            ops: conv(self.ops),
+        };
+        cfg.validate()
+            .map_err(|e| ConfigError::new(field, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// From the devices crate's form.
+    pub fn from_limiter(cfg: devices::rate_limiter::RateLimiterConfig) -> Self {
+        let conv = |b: Option<devices::rate_limiter::BucketConfig>| {
+            b.filter(|b| !b.is_unlimited()).map(|b| BucketSpec {
+                size: b.size,
+                refill_time_ms: b.refill_time_ms,
+                one_time_burst: b.one_time_burst,
+            })
+        };
+        Self {
+            bandwidth: conv(cfg.bandwidth),
+            ops: conv(cfg.ops),
+        }
+    }
+}
+
+/// A per-second rate as a bucket: refilled every 100 ms when the rate divides by 10
+/// (small bursts, accurate over short runs), else every second.
+pub fn bucket_for_rate(per_sec: u64) -> BucketSpec {
+    if per_sec % 10 == 0 {
+        BucketSpec {
+            size: per_sec / 10,
+            refill_time_ms: 100,
+            one_time_burst: 0,
+        }
+    } else {
+        BucketSpec {
+            size: per_sec,
+            refill_time_ms: 1000,
+            one_time_burst: 0,
+        }
+    }
 }
 
 /// One virtio-blk drive.
@@ -82,33 +186,56 @@ pub struct DriveConfig {
     /// Name in logs, metrics and the control API; `blk<N>` when absent.
     #[serde(default)]
     pub id: Option<String>,
+    /// Rate limits from the start.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimitSpec>,
+    /// I/O priority from the start: `low`, `medium` (default), `high` or a weight 1-1000.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 impl DriveConfig {
-    /// Parses the `--drive` syntax: `path=FILE[,read-only][,id=NAME]`.
+    /// Parses the `--drive` syntax:
+    /// `path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=P]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut path = None;
         let mut read_only = false;
         let mut id = None;
+        let mut limits = RateLimitSpec::default();
+        let mut priority = None;
+        let number = |k: &str, v: &str| {
+            v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::new(
+                    "drives",
+                    format!("{k}={v:?} in {spec:?} is not a positive integer"),
+                )
+            })
+        };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
                 Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                Some(("bw", v)) => limits.bandwidth = Some(bucket_for_rate(number("bw", v)?)),
+                Some(("iops", v)) => limits.ops = Some(bucket_for_rate(number("iops", v)?)),
+                Some(("priority", v)) if !v.is_empty() => priority = Some(v.to_string()),
                 None if part == "read-only" || part == "ro" => read_only = true,
                 _ => {
                     return Err(ConfigError::new(
                         "drives",
-                        format!("unknown or empty option {part:?} in {spec:?} (expected path=FILE[,read-only][,id=NAME])"),
+                        format!("unknown or empty option {part:?} in {spec:?} (expected path=FILE[,read-only][,id=NAME][,bw=N][,iops=N][,priority=P])"),
                     ))
                 }
             }
         }
         let path =
             path.ok_or_else(|| ConfigError::new("drives", format!("{spec:?} has no path=FILE")))?;
+        let rate_limiter = (limits != RateLimitSpec::default()).then_some(limits);
         Ok(Self {
             path,
             read_only,
             id,
+            rate_limiter,
+            priority,
         })
     }
 }
@@ -145,6 +272,11 @@ impl VmConfig {
             seccomp: true,
             timeout_ms: None,
             drives: Vec::new(),
+            api_sock: None,
+            metrics_interval_ms: default_metrics_interval_ms(),
+            state_db: None,
+            metrics_addr: None,
+            vm_id: default_vm_id(),
         }
     }
 

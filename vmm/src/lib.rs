@@ -1,19 +1,26 @@
 //! The `vmm` monitor: boots guests directly on KVM with the rust-vmm crates.
 //!
+//! - [`api`]: the control socket (JSON lines) for turning knobs by hand.
 //! - [`config`]: the VM's settings and their validation.
 //! - [`memory`]: guest memory layout and allocation.
 //! - [`boot`]: kernel loading (ELF, bzImage), zero page, long-mode entry state.
 //! - [`cpuid`]: the per-vCPU CPUID table.
+//! - [`kvm_stats`]: KVM's binary statistics by name.
 //! - [`vcpu`]: the run loop of one vCPU thread.
 //! - [`vcpu_stats`]: per-vCPU exit and time counters kept in that loop.
+//! - [`runtime`]: the running VM's counters and knobs for the tuner and the control API.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpuid;
+pub mod kvm_stats;
 pub mod memory;
+pub mod runtime;
 pub mod seccomp;
+pub mod telemetry;
 pub mod vcpu;
 pub mod vcpu_stats;
 pub mod vm;

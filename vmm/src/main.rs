@@ -24,6 +24,41 @@ struct Cli {
 enum Command {
     /// Boot a guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Print the performance-vector schema (names, units, normalisation).
+    Schema {
+        /// Print it as JSON (the form written into model cards).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with a state repository.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Send one request to a running monitor's control socket and print the answer.
+    Api {
+        /// The monitor's --api-sock.
+        #[arg(long, value_name = "PATH")]
+        sock: PathBuf,
+        /// The request, e.g. '{"method":"GET","path":"/drives"}'.
+        request: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Export every row for training.
+    Export {
+        /// The repository (SQLite file written by `vmm run --state-db`).
+        #[arg(long, value_name = "PATH")]
+        state_db: PathBuf,
+        /// Output format.
+        #[arg(long, value_parser = ["csv", "parquet"], default_value = "csv")]
+        format: String,
+        /// Output file.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -55,9 +90,25 @@ struct RunArgs {
     /// End the run after this many milliseconds (exit status 124).
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
-    /// Add a virtio-blk drive: path=FILE[,read-only][,id=NAME] (repeatable).
+    /// Add a virtio-blk drive (repeatable):
+    /// path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=low|medium|high|N].
     #[arg(long = "drive", value_name = "SPEC")]
     drives: Vec<String>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Sampling interval of the performance monitoring agent (ms).
+    #[arg(long, value_name = "N")]
+    metrics_interval_ms: Option<u64>,
+    /// Store one row per interval in this SQLite state repository.
+    #[arg(long, value_name = "PATH")]
+    state_db: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// Name of this VM in the state repository.
+    #[arg(long, value_name = "NAME")]
+    vm_id: Option<String>,
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -103,6 +154,21 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if args.timeout_ms.is_some() {
         cfg.timeout_ms = args.timeout_ms;
     }
+    if args.api_sock.is_some() {
+        cfg.api_sock = args.api_sock;
+    }
+    if let Some(n) = args.metrics_interval_ms {
+        cfg.metrics_interval_ms = n;
+    }
+    if args.state_db.is_some() {
+        cfg.state_db = args.state_db;
+    }
+    if args.metrics_addr.is_some() {
+        cfg.metrics_addr = args.metrics_addr;
+    }
+    if let Some(v) = args.vm_id {
+        cfg.vm_id = v;
+    }
     if !args.drives.is_empty() {
         cfg.drives = args
             .drives
@@ -129,6 +195,67 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Schema { json } => {
+            if json {
+                println!("{}", tuner::schema::Schema::to_json());
+            } else {
+                print!("{}", tuner::schema::Schema::describe());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::State {
+            command:
+                StateCommand::Export {
+                    state_db,
+                    format,
+                    out,
+                },
+        } => {
+            if !state_db.is_file() {
+                return usage_error(&ConfigError::new(
+                    "state_db",
+                    format!("{} does not exist", state_db.display()),
+                ));
+            }
+            let repo = match tuner::state_repo::StateRepo::open(&state_db, Default::default()) {
+                Ok(r) => r,
+                Err(e) => {
+                    return usage_error(&ConfigError::new(
+                        "state_db",
+                        format!("{}: {e}", state_db.display()),
+                    ))
+                }
+            };
+            let result = match format.as_str() {
+                "parquet" => repo.export_parquet(&out),
+                _ => repo.export_csv(&out),
+            };
+            match result {
+                Ok(n) => {
+                    println!("exported {n} rows to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm: error: export: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Api { sock, request } => match vmm::api::call(&sock, &request) {
+            Ok(answer) => {
+                println!("{answer}");
+                let ok = answer.get("status").and_then(|s| s.as_u64()) == Some(200);
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             let cfg = match config_from(args) {
                 Ok(c) => c,

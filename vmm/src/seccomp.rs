@@ -43,6 +43,7 @@ const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TIOCGWINSZ: u64 = 0x5413;
+const FIONBIO: u64 = 0x5421;
 
 /// Calls every thread of the monitor may make (memory, locks, signals, time, logging).
 const COMMON_SYSCALLS: &[i64] = &[
@@ -68,6 +69,8 @@ const COMMON_SYSCALLS: &[i64] = &[
     libc::SYS_close,
     libc::SYS_getrandom,
     libc::SYS_fsync,
+    // Telemetry reads its own page-fault counts.
+    libc::SYS_getrusage,
     // Rust's std checks an fd is open (F_GETFD) before closing it in debug builds.
     libc::SYS_fcntl,
 ];
@@ -122,8 +125,19 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_fdatasync,
             libc::SYS_timerfd_settime,
             libc::SYS_timerfd_gettime,
+            // The control API socket.
+            libc::SYS_accept4,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_setsockopt,
+            libc::SYS_unlink,
+            // Closing the state repository (SQLite) at the end of the run.
+            libc::SYS_newfstatat,
+            libc::SYS_fstat,
+            libc::SYS_ftruncate,
+            libc::SYS_lseek,
         ],
-        &[TCGETS, TCSETS, TIOCGWINSZ],
+        &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
     )
 }
 

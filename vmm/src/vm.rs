@@ -8,12 +8,17 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::guest_metrics::{
+    GuestMetricsDevice, GuestMetricsMmio, GUEST_METRICS_ADDR, GUEST_METRICS_SIZE,
+};
+use devices::io_scheduler::{Priority, QueueId, SchedulerError};
 use devices::legacy::{
     serial::{COM1_IRQ, COM1_PORT_COUNT},
     DebugExit, PostPort, SerialConsole, SerialInput, COM1_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT, POST_PORT,
 };
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::io_engine::IoEngine;
 use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_WINDOW_SIZE};
 use devices::{ExitReason, ExitSignal};
@@ -30,11 +35,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
+use crate::api::ApiServer;
 use crate::boot::{self, long_mode, BootError};
 use crate::config::{host_mem_mib, ConfigError, VmConfig};
 use crate::cpuid::{self, VcpuTopology};
+use crate::kvm_stats::KvmStats;
 use crate::memory::{self, MemoryError};
+use crate::runtime::{DriveHandle, VmRuntime};
 use crate::seccomp::{self, SeccompError};
+use crate::telemetry::Telemetry;
 use crate::vcpu::Vcpu;
 
 /// Address of the TSS pages KVM needs on Intel hosts (just below the BIOS area at 4 GiB).
@@ -305,6 +314,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             read_only: drive.read_only,
         })
         .map_err(|e| ConfigError::new("drives", e.to_string()))?;
+        let mut block = block;
+        if let Some(spec) = drive.rate_limiter {
+            let limits = spec.to_limiter("drives.rate_limiter")?;
+            block
+                .set_rate_limit(limits)
+                .map_err(|e| ConfigError::new("drives.rate_limiter", e.to_string()))?;
+        }
         let block = Arc::new(Mutex::new(block));
         let slot = i as u64;
         let (base, irq) = (
@@ -313,8 +329,53 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         );
         attach_virtio(&vm, &mut io_manager, &mem, &id, block.clone(), base, irq)?;
         virtio_words.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        subscribers.push(block.clone());
         blocks.push(block);
+    }
+    // One I/O engine serves every drive's queue in priority order.
+    let mut scheduler = None;
+    if !blocks.is_empty() {
+        let engine = IoEngine::new(blocks.clone()).map_err(|e| VmError::Device {
+            device: "io engine",
+            reason: e.to_string(),
+        })?;
+        let sched = engine.scheduler();
+        for (i, drive) in cfg.drives.iter().enumerate() {
+            if let Some(p) = &drive.priority {
+                let prio: Priority = p.parse().map_err(|e: SchedulerError| {
+                    ConfigError::new("drives.priority", e.to_string())
+                })?;
+                sched
+                    .lock()
+                    .map_err(|_| VmError::Device {
+                        device: "io engine",
+                        reason: "lock poisoned".into(),
+                    })?
+                    .set_priority(QueueId(i as u32), prio)
+                    .map_err(|e| ConfigError::new("drives.priority", e.to_string()))?;
+            }
+        }
+        scheduler = Some(sched);
+        subscribers.push(Arc::new(Mutex::new(engine)));
+    }
+    // The guest's metrics device.
+    let guest_metrics = Arc::new(GuestMetricsDevice::default());
+    {
+        let range =
+            MmioRange::new(MmioAddress(GUEST_METRICS_ADDR), GUEST_METRICS_SIZE).map_err(|e| {
+                VmError::Device {
+                    device: "guest metrics",
+                    reason: format!("{e:?}"),
+                }
+            })?;
+        io_manager
+            .register_mmio(
+                range,
+                Arc::new(Mutex::new(GuestMetricsMmio(guest_metrics.clone()))),
+            )
+            .map_err(|e| VmError::Device {
+                device: "guest metrics",
+                reason: format!("{e:?}"),
+            })?;
     }
     let mut boot_cfg = cfg.clone();
     if !virtio_words.is_empty() {
@@ -385,6 +446,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(setup("report its supported CPUID"))?;
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    let mut vcpu_stats = Vec::with_capacity(cfg.vcpus as usize);
+    let mut kvm_stats = Vec::with_capacity(cfg.vcpus as usize);
     for index in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -407,8 +470,38 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             })
             .map_err(setup("make an application processor runnable"))?;
         }
-        vcpus.push(Vcpu::new(index, fd, io_manager.clone(), exit.clone()));
+        kvm_stats.push(match KvmStats::open(fd.as_raw_fd()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::debug!("vCPU {index}: no KVM binary stats: {e}");
+                None
+            }
+        });
+        let vcpu = Vcpu::new(index, fd, io_manager.clone(), exit.clone());
+        vcpu_stats.push(vcpu.stats());
+        vcpus.push(vcpu);
     }
+    let runtime = Arc::new(VmRuntime::new(
+        cfg.mem_mib << 20,
+        vcpu_stats,
+        kvm_stats,
+        cfg.drives
+            .iter()
+            .enumerate()
+            .map(|(i, _)| DriveHandle {
+                id: cfg.drive_id(i),
+                block: blocks[i].clone(),
+            })
+            .collect(),
+        scheduler,
+        guest_metrics,
+    ));
+    if let Some(path) = &cfg.api_sock {
+        let server = ApiServer::bind(path, runtime.clone())
+            .map_err(|e| ConfigError::new("api_sock", e.to_string()))?;
+        subscribers.push(Arc::new(Mutex::new(server)));
+    }
+    let telemetry = Telemetry::start(cfg, runtime.clone())?;
 
     let vcpu_filter = if cfg.seccomp {
         Some(seccomp::vcpu_filter()?)
@@ -489,6 +582,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     if let Ok(mut s) = serial.lock() {
         let _ = s.flush();
     }
+    telemetry.stop();
     // vCPU threads still inside KVM_RUN end with the process; the caller exits next.
     drop(threads);
     Ok(outcome)

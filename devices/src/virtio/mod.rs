@@ -2,6 +2,7 @@
 //!
 //! - [`mmio`]: the register interface a guest driver programs, one 4 KiB window per device.
 //! - [`block`]: virtio-blk backed by a raw file.
+//! - [`io_engine`]: serves every drive's queue in priority order on the event loop.
 //! - [`queue_metrics`]: per-queue counters (requests, bytes, errors, throttling, depth,
 //!   latency) read by the monitor's telemetry.
 //!
@@ -9,6 +10,7 @@
 //! and the event loop (queue processing on ioeventfd notifications), behind one mutex.
 
 pub mod block;
+pub mod io_engine;
 pub mod mmio;
 pub mod queue_metrics;
 

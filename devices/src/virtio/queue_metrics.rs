@@ -19,6 +19,7 @@ pub struct QueueMetrics {
     throttled_ns: AtomicU64,
     depth_sum: AtomicU64,
     depth_samples: AtomicU64,
+    latency_ns_sum: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
 }
 
@@ -37,6 +38,8 @@ pub struct QueueMetricsSnapshot {
     pub depth_sum: u64,
     /// Number of depth samples.
     pub depth_samples: u64,
+    /// Sum of request latencies in nanoseconds.
+    pub latency_ns_sum: u64,
     /// Latency histogram counts (see [`LATENCY_BUCKETS_US`]).
     pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
 }
@@ -49,6 +52,8 @@ impl QueueMetrics {
         if error {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+        let ns = latency.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.latency_ns_sum.fetch_add(ns, Ordering::Relaxed);
         let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
         let bucket = LATENCY_BUCKETS_US
             .iter()
@@ -82,6 +87,7 @@ impl QueueMetrics {
             throttled_ns: self.throttled_ns.load(Ordering::Relaxed),
             depth_sum: self.depth_sum.load(Ordering::Relaxed),
             depth_samples: self.depth_samples.load(Ordering::Relaxed),
+            latency_ns_sum: self.latency_ns_sum.load(Ordering::Relaxed),
             latency_buckets,
         }
     }

@@ -80,6 +80,8 @@ pub struct Block {
     buffer: Vec<u8>,
     limiter: RateLimiter,
     throttled_since: Option<Instant>,
+    batch_start: Instant,
+    used_in_batch: bool,
 }
 
 impl Block {
@@ -131,6 +133,8 @@ impl Block {
             buffer: Vec::new(),
             limiter: RateLimiter::unlimited()?,
             throttled_since: None,
+            batch_start: Instant::now(),
+            used_in_batch: false,
         })
     }
 
@@ -164,10 +168,20 @@ impl Block {
 
     /// Called when the limiter's timer fires: retries the throttled queue.
     pub fn on_rate_limiter_event(&mut self) {
+        if self.clear_rate_limiter_event() {
+            self.process_queue();
+        }
+    }
+
+    /// Clears the limiter's timer event; true if requests may flow again.
+    pub fn clear_rate_limiter_event(&mut self) -> bool {
         match self.limiter.event_handler() {
-            Ok(()) => self.process_queue(),
-            Err(RateLimiterError::SpuriousEvent) => {}
-            Err(e) => log::warn!("virtio-blk {}: rate limiter timer: {e}", self.config.id),
+            Ok(()) => true,
+            Err(RateLimiterError::SpuriousEvent) => false,
+            Err(e) => {
+                log::warn!("virtio-blk {}: rate limiter timer: {e}", self.config.id);
+                false
+            }
         }
     }
 
@@ -202,20 +216,32 @@ impl Block {
         }
     }
 
-    /// Processes every available request of the queue. Called on a queue notification.
+    /// Processes every available request of the queue (the single-device path; with
+    /// several devices the [`crate::virtio::io_engine::IoEngine`] interleaves them by
+    /// priority through [`Block::begin_batch`], [`Block::process_one`] and
+    /// [`Block::finish_batch`]).
     pub fn process_queue(&mut self) {
-        if self.is_broken() {
+        if !self.begin_batch() {
             return;
         }
+        while let Step::Served(_) = self.process_one() {}
+        self.finish_batch();
+    }
+
+    /// Starts a batch after a notification: samples the queue depth and checks the
+    /// available index. Returns false if there is nothing to do (inactive or broken).
+    pub fn begin_batch(&mut self) -> bool {
+        if self.is_broken() {
+            return false;
+        }
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
-        let started = Instant::now();
-        let mem = active.mem.clone();
+        self.batch_start = Instant::now();
         // Queue depth: requests the driver made available and the device has not taken.
         match active
             .queue
-            .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
         {
             Ok(avail) => {
                 let depth = avail.0.wrapping_sub(active.queue.next_avail());
@@ -224,69 +250,115 @@ impl Block {
                     self.mark_broken(&format!(
                         "available index runs {depth} entries ahead of a {size}-entry queue"
                     ));
-                    return;
+                    return false;
                 }
                 self.metrics.sample_depth(u64::from(depth));
+                true
             }
             Err(e) => {
                 self.mark_broken(&format!("cannot read the available ring: {e}"));
-                return;
-            }
-        }
-        let mut used_any = false;
-        let mut failure = None;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            // Throttled requests wait in the queue (never fail) until the timer fires.
-            let bytes = request::data_len(&chain, &mem);
-            if !self.limiter.consume(1, TokenType::Ops) {
-                active.queue.go_to_previous_position();
-                self.throttled_since.get_or_insert_with(Instant::now);
-                break;
-            }
-            if !self.limiter.consume(bytes, TokenType::Bytes) {
-                self.limiter.manual_replenish(1, TokenType::Ops);
-                active.queue.go_to_previous_position();
-                self.throttled_since.get_or_insert_with(Instant::now);
-                break;
-            }
-            if let Some(since) = self.throttled_since.take() {
-                self.metrics.add_throttled(since.elapsed());
-            }
-            let mut disk = Disk {
-                file: &self.file,
-                capacity: self.capacity,
-                read_only: self.config.read_only,
-                id: &self.serial,
-                buffer: &mut self.buffer,
-            };
-            let outcome = request::handle(chain, &mem, &mut disk);
-            if let Some(e) = &outcome.error {
-                log::warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
-            }
-            self.metrics.record_request(
-                outcome.data_bytes,
-                outcome.error.is_some(),
-                started.elapsed(),
-            );
-            if let Err(e) = active.queue.add_used(&mem, head, outcome.used_len) {
-                failure = Some(format!("cannot update the used ring: {e}"));
-                break;
-            }
-            used_any = true;
-        }
-        if let Some(why) = failure {
-            self.mark_broken(&why);
-            return;
-        }
-        if used_any {
-            match active.queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => log::warn!("virtio-blk {}: cannot read used event: {e}", self.config.id),
+                false
             }
         }
     }
+
+    /// Whether requests wait in the queue and the rate limiter would let one through.
+    pub fn has_pending(&self) -> bool {
+        if self.is_broken() || self.limiter.is_blocked() {
+            return false;
+        }
+        let Some(active) = self.active.as_ref() else {
+            return false;
+        };
+        match active
+            .queue
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(avail) => avail.0 != active.queue.next_avail(),
+            Err(_) => false,
+        }
+    }
+
+    /// Serves at most one request.
+    pub fn process_one(&mut self) -> Step {
+        if self.is_broken() {
+            return Step::Stopped;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Step::Stopped;
+        };
+        let mem = active.mem.clone();
+        let Some(chain) = active.queue.pop_descriptor_chain(&mem) else {
+            return Step::Empty;
+        };
+        let head = chain.head_index();
+        // Throttled requests wait in the queue (never fail) until the timer fires.
+        let bytes = request::data_len(&chain, &mem);
+        if !self.limiter.consume(1, TokenType::Ops) {
+            active.queue.go_to_previous_position();
+            self.throttled_since.get_or_insert_with(Instant::now);
+            return Step::Throttled;
+        }
+        if !self.limiter.consume(bytes, TokenType::Bytes) {
+            self.limiter.manual_replenish(1, TokenType::Ops);
+            active.queue.go_to_previous_position();
+            self.throttled_since.get_or_insert_with(Instant::now);
+            return Step::Throttled;
+        }
+        if let Some(since) = self.throttled_since.take() {
+            self.metrics.add_throttled(since.elapsed());
+        }
+        let mut disk = Disk {
+            file: &self.file,
+            capacity: self.capacity,
+            read_only: self.config.read_only,
+            id: &self.serial,
+            buffer: &mut self.buffer,
+        };
+        let outcome = request::handle(chain, &mem, &mut disk);
+        if let Some(e) = &outcome.error {
+            log::warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
+        }
+        self.metrics.record_request(
+            outcome.data_bytes,
+            outcome.error.is_some(),
+            self.batch_start.elapsed(),
+        );
+        if let Err(e) = active.queue.add_used(&mem, head, outcome.used_len) {
+            self.mark_broken(&format!("cannot update the used ring: {e}"));
+            return Step::Stopped;
+        }
+        self.used_in_batch = true;
+        Step::Served(bytes)
+    }
+
+    /// Ends a batch: interrupts the guest if it asked to be told of used buffers.
+    pub fn finish_batch(&mut self) {
+        if !std::mem::take(&mut self.used_in_batch) {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match active.queue.needs_notification(&active.mem) {
+            Ok(true) => active.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => log::warn!("virtio-blk {}: cannot read used event: {e}", self.config.id),
+        }
+    }
+}
+
+/// What [`Block::process_one`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Served one request carrying this many data bytes.
+    Served(u64),
+    /// The queue is empty.
+    Empty,
+    /// The rate limiter holds the next request back until its timer fires.
+    Throttled,
+    /// The device is inactive or stopped.
+    Stopped,
 }
 
 /// The GET_ID serial: the drive id, then the file name, cut to 20 bytes.

@@ -9,7 +9,7 @@ pub mod device;
 pub mod event_handler;
 pub mod request;
 
-pub use device::{Block, BlockConfig, BlockError};
+pub use device::{Block, BlockConfig, BlockError, Step};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;

@@ -7,7 +7,8 @@
 //! (`fill`/`check`), `seed=0`, `span=min(capacity, 65536)` (sectors the timed modes cover),
 //! `verify=0` (1: read back what a timed write mode wrote), `progress=0` (ms between
 //! progress lines in the timed modes, 0 = none), `timeout_ms=30000` (longest wait for any
-//! completion before giving up).
+//! completion before giving up), `multi=0` (1: vCPU i runs the timed mode on device i),
+//! `report_ms=50` (metrics-device reports of the timed modes, 0 = none).
 //!
 //! Output lines (all start with `blk-io: `):
 //! - `capacity`: `blk-io: capacity=<sectors> ro=<0|1>`
@@ -21,7 +22,15 @@
 //!   bytes_per_sec=<y> errors=<e>`; with `verify=1` after a write mode
 //!   `blk-io: verify ok blocks=<n>` or
 //!   `blk-io: verify mismatch sector=<s> stored=0x<c> computed=0x<c> tag=<w1>` (exit 1)
+//! - `multi=1` (timed modes only): every vCPU i prints `blk-io: dev=<i> ...` progress,
+//!   result and verify lines (the single-device lines with a `dev=<i> ` prefix), then
+//!   vCPU 0 prints `blk-io: multi done devices=<n>` (exit 1 if any device had errors), or
+//!   `blk-io: error multi needs one device per vCPU` (exit 1)
 //! - errors: `blk-io: error <what>` (exit 1; exit 2 for a bad parameter)
+//!
+//! Metrics (timed modes): slot 0 (`multi=1`: slot i) of the metrics device gets the OK
+//! requests' ops, bytes, sum of submit-to-completion latencies (TSC, in ns) and count,
+//! every `report_ms` ms and once after the drain, before the result line.
 //!
 //! Fill pattern: byte j (0..512) of sector s is `(s * 131 + j * 7 + seed) & 0xff`.
 //! Timed-write sectors: u64 words w0..w63 (little endian); w1 = the sector number,
@@ -34,6 +43,10 @@
 #[path = "../rt/mod.rs"]
 mod rt;
 
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use rt::metrics::{self, Reporter};
 use rt::virtio::{self, Blk, BLK_S_OK, BLK_T_IN, BLK_T_OUT, SECTOR_SIZE};
 
 /// Most requests in flight (`depth`).
@@ -80,6 +93,8 @@ struct Params {
     verify: bool,
     progress_ms: u64,
     timeout_ns: u64,
+    report_ms: u64,
+    multi: bool,
 }
 
 fn params() -> Params {
@@ -117,12 +132,27 @@ fn params() -> Params {
         verify: rt::arg_u64("verify", 0) != 0,
         progress_ms: rt::arg_u64("progress", 0),
         timeout_ns: rt::arg_u64("timeout_ms", 30_000).saturating_mul(1_000_000),
+        report_ms: rt::arg_u64("report_ms", metrics::DEFAULT_REPORT_MS),
+        multi: rt::arg_u64("multi", 0) != 0,
     }
 }
 
+/// vCPU 0's decision for the other vCPUs: not yet, park, or run `multi`.
+static ROLE: AtomicU8 = AtomicU8::new(ROLE_UNDECIDED);
+const ROLE_UNDECIDED: u8 = 0;
+const ROLE_PARK: u8 = 1;
+const ROLE_MULTI: u8 = 2;
+
 fn kmain(cpu: usize) -> ! {
     if cpu != 0 {
-        rt::park();
+        // Only vCPU 0 parses and checks the parameters (a bad one ends the VM).
+        loop {
+            match ROLE.load(Ordering::Acquire) {
+                ROLE_UNDECIDED => core::hint::spin_loop(),
+                ROLE_MULTI => multi(cpu),
+                _ => rt::park(),
+            }
+        }
     }
     let p = params();
     if !virtio::dma_region_is_ram() {
@@ -131,20 +161,22 @@ fn kmain(cpu: usize) -> ! {
             "guest RAM does not cover [8 MiB, 16 MiB) (give the guest at least 32 MiB)"
         );
     }
-    let blk = match Blk::open(p.dev as usize) {
-        Ok(blk) => blk,
-        Err(virtio::Error::NoDevice) if p.dev == 0 => die!(EXIT_FAIL, "no virtio-blk device"),
-        Err(virtio::Error::NoDevice) => die!(EXIT_FAIL, "no virtio-blk device dev={}", p.dev),
-        Err(e) => die!(EXIT_FAIL, "virtio-blk init: {}", e),
-    };
-    if p.depth > blk.max_in_flight() {
-        die!(
-            EXIT_USAGE,
-            "bad parameter depth={} (queue holds {})",
-            p.depth,
-            blk.max_in_flight()
-        );
+    if p.multi {
+        if !matches!(p.mode, Mode::Timed { .. }) {
+            die!(
+                EXIT_USAGE,
+                "bad parameter mode={} (multi=1 needs a timed mode)",
+                p.mode_name
+            );
+        }
+        if Blk::count() < rt::cpu_count() {
+            die!(EXIT_FAIL, "multi needs one device per vCPU");
+        }
+        ROLE.store(ROLE_MULTI, Ordering::Release);
+        multi(0)
     }
+    ROLE.store(ROLE_PARK, Ordering::Release);
+    let blk = open(p.dev as usize, &p);
     match p.mode {
         Mode::Capacity => {
             println!(
@@ -159,6 +191,25 @@ fn kmain(cpu: usize) -> ! {
         Mode::Fill | Mode::Check => sweep(blk, &p),
         Mode::Timed { write, random } => timed(blk, &p, write, random),
     }
+}
+
+/// Opens the `index`-th virtio-blk device and checks `depth` against its queue, or dies.
+fn open(index: usize, p: &Params) -> Blk {
+    let blk = match Blk::open(index) {
+        Ok(blk) => blk,
+        Err(virtio::Error::NoDevice) if index == 0 => die!(EXIT_FAIL, "no virtio-blk device"),
+        Err(virtio::Error::NoDevice) => die!(EXIT_FAIL, "no virtio-blk device dev={}", index),
+        Err(e) => die!(EXIT_FAIL, "virtio-blk init: {}", e),
+    };
+    if p.depth > blk.max_in_flight() {
+        die!(
+            EXIT_USAGE,
+            "bad parameter depth={} (queue holds {})",
+            p.depth,
+            blk.max_in_flight()
+        );
+    }
+    blk
 }
 
 // ---------------------------------------------------------------------------------------
@@ -288,6 +339,8 @@ struct Slot {
     len: u32,
     /// Timed write modes: per-sector checksum contributions of words 3..=63 (DMA array).
     rest: u64,
+    /// Timed modes: TSC when the request was prepared for submission.
+    submitted: u64,
 }
 
 /// Why a run stopped early.
@@ -303,8 +356,9 @@ trait Work {
     /// Describes the next request in `slot` (whose buffer is free); false when there is
     /// nothing more to submit (it is not called again).
     fn next(&mut self, slot: &mut Slot) -> bool;
-    /// A request finished with `status`.
-    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop>;
+    /// A request finished with `status`; `now` is the TSC when its completion was seen
+    /// (read once per batch of completions).
+    fn done(&mut self, slot: &Slot, status: u8, now: u64) -> Result<(), Stop>;
     /// Called with the TSC while waiting for completions and after every batch of them.
     fn tick(&mut self, _now: u64) {}
 }
@@ -379,17 +433,18 @@ impl Pump {
                 work.tick(now);
                 core::hint::spin_loop();
             };
+            let now = rt::rdtsc();
             loop {
                 let s = self.head_slot[usize::from(c.head)];
                 self.free[self.nfree] = s;
                 self.nfree += 1;
-                work.done(&self.slots[usize::from(s)], c.status)?;
+                work.done(&self.slots[usize::from(s)], c.status, now)?;
                 match self.blk.poll().map_err(Stop::Dev)? {
                     Some(next) => c = next,
                     None => break,
                 }
             }
-            work.tick(rt::rdtsc());
+            work.tick(now);
         }
     }
 
@@ -472,7 +527,7 @@ impl Work for Sweep {
         true
     }
 
-    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+    fn done(&mut self, slot: &Slot, status: u8, _now: u64) -> Result<(), Stop> {
         if status != BLK_S_OK {
             println!(
                 "blk-io: error {} status={} sector={}",
@@ -547,20 +602,41 @@ struct Timed {
     ops: u64,
     bytes: u64,
     errors: u64,
+    /// Sum of submit-to-completion times of the OK requests, in TSC ticks.
+    lat_ticks: u64,
+    /// Number of requests in `lat_ticks`.
+    lat_samples: u64,
     tag: u64,
     /// Verify bitmap (one bit per block written successfully), 0 if none.
     bitmap: u64,
     /// TSC ticks between progress lines, 0 = none.
     progress_ticks: u64,
     next_progress: u64,
+    /// Metrics device reports (every `report_ms`).
+    reporter: Reporter,
+    /// `multi=1`: the device index, printed in the progress lines.
+    dev: Option<usize>,
+}
+
+impl Timed {
+    /// Writes the counters to the metrics slot now (latency converted to ns here only).
+    #[cold]
+    #[inline(never)]
+    fn report_metrics(&mut self, now: u64) {
+        let lat_ns = rt::ticks_to_ns(self.lat_ticks);
+        self.reporter
+            .report_at(now, self.ops, self.bytes, lat_ns, self.lat_samples);
+    }
 }
 
 impl Work for Timed {
     #[inline]
     fn next(&mut self, slot: &mut Slot) -> bool {
-        if rt::rdtsc() >= self.deadline {
+        let now = rt::rdtsc();
+        if now >= self.deadline {
             return false;
         }
+        slot.submitted = now;
         let block = if self.random {
             xorshift(&mut self.rng) % self.nblocks
         } else {
@@ -590,10 +666,12 @@ impl Work for Timed {
     }
 
     #[inline]
-    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+    fn done(&mut self, slot: &Slot, status: u8, now: u64) -> Result<(), Stop> {
         if status == BLK_S_OK {
             self.ops += 1;
             self.bytes += u64::from(slot.len);
+            self.lat_ticks += now.wrapping_sub(slot.submitted);
+            self.lat_samples += 1;
             if self.bitmap != 0 {
                 let block = slot.sector / self.spb;
                 let w = (self.bitmap + 8 * (block / 64)) as usize as *mut u64;
@@ -606,15 +684,25 @@ impl Work for Timed {
         Ok(())
     }
 
+    #[inline]
     fn tick(&mut self, now: u64) {
+        if self.reporter.due(now) {
+            self.report_metrics(now);
+        }
         if self.progress_ticks == 0 || now < self.next_progress {
             return;
         }
         while self.next_progress <= now {
             self.next_progress += self.progress_ticks;
         }
-        println!(
-            "blk-io: progress t_ms={} ops={} bytes={}",
+        let mut c = rt::console();
+        c.str("blk-io: ");
+        if let Some(d) = self.dev {
+            c.str("dev=").dec(d as u64).str(" ");
+        }
+        let _ = writeln!(
+            c,
+            "progress t_ms={} ops={} bytes={}",
             ms_of(rt::ticks_to_ns(now - self.start)),
             self.ops,
             self.bytes
@@ -661,7 +749,7 @@ impl Work for Verify {
         true
     }
 
-    fn done(&mut self, slot: &Slot, status: u8) -> Result<(), Stop> {
+    fn done(&mut self, slot: &Slot, status: u8, _now: u64) -> Result<(), Stop> {
         if status != BLK_S_OK {
             println!(
                 "blk-io: error verify read status={} sector={}",
@@ -688,90 +776,201 @@ impl Work for Verify {
     }
 }
 
-fn timed(blk: Blk, p: &Params, write: bool, random: bool) -> ! {
-    let capacity = blk.capacity();
-    let span = p.span.unwrap_or(capacity.min(DEFAULT_SPAN));
-    if span > capacity {
-        die!(EXIT_USAGE, "bad parameter span={} (capacity={})", span, capacity);
-    }
-    let spb = p.bs / SECTOR_SIZE;
-    let nblocks = span / spb;
-    if nblocks == 0 {
-        die!(EXIT_USAGE, "bad parameter span={} (smaller than bs)", span);
-    }
-    let mut pump = Pump::new(blk, p.depth, p.bs, p.timeout_ns);
-    if write {
-        // Pseudo-random words 3..=63 in every sector of every buffer, written once; their
-        // checksum contribution is cached so a write only stamps words 0..=2.
-        let mut rng = rng_state(p.seed, 0xda7a);
-        for slot in pump.slots.iter_mut().take(p.depth) {
-            slot.rest = alloc(8 * spb, 64, "the write buffers");
-            for k in 0..spb {
-                let sec = slot.buf + k * SECTOR_SIZE;
-                let mut rest = 0;
-                for i in 3..64 {
-                    let w = xorshift(&mut rng);
-                    set_word(sec, i, w);
-                    rest ^= term(i, w);
+/// A timed mode set up on one device: the pump with its buffers and the workload.
+struct TimedRun {
+    pump: Pump,
+    work: Timed,
+    ms: u64,
+}
+
+/// What a timed run did.
+struct Outcome {
+    ns: u64,
+    ops: u64,
+    bytes: u64,
+    errors: u64,
+}
+
+impl TimedRun {
+    /// Checks `span` against the device, allocates the buffers (and the verify bitmap),
+    /// prepares the write data and the metrics reporter (slot `dev`, or 0). Dies on a bad
+    /// parameter or when the DMA region is too small.
+    fn new(blk: Blk, p: &Params, write: bool, random: bool, dev: Option<usize>) -> TimedRun {
+        let capacity = blk.capacity();
+        let span = p.span.unwrap_or(capacity.min(DEFAULT_SPAN));
+        if span > capacity {
+            die!(EXIT_USAGE, "bad parameter span={} (capacity={})", span, capacity);
+        }
+        let spb = p.bs / SECTOR_SIZE;
+        let nblocks = span / spb;
+        if nblocks == 0 {
+            die!(EXIT_USAGE, "bad parameter span={} (smaller than bs)", span);
+        }
+        let mut pump = Pump::new(blk, p.depth, p.bs, p.timeout_ns);
+        if write {
+            // Pseudo-random words 3..=63 in every sector of every buffer, written once;
+            // their checksum contribution is cached so a write only stamps words 0..=2.
+            let mut rng = rng_state(p.seed, 0xda7a);
+            for slot in pump.slots.iter_mut().take(p.depth) {
+                slot.rest = alloc(8 * spb, 64, "the write buffers");
+                for k in 0..spb {
+                    let sec = slot.buf + k * SECTOR_SIZE;
+                    let mut rest = 0;
+                    for i in 3..64 {
+                        let w = xorshift(&mut rng);
+                        set_word(sec, i, w);
+                        rest ^= term(i, w);
+                    }
+                    // SAFETY: `rest` holds `spb` u64s.
+                    unsafe { core::ptr::write((slot.rest + 8 * k) as usize as *mut u64, rest) };
                 }
-                // SAFETY: `rest` holds `spb` u64s.
-                unsafe { core::ptr::write((slot.rest + 8 * k) as usize as *mut u64, rest) };
             }
         }
-    }
-    let bitmap = if write && p.verify {
-        alloc(nblocks.div_ceil(64) * 8, 64, "the verify bitmap")
-    } else {
-        0
-    };
-    let start = rt::rdtsc();
-    let progress_ticks = rt::ns_to_ticks(p.progress_ms.saturating_mul(1_000_000));
-    let mut work = Timed {
-        write,
-        random,
-        nblocks,
-        spb,
-        bs: p.bs,
-        next_block: 0,
-        rng: rng_state(p.seed, 0x0ff5e7),
-        start,
-        deadline: start.saturating_add(rt::ns_to_ticks(p.ms.saturating_mul(1_000_000))),
-        ops: 0,
-        bytes: 0,
-        errors: 0,
-        tag: p.seed << 32,
-        bitmap,
-        progress_ticks,
-        next_progress: start + progress_ticks,
-    };
-    pump.run_or_die(&mut work);
-    let ns = rt::ticks_to_ns(rt::rdtsc() - start);
-    println!(
-        "blk-io: mode={} bs={} depth={} ms={} ops={} bytes={} ops_per_sec={} bytes_per_sec={} errors={}",
-        p.mode_name,
-        p.bs,
-        p.depth,
-        ms_of(ns),
-        work.ops,
-        work.bytes,
-        per_sec(work.ops, ns),
-        per_sec(work.bytes, ns),
-        work.errors
-    );
-    if work.errors != 0 {
-        die!(EXIT_FAIL, "{} requests failed", work.errors);
-    }
-    if bitmap != 0 {
-        let mut verify = Verify {
-            bitmap,
+        let bitmap = if write && p.verify {
+            alloc(nblocks.div_ceil(64) * 8, 64, "the verify bitmap")
+        } else {
+            0
+        };
+        // Probes the metrics device now (if nobody has), not inside the timed part.
+        // Metrics slot = vCPU index = device index in multi mode, 0 otherwise.
+        let reporter = Reporter::new(dev.unwrap_or(0), p.report_ms, rt::rdtsc());
+        let work = Timed {
+            write,
+            random,
             nblocks,
             spb,
             bs: p.bs,
             next_block: 0,
+            rng: rng_state(p.seed, 0x0ff5e7),
+            start: 0,
+            deadline: 0,
+            ops: 0,
+            bytes: 0,
+            errors: 0,
+            lat_ticks: 0,
+            lat_samples: 0,
+            tag: p.seed << 32,
+            bitmap,
+            progress_ticks: rt::ns_to_ticks(p.progress_ms.saturating_mul(1_000_000)),
+            next_progress: 0,
+            reporter,
+            dev,
+        };
+        TimedRun {
+            pump,
+            work,
+            ms: p.ms,
+        }
+    }
+
+    /// Keeps `depth` requests in flight for `ms`, drains them, sends the final metrics
+    /// report. Dies on a driver error.
+    fn run(&mut self) -> Outcome {
+        let start = rt::rdtsc();
+        let w = &mut self.work;
+        w.start = start;
+        w.deadline = start.saturating_add(rt::ns_to_ticks(self.ms.saturating_mul(1_000_000)));
+        w.next_progress = start + w.progress_ticks;
+        w.reporter.last = start;
+        self.pump.run_or_die(w);
+        let end = rt::rdtsc();
+        let w = &self.work;
+        w.reporter
+            .report(w.ops, w.bytes, rt::ticks_to_ns(w.lat_ticks), w.lat_samples);
+        Outcome {
+            ns: rt::ticks_to_ns(end - start),
+            ops: w.ops,
+            bytes: w.bytes,
+            errors: w.errors,
+        }
+    }
+
+    /// With `verify=1` after a write mode: reads back every block written and checks it;
+    /// returns the number of blocks (a mismatch prints its line and exits 1).
+    fn verify(&mut self) -> Option<u64> {
+        if self.work.bitmap == 0 {
+            return None;
+        }
+        let mut verify = Verify {
+            bitmap: self.work.bitmap,
+            nblocks: self.work.nblocks,
+            spb: self.work.spb,
+            bs: self.work.bs,
+            next_block: 0,
             blocks: 0,
         };
-        pump.run_or_die(&mut verify);
-        println!("blk-io: verify ok blocks={}", verify.blocks);
+        self.pump.run_or_die(&mut verify);
+        Some(verify.blocks)
+    }
+}
+
+/// Prints the result line: `blk-io: [dev=<i> ]mode=<m> bs=... errors=<e>`.
+fn print_result(dev: Option<usize>, p: &Params, o: &Outcome) {
+    let mut c = rt::console();
+    c.str("blk-io: ");
+    if let Some(d) = dev {
+        c.str("dev=").dec(d as u64).str(" ");
+    }
+    let _ = writeln!(
+        c,
+        "mode={} bs={} depth={} ms={} ops={} bytes={} ops_per_sec={} bytes_per_sec={} errors={}",
+        p.mode_name,
+        p.bs,
+        p.depth,
+        ms_of(o.ns),
+        o.ops,
+        o.bytes,
+        per_sec(o.ops, o.ns),
+        per_sec(o.bytes, o.ns),
+        o.errors
+    );
+}
+
+fn timed(blk: Blk, p: &Params, write: bool, random: bool) -> ! {
+    let mut run = TimedRun::new(blk, p, write, random, None);
+    let o = run.run();
+    print_result(None, p, &o);
+    if o.errors != 0 {
+        die!(EXIT_FAIL, "{} requests failed", o.errors);
+    }
+    if let Some(blocks) = run.verify() {
+        println!("blk-io: verify ok blocks={}", blocks);
     }
     rt::exit(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// multi=1: vCPU i runs the timed mode on block device i.
+
+/// Requests that failed on any device in multi mode.
+static MULTI_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// One vCPU's part of `multi=1` (vCPU 0 has validated the parameters and counted the
+/// devices). Opens device `cpu`, sets up its own queue and buffers, waits for the others
+/// at a barrier, runs, prints its result line (and verify line), then vCPU 0 waits for all
+/// and prints the summary.
+fn multi(cpu: usize) -> ! {
+    let p = params();
+    let Mode::Timed { write, random } = p.mode else {
+        unreachable!("multi mode without a timed mode")
+    };
+    let blk = open(cpu, &p);
+    let mut run = TimedRun::new(blk, &p, write, random, Some(cpu));
+    rt::barrier();
+    let o = run.run();
+    print_result(Some(cpu), &p, &o);
+    MULTI_ERRORS.fetch_add(o.errors, Ordering::Relaxed);
+    if o.errors == 0 {
+        if let Some(blocks) = run.verify() {
+            println!("blk-io: dev={} verify ok blocks={}", cpu, blocks);
+        }
+    }
+    rt::set_done(cpu);
+    if cpu != 0 {
+        rt::park();
+    }
+    rt::wait_all_done();
+    println!("blk-io: multi done devices={}", rt::cpu_count());
+    let failed = MULTI_ERRORS.load(Ordering::Relaxed) != 0;
+    rt::exit(if failed { EXIT_FAIL } else { 0 })
 }

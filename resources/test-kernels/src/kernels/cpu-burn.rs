@@ -2,6 +2,10 @@
 //! spins for N ms on a cheap integer loop body, counting iterations, and prints
 //! `cpu <i> iterations <k>`. vCPU 0 waits for all, prints
 //! `cpu-burn: cpus=<count> ms=<N> iterations=<total>` and exits 0.
+//!
+//! Metrics: each vCPU reports its iterations as ops (bytes 0, no latency samples) to its
+//! own slot of the metrics device (`rt::metrics`) every `report_ms=N` ms (default 50,
+//! 0 = never), and once more with the final count before printing its line.
 #![no_std]
 #![no_main]
 
@@ -12,6 +16,8 @@ mod rt;
 use core::hint::black_box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use rt::metrics::Reporter;
+
 static ITERATIONS: [AtomicU64; rt::MAX_CPUS] = [const { AtomicU64::new(0) }; rt::MAX_CPUS];
 
 /// Loop iterations between two TSC reads.
@@ -19,8 +25,11 @@ const BATCH: u64 = 1024;
 
 fn kmain(cpu: usize) -> ! {
     let ms = rt::arg_u64("ms", 1000);
+    // Probes the metrics device (first vCPU only) before the timed part starts.
+    let mut reporter = Reporter::from_cmdline(cpu, rt::rdtsc());
     rt::barrier();
-    let iterations = burn(ms);
+    let iterations = burn(ms, &mut reporter);
+    reporter.report(iterations, 0, 0, 0);
     ITERATIONS[cpu].store(iterations, Ordering::Relaxed);
     println!("cpu {} iterations {}", cpu, iterations);
     rt::set_done(cpu);
@@ -40,9 +49,12 @@ fn kmain(cpu: usize) -> ! {
     rt::exit(0)
 }
 
-/// Runs the loop body for `ms` milliseconds of TSC time; returns the iteration count.
-fn burn(ms: u64) -> u64 {
-    let deadline = rt::rdtsc().saturating_add(ms.saturating_mul(rt::tsc_khz()));
+/// Runs the loop body for `ms` milliseconds of TSC time, reporting the running count
+/// through `reporter` when due; returns the iteration count.
+fn burn(ms: u64, reporter: &mut Reporter) -> u64 {
+    let start = rt::rdtsc();
+    reporter.last = start;
+    let deadline = start.saturating_add(ms.saturating_mul(rt::tsc_khz()));
     let mut x: u64 = 1;
     let mut iterations = 0;
     loop {
@@ -50,8 +62,10 @@ fn burn(ms: u64) -> u64 {
             x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
         }
         iterations += BATCH;
-        if rt::rdtsc() >= deadline {
+        let now = rt::rdtsc();
+        if now >= deadline {
             return iterations;
         }
+        reporter.maybe_report(now, iterations, 0, 0, 0);
     }
 }

@@ -23,6 +23,8 @@
 //! - Command-line parsing ([`arg_u64`], [`arg`], [`flag`]).
 //! - vCPU facts recorded at CPL 0 ([`cpu_count`], [`apic_id`], [`current_cpu`]),
 //!   per-vCPU done flags, a barrier, a spinlock and [`park`].
+//! - Reports to the monitor's metrics device ([`metrics`]: per-vCPU ops, bytes and
+//!   latency counters, rate-limited by a [`metrics::Reporter`]).
 //! - `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp` for the compiler.
 //!
 //! Each kernel only uses part of the runtime, hence the `allow`s below.
@@ -53,6 +55,7 @@ pub mod cmdline;
 pub mod console;
 pub mod io;
 pub mod mem;
+pub mod metrics;
 pub mod smp;
 pub mod time;
 pub mod virtio;

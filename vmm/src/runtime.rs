@@ -1,0 +1,243 @@
+//! The running VM as the tuner and the control API see it: a [`CounterSource`] that
+//! gathers every counter (vCPU exits and times, KVM's binary stats, virtio queues, memory,
+//! the guest's own reports), and the knobs (rate limits, I/O priorities) that can be
+//! turned while the guest runs.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use devices::guest_metrics::GuestMetricsDevice;
+use devices::io_scheduler::{Priority, QueueId, SharedIoScheduler};
+use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::block::Block;
+use tuner::counters::{
+    CounterSnapshot, CounterSource, GuestMetrics, MemoryCounters, QueueCounters,
+};
+
+use crate::kvm_stats::KvmStats;
+use crate::vcpu_stats::VcpuStats;
+
+// The devices' latency buckets and the tuner's must describe the same histogram.
+const _: () = assert!(
+    devices::virtio::queue_metrics::LATENCY_BUCKETS_US.len()
+        == tuner::counters::LATENCY_BUCKETS_US.len()
+);
+
+/// Errors of the control operations.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// No drive has this id.
+    #[error("no drive with id {0:?}")]
+    UnknownDrive(String),
+    /// The new setting was refused.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One drive as the runtime knows it.
+pub struct DriveHandle {
+    /// Its id (`blk0`, ...).
+    pub id: String,
+    /// The device.
+    pub block: Arc<Mutex<Block>>,
+}
+
+/// Everything readable and adjustable about a running VM.
+pub struct VmRuntime {
+    started: Instant,
+    mem_bytes: u64,
+    vcpus: Vec<Arc<VcpuStats>>,
+    kvm_stats: Vec<Mutex<Option<KvmStats>>>,
+    drives: Vec<DriveHandle>,
+    scheduler: Option<SharedIoScheduler>,
+    guest: Arc<GuestMetricsDevice>,
+    statm: Option<std::fs::File>,
+    host_cores: u32,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Resident memory of this process in bytes, from /proc/self/statm opened once (so
+/// sampling under seccomp needs only `pread`).
+fn resident_bytes(statm: Option<&std::fs::File>) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 256];
+    let n = statm.and_then(|f| f.read_at(&mut buf, 0).ok()).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no side effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    pages * page
+}
+
+/// Minor plus major page faults of this process.
+fn page_faults() -> u64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a local.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    (usage.ru_minflt.max(0) + usage.ru_majflt.max(0)) as u64
+}
+
+/// Host cores the process may run on.
+fn host_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+impl VmRuntime {
+    /// Assembles the runtime view of a VM.
+    pub fn new(
+        mem_bytes: u64,
+        vcpus: Vec<Arc<VcpuStats>>,
+        kvm_stats: Vec<Option<KvmStats>>,
+        drives: Vec<DriveHandle>,
+        scheduler: Option<SharedIoScheduler>,
+        guest: Arc<GuestMetricsDevice>,
+    ) -> Self {
+        Self {
+            started: Instant::now(),
+            mem_bytes,
+            vcpus,
+            kvm_stats: kvm_stats.into_iter().map(Mutex::new).collect(),
+            drives,
+            scheduler,
+            guest,
+            statm: std::fs::File::open("/proc/self/statm").ok(),
+            host_cores: host_cores(),
+        }
+    }
+
+    /// Ids of the drives, in slot order.
+    pub fn drive_ids(&self) -> Vec<String> {
+        self.drives.iter().map(|d| d.id.clone()).collect()
+    }
+
+    fn drive(&self, id: &str) -> Result<(usize, &DriveHandle), ControlError> {
+        self.drives
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.id == id)
+            .ok_or_else(|| ControlError::UnknownDrive(id.to_string()))
+    }
+
+    /// Changes a drive's rate limits while the guest runs (tokens already spent stay spent).
+    pub fn set_rate_limit(&self, id: &str, config: RateLimiterConfig) -> Result<(), ControlError> {
+        let (_, d) = self.drive(id)?;
+        lock(&d.block)
+            .set_rate_limit(config)
+            .map_err(|e| ControlError::Refused(e.to_string()))
+    }
+
+    /// A drive's rate limits in force.
+    pub fn rate_limit(&self, id: &str) -> Result<RateLimiterConfig, ControlError> {
+        let (_, d) = self.drive(id)?;
+        Ok(lock(&d.block).rate_limit())
+    }
+
+    /// Changes a drive's I/O priority while the guest runs.
+    pub fn set_priority(&self, id: &str, priority: Priority) -> Result<(), ControlError> {
+        let (index, _) = self.drive(id)?;
+        let sched = self
+            .scheduler
+            .as_ref()
+            .ok_or_else(|| ControlError::Refused("no I/O scheduler".into()))?;
+        lock(sched)
+            .set_priority(QueueId(index as u32), priority)
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
+        log::info!("{id}: I/O priority set to {priority}");
+        Ok(())
+    }
+
+    /// A drive's I/O priority.
+    pub fn priority(&self, id: &str) -> Result<Priority, ControlError> {
+        let (index, _) = self.drive(id)?;
+        let sched = self
+            .scheduler
+            .as_ref()
+            .ok_or_else(|| ControlError::Refused("no I/O scheduler".into()))?;
+        lock(sched)
+            .priority(QueueId(index as u32))
+            .map_err(|e| ControlError::Refused(e.to_string()))
+    }
+
+    /// The guest's own reports so far.
+    pub fn guest_report(&self) -> devices::guest_metrics::GuestReport {
+        self.guest.report()
+    }
+}
+
+impl CounterSource for VmRuntime {
+    fn snapshot(&self) -> CounterSnapshot {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut c = s.snapshot(i as u32);
+                if let Some(Some(stats)) = self
+                    .kvm_stats
+                    .get(i)
+                    .map(|m| lock(m).as_mut().map(|k| k.read()))
+                {
+                    match stats {
+                        Ok(v) => c.kvm_stats = v,
+                        Err(e) => log::debug!("vCPU {i}: KVM stats: {e}"),
+                    }
+                }
+                c
+            })
+            .collect();
+        let queues = self
+            .drives
+            .iter()
+            .map(|d| {
+                let m = lock(&d.block).metrics().snapshot();
+                QueueCounters {
+                    device: d.id.clone(),
+                    queue: 0,
+                    requests: m.requests,
+                    bytes: m.bytes,
+                    errors: m.errors,
+                    throttled_ns: m.throttled_ns,
+                    depth_sum: m.depth_sum,
+                    depth_samples: m.depth_samples,
+                    latency_buckets: m.latency_buckets,
+                    latency_ns_sum: m.latency_ns_sum,
+                }
+            })
+            .collect();
+        let g = self.guest.report();
+        CounterSnapshot {
+            at_ns: self.started.elapsed().as_nanos() as u64,
+            vcpus,
+            queues,
+            memory: MemoryCounters {
+                guest_bytes: self.mem_bytes,
+                resident_bytes: resident_bytes(self.statm.as_ref()),
+                page_faults: page_faults(),
+                dirty_pages: 0,
+            },
+            guest: GuestMetrics {
+                ops: g.ops,
+                bytes: g.bytes,
+                latency_ns_sum: g.latency_ns_sum,
+                latency_samples: g.latency_samples,
+            },
+            active_vcpus: self.vcpus.len() as u32,
+            host_cores: self.host_cores,
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Starting and stopping the tuner's eyes for one VM: the performance monitoring agent
+//! (sampling every `metrics_interval_ms`), the state repository it writes to
+//! (`state_db`), and the Prometheus endpoint (`metrics_addr`). All optional; nothing runs
+//! unless one of `state_db` or `metrics_addr` is set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tuner::agent::{Agent, AgentConfig, Sink};
+use tuner::counters::CounterSource;
+use tuner::prometheus::{MetricsServer, ServerLimits};
+use tuner::state_repo::{RepoConfig, StateRepo};
+
+use crate::config::{ConfigError, VmConfig};
+use crate::runtime::VmRuntime;
+
+/// The running telemetry of one VM.
+#[derive(Default)]
+pub struct Telemetry {
+    agent: Option<Agent>,
+    repo: Option<StateRepo>,
+    server: Option<MetricsServer>,
+}
+
+/// A JSON summary of the configuration in force, stored with every row.
+fn config_json(cfg: &VmConfig) -> String {
+    serde_json::json!({
+        "vcpus": cfg.vcpus,
+        "mem_mib": cfg.mem_mib,
+        "drives": cfg.drives.iter().map(|d| serde_json::json!({
+            "path": d.path, "read_only": d.read_only, "rate_limiter": d.rate_limiter,
+            "priority": d.priority,
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+impl Telemetry {
+    /// Starts what `cfg` asks for.
+    pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
+        let mut t = Telemetry::default();
+        if cfg.state_db.is_none() && cfg.metrics_addr.is_none() {
+            return Ok(t);
+        }
+        let source: Arc<dyn CounterSource> = runtime;
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        if let Some(path) = &cfg.state_db {
+            let repo = StateRepo::open(path, RepoConfig::default())
+                .map_err(|e| ConfigError::new("state_db", format!("{}: {e}", path.display())))?;
+            sinks.push(Box::new(repo.sink(&cfg.vm_id, "static", &config_json(cfg))));
+            t.repo = Some(repo);
+        }
+        let agent = Agent::start(
+            source.clone(),
+            AgentConfig {
+                interval: Duration::from_millis(cfg.metrics_interval_ms),
+                ..AgentConfig::default()
+            },
+            sinks,
+        )
+        .map_err(|e| ConfigError::new("metrics_interval_ms", e.to_string()))?;
+        if let Some(addr) = &cfg.metrics_addr {
+            let server = MetricsServer::start_with(
+                addr.as_str(),
+                source,
+                Some(agent.latest_handle()),
+                ServerLimits::default(),
+            )
+            .map_err(|e| ConfigError::new("metrics_addr", e.to_string()))?;
+            t.server = Some(server);
+        }
+        t.agent = Some(agent);
+        Ok(t)
+    }
+
+    /// Stops the endpoint, then the agent (its sinks drain), then closes the repository
+    /// (its last rows are committed).
+    pub fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            if let Err(e) = s.stop() {
+                log::warn!("metrics endpoint: {e}");
+            }
+        }
+        if let Some(a) = self.agent.take() {
+            match a.stop() {
+                Ok(stats) => log::info!("telemetry agent: {stats:?}"),
+                Err(e) => log::warn!("telemetry agent: {e}"),
+            }
+        }
+        if let Some(r) = self.repo.take() {
+            match r.close() {
+                Ok(stats) => log::info!("state repository: {stats:?}"),
+                Err(e) => log::warn!("state repository: {e}"),
+            }
+        }
+    }
+}
