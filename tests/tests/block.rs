@@ -232,7 +232,7 @@ fn limit_changed_mid_run_takes_effect_within_one_refill_period() {
     let sock = dir.path("api.sock");
     let sock = sock.to_str().unwrap();
     let kernel = integration_tests::kernel_path("blk-io");
-    let mut child = Command::new(vmm_bin())
+    let child = Command::new(vmm_bin())
         .args([
             "run",
             "--kernel",

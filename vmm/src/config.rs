@@ -159,7 +159,7 @@ impl RateLimitSpec {
 /// A per-second rate as a bucket: refilled every 100 ms when the rate divides by 10
 /// (small bursts, accurate over short runs), else every second.
 pub fn bucket_for_rate(per_sec: u64) -> BucketSpec {
-    if per_sec % 10 == 0 {
+    if per_sec.is_multiple_of(10) {
         BucketSpec {
             size: per_sec / 10,
             refill_time_ms: 100,
