@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest kernel and run it until it exits.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the performance-vector schema (names, units, normalisation).
     Schema {
         /// Print it as JSON (the form written into model cards).
@@ -257,7 +257,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let cfg = match config_from(args) {
+            let cfg = match config_from(*args) {
                 Ok(c) => c,
                 Err(e) => return usage_error(&e),
             };
