@@ -5,6 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== set-up"
+# Debian packages the set-up needs: lz4 unpacks the cloud kernel's payload, gcc builds
+# SQLite for rusqlite (bundled), Installed only when missing.
+missing=()
+command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
 # The Linux boot test needs Debian's cloud kernel; fetch it once into target/.
 bash scripts/fetch-debian-kernel.sh target/debian-kernel
 

@@ -124,7 +124,8 @@ fn run_here(
     let mem =
         vmm::memory::create_guest_memory(mem_mib).map_err(|e| BareError::Setup(e.to_string()))?;
     let t_reg = Instant::now();
-    vmm::memory::register_with_kvm(&vm, &mem).map_err(|e| BareError::Setup(e.to_string()))?;
+    vmm::memory::register_with_kvm(&vm, &mem, false)
+        .map_err(|e| BareError::Setup(e.to_string()))?;
     let register_memory = t_reg.elapsed();
     let info = vmm::boot::load(&mem, &cfg, format).map_err(|e| BareError::Setup(e.to_string()))?;
     long_mode::write_boot_tables(&mem).map_err(|e| BareError::Setup(e.to_string()))?;

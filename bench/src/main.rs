@@ -86,6 +86,10 @@ enum Cmd {
         /// The command line to embed.
         #[arg(long, value_name = "STR", default_value = "")]
         cmdline: String,
+        /// Use the loader's command line (QEMU's `-append` plus, on microvm, its
+        /// `virtio_mmio.device=` words) instead of the embedded one when it passes one.
+        #[arg(long)]
+        loader_cmdline: bool,
         /// The output file.
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
@@ -252,12 +256,18 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
     if let Cmd::PvhWrap {
         kernel,
         cmdline,
+        loader_cmdline,
         out,
     } = &cli.command
     {
         let elf = std::fs::read(kernel)
             .map_err(|e| BenchError::io(format!("reading {}", kernel.display()), e))?;
-        let w = pvh::wrap(&elf, cmdline)?;
+        let source = if *loader_cmdline {
+            pvh::CmdlineSource::PvhStartInfo
+        } else {
+            pvh::CmdlineSource::Embedded
+        };
+        let w = pvh::wrap_with(&elf, cmdline, source)?;
         std::fs::write(out, &w.elf)
             .map_err(|e| BenchError::io(format!("writing {}", out.display()), e))?;
         eprintln!(

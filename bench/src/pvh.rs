@@ -64,6 +64,25 @@ const CMD_LINE_PTR_OFFSET: u64 = 0x228;
 /// The shim's selectors: 0x08 = 64-bit code, 0x10 = data.
 const GDT: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 
+/// Where the wrapped kernel's command line comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdlineSource {
+    /// The command line given to [`wrap`], embedded in the shim segment.
+    Embedded,
+    /// The loader's: the shim points the zero page's `cmd_line_ptr` at the
+    /// `cmdline_paddr` of the PVH start info (`hvm_start_info`, whose address the loader
+    /// passes in `EBX`), which QEMU's firmware fills from `-append` plus, on `microvm`, the
+    /// `virtio_mmio.device=` words of its automatic kernel command line. When `EBX` does
+    /// not point to a start info (bad magic) or it has no command line, the embedded one is
+    /// kept.
+    PvhStartInfo,
+}
+
+/// `XEN_HVM_START_MAGIC_VALUE`: the first u32 of `hvm_start_info`.
+const HVM_START_MAGIC: u32 = 0x336e_c578;
+/// Offset of `cmdline_paddr` (u64) in `hvm_start_info`.
+const HVM_START_CMDLINE_PADDR: u8 = 0x18;
+
 /// A wrapped kernel: the ELF bytes and where the PVH entry is.
 #[derive(Debug, Clone)]
 pub struct Wrapped {
@@ -157,10 +176,22 @@ fn put_u64(buf: &mut [u8], off: u64, v: u64) {
 ///
 /// 32-bit part (PVH entry, protected mode, paging off):
 /// `cli; lgdt [gdtr]; cr4 |= PAE; cr3 = pml4; EFER |= LME; cr0 |= PG|PE; ljmp 0x08:code64`.
+/// With [`CmdlineSource::PvhStartInfo`], right after `cli`:
+/// `if [ebx] == magic && [ebx + 0x18] != 0 { zero_page.cmd_line_ptr = [ebx + 0x18] }`.
 /// 64-bit part: `ds = es = ss = 0x10; edi = 0; esi = zero page; jmp entry`.
-fn shim_code(base: u32, entry: u32) -> (Vec<u8>, Vec<u8>) {
+fn shim_code(base: u32, entry: u32, source: CmdlineSource) -> (Vec<u8>, Vec<u8>) {
     let le = |v: u32| v.to_le_bytes();
     let mut c32 = vec![0xfa]; // cli
+    if source == CmdlineSource::PvhStartInfo {
+        c32.extend([0x81, 0x3b]); // cmp dword [ebx], imm32
+        c32.extend(le(HVM_START_MAGIC));
+        c32.extend([0x75, 0x0c]); // jne +12 (past the next four instructions)
+        c32.extend([0x8b, 0x43, HVM_START_CMDLINE_PADDR]); // mov eax, [ebx + 0x18]
+        c32.extend([0x85, 0xc0]); // test eax, eax
+        c32.extend([0x74, 0x05]); // jz +5 (past the store)
+        c32.push(0xa3); // mov [moffs32], eax
+        c32.extend(le(base + (OFF_ZERO_PAGE + CMD_LINE_PTR_OFFSET) as u32));
+    }
     c32.extend([0x0f, 0x01, 0x15]); // lgdt [disp32]
     c32.extend(le(base + OFF_GDTR as u32));
     c32.extend([0x0f, 0x20, 0xe0]); // mov eax, cr4
@@ -198,7 +229,7 @@ fn shim_code(base: u32, entry: u32) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// The shim segment's contents for a segment at `base`.
-fn shim_segment(base: u64, entry: u64, cmdline: &str) -> Vec<u8> {
+fn shim_segment(base: u64, entry: u64, cmdline: &str, source: CmdlineSource) -> Vec<u8> {
     let mut s = vec![0u8; SHIM_SIZE as usize];
     put_u64(&mut s, OFF_PML4, (base + OFF_PDPT) | 0x3);
     put_u64(&mut s, OFF_PDPT, (base + OFF_PD) | 0x3);
@@ -219,7 +250,7 @@ fn shim_segment(base: u64, entry: u64, cmdline: &str) -> Vec<u8> {
     let g = OFF_GDTR as usize;
     s[g..g + 2].copy_from_slice(&((GDT.len() * 8 - 1) as u16).to_le_bytes());
     put_u64(&mut s, OFF_GDTR + 2, base + OFF_GDT);
-    let (c32, c64) = shim_code(base as u32, entry as u32);
+    let (c32, c64) = shim_code(base as u32, entry as u32, source);
     let o = OFF_CODE32 as usize;
     s[o..o + c32.len()].copy_from_slice(&c32);
     let o = OFF_CODE64 as usize;
@@ -229,6 +260,12 @@ fn shim_segment(base: u64, entry: u64, cmdline: &str) -> Vec<u8> {
 
 /// Wraps the test kernel `elf` for a PVH boot with the command line `cmdline`.
 pub fn wrap(elf: &[u8], cmdline: &str) -> Result<Wrapped, PvhError> {
+    wrap_with(elf, cmdline, CmdlineSource::Embedded)
+}
+
+/// Wraps the test kernel `elf` for a PVH boot; the command line is `cmdline` or, with
+/// [`CmdlineSource::PvhStartInfo`], the loader's when it passes one.
+pub fn wrap_with(elf: &[u8], cmdline: &str, source: CmdlineSource) -> Result<Wrapped, PvhError> {
     if cmdline.len() > CMDLINE_MAX {
         return Err(PvhError::CmdlineTooLong(cmdline.len()));
     }
@@ -245,7 +282,7 @@ pub fn wrap(elf: &[u8], cmdline: &str) -> Result<Wrapped, PvhError> {
     segments.push(Segment {
         flags: PF_RWX,
         paddr: base,
-        data: shim_segment(base, entry, cmdline),
+        data: shim_segment(base, entry, cmdline, source),
         memsz: SHIM_SIZE,
     });
     let pvh_entry = (base + OFF_CODE32) as u32;

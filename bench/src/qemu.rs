@@ -74,9 +74,15 @@ pub fn find(explicit: Option<&Path>, cpu: &str) -> Result<Qemu, String> {
 impl Qemu {
     /// The arguments that boot `kernel` (a PVH ELF) on `microvm` with serial on stdio.
     pub fn args(&self, kernel: &Path) -> Vec<String> {
+        self.args_with(kernel, "microvm", &[])
+    }
+
+    /// As [`Qemu::args`], with `-M <machine>` (e.g. `microvm,auto-kernel-cmdline=on`) and
+    /// `extra` arguments (devices, `-append`) after the common ones.
+    pub fn args_with(&self, kernel: &Path, machine: &str, extra: &[String]) -> Vec<String> {
         [
             "-M",
-            "microvm",
+            machine,
             "-enable-kvm",
             "-cpu",
             &self.cpu,
@@ -89,27 +95,43 @@ impl Qemu {
             "stdio",
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain(std::iter::once(kernel.display().to_string()))
+        .chain(extra.iter().cloned())
+        .chain(["-kernel".to_string(), kernel.display().to_string()])
         .collect()
     }
 
     /// The command that boots `kernel` (a PVH ELF).
     pub fn command(&self, kernel: &Path) -> Command {
+        self.command_with(kernel, "microvm", &[])
+    }
+
+    /// The command of [`Qemu::args_with`].
+    pub fn command_with(&self, kernel: &Path, machine: &str, extra: &[String]) -> Command {
         let mut c = Command::new(&self.binary);
-        c.args(self.args(kernel));
+        c.args(self.args_with(kernel, machine, extra));
         c
     }
 
     /// The one-line shell form of [`Qemu::command`], for reports.
     pub fn command_line(&self, kernel: &Path) -> String {
+        self.command_line_with(kernel, "microvm", &[])
+    }
+
+    /// The one-line shell form of [`Qemu::command_with`] (arguments with spaces quoted).
+    pub fn command_line_with(&self, kernel: &Path, machine: &str, extra: &[String]) -> String {
         let mut s = self.binary.display().to_string();
-        for a in self.args(kernel) {
+        for a in self.args_with(kernel, machine, extra) {
             s.push(' ');
-            s.push_str(&a);
+            if a.contains(' ') {
+                s.push('\'');
+                s.push_str(&a);
+                s.push('\'');
+            } else {
+                s.push_str(&a);
+            }
         }
         s
     }
@@ -127,9 +149,20 @@ pub fn wrap_kernel(
     out_dir: &Path,
     tag: &str,
 ) -> Result<PathBuf, BenchError> {
+    wrap_kernel_with(kernel, cmdline, pvh::CmdlineSource::Embedded, out_dir, tag)
+}
+
+/// As [`wrap_kernel`], taking the command line from `source`.
+pub fn wrap_kernel_with(
+    kernel: &Path,
+    cmdline: &str,
+    source: pvh::CmdlineSource,
+    out_dir: &Path,
+    tag: &str,
+) -> Result<PathBuf, BenchError> {
     let elf =
         std::fs::read(kernel).map_err(|e| BenchError::io(format!("{}", kernel.display()), e))?;
-    let wrapped = pvh::wrap(&elf, cmdline)?;
+    let wrapped = pvh::wrap_with(&elf, cmdline, source)?;
     let name = kernel
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

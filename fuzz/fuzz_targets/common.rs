@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each target uses a different part of this module
 //! Shared set-up of the fuzz targets: a small guest memory, a block device on a scratch
 //! file, and a queue whose rings sit at fixed addresses.
 

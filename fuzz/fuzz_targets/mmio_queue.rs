@@ -16,10 +16,15 @@ use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress};
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&count, rest)) = data.split_first() else {
+        return;
+    };
+    // The first byte says how many 7-byte operations follow; the rest fills guest memory
+    // from the descriptor-table address on (rings, buffers).
+    let split = (usize::from(count) * 7).min(rest.len());
+    let (ops, memory_bytes) = rest.split_at(split);
     let mem = memory();
-    let split = data.len().min(2048);
-    let _ = mem.write_slice(&data[..split], GuestAddress(DESC));
-    let ops = &data[split..];
+    let _ = mem.write_slice(&memory_bytes[..memory_bytes.len().min(8192)], GuestAddress(DESC));
     let dev = Arc::new(Mutex::new(block(false)));
     let mut t = MmioTransport::new("fuzz", dev.clone(), mem, interrupt());
     let base = MmioAddress(0xd000_0000);

@@ -194,3 +194,40 @@ fn prometheus_counters_rise_while_the_guest_runs() {
         assert!(b > a, "{name} did not rise: {a} -> {b}");
     }
 }
+
+#[test]
+fn dirty_pages_of_a_memory_toucher_are_counted() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tel-dirty");
+    let db = dir.path("state.db");
+    run_kernel(
+        "mem-touch",
+        &[
+            "--mem-mib",
+            "128",
+            "--cmdline",
+            "mib=64",
+            "--state-db",
+            db.to_str().unwrap(),
+            "--metrics-interval-ms",
+            "20",
+        ],
+        LIMIT,
+    )
+    .expect_status(0);
+    let repo = StateRepo::open(&db, RepoConfig::default()).unwrap();
+    let rows = repo.rows("vm0", 0).unwrap();
+    let f = feature("dirty_page_rate");
+    // 64 MiB touched once = 16384 pages; the rates times the intervals add up to at least that.
+    let pages: f64 = rows
+        .iter()
+        .map(|r| r.raw[f] * r.interval_ns as f64 / 1e9)
+        .sum();
+    eprintln!("{} rows, {pages:.0} dirty pages", rows.len());
+    assert!(
+        pages >= 16384.0 * 0.95,
+        "only {pages:.0} dirty pages counted"
+    );
+}

@@ -98,8 +98,13 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Allocate { mib, source })
 }
 
-/// Tells KVM about every region of `mem`, one slot each.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Tells KVM about every region of `mem`, one slot each; with `dirty_log`, KVM tracks the
+/// pages the guest writes (read with `KVM_GET_DIRTY_LOG`, see [`dirty_pages`]).
+pub fn register_with_kvm(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    dirty_log: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -109,7 +114,11 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags: if dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (the
         // monitor keeps it until the process exits), and slots do not overlap.
@@ -119,6 +128,28 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
         })?;
     }
     Ok(())
+}
+
+/// Pages dirtied since the last call, summed over `slots` (slot number, size in bytes).
+/// Reading the log clears it, so each call covers one interval.
+pub fn dirty_pages(vm: &VmFd, slots: &[(u32, usize)]) -> Result<u64, kvm_ioctls::Error> {
+    let mut total = 0u64;
+    for &(slot, size) in slots {
+        let bitmap = vm.get_dirty_log(slot, size)?;
+        total += bitmap
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// The (slot, size) of every region, in registration order.
+pub fn slots(mem: &GuestMemoryMmap) -> Vec<(u32, usize)> {
+    mem.iter()
+        .enumerate()
+        .map(|(i, r)| (i as u32, r.len() as usize))
+        .collect()
 }
 
 #[cfg(test)]

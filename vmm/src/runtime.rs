@@ -53,6 +53,17 @@ pub struct VmRuntime {
     guest: Arc<GuestMetricsDevice>,
     statm: Option<std::fs::File>,
     host_cores: u32,
+    dirty: Option<DirtyLog>,
+}
+
+/// What reading KVM's dirty log needs, and the running total.
+pub struct DirtyLog {
+    /// The VM.
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    /// (slot, size) of every memory slot registered with dirty logging.
+    pub slots: Vec<(u32, usize)>,
+    /// Pages dirtied so far (each read of the log clears it).
+    pub total: Mutex<u64>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +117,7 @@ impl VmRuntime {
         drives: Vec<DriveHandle>,
         scheduler: Option<SharedIoScheduler>,
         guest: Arc<GuestMetricsDevice>,
+        dirty: Option<DirtyLog>,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -117,7 +129,21 @@ impl VmRuntime {
             guest,
             statm: std::fs::File::open("/proc/self/statm").ok(),
             host_cores: host_cores(),
+            dirty,
         }
+    }
+
+    /// Cumulative dirty pages, reading (and clearing) KVM's log now.
+    fn dirty_pages(&self) -> u64 {
+        let Some(d) = &self.dirty else {
+            return 0;
+        };
+        let mut total = lock(&d.total);
+        match crate::memory::dirty_pages(&d.vm, &d.slots) {
+            Ok(n) => *total += n,
+            Err(e) => log::debug!("dirty log: {e}"),
+        }
+        *total
     }
 
     /// Ids of the drives, in slot order.
@@ -228,7 +254,7 @@ impl CounterSource for VmRuntime {
                 guest_bytes: self.mem_bytes,
                 resident_bytes: resident_bytes(self.statm.as_ref()),
                 page_faults: page_faults(),
-                dirty_pages: 0,
+                dirty_pages: self.dirty_pages(),
             },
             guest: GuestMetrics {
                 ops: g.ops,

@@ -8,6 +8,7 @@
 //! `verify=0` (1: read back what a timed write mode wrote), `progress=0` (ms between
 //! progress lines in the timed modes, 0 = none), `timeout_ms=30000` (longest wait for any
 //! completion before giving up), `multi=0` (1: vCPU i runs the timed mode on device i),
+//! `devs=N` (2..=32: vCPU 0 alone runs the timed mode on devices 0..N at once),
 //! `report_ms=50` (metrics-device reports of the timed modes, 0 = none).
 //!
 //! Output lines (all start with `blk-io: `):
@@ -26,11 +27,16 @@
 //!   result and verify lines (the single-device lines with a `dev=<i> ` prefix), then
 //!   vCPU 0 prints `blk-io: multi done devices=<n>` (exit 1 if any device had errors), or
 //!   `blk-io: error multi needs one device per vCPU` (exit 1)
+//! - `devs=N` (timed modes only): vCPU 0 keeps `depth` requests in flight on each of
+//!   devices 0..N from one polling loop, then prints the `blk-io: dev=<i> ...` result line
+//!   of every device in order (then its verify lines), then `blk-io: devs done devices=<N>`
+//!   (exit 1 if any device had errors)
 //! - errors: `blk-io: error <what>` (exit 1; exit 2 for a bad parameter)
 //!
-//! Metrics (timed modes): slot 0 (`multi=1`: slot i) of the metrics device gets the OK
-//! requests' ops, bytes, sum of submit-to-completion latencies (TSC, in ns) and count,
-//! every `report_ms` ms and once after the drain, before the result line.
+//! Metrics (timed modes): slot 0 (`multi=1`: slot i; `devs=N`: slot 0, summed over the
+//! devices) of the metrics device gets the OK requests' ops, bytes, sum of
+//! submit-to-completion latencies (TSC, in ns) and count, every `report_ms` ms and once
+//! after the drain, before the result line(s).
 //!
 //! Fill pattern: byte j (0..512) of sector s is `(s * 131 + j * 7 + seed) & 0xff`.
 //! Timed-write sectors: u64 words w0..w63 (little endian); w1 = the sector number,
@@ -95,6 +101,8 @@ struct Params {
     timeout_ns: u64,
     report_ms: u64,
     multi: bool,
+    /// `devs=N`: the number of devices vCPU 0 drives at once (None = not given).
+    devs: Option<u64>,
 }
 
 fn params() -> Params {
@@ -134,6 +142,7 @@ fn params() -> Params {
         timeout_ns: rt::arg_u64("timeout_ms", 30_000).saturating_mul(1_000_000),
         report_ms: rt::arg_u64("report_ms", metrics::DEFAULT_REPORT_MS),
         multi: rt::arg_u64("multi", 0) != 0,
+        devs: rt::arg("devs").map(|_| rt::arg_u64("devs", 0)),
     }
 }
 
@@ -161,6 +170,9 @@ fn kmain(cpu: usize) -> ! {
             "guest RAM does not cover [8 MiB, 16 MiB) (give the guest at least 32 MiB)"
         );
     }
+    if p.multi && p.devs.is_some() {
+        die!(EXIT_USAGE, "bad parameter multi=1 (not with devs)");
+    }
     if p.multi {
         if !matches!(p.mode, Mode::Timed { .. }) {
             die!(
@@ -176,6 +188,19 @@ fn kmain(cpu: usize) -> ! {
         multi(0)
     }
     ROLE.store(ROLE_PARK, Ordering::Release);
+    if let Some(n) = p.devs {
+        let Mode::Timed { write, random } = p.mode else {
+            die!(
+                EXIT_USAGE,
+                "bad parameter mode={} (devs needs a timed mode)",
+                p.mode_name
+            );
+        };
+        if !(2..=MAX_DEVS as u64).contains(&n) {
+            die!(EXIT_USAGE, "bad parameter devs={} (2..={})", n, MAX_DEVS);
+        }
+        devs(&p, n as usize, write, random)
+    }
     let blk = open(p.dev as usize, &p);
     match p.mode {
         Mode::Capacity => {
@@ -394,35 +419,70 @@ impl Pump {
         }
     }
 
+    /// Fills every free slot with the next requests of `work` (setting `*more` to false
+    /// once it has none left), unpublished; returns whether it added any.
+    #[inline]
+    fn fill<W: Work>(&mut self, work: &mut W, more: &mut bool) -> Result<bool, Stop> {
+        let mut added = false;
+        while *more && self.nfree > 0 {
+            let s = usize::from(self.free[self.nfree - 1]);
+            if !work.next(&mut self.slots[s]) {
+                *more = false;
+                break;
+            }
+            let sl = self.slots[s];
+            let head = self
+                .blk
+                .submit(sl.ty, sl.sector, sl.buf, sl.len)
+                .ok_or(Stop::Dev(virtio::Error::QueueFull))?;
+            self.head_slot[usize::from(head)] = s as u8;
+            self.nfree -= 1;
+            added = true;
+        }
+        Ok(added)
+    }
+
+    /// [`Pump::fill`], then publishes the new requests with one notification if any.
+    #[inline]
+    fn submit_all<W: Work>(&mut self, work: &mut W, more: &mut bool) -> Result<(), Stop> {
+        if self.fill(work, more)? {
+            self.blk.kick();
+        }
+        Ok(())
+    }
+
+    /// Frees the slot of completion `c` and of every further completion the device has
+    /// returned, handing each to `work` with `now` (the TSC when the batch was seen).
+    #[inline]
+    fn complete_all<W: Work>(
+        &mut self,
+        mut c: virtio::Completion,
+        now: u64,
+        work: &mut W,
+    ) -> Result<(), Stop> {
+        loop {
+            let s = self.head_slot[usize::from(c.head)];
+            self.free[self.nfree] = s;
+            self.nfree += 1;
+            work.done(&self.slots[usize::from(s)], c.status, now)?;
+            match self.blk.poll().map_err(Stop::Dev)? {
+                Some(next) => c = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Runs `work` until it has nothing more to submit and nothing is in flight.
     /// One notification per batch of submissions.
     fn run<W: Work>(&mut self, work: &mut W) -> Result<(), Stop> {
         let mut more = true;
         loop {
-            let mut added = false;
-            while more && self.nfree > 0 {
-                let s = usize::from(self.free[self.nfree - 1]);
-                if !work.next(&mut self.slots[s]) {
-                    more = false;
-                    break;
-                }
-                let sl = self.slots[s];
-                let head = self
-                    .blk
-                    .submit(sl.ty, sl.sector, sl.buf, sl.len)
-                    .ok_or(Stop::Dev(virtio::Error::QueueFull))?;
-                self.head_slot[usize::from(head)] = s as u8;
-                self.nfree -= 1;
-                added = true;
-            }
-            if added {
-                self.blk.kick();
-            }
+            self.submit_all(work, &mut more)?;
             if self.blk.in_flight() == 0 {
                 return Ok(());
             }
             let waited = rt::rdtsc();
-            let mut c = loop {
+            let c = loop {
                 if let Some(c) = self.blk.poll().map_err(Stop::Dev)? {
                     break c;
                 }
@@ -434,16 +494,7 @@ impl Pump {
                 core::hint::spin_loop();
             };
             let now = rt::rdtsc();
-            loop {
-                let s = self.head_slot[usize::from(c.head)];
-                self.free[self.nfree] = s;
-                self.nfree += 1;
-                work.done(&self.slots[usize::from(s)], c.status, now)?;
-                match self.blk.poll().map_err(Stop::Dev)? {
-                    Some(next) => c = next,
-                    None => break,
-                }
-            }
+            self.complete_all(c, now, work)?;
             work.tick(now);
         }
     }
@@ -695,6 +746,15 @@ impl Work for Timed {
         while self.next_progress <= now {
             self.next_progress += self.progress_ticks;
         }
+        self.print_progress(now);
+    }
+}
+
+impl Timed {
+    /// Prints `blk-io: [dev=<i> ]progress t_ms=<t> ops=<n> bytes=<b>` for TSC `now`.
+    #[cold]
+    #[inline(never)]
+    fn print_progress(&self, now: u64) {
         let mut c = rt::console();
         c.str("blk-io: ");
         if let Some(d) = self.dev {
@@ -776,6 +836,21 @@ impl Work for Verify {
     }
 }
 
+/// The number of `bs` blocks in the `span` a timed mode covers on `blk`; dies on a bad
+/// `span` (larger than the capacity, or smaller than one block).
+fn timed_blocks(blk: &Blk, p: &Params) -> u64 {
+    let capacity = blk.capacity();
+    let span = p.span.unwrap_or(capacity.min(DEFAULT_SPAN));
+    if span > capacity {
+        die!(EXIT_USAGE, "bad parameter span={} (capacity={})", span, capacity);
+    }
+    let nblocks = span / (p.bs / SECTOR_SIZE);
+    if nblocks == 0 {
+        die!(EXIT_USAGE, "bad parameter span={} (smaller than bs)", span);
+    }
+    nblocks
+}
+
 /// A timed mode set up on one device: the pump with its buffers and the workload.
 struct TimedRun {
     pump: Pump,
@@ -793,19 +868,19 @@ struct Outcome {
 
 impl TimedRun {
     /// Checks `span` against the device, allocates the buffers (and the verify bitmap),
-    /// prepares the write data and the metrics reporter (slot `dev`, or 0). Dies on a bad
-    /// parameter or when the DMA region is too small.
-    fn new(blk: Blk, p: &Params, write: bool, random: bool, dev: Option<usize>) -> TimedRun {
-        let capacity = blk.capacity();
-        let span = p.span.unwrap_or(capacity.min(DEFAULT_SPAN));
-        if span > capacity {
-            die!(EXIT_USAGE, "bad parameter span={} (capacity={})", span, capacity);
-        }
+    /// prepares the write data and, if `report`, the metrics reporter (slot `dev`, or 0;
+    /// without `report` it never reports). Dies on a bad parameter or when the DMA region
+    /// is too small.
+    fn new(
+        blk: Blk,
+        p: &Params,
+        write: bool,
+        random: bool,
+        dev: Option<usize>,
+        report: bool,
+    ) -> TimedRun {
+        let nblocks = timed_blocks(&blk, p);
         let spb = p.bs / SECTOR_SIZE;
-        let nblocks = span / spb;
-        if nblocks == 0 {
-            die!(EXIT_USAGE, "bad parameter span={} (smaller than bs)", span);
-        }
         let mut pump = Pump::new(blk, p.depth, p.bs, p.timeout_ns);
         if write {
             // Pseudo-random words 3..=63 in every sector of every buffer, written once;
@@ -833,7 +908,8 @@ impl TimedRun {
         };
         // Probes the metrics device now (if nobody has), not inside the timed part.
         // Metrics slot = vCPU index = device index in multi mode, 0 otherwise.
-        let reporter = Reporter::new(dev.unwrap_or(0), p.report_ms, rt::rdtsc());
+        let report_ms = if report { p.report_ms } else { 0 };
+        let reporter = Reporter::new(dev.unwrap_or(0), report_ms, rt::rdtsc());
         let work = Timed {
             write,
             random,
@@ -927,7 +1003,7 @@ fn print_result(dev: Option<usize>, p: &Params, o: &Outcome) {
 }
 
 fn timed(blk: Blk, p: &Params, write: bool, random: bool) -> ! {
-    let mut run = TimedRun::new(blk, p, write, random, None);
+    let mut run = TimedRun::new(blk, p, write, random, None, true);
     let o = run.run();
     print_result(None, p, &o);
     if o.errors != 0 {
@@ -955,7 +1031,7 @@ fn multi(cpu: usize) -> ! {
         unreachable!("multi mode without a timed mode")
     };
     let blk = open(cpu, &p);
-    let mut run = TimedRun::new(blk, &p, write, random, Some(cpu));
+    let mut run = TimedRun::new(blk, &p, write, random, Some(cpu), true);
     rt::barrier();
     let o = run.run();
     print_result(Some(cpu), &p, &o);
@@ -974,3 +1050,251 @@ fn multi(cpu: usize) -> ! {
     let failed = MULTI_ERRORS.load(Ordering::Relaxed) != 0;
     rt::exit(if failed { EXIT_FAIL } else { 0 })
 }
+
+// ---------------------------------------------------------------------------------------
+// devs=N: vCPU 0 alone keeps `depth` requests in flight on each of devices 0..N.
+
+/// Most devices `devs=N` drives.
+const MAX_DEVS: usize = 32;
+
+// The per-device state lives in the DMA region, allocated with 64-byte alignment.
+const _: () = assert!(core::mem::align_of::<TimedRun>() <= 64);
+// `devs_pump` keeps per-device flags in u64 bit masks.
+const _: () = assert!(MAX_DEVS <= 64);
+
+/// Upper bound of the DMA bytes [`TimedRun::new`] allocates for one device whose span has
+/// `nblocks` blocks (every allocation counted with its worst alignment padding).
+fn run_dma_bytes(p: &Params, write: bool, nblocks: u64) -> u64 {
+    let depth = p.depth as u64;
+    let spb = p.bs / SECTOR_SIZE;
+    let mut need = 4095 + depth * p.bs.next_multiple_of(4096);
+    if write {
+        need += 63 + depth * (8 * spb).next_multiple_of(64);
+        if p.verify {
+            need += 63 + nblocks.div_ceil(64) * 8;
+        }
+    }
+    need
+}
+
+/// Sends the metrics report of a `devs` run (slot 0: the sums over the devices); at TSC
+/// `now` if given (restarting the period), else unconditionally (the final report).
+#[cold]
+#[inline(never)]
+fn report_devs(runs: &[TimedRun], reporter: &mut Reporter, now: Option<u64>) {
+    let (mut ops, mut bytes, mut lat_ticks, mut samples) = (0u64, 0u64, 0u64, 0u64);
+    for r in runs {
+        ops += r.work.ops;
+        bytes += r.work.bytes;
+        lat_ticks += r.work.lat_ticks;
+        samples += r.work.lat_samples;
+    }
+    let lat_ns = rt::ticks_to_ns(lat_ticks);
+    match now {
+        Some(now) => reporter.report_at(now, ops, bytes, lat_ns, samples),
+        None => reporter.report(ops, bytes, lat_ns, samples),
+    }
+}
+
+/// The hot loop of a `devs` run. Fills every device's slots, then loops over passes:
+/// poll every used ring and take all completions found, refill the freed slots of those
+/// devices, then publish and notify each of them (one notification per device per pass,
+/// the notifications back to back so that the monitor sees them together). Each pass
+/// starts one device further, so that no device is systematically first. Returns when
+/// every device has drained after the deadline, with the TSC of each device's last
+/// completion in `end`. Errors carry the index of the device that failed.
+fn devs_pump(
+    runs: &mut [TimedRun],
+    start: u64,
+    progress_ticks: u64,
+    reporter: &mut Reporter,
+    end: &mut [u64; MAX_DEVS],
+) -> Result<(), (usize, Stop)> {
+    let n = runs.len();
+    let mut first = 0;
+    let mut more = [true; MAX_DEVS];
+    // TSC of each device's last completion (or of the start): the timeout runs from it.
+    let mut since = [start; MAX_DEVS];
+    let timeout = runs[0].pump.timeout_ticks;
+    let mut next_progress = if progress_ticks == 0 {
+        u64::MAX
+    } else {
+        start + progress_ticks
+    };
+    for (i, r) in runs.iter_mut().enumerate() {
+        r.pump
+            .submit_all(&mut r.work, &mut more[i])
+            .map_err(|e| (i, e))?;
+    }
+    let mut last_pass = rt::rdtsc();
+    loop {
+        {
+            let t = rt::rdtsc();
+            let g = t - last_pass;
+            last_pass = t;
+            unsafe {
+                if g > DBG[0] { DBG[0] = g; }
+                if g > rt::ns_to_ticks(100_000) { DBG[1] += 1; DBG[2] += g; }
+                DBG[3] += 1;
+            }
+        }
+        first = if first + 1 >= n { 0 } else { first + 1 };
+        let order = (0..n).map(|k| if first + k >= n { first + k - n } else { first + k });
+        let mut active = false;
+        // Bit i: device i had completions in this pass.
+        let mut reaped = 0u64;
+        for i in order.clone() {
+            let r = &mut runs[i];
+            if r.pump.blk.in_flight() == 0 {
+                continue;
+            }
+            active = true;
+            let Some(c) = r.pump.blk.poll().map_err(|e| (i, Stop::Dev(e)))? else {
+                continue;
+            };
+            let now = rt::rdtsc();
+            since[i] = now;
+            r.pump
+                .complete_all(c, now, &mut r.work)
+                .map_err(|e| (i, e))?;
+            reaped |= 1 << i;
+        }
+        if !active {
+            return Ok(());
+        }
+        if reaped == 0 {
+            core::hint::spin_loop();
+        } else {
+            let mut added = 0u64;
+            for i in order.clone().filter(|&i| reaped & (1 << i) != 0) {
+                let r = &mut runs[i];
+                if r.pump.fill(&mut r.work, &mut more[i]).map_err(|e| (i, e))? {
+                    added |= 1 << i;
+                }
+            }
+            for i in order.filter(|&i| reaped & (1 << i) != 0) {
+                let r = &mut runs[i];
+                if added & (1 << i) != 0 {
+                    r.pump.blk.kick();
+                } else if r.pump.blk.in_flight() == 0 {
+                    // Past the deadline and drained: this was its last completion.
+                    end[i] = since[i];
+                }
+            }
+        }
+        let now = rt::rdtsc();
+        for (i, r) in runs.iter().enumerate() {
+            if r.pump.blk.in_flight() != 0 && now.wrapping_sub(since[i]) > timeout {
+                return Err((i, Stop::Dev(virtio::Error::Timeout)));
+            }
+        }
+        if reporter.due(now) {
+            report_devs(runs, reporter, Some(now));
+        }
+        if now >= next_progress {
+            while next_progress <= now {
+                next_progress += progress_ticks;
+            }
+            for r in runs.iter() {
+                r.work.print_progress(now);
+            }
+        }
+    }
+}
+
+/// `devs=N` on vCPU 0 (the others park; `p` is checked, the mode is timed, 2 <= n <=
+/// MAX_DEVS): opens devices 0..n, checks that their buffers fit in the DMA region, runs
+/// the timed mode on all of them at once, reports to metrics slot 0, prints every
+/// device's result line in order, their verify lines, then the summary.
+fn devs(p: &Params, n: usize, write: bool, random: bool) -> ! {
+    let found = Blk::count();
+    if found < n {
+        die!(
+            EXIT_FAIL,
+            "devs={} needs {} virtio-blk devices (found {})",
+            n,
+            n,
+            found
+        );
+    }
+    let size = core::mem::size_of::<TimedRun>() as u64;
+    let mut blks: [Option<Blk>; MAX_DEVS] = core::array::from_fn(|_| None);
+    let mut need = 63 + n as u64 * size;
+    for (i, b) in blks.iter_mut().take(n).enumerate() {
+        let blk = open(i, p);
+        need += run_dma_bytes(p, write, timed_blocks(&blk, p));
+        *b = Some(blk);
+    }
+    let free = virtio::dma_free_bytes();
+    if need > free {
+        die!(
+            EXIT_USAGE,
+            "bad parameter devs={} ({} devices with depth={} bs={} need {} bytes of the DMA \
+             region [8 MiB, 16 MiB), {} free)",
+            n,
+            n,
+            p.depth,
+            p.bs,
+            need,
+            free
+        );
+    }
+    let base = alloc(n as u64 * size, 64, "the device state") as usize as *mut TimedRun;
+    for (i, b) in blks.iter_mut().take(n).enumerate() {
+        let blk = b.take().expect("devs: device opened above");
+        let run = TimedRun::new(blk, p, write, random, Some(i), false);
+        // SAFETY: entry i of the fresh allocation of n TimedRuns (aligned, see above).
+        unsafe { base.add(i).write(run) };
+    }
+    // SAFETY: n initialised TimedRuns in DMA memory that nothing else uses (no device
+    // touches it: only buffers and rings are given to the devices).
+    let runs = unsafe { core::slice::from_raw_parts_mut(base, n) };
+    // Probes the metrics device now (if asked), not inside the timed part.
+    let mut reporter = Reporter::new(0, p.report_ms, rt::rdtsc());
+    let progress_ticks = rt::ns_to_ticks(p.progress_ms.saturating_mul(1_000_000));
+    let start = rt::rdtsc();
+    let deadline = start.saturating_add(rt::ns_to_ticks(p.ms.saturating_mul(1_000_000)));
+    for r in runs.iter_mut() {
+        r.work.start = start;
+        r.work.deadline = deadline;
+    }
+    reporter.last = start;
+    let mut end = [start; MAX_DEVS];
+    if let Err((i, stop)) = devs_pump(runs, start, progress_ticks, &mut reporter, &mut end) {
+        match stop {
+            Stop::Failed => rt::exit(EXIT_FAIL),
+            Stop::Dev(e) => die!(
+                EXIT_FAIL,
+                "dev={} {} ({} requests in flight)",
+                i,
+                e,
+                runs[i].pump.blk.in_flight()
+            ),
+        }
+    }
+    report_devs(runs, &mut reporter, None);
+    let mut errors = 0;
+    for (i, r) in runs.iter().enumerate() {
+        let o = Outcome {
+            ns: rt::ticks_to_ns(end[i] - start),
+            ops: r.work.ops,
+            bytes: r.work.bytes,
+            errors: r.work.errors,
+        };
+        print_result(Some(i), p, &o);
+        errors += o.errors;
+    }
+    for (i, r) in runs.iter_mut().enumerate() {
+        if r.work.errors == 0 {
+            if let Some(blocks) = r.verify() {
+                println!("blk-io: dev={} verify ok blocks={}", i, blocks);
+            }
+        }
+    }
+    unsafe {
+        println!("blk-io: debug maxgap_us={} gaps>100us={} gap_ms={} passes={}", rt::ticks_to_ns(DBG[0])/1000, DBG[1], rt::ticks_to_ns(DBG[2])/1_000_000, DBG[3]);
+    }
+    println!("blk-io: devs done devices={}", n);
+    rt::exit(if errors != 0 { EXIT_FAIL } else { 0 })
+}
+\nstatic mut DBG: [u64; 4] = [0; 4];\n
