@@ -3,13 +3,17 @@
 #   1. builds everything in release mode,
 #   2. installs QEMU (Debian's qemu-system-x86) if qemu-system-x86_64 is missing,
 #   3. runs vmm-bench all: boot latency (vmm vs QEMU microvm), port-I/O exit round trip
-#      (vmm vs a bare kvm-ioctls loop, and QEMU), the monitor's resident memory,
-#   4. prints a summary. JSON results: target/bench/{boot,pio,memory,all}.json.
+#      (vmm vs a bare kvm-ioctls loop, and QEMU), the monitor's resident memory, virtio-blk
+#      throughput (vmm vs a host pread/pwrite loop on the same file, and QEMU microvm's
+#      virtio-blk), rate limiter accuracy, telemetry overhead,
+#   4. prints a summary. JSON results:
+#      target/bench/{boot,pio,memory,blk,ratelimit,telemetry,all}.json.
 # Usage: scripts/bench.sh [vmm-bench all options, e.g. --quick or --no-qemu]
 # BENCH_NICE (default -10): niceness of the benchmark run, when allowed (root): the machine
 # is shared, and a higher priority than the builds around it keeps the figures steadier;
 # both sides of every comparison run at the same priority. BENCH_NICE=0 turns it off.
-# Takes about 2 minutes after the build on a 2-core machine.
+# Takes about 5 to 6 minutes after the build on a 2-core machine; it writes a 256 MiB
+# image, target/bench/blk.img, for the virtio-blk benchmarks (rewritten on every run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

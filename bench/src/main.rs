@@ -4,12 +4,17 @@
 //! - `boot`: spawn to first serial byte and to exit, `vmm` against QEMU `microvm`.
 //! - `pio`: port-I/O exit round trip, `vmm` against a bare kvm-ioctls loop (and QEMU).
 //! - `memory`: the monitor's resident memory beyond guest RAM.
-//! - `all`: the three in a row; `summary`: a table of the latest result files.
+//! - `blk`: virtio-blk throughput and IOPS from the guest, `vmm` against the host's own
+//!   pread/pwrite loop on the same file (and QEMU microvm's virtio-blk).
+//! - `ratelimit`: achieved over configured rate of the drive rate limiter.
+//! - `telemetry`: the cost of the telemetry agent and state repository.
+//! - `all`: all of them in a row; `summary`: a table of the latest result files.
 //!
 //! `scripts/bench.sh` builds, installs QEMU if needed and runs `all` then `summary`;
 //! `BENCHMARKS.md` explains the figures.
 
 mod bare;
+mod blk;
 mod boot;
 mod child;
 mod error;
@@ -17,9 +22,11 @@ mod memory;
 mod pio;
 mod pvh;
 mod qemu;
+mod ratelimit;
 mod report;
 mod stats;
 mod summary;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -70,9 +77,16 @@ enum Cmd {
     Pio(PioArgs),
     /// The monitor's resident memory beyond guest RAM (bad-loop kernel).
     Memory(MemoryArgs),
-    /// boot, pio and memory with their defaults (or --quick); JSON of all three to stdout.
+    /// virtio-blk throughput/IOPS (blk-io): vmm against a host pread/pwrite loop (and QEMU).
+    Blk(BlkArgs),
+    /// Rate limiter accuracy: achieved over configured bw= and iops= (blk-io under vmm).
+    Ratelimit(RateLimitArgs),
+    /// Telemetry overhead: exit round trip and compute with and without the agent, and
+    /// the state repository's rows per second.
+    Telemetry(TelemetryArgs),
+    /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
     All {
-        /// A fast smoke run (3 boot runs, 1 pio round of 20000 exits): not for figures.
+        /// A fast smoke run (one short run of everything): not for figures.
         #[arg(long)]
         quick: bool,
     },
@@ -136,6 +150,54 @@ struct MemoryArgs {
     /// The kernel [default: the `bad-loop` test kernel].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct BlkArgs {
+    /// Runs of each side of each workload.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Duration of every run (blk-io ms=).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    ms: u64,
+    /// Size of the image file in MiB (written afresh to <out-dir>/blk.img).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    image_mib: u64,
+    /// The kernel [default: the `blk-io` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct RateLimitArgs {
+    /// Runs of each setting.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Duration of every run (blk-io ms=).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1000..))]
+    ms: u64,
+    /// Size of the image file in MiB (<out-dir>/blk.img, written if missing).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    image_mib: u64,
+    /// The kernel [default: the `blk-io` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct TelemetryArgs {
+    /// Runs of each configuration.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// pio-bench count= (port writes per run).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// cpu-burn ms=.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    burn_ms: u64,
+    /// Rows written in the state repository throughput test.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    repo_rows: u64,
 }
 
 /// Paths and programs every benchmark uses.
@@ -236,6 +298,46 @@ impl Env {
         })
     }
 
+    fn blk(&self, a: &BlkArgs) -> Result<blk::BlkReport, BenchError> {
+        blk::run(&blk::BlkSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "blk-io")?,
+            image: ratelimit::default_image(&self.out_dir),
+            image_mib: a.image_mib,
+            ms: a.ms,
+            runs: a.runs as usize,
+            workloads: blk::WORKLOADS.to_vec(),
+            qemu: self.qemu.clone(),
+            out_dir: self.out_dir.clone(),
+        })
+    }
+
+    fn ratelimit(&self, a: &RateLimitArgs) -> Result<ratelimit::RateLimitReport, BenchError> {
+        ratelimit::run(&ratelimit::RateLimitSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "blk-io")?,
+            image: ratelimit::default_image(&self.out_dir),
+            image_mib: a.image_mib,
+            ms: a.ms,
+            progress_ms: 500,
+            runs: a.runs as usize,
+            settings: ratelimit::default_settings(),
+        })
+    }
+
+    fn telemetry(&self, a: &TelemetryArgs) -> Result<telemetry::TelemetryReport, BenchError> {
+        telemetry::run(&telemetry::TelemetrySettings {
+            vmm: self.vmm.clone(),
+            pio_kernel: kernel(&None, "pio-bench")?,
+            burn_kernel: kernel(&None, "cpu-burn")?,
+            out_dir: self.out_dir.clone(),
+            runs: a.runs as usize,
+            pio_count: a.count,
+            burn_ms: a.burn_ms,
+            repo_rows: a.repo_rows,
+        })
+    }
+
     /// Writes `<name>.json`, prints the JSON, and says where it went on stderr.
     fn emit<T: Serialize>(&self, name: &str, value: &T) -> Result<(), BenchError> {
         let (path, text) = report::write_json(&self.out_dir, name, value)?;
@@ -250,6 +352,9 @@ struct AllReport {
     boot: boot::BootReport,
     pio: pio::PioReport,
     memory: memory::MemoryReport,
+    blk: blk::BlkReport,
+    ratelimit: ratelimit::RateLimitReport,
+    telemetry: telemetry::TelemetryReport,
 }
 
 fn real_main(cli: Cli) -> Result<(), BenchError> {
@@ -287,6 +392,9 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Boot(a) => env.emit("boot", &env.boot(&a)?),
         Cmd::Pio(a) => env.emit("pio", &env.pio(&a)?),
         Cmd::Memory(a) => env.emit("memory", &env.memory(&a)?),
+        Cmd::Blk(a) => env.emit("blk", &env.blk(&a)?),
+        Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
+        Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
         Cmd::All { quick } => {
             let boot_args = BootArgs {
                 runs: if quick { 3 } else { 20 },
@@ -313,7 +421,41 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
             eprintln!("== monitor memory");
             let memory = env.memory(&mem_args)?;
             report::write_json(&env.out_dir, "memory", &memory)?;
-            env.emit("all", &AllReport { boot, pio, memory })
+            eprintln!("== virtio-blk throughput");
+            let blk = env.blk(&BlkArgs {
+                runs: if quick { 1 } else { 3 },
+                ms: if quick { 300 } else { 2000 },
+                image_mib: 256,
+                kernel: None,
+            })?;
+            report::write_json(&env.out_dir, "blk", &blk)?;
+            eprintln!("== rate limiter accuracy");
+            let ratelimit = env.ratelimit(&RateLimitArgs {
+                runs: if quick { 1 } else { 2 },
+                ms: if quick { 1000 } else { 3000 },
+                image_mib: 256,
+                kernel: None,
+            })?;
+            report::write_json(&env.out_dir, "ratelimit", &ratelimit)?;
+            eprintln!("== telemetry overhead");
+            let telemetry = env.telemetry(&TelemetryArgs {
+                runs: if quick { 1 } else { 5 },
+                count: if quick { 10_000 } else { 100_000 },
+                burn_ms: if quick { 300 } else { 2000 },
+                repo_rows: if quick { 10_000 } else { 200_000 },
+            })?;
+            report::write_json(&env.out_dir, "telemetry", &telemetry)?;
+            env.emit(
+                "all",
+                &AllReport {
+                    boot,
+                    pio,
+                    memory,
+                    blk,
+                    ratelimit,
+                    telemetry,
+                },
+            )
         }
         Cmd::Summary | Cmd::PvhWrap { .. } => Ok(()),
     }

@@ -7,7 +7,7 @@
 //! in `resources/test-kernels/BOOT.md` (64-bit long mode, `RDI` = vCPU index, `RSI` = zero
 //! page with a command line).
 //!
-//! [`wrap`] builds a new ELF file holding the kernel's `PT_LOAD` segments unchanged plus one
+//! [`wrap_with`] builds a new ELF file holding the kernel's `PT_LOAD` segments unchanged plus one
 //! extra segment, placed above the kernel's image: a 23-instruction shim that goes from the
 //! PVH state to the test kernels' entry state, its page tables (identity map of the first
 //! GiB with 2 MiB pages), a GDT, a minimal zero page whose `cmd_line_ptr` points to the
@@ -67,14 +67,14 @@ const GDT: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 /// Where the wrapped kernel's command line comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmdlineSource {
-    /// The command line given to [`wrap`], embedded in the shim segment.
+    /// The command line given to [`wrap_with`], embedded in the shim segment.
     Embedded,
     /// The loader's: the shim points the zero page's `cmd_line_ptr` at the
     /// `cmdline_paddr` of the PVH start info (`hvm_start_info`, whose address the loader
     /// passes in `EBX`), which QEMU's firmware fills from `-append` plus, on `microvm`, the
-    /// `virtio_mmio.device=` words of its automatic kernel command line. When `EBX` does
-    /// not point to a start info (bad magic) or it has no command line, the embedded one is
-    /// kept.
+    /// `virtio_mmio.device=` words of its automatic kernel command line (`microvm` adds
+    /// them only with `acpi=off`). When `EBX` does not point to a start info (bad magic)
+    /// or its command line is absent or empty, the embedded one is kept.
     PvhStartInfo,
 }
 
@@ -176,8 +176,8 @@ fn put_u64(buf: &mut [u8], off: u64, v: u64) {
 ///
 /// 32-bit part (PVH entry, protected mode, paging off):
 /// `cli; lgdt [gdtr]; cr4 |= PAE; cr3 = pml4; EFER |= LME; cr0 |= PG|PE; ljmp 0x08:code64`.
-/// With [`CmdlineSource::PvhStartInfo`], right after `cli`:
-/// `if [ebx] == magic && [ebx + 0x18] != 0 { zero_page.cmd_line_ptr = [ebx + 0x18] }`.
+/// With [`CmdlineSource::PvhStartInfo`], right after `cli` (7 more instructions):
+/// `p = [ebx + 0x18]; if [ebx] == magic && p != 0 && [p] != 0 { zero_page.cmd_line_ptr = p }`.
 /// 64-bit part: `ds = es = ss = 0x10; edi = 0; esi = zero page; jmp entry`.
 fn shim_code(base: u32, entry: u32, source: CmdlineSource) -> (Vec<u8>, Vec<u8>) {
     let le = |v: u32| v.to_le_bytes();
@@ -185,10 +185,12 @@ fn shim_code(base: u32, entry: u32, source: CmdlineSource) -> (Vec<u8>, Vec<u8>)
     if source == CmdlineSource::PvhStartInfo {
         c32.extend([0x81, 0x3b]); // cmp dword [ebx], imm32
         c32.extend(le(HVM_START_MAGIC));
-        c32.extend([0x75, 0x0c]); // jne +12 (past the next four instructions)
+        c32.extend([0x75, 0x11]); // jne +17 (past the next six instructions)
         c32.extend([0x8b, 0x43, HVM_START_CMDLINE_PADDR]); // mov eax, [ebx + 0x18]
         c32.extend([0x85, 0xc0]); // test eax, eax
-        c32.extend([0x74, 0x05]); // jz +5 (past the store)
+        c32.extend([0x74, 0x0a]); // jz +10 (past the store)
+        c32.extend([0x80, 0x38, 0x00]); // cmp byte [eax], 0
+        c32.extend([0x74, 0x05]); // je +5 (empty: keep the embedded one)
         c32.push(0xa3); // mov [moffs32], eax
         c32.extend(le(base + (OFF_ZERO_PAGE + CMD_LINE_PTR_OFFSET) as u32));
     }
@@ -256,11 +258,6 @@ fn shim_segment(base: u64, entry: u64, cmdline: &str, source: CmdlineSource) -> 
     let o = OFF_CODE64 as usize;
     s[o..o + c64.len()].copy_from_slice(&c64);
     s
-}
-
-/// Wraps the test kernel `elf` for a PVH boot with the command line `cmdline`.
-pub fn wrap(elf: &[u8], cmdline: &str) -> Result<Wrapped, PvhError> {
-    wrap_with(elf, cmdline, CmdlineSource::Embedded)
 }
 
 /// Wraps the test kernel `elf` for a PVH boot; the command line is `cmdline` or, with
@@ -363,6 +360,10 @@ pub fn wrap_with(elf: &[u8], cmdline: &str, source: CmdlineSource) -> Result<Wra
 mod tests {
     use super::*;
 
+    fn wrap(elf: &[u8], cmdline: &str) -> Result<Wrapped, PvhError> {
+        wrap_with(elf, cmdline, CmdlineSource::Embedded)
+    }
+
     fn kernel() -> Vec<u8> {
         let path = test_kernels::kernel_path("hello");
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -392,6 +393,36 @@ mod tests {
         assert_eq!(u32_at(&w.elf, note + 8), Some(XEN_ELFNOTE_PHYS32_ENTRY));
         assert_eq!(&w.elf[note + 12..note + 16], b"Xen\0");
         assert_eq!(u64_at(&w.elf, note + 16), Some(u64::from(w.pvh_entry)));
+    }
+
+    #[test]
+    fn start_info_variant_only_adds_the_cmdline_override() {
+        let original = kernel();
+        let plain = wrap(&original, "x=1").expect("wrap");
+        let loader = wrap_with(&original, "x=1", CmdlineSource::PvhStartInfo).expect("wrap");
+        assert_eq!(plain.pvh_entry, loader.pvh_entry);
+        let (_, a) = parse(&plain.elf).expect("parse");
+        let (_, b) = parse(&loader.elf).expect("parse");
+        let (sa, sb) = (&a[a.len() - 1].data, &b[b.len() - 1].data);
+        let code = OFF_CODE32 as usize;
+        // Everything but the 32-bit code is the same (tables, zero page, command line).
+        assert_eq!(sa[..code], sb[..code]);
+        assert_eq!(sa[OFF_CODE64 as usize..], sb[OFF_CODE64 as usize..]);
+        // The override comes right after `cli`: the magic check, then a store to the zero
+        // page's cmd_line_ptr, then the plain shim's code unchanged.
+        let (c32, _) = shim_code(plain.shim_base as u32, 0x10_0000, CmdlineSource::Embedded);
+        let (l32, _) = shim_code(
+            plain.shim_base as u32,
+            0x10_0000,
+            CmdlineSource::PvhStartInfo,
+        );
+        let extra = l32.len() - c32.len();
+        assert_eq!(extra, 6 + 2 + 3 + 2 + 2 + 3 + 2 + 5);
+        assert_eq!(l32[0], 0xfa);
+        assert_eq!(l32[3..7], HVM_START_MAGIC.to_le_bytes());
+        let ptr = (plain.shim_base + OFF_ZERO_PAGE + CMD_LINE_PTR_OFFSET) as u32;
+        assert_eq!(l32[extra - 3..extra + 1], ptr.to_le_bytes());
+        assert_eq!(l32[extra + 1..], c32[1..]);
     }
 
     #[test]

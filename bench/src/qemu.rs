@@ -72,13 +72,9 @@ pub fn find(explicit: Option<&Path>, cpu: &str) -> Result<Qemu, String> {
 }
 
 impl Qemu {
-    /// The arguments that boot `kernel` (a PVH ELF) on `microvm` with serial on stdio.
-    pub fn args(&self, kernel: &Path) -> Vec<String> {
-        self.args_with(kernel, "microvm", &[])
-    }
-
-    /// As [`Qemu::args`], with `-M <machine>` (e.g. `microvm,auto-kernel-cmdline=on`) and
-    /// `extra` arguments (devices, `-append`) after the common ones.
+    /// The arguments that boot `kernel` (a PVH ELF) on `-M <machine>` (`microvm`, with
+    /// options) with serial on stdio, with `extra` arguments (devices, `-append`) after the
+    /// common ones.
     pub fn args_with(&self, kernel: &Path, machine: &str, extra: &[String]) -> Vec<String> {
         [
             "-M",

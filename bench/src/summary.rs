@@ -166,5 +166,146 @@ pub fn render(dir: &Path) -> Result<String, BenchError> {
             f(num(&m, &["guest_rss_mib"]), 2)
         );
     }
+    if let Some(b) = load(dir, "blk")? {
+        render_blk(&mut s, &b);
+    }
+    if let Some(r) = load(dir, "ratelimit")? {
+        render_ratelimit(&mut s, &r);
+    }
+    if let Some(t) = load(dir, "telemetry")? {
+        render_telemetry(&mut s, &t);
+    }
     Ok(s)
+}
+
+fn render_blk(s: &mut String, b: &Value) {
+    let qemu = text(b, &["qemu", "status"]) == "measured";
+    let _ = writeln!(
+        s,
+        "\nvirtio-blk, blk-io on a {} MiB image, ms={} ({}, {} runs/side, medians; ratios of ops/s)",
+        f(num(b, &["image_mib"]), 0),
+        f(num(b, &["ms"]), 0),
+        text(b, &["meta", "date_utc"]),
+        f(num(b, &["runs"]), 0)
+    );
+    let _ = writeln!(
+        s,
+        "  {:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}",
+        "workload",
+        "vmm op/s",
+        "host op/s",
+        "qemu op/s",
+        "vmm MiB/s",
+        "vmm/host",
+        "paired",
+        "vmm/qemu"
+    );
+    let empty = Vec::new();
+    let results = b.get("results").and_then(Value::as_array).unwrap_or(&empty);
+    for r in results {
+        let _ = writeln!(
+            s,
+            "  {:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}",
+            text(r, &["label"]),
+            f(num(r, &["vmm", "ops_per_sec", "median"]), 0),
+            f(num(r, &["host", "ops_per_sec", "median"]), 0),
+            f(num(r, &["qemu", "ops_per_sec", "median"]), 0),
+            f(num(r, &["vmm", "mib_per_sec", "median"]), 1),
+            f(num(r, &["ratio_vmm_over_host"]), 3),
+            f(num(r, &["ratio_vmm_over_host_paired_median"]), 3),
+            f(num(r, &["ratio_vmm_over_qemu"]), 3),
+        );
+    }
+    if !qemu {
+        let _ = writeln!(s, "  qemu not measured: {}", text(b, &["qemu", "reason"]));
+    }
+}
+
+fn render_ratelimit(s: &mut String, r: &Value) {
+    let _ = writeln!(
+        s,
+        "\nRate limiter, blk-io ms={} under vmm ({}, {} runs/setting; achieved / configured, median [min - max])",
+        f(num(r, &["ms"]), 0),
+        text(r, &["meta", "date_utc"]),
+        f(num(r, &["runs"]), 0)
+    );
+    let empty = Vec::new();
+    for x in r.get("results").and_then(Value::as_array).unwrap_or(&empty) {
+        let limit = x
+            .get("setting")
+            .and_then(|st| st.get("limit"))
+            .and_then(Value::as_object)
+            .and_then(|o| o.iter().next())
+            .map(|(k, v)| {
+                let n = v.as_f64().unwrap_or(0.0);
+                match k.as_str() {
+                    "bytes_per_sec" => format!("bw={n:.0}"),
+                    _ => format!("iops={n:.0}"),
+                }
+            })
+            .unwrap_or_else(|| "?".into());
+        let range = |k: &str| {
+            format!(
+                "{} [{} - {}]",
+                f(num(x, &[k, "median"]), 3),
+                f(num(x, &[k, "min"]), 3),
+                f(num(x, &[k, "max"]), 3)
+            )
+        };
+        let _ = writeln!(
+            s,
+            "  {:<12} whole run {:<24} past the first progress line {}",
+            limit,
+            range("accuracy"),
+            range("steady_accuracy")
+        );
+    }
+}
+
+fn render_telemetry(s: &mut String, t: &Value) {
+    let _ = writeln!(
+        s,
+        "\nTelemetry ({}, {} runs/side; medians, ratio to no telemetry: of medians / paired)",
+        text(t, &["meta", "date_utc"]),
+        f(num(t, &["runs"]), 0)
+    );
+    let empty = Vec::new();
+    for (part, unit, digits) in [
+        ("exit_round_trip", "ns/exit", 0),
+        ("compute", "iterations", 0),
+    ] {
+        let p = t.get(part).cloned().unwrap_or(Value::Null);
+        let _ = writeln!(
+            s,
+            "  {} ({})",
+            text(&p, &["measures"]),
+            text(&p, &["cmdline"])
+        );
+        for side in p.get("sides").and_then(Value::as_array).unwrap_or(&empty) {
+            let rows = side
+                .get("samples")
+                .and_then(Value::as_array)
+                .and_then(|v| v.last())
+                .and_then(|x| x.get("rows"))
+                .and_then(Value::as_u64)
+                .map(|r| format!(", {r} rows in the last run"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "    {:<16} {} {unit}; ratio {} / {}{rows}",
+                text(side, &["label"]),
+                spread(side, &["value"], digits),
+                f(num(side, &["ratio_to_off"]), 3),
+                f(num(side, &["ratio_to_off_paired_median"]), 3),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  state repository: {} rows/s ({} rows in {} s, {} commits)",
+        f(num(t, &["state_repo", "rows_per_sec"]), 0),
+        f(num(t, &["state_repo", "rows"]), 0),
+        f(num(t, &["state_repo", "seconds"]), 2),
+        f(num(t, &["state_repo", "commits"]), 0)
+    );
 }

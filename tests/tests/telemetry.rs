@@ -231,3 +231,21 @@ fn dirty_pages_of_a_memory_toucher_are_counted() {
         "only {pages:.0} dirty pages counted"
     );
 }
+
+#[test]
+fn metrics_endpoint_does_not_disturb_a_clean_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    run_kernel(
+        "hello",
+        &["--metrics-addr", &addr, "--state-db", "/dev/null/x"],
+        LIMIT,
+    )
+    .expect_status(2);
+    run_kernel("hello", &["--metrics-addr", &addr], LIMIT)
+        .expect_status(0)
+        .expect_line("Hello from test kernel");
+}

@@ -18,9 +18,12 @@
 
 #![warn(missing_docs)]
 
+pub mod actions;
 pub mod agent;
 pub mod anomaly;
 pub mod counters;
+pub mod manager;
 pub mod prometheus;
+pub mod reward;
 pub mod schema;
 pub mod state_repo;

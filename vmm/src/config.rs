@@ -68,6 +68,9 @@ pub struct VmConfig {
     /// virtio-blk drives, in slot order.
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// virtio-net devices (after the drives in slot order).
+    #[serde(default)]
+    pub network: Vec<NetworkConfig>,
     /// Unix socket of the control API (PATCH drives' limits and priorities at run time).
     #[serde(default)]
     pub api_sock: Option<PathBuf>,
@@ -174,6 +177,79 @@ pub fn bucket_for_rate(per_sec: u64) -> BucketSpec {
     }
 }
 
+/// One virtio-net device on a TAP interface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// TAP interface name (created if absent; needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// Guest MAC address `xx:xx:xx:xx:xx:xx`; `06:00:00:00:00:<slot>` when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Name in logs and metrics; `net<N>` when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl NetworkConfig {
+    /// Parses the `--net` syntax: `tap=NAME[,mac=MAC][,id=NAME]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut cfg = NetworkConfig {
+            tap: String::new(),
+            mac: None,
+            id: None,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => cfg.tap = v.to_string(),
+                Some(("mac", v)) if !v.is_empty() => cfg.mac = Some(v.to_string()),
+                Some(("id", v)) if !v.is_empty() => cfg.id = Some(v.to_string()),
+                _ => {
+                    return Err(ConfigError::new(
+                        "network",
+                        format!("unknown or empty option {part:?} in {spec:?} (expected tap=NAME[,mac=MAC][,id=NAME])"),
+                    ))
+                }
+            }
+        }
+        if cfg.tap.is_empty() {
+            return Err(ConfigError::new(
+                "network",
+                format!("{spec:?} has no tap=NAME"),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bad = || {
+        ConfigError::new(
+            "network.mac",
+            format!("{text:?} is not a MAC address xx:xx:xx:xx:xx:xx"),
+        )
+    };
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(ConfigError::new(
+            "network.mac",
+            format!("{text} is a multicast address"),
+        ));
+    }
+    Ok(mac)
+}
+
 /// One virtio-blk drive.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +348,7 @@ impl VmConfig {
             seccomp: true,
             timeout_ms: None,
             drives: Vec::new(),
+            network: Vec::new(),
             api_sock: None,
             metrics_interval_ms: default_metrics_interval_ms(),
             state_db: None,
@@ -406,6 +483,14 @@ impl VmConfig {
             }
         }
         detect_kernel_format(&self.kernel)
+    }
+
+    /// The id of network device `index` (its own or `net<index>`).
+    pub fn net_id(&self, index: usize) -> String {
+        self.network
+            .get(index)
+            .and_then(|n| n.id.clone())
+            .unwrap_or_else(|| format!("net{index}"))
     }
 
     /// The id of drive `index` (its own or `blk<index>`).

@@ -94,6 +94,9 @@ struct RunArgs {
     /// path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=low|medium|high|N].
     #[arg(long = "drive", value_name = "SPEC")]
     drives: Vec<String>,
+    /// Add a virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,id=NAME] (repeatable).
+    #[arg(long = "net", value_name = "SPEC")]
+    network: Vec<String>,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -113,8 +116,11 @@ struct RunArgs {
 
 /// The command-line flag for a configuration field, for error messages.
 fn flag_of(field: &str) -> String {
-    match field {
+    let top = field.split('.').next().unwrap_or(field);
+    match top {
         "config" => "--config".into(),
+        "drives" => "--drive".into(),
+        "network" => "--net".into(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }
@@ -168,6 +174,13 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if let Some(v) = args.vm_id {
         cfg.vm_id = v;
+    }
+    if !args.network.is_empty() {
+        cfg.network = args
+            .network
+            .iter()
+            .map(|n| vmm::config::NetworkConfig::parse(n))
+            .collect::<Result<_, _>>()?;
     }
     if !args.drives.is_empty() {
         cfg.drives = args

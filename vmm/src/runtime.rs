@@ -10,6 +10,8 @@ use devices::guest_metrics::GuestMetricsDevice;
 use devices::io_scheduler::{Priority, QueueId, SharedIoScheduler};
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
+use devices::virtio::QueueMetricsSnapshot;
 use tuner::counters::{
     CounterSnapshot, CounterSource, GuestMetrics, MemoryCounters, QueueCounters,
 };
@@ -49,6 +51,7 @@ pub struct VmRuntime {
     vcpus: Vec<Arc<VcpuStats>>,
     kvm_stats: Vec<Mutex<Option<KvmStats>>>,
     drives: Vec<DriveHandle>,
+    nets: Vec<(String, Arc<Mutex<Net>>)>,
     scheduler: Option<SharedIoScheduler>,
     guest: Arc<GuestMetricsDevice>,
     statm: Option<std::fs::File>,
@@ -115,6 +118,7 @@ impl VmRuntime {
         vcpus: Vec<Arc<VcpuStats>>,
         kvm_stats: Vec<Option<KvmStats>>,
         drives: Vec<DriveHandle>,
+        nets: Vec<(String, Arc<Mutex<Net>>)>,
         scheduler: Option<SharedIoScheduler>,
         guest: Arc<GuestMetricsDevice>,
         dirty: Option<DirtyLog>,
@@ -125,6 +129,7 @@ impl VmRuntime {
             vcpus,
             kvm_stats: kvm_stats.into_iter().map(Mutex::new).collect(),
             drives,
+            nets,
             scheduler,
             guest,
             statm: std::fs::File::open("/proc/self/statm").ok(),
@@ -226,25 +231,28 @@ impl CounterSource for VmRuntime {
                 c
             })
             .collect();
-        let queues = self
+        let counters = |device: &str, queue: u16, m: QueueMetricsSnapshot| QueueCounters {
+            device: device.to_string(),
+            queue,
+            requests: m.requests,
+            bytes: m.bytes,
+            errors: m.errors,
+            throttled_ns: m.throttled_ns,
+            depth_sum: m.depth_sum,
+            depth_samples: m.depth_samples,
+            latency_buckets: m.latency_buckets,
+            latency_ns_sum: m.latency_ns_sum,
+        };
+        let mut queues: Vec<QueueCounters> = self
             .drives
             .iter()
-            .map(|d| {
-                let m = lock(&d.block).metrics().snapshot();
-                QueueCounters {
-                    device: d.id.clone(),
-                    queue: 0,
-                    requests: m.requests,
-                    bytes: m.bytes,
-                    errors: m.errors,
-                    throttled_ns: m.throttled_ns,
-                    depth_sum: m.depth_sum,
-                    depth_samples: m.depth_samples,
-                    latency_buckets: m.latency_buckets,
-                    latency_ns_sum: m.latency_ns_sum,
-                }
-            })
+            .map(|d| counters(&d.id, 0, lock(&d.block).metrics().snapshot()))
             .collect();
+        for (id, net) in &self.nets {
+            let n = lock(net);
+            queues.push(counters(id, 0, n.rx_metrics().snapshot()));
+            queues.push(counters(id, 1, n.tx_metrics().snapshot()));
+        }
         let g = self.guest.report();
         CounterSnapshot {
             at_ns: self.started.elapsed().as_nanos() as u64,

@@ -20,6 +20,7 @@ use devices::legacy::{
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::io_engine::IoEngine;
 use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_WINDOW_SIZE};
 use devices::{ExitReason, ExitSignal};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -327,6 +328,31 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         virtio_words.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         blocks.push(block);
     }
+    // Network devices take the slots after the drives.
+    let mut nets = Vec::new();
+    for (i, n) in cfg.network.iter().enumerate() {
+        let id = cfg.net_id(i);
+        let slot = (cfg.drives.len() + i) as u64;
+        let mac = match &n.mac {
+            Some(m) => crate::config::parse_mac(m)?,
+            None => [0x06, 0, 0, 0, 0, slot as u8],
+        };
+        let net = Net::new(NetConfig {
+            id: id.clone(),
+            tap: n.tap.clone(),
+            mac,
+        })
+        .map_err(|e| ConfigError::new("network", e.to_string()))?;
+        let net = Arc::new(Mutex::new(net));
+        let (base, irq) = (
+            memory::VIRTIO_MMIO_BASE + slot * MMIO_WINDOW_SIZE,
+            memory::VIRTIO_IRQ_BASE + slot as u32,
+        );
+        attach_virtio(&vm, &mut io_manager, &mem, &id, net.clone(), base, irq)?;
+        virtio_words.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        subscribers.push(net.clone());
+        nets.push((id, net));
+    }
     // One I/O engine serves every drive's queue in priority order.
     let mut scheduler = None;
     if !blocks.is_empty() {
@@ -499,6 +525,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                 block: blocks[i].clone(),
             })
             .collect(),
+        nets,
         scheduler,
         guest_metrics,
         telemetry_on.then(|| DirtyLog {

@@ -2,6 +2,7 @@
 //!
 //! - [`mmio`]: the register interface a guest driver programs, one 4 KiB window per device.
 //! - [`block`]: virtio-blk backed by a raw file.
+//! - [`net`]: virtio-net backed by a TAP interface.
 //! - [`io_engine`]: serves every drive's queue in priority order on the event loop.
 //! - [`queue_metrics`]: per-queue counters (requests, bytes, errors, throttling, depth,
 //!   latency) read by the monitor's telemetry.
@@ -12,6 +13,7 @@
 pub mod block;
 pub mod io_engine;
 pub mod mmio;
+pub mod net;
 pub mod queue_metrics;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -19,4 +19,4 @@ pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 pub const QUEUE_SIZE: u16 = 256;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

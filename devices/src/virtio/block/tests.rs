@@ -16,22 +16,46 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{Block, BlockConfig};
 use crate::virtio::{VirtioDevice, VirtioInterrupt};
 
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
-const HDR: u64 = 0x10_000;
-const DATA: u64 = 0x20_000;
-const STATUS: u64 = 0x90_000;
+pub(crate) const DESC: u64 = 0x1000;
+pub(crate) const AVAIL: u64 = 0x2000;
+pub(crate) const USED: u64 = 0x3000;
+pub(crate) const HDR: u64 = 0x10_000;
+pub(crate) const DATA: u64 = 0x20_000;
+pub(crate) const STATUS: u64 = 0x90_000;
 const QSIZE: u16 = 16;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 const MEM: usize = 1 << 20;
 
-struct Harness {
+pub(crate) struct Harness {
     mem: GuestMemoryMmap,
     block: Block,
     path: PathBuf,
     avail_idx: u16,
+}
+
+/// A harness whose device moved behind a mutex, for the I/O engine.
+pub(crate) struct SharedHarness {
+    mem: GuestMemoryMmap,
+    avail_idx: u16,
+    /// The device.
+    pub(crate) block: Arc<std::sync::Mutex<Block>>,
+}
+
+impl SharedHarness {
+    /// Makes chain `head` available without processing it.
+    pub(crate) fn make_available(&mut self, head: u16) {
+        self.avail_idx = push_avail(&self.mem, self.avail_idx, head);
+    }
+}
+
+fn push_avail(mem: &GuestMemoryMmap, idx: u16, head: u16) -> u16 {
+    let slot = u64::from(idx % QSIZE);
+    mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+        .unwrap();
+    let next = idx.wrapping_add(1);
+    mem.write_obj(next, GuestAddress(AVAIL + 2)).unwrap();
+    next
 }
 
 impl Drop for Harness {
@@ -40,7 +64,7 @@ impl Drop for Harness {
     }
 }
 
-fn harness(name: &str, sectors: u64, read_only: bool) -> Harness {
+pub(crate) fn harness(name: &str, sectors: u64, read_only: bool) -> Harness {
     let path = std::env::temp_dir().join(format!("blk-test-{}-{name}.img", std::process::id()));
     std::fs::write(&path, vec![0u8; (sectors * 512) as usize]).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
@@ -67,7 +91,7 @@ fn harness(name: &str, sectors: u64, read_only: bool) -> Harness {
 }
 
 impl Harness {
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub(crate) fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(DESC + 16 * u64::from(i));
         self.mem.write_obj(addr, at).unwrap();
         self.mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
@@ -75,22 +99,37 @@ impl Harness {
         self.mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
     }
 
-    fn header(&self, kind: u32, sector: u64) {
+    pub(crate) fn header(&self, kind: u32, sector: u64) {
         self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
         self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
     }
 
+    /// Makes chain `head` available without processing it.
+    pub(crate) fn make_available(&mut self, head: u16) {
+        self.avail_idx = push_avail(&self.mem, self.avail_idx, head);
+    }
+
+    /// Moves the device behind an `Arc<Mutex<_>>` (the harness keeps a read-only stand-in
+    /// on the same file, which it deletes when dropped; the moved device keeps its fd).
+    pub(crate) fn into_shared(mut self) -> SharedHarness {
+        let stand_in = Block::new(BlockConfig {
+            id: "stand-in".into(),
+            path: self.path.clone(),
+            read_only: true,
+        })
+        .unwrap();
+        let block = std::mem::replace(&mut self.block, stand_in);
+        SharedHarness {
+            mem: self.mem.clone(),
+            avail_idx: self.avail_idx,
+            block: Arc::new(std::sync::Mutex::new(block)),
+        }
+    }
+
     /// Makes chain `head` available and processes the queue.
     fn submit(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
+        self.make_available(head);
         self.block.process_queue();
     }
 

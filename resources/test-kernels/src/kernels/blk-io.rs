@@ -1126,20 +1126,15 @@ fn devs_pump(
             .submit_all(&mut r.work, &mut more[i])
             .map_err(|e| (i, e))?;
     }
-    let mut last_pass = rt::rdtsc();
     loop {
-        {
-            let t = rt::rdtsc();
-            let g = t - last_pass;
-            last_pass = t;
-            unsafe {
-                if g > DBG[0] { DBG[0] = g; }
-                if g > rt::ns_to_ticks(100_000) { DBG[1] += 1; DBG[2] += g; }
-                DBG[3] += 1;
-            }
-        }
         first = if first + 1 >= n { 0 } else { first + 1 };
-        let order = (0..n).map(|k| if first + k >= n { first + k - n } else { first + k });
+        let order = (0..n).map(|k| {
+            if first + k >= n {
+                first + k - n
+            } else {
+                first + k
+            }
+        });
         let mut active = false;
         // Bit i: device i had completions in this pass.
         let mut reaped = 0u64;
@@ -1291,10 +1286,6 @@ fn devs(p: &Params, n: usize, write: bool, random: bool) -> ! {
             }
         }
     }
-    unsafe {
-        println!("blk-io: debug maxgap_us={} gaps>100us={} gap_ms={} passes={}", rt::ticks_to_ns(DBG[0])/1000, DBG[1], rt::ticks_to_ns(DBG[2])/1_000_000, DBG[3]);
-    }
     println!("blk-io: devs done devices={}", n);
     rt::exit(if errors != 0 { EXIT_FAIL } else { 0 })
 }
-\nstatic mut DBG: [u64; 4] = [0; 4];\n

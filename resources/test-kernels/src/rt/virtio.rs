@@ -1,7 +1,8 @@
-//! A minimal polling virtio-mmio (version 2, "modern") driver that runs at CPL 3, and a
-//! virtio-blk request layer on top of it. Written from the virtio 1.x specification:
-//! section 4.2 (virtio over MMIO), 2.7 (split virtqueues), 3.1 (device initialisation)
-//! and 5.2 (block device).
+//! A minimal polling virtio-mmio (version 2, "modern") driver that runs at CPL 3, with a
+//! virtio-blk request layer ([`Blk`]) and a virtio-net packet layer ([`Net`]) on top of
+//! it. Written from the virtio 1.x specification: section 4.2 (virtio over MMIO), 2.7
+//! (split virtqueues), 3.1 (device initialisation), 5.2 (block device) and 5.1 (network
+//! device).
 //!
 //! # Discovery
 //! The monitor appends one word `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` per device
@@ -1006,5 +1007,319 @@ impl Blk {
     /// Reads the device id string into `buf` ([`BLK_ID_BYTES`] bytes of DMA memory).
     pub fn get_id(&mut self, buf: u64, timeout_ns: u64) -> Result<u8, Error> {
         self.request(BLK_T_GET_ID, 0, buf, BLK_ID_BYTES, timeout_ns)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// virtio-net.
+
+/// VIRTIO_NET_F_MAC: the configuration space holds the device's MAC address.
+pub const NET_F_MAC: u64 = 1 << 5;
+/// The receive queue.
+pub const NET_RX_QUEUE: u32 = 0;
+/// The transmit queue.
+pub const NET_TX_QUEUE: u32 = 1;
+/// Bytes of `struct virtio_net_hdr` (virtio 1.x, with `num_buffers`): flags u8,
+/// gso_type u8, hdr_len u16, gso_size u16, csum_start u16, csum_offset u16,
+/// num_buffers u16. It precedes every frame in both directions.
+pub const NET_HDR_LEN: usize = 12;
+/// Longest Ethernet frame (without FCS) the driver sends or expects to receive.
+pub const NET_MAX_FRAME: usize = 1514;
+/// Bytes of one packet buffer (header + frame, one descriptor each).
+pub const NET_BUF_SIZE: u64 = 2048;
+/// Offset of `num_buffers` (u16) in the header.
+pub const NET_HDR_NUM_BUFFERS: usize = 10;
+/// MAC used when the device does not offer VIRTIO_NET_F_MAC (locally administered).
+pub const NET_DEFAULT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+
+/// A virtio-net device: a receive half ([`NetRx`], queue 0) and a transmit half
+/// ([`NetTx`], queue 1), separate fields so that a receive callback can transmit
+/// (`net.rx.recv_with(|f| net.tx.send_with(...))`).
+///
+/// Every packet is one descriptor pointing at a [`NET_BUF_SIZE`]-byte buffer holding the
+/// 12-byte header followed by the frame; buffer `i` of a queue belongs to descriptor
+/// (= head) `i`, so no other bookkeeping is needed. Features: VIRTIO_F_VERSION_1 and,
+/// if offered, VIRTIO_NET_F_MAC; no offloads, no mergeable receive buffers.
+pub struct Net {
+    dev: MmioDevice,
+    /// Our MAC address: the configuration space's `mac` if VIRTIO_NET_F_MAC was
+    /// negotiated, else [`NET_DEFAULT_MAC`].
+    pub mac: [u8; 6],
+    /// The receive half (queue 0), kept full of device-writable buffers.
+    pub rx: NetRx,
+    /// The transmit half (queue 1).
+    pub tx: NetTx,
+}
+
+impl Net {
+    /// Number of virtio-net devices announced on the command line (probes each slot).
+    pub fn count() -> usize {
+        slots()
+            .filter(|s| matches!(MmioDevice::probe(s), Ok(d) if d.device_id() == ID_NET))
+            .count()
+    }
+
+    /// Finds the `index`-th virtio-net device (0 = first) on the command line and
+    /// initialises it ([`Net::init`]). [`Error::NoDevice`] if there is none.
+    pub fn open(index: usize) -> Result<Net, Error> {
+        let dev = slots()
+            .filter_map(|s| MmioDevice::probe(&s).ok())
+            .filter(|d| d.device_id() == ID_NET)
+            .nth(index)
+            .ok_or(Error::NoDevice)?;
+        Net::init(dev)
+    }
+
+    /// Initialises a probed network device: features (VERSION_1, MAC if offered), the
+    /// MAC address, queues 0 and 1 (up to [`MAX_QUEUE_SIZE`] entries each), one buffer
+    /// per descriptor, DRIVER_OK; then posts a receive buffer on every descriptor of
+    /// queue 0 and notifies the device.
+    pub fn init(mut dev: MmioDevice) -> Result<Net, Error> {
+        let features = dev.negotiate(NET_F_MAC)?;
+        let mac = if features & NET_F_MAC != 0 {
+            dev.config_mac()
+        } else {
+            NET_DEFAULT_MAC
+        };
+        let rxq = dev.setup_queue(NET_RX_QUEUE, MAX_QUEUE_SIZE)?;
+        let txq = dev.setup_queue(NET_TX_QUEUE, MAX_QUEUE_SIZE)?;
+        let rx_bufs = dma_alloc(u64::from(rxq.size()) * NET_BUF_SIZE, 4096);
+        let tx_bufs = dma_alloc(u64::from(txq.size()) * NET_BUF_SIZE, 4096);
+        let (Some(rx_bufs), Some(tx_bufs)) = (rx_bufs, tx_bufs) else {
+            dev.fail();
+            return Err(Error::OutOfMemory);
+        };
+        dev.driver_ok()?;
+        let mut net = Net {
+            dev,
+            mac,
+            rx: NetRx {
+                vq: rxq,
+                bufs: rx_bufs,
+            },
+            tx: NetTx {
+                vq: txq,
+                bufs: tx_bufs,
+            },
+        };
+        net.rx.fill();
+        net.rx.kick();
+        Ok(net)
+    }
+
+    /// The transport.
+    pub fn device(&self) -> &MmioDevice {
+        &self.dev
+    }
+
+    /// Whether VIRTIO_NET_F_MAC was negotiated (the MAC came from the device).
+    pub fn has_mac(&self) -> bool {
+        self.dev.features() & NET_F_MAC != 0
+    }
+}
+
+impl MmioDevice {
+    /// Reads `mac[6]` at the start of a network device's configuration space (two
+    /// 32-bit reads, retried until ConfigGeneration is stable).
+    pub fn config_mac(&self) -> [u8; 6] {
+        let v = self.config_read64(0).to_le_bytes();
+        [v[0], v[1], v[2], v[3], v[4], v[5]]
+    }
+}
+
+/// A received frame, as returned by [`NetRx::poll`]: its buffer (= head) and the bytes
+/// the device wrote (header + frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxFrame {
+    /// Head (= buffer) index.
+    pub head: u16,
+    /// Bytes written by the device, header included.
+    pub len: u32,
+}
+
+impl RxFrame {
+    /// Length of the Ethernet frame (0 if the device wrote less than a header).
+    pub fn frame_len(&self) -> usize {
+        (self.len as usize)
+            .min(NET_BUF_SIZE as usize)
+            .saturating_sub(NET_HDR_LEN)
+    }
+}
+
+/// The receive half of a [`Net`]: queue 0 with a device-writable buffer posted on every
+/// free descriptor.
+pub struct NetRx {
+    vq: Virtqueue,
+    bufs: u64,
+}
+
+impl NetRx {
+    /// The queue.
+    pub fn queue(&mut self) -> &mut Virtqueue {
+        &mut self.vq
+    }
+
+    /// Guest-physical address of buffer `head` (header first, then the frame).
+    pub fn buf_addr(&self, head: u16) -> u64 {
+        self.bufs + u64::from(head) * NET_BUF_SIZE
+    }
+
+    /// Posts a buffer on every free descriptor (unpublished until [`NetRx::kick`]);
+    /// returns how many.
+    pub fn fill(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(head) = self.vq.peek_head() {
+            self.post(head);
+            n += 1;
+        }
+        n
+    }
+
+    /// Posts buffer `head` (whose descriptor must be free) for the device to write.
+    fn post(&mut self, head: u16) {
+        let buf = Buffer {
+            addr: self.buf_addr(head),
+            len: NET_BUF_SIZE as u32,
+            device_writes: true,
+        };
+        let got = self.vq.add(&[buf]);
+        debug_assert_eq!(got, Some(head));
+    }
+
+    /// Publishes the buffers posted since the last kick (and notifies the device).
+    pub fn kick(&mut self) -> bool {
+        self.vq.kick()
+    }
+
+    /// The next received frame, if any (never blocks). The caller reads it with
+    /// [`NetRx::frame`] and must give the buffer back with [`NetRx::repost`].
+    #[inline]
+    pub fn poll(&mut self) -> Result<Option<RxFrame>, Error> {
+        Ok(self.vq.poll()?.map(|u| RxFrame {
+            head: u.id,
+            len: u.len,
+        }))
+    }
+
+    /// The frame bytes (after the header) of a frame returned by [`NetRx::poll`] and not
+    /// yet reposted.
+    pub fn frame(&mut self, f: &RxFrame) -> &mut [u8] {
+        let addr = self.buf_addr(f.head) + NET_HDR_LEN as u64;
+        // SAFETY: the buffer belongs to a chain the device returned (poll read used.idx
+        // with an Acquire fence), so the device no longer touches it until it is
+        // reposted, which needs `&mut self` and so ends this borrow.
+        unsafe { core::slice::from_raw_parts_mut(addr as usize as *mut u8, f.frame_len()) }
+    }
+
+    /// `num_buffers` of a received frame's header (1 without mergeable buffers).
+    pub fn num_buffers(&self, f: &RxFrame) -> u16 {
+        let addr = self.buf_addr(f.head) + NET_HDR_NUM_BUFFERS as u64;
+        // SAFETY: as in `frame`; an aligned u16 inside the buffer.
+        unsafe { read_volatile(addr as usize as *const u16) }
+    }
+
+    /// Gives the buffer of a consumed frame back to the device (unpublished until
+    /// [`NetRx::kick`]).
+    pub fn repost(&mut self, f: RxFrame) {
+        self.post(f.head);
+    }
+
+    /// Receives one frame if one arrived: calls `f` with the frame bytes, reposts the
+    /// buffer (unpublished: call [`NetRx::kick`] after a batch) and returns `f`'s result.
+    #[inline]
+    pub fn recv_with<R>(&mut self, f: impl FnOnce(&mut [u8]) -> R) -> Result<Option<R>, Error> {
+        let Some(frame) = self.poll()? else {
+            return Ok(None);
+        };
+        let r = f(self.frame(&frame));
+        self.repost(frame);
+        Ok(Some(r))
+    }
+}
+
+/// The transmit half of a [`Net`]: queue 1 with one device-readable buffer per packet.
+pub struct NetTx {
+    vq: Virtqueue,
+    bufs: u64,
+}
+
+impl NetTx {
+    /// The queue.
+    pub fn queue(&mut self) -> &mut Virtqueue {
+        &mut self.vq
+    }
+
+    /// Packets submitted and not yet returned by the device.
+    pub fn in_flight(&self) -> usize {
+        usize::from(self.vq.in_flight())
+    }
+
+    /// Whether a descriptor is free (else [`NetTx::reclaim`] first).
+    pub fn has_room(&self) -> bool {
+        self.vq.num_free() > 0
+    }
+
+    /// Takes every packet the device has finished with off the used ring; returns how
+    /// many.
+    #[inline]
+    pub fn reclaim(&mut self) -> Result<usize, Error> {
+        let mut n = 0;
+        while self.vq.poll()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Queues one frame of `len` bytes (at most [`NET_MAX_FRAME`]; panics above): `fill`
+    /// writes it into the packet buffer (whose previous contents are unspecified), the
+    /// header is all zeros. Unpublished until [`NetTx::kick`]. Returns `false` (and
+    /// does not call `fill`) if no descriptor is free: [`NetTx::reclaim`] and retry.
+    #[inline]
+    pub fn send_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
+        assert!(len <= NET_MAX_FRAME, "NetTx::send_with: frame too long");
+        let Some(head) = self.vq.peek_head() else {
+            return false;
+        };
+        let addr = self.bufs + u64::from(head) * NET_BUF_SIZE;
+        // SAFETY: the descriptor `head` is free, so its buffer is not in use by the device;
+        // the buffer is NET_BUF_SIZE >= NET_HDR_LEN + NET_MAX_FRAME bytes of DMA memory.
+        unsafe {
+            write_bytes(addr as usize as *mut u8, 0, NET_HDR_LEN);
+            let frame = core::slice::from_raw_parts_mut(
+                (addr as usize as *mut u8).add(NET_HDR_LEN),
+                len,
+            );
+            fill(frame);
+        }
+        let buf = Buffer {
+            addr,
+            len: (NET_HDR_LEN + len) as u32,
+            device_writes: false,
+        };
+        let got = self.vq.add(&[buf]);
+        debug_assert_eq!(got, Some(head));
+        true
+    }
+
+    /// Publishes the frames queued since the last kick and notifies the device (once).
+    pub fn kick(&mut self) -> bool {
+        self.vq.kick()
+    }
+
+    /// Kicks, then spins until the device has returned every packet in flight;
+    /// [`Error::Timeout`] if none comes back for `timeout_ns`.
+    pub fn drain(&mut self, timeout_ns: u64) -> Result<(), Error> {
+        self.kick();
+        let limit = ns_to_ticks(timeout_ns);
+        let mut last = rdtsc();
+        while self.in_flight() > 0 {
+            if self.reclaim()? > 0 {
+                last = rdtsc();
+            } else if rdtsc().wrapping_sub(last) > limit {
+                return Err(Error::Timeout);
+            }
+            spin_loop();
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,370 @@
+//! The virtio-net device: moves frames between the guest's queues and a TAP interface.
+//!
+//! Guest input is checked: a transmit chain must be device-readable, hold the 12-byte
+//! header and at most [`MAX_FRAME_LEN`] bytes of frame, and lie in guest memory; a receive
+//! chain must be device-writable and large enough for the header and the frame. A bad chain
+//! is returned to the guest unused (length 0) and counted as an error; a protocol violation
+//! of the rings stops the device until the driver resets it.
+
+use std::io;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::tap::{Tap, TapError};
+use super::{MAX_FRAME_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{
+    ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// Settings of one network device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name in logs and metrics (e.g. `net0`).
+    pub id: String,
+    /// TAP interface to attach to (created if absent).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Errors creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-net device on a TAP interface.
+pub struct Net {
+    config: NetConfig,
+    tap: Tap,
+    queue_events: Vec<EventFd>,
+    active: Option<Active>,
+    broken: Arc<AtomicBool>,
+    rx_metrics: Arc<QueueMetrics>,
+    tx_metrics: Arc<QueueMetrics>,
+    /// A frame read from the TAP that waits for a receive buffer.
+    rx_frame: Vec<u8>,
+    rx_pending: Option<usize>,
+    tx_frame: Vec<u8>,
+}
+
+impl Net {
+    /// Opens the TAP and creates the device.
+    pub fn new(config: NetConfig) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            config,
+            tap,
+            queue_events: vec![evt()?, evt()?],
+            active: None,
+            broken: Arc::new(AtomicBool::new(false)),
+            rx_metrics: Arc::new(QueueMetrics::default()),
+            tx_metrics: Arc::new(QueueMetrics::default()),
+            rx_frame: vec![0u8; MAX_FRAME_LEN],
+            rx_pending: None,
+            tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
+        })
+    }
+
+    /// The device's settings.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    /// The TAP interface (its fd goes into the event loop).
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// Counters of the receive queue.
+    pub fn rx_metrics(&self) -> Arc<QueueMetrics> {
+        self.rx_metrics.clone()
+    }
+
+    /// Counters of the transmit queue.
+    pub fn tx_metrics(&self) -> Arc<QueueMetrics> {
+        self.tx_metrics.clone()
+    }
+
+    /// Whether the device stopped on a protocol violation.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Whether a frame from the TAP is waiting for a receive buffer.
+    pub fn rx_blocked(&self) -> bool {
+        self.rx_pending.is_some()
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        log::warn!(
+            "virtio-net {}: {why}; device stopped until the driver resets it",
+            self.config.id
+        );
+        self.broken.store(true, Ordering::Relaxed);
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+        }
+    }
+
+    /// Sends every frame the guest queued for transmission.
+    pub fn process_tx(&mut self) {
+        if self.is_broken() {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let start = Instant::now();
+        let mem = active.mem.clone();
+        let mut used = false;
+        let mut failure = None;
+        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let mut error = false;
+            let mut bytes = 0u64;
+            match Reader::<()>::new(&mem, chain) {
+                Ok(mut reader) => {
+                    let total = reader.available_bytes();
+                    if total < NET_HDR_LEN || total - NET_HDR_LEN > MAX_FRAME_LEN {
+                        log::warn!(
+                            "virtio-net {}: transmit chain of {total} bytes refused",
+                            self.config.id
+                        );
+                        error = true;
+                    } else {
+                        let mut hdr = [0u8; NET_HDR_LEN];
+                        self.tx_frame.resize(total - NET_HDR_LEN, 0);
+                        if reader.read_exact(&mut hdr).is_err()
+                            || reader.read_exact(&mut self.tx_frame).is_err()
+                        {
+                            error = true;
+                        } else {
+                            match self.tap.write_frame(&self.tx_frame) {
+                                Ok(_) => bytes = self.tx_frame.len() as u64,
+                                Err(e) => {
+                                    log::debug!("virtio-net {}: TAP write: {e}", self.config.id);
+                                    error = true;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!("virtio-net {}: invalid transmit chain: {e}", self.config.id);
+                    error = true;
+                }
+            }
+            self.tx_metrics
+                .record_request(bytes, error, start.elapsed());
+            if let Err(e) = active.tx.add_used(&mem, head, 0) {
+                failure = Some(format!("cannot update the transmit used ring: {e}"));
+                break;
+            }
+            used = true;
+        }
+        if let Some(why) = failure {
+            self.mark_broken(&why);
+            return;
+        }
+        if used {
+            if let Ok(true) = active.tx.needs_notification(&mem) {
+                active.interrupt.signal_used_queue();
+            }
+        }
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers until either runs out.
+    /// Returns true if a frame waits for a buffer (the TAP should not be polled meanwhile).
+    pub fn process_rx(&mut self) -> bool {
+        if self.is_broken() {
+            return false;
+        }
+        let Some(active) = self.active.as_mut() else {
+            // Not started: drop what arrives so the TAP does not stay readable.
+            let mut scratch = [0u8; MAX_FRAME_LEN];
+            while self.tap.read_frame(&mut scratch).is_ok() {}
+            return false;
+        };
+        let start = Instant::now();
+        let mem = active.mem.clone();
+        let mut used = false;
+        let mut failure = None;
+        loop {
+            let len = match self.rx_pending {
+                Some(l) => l,
+                None => match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(l) => l,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::warn!("virtio-net {}: TAP read: {e}", self.config.id);
+                        break;
+                    }
+                },
+            };
+            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+                self.rx_pending = Some(len);
+                break;
+            };
+            self.rx_pending = None;
+            let head = chain.head_index();
+            let mut written = 0u32;
+            let mut error = false;
+            match Writer::<()>::new(&mem, chain) {
+                Ok(mut w) if w.available_bytes() >= NET_HDR_LEN + len => {
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    hdr[10] = 1; // num_buffers
+                    if w.write_all(&hdr).is_ok() && w.write_all(&self.rx_frame[..len]).is_ok() {
+                        written = (NET_HDR_LEN + len) as u32;
+                    } else {
+                        error = true;
+                    }
+                }
+                Ok(w) => {
+                    log::warn!(
+                        "virtio-net {}: receive buffer of {} bytes too small for a {len}-byte frame",
+                        self.config.id,
+                        w.available_bytes()
+                    );
+                    error = true;
+                }
+                Err(e) => {
+                    log::warn!("virtio-net {}: invalid receive chain: {e}", self.config.id);
+                    error = true;
+                }
+            }
+            self.rx_metrics.record_request(
+                if error { 0 } else { len as u64 },
+                error,
+                start.elapsed(),
+            );
+            if let Err(e) = active.rx.add_used(&mem, head, written) {
+                failure = Some(format!("cannot update the receive used ring: {e}"));
+                break;
+            }
+            used = true;
+        }
+        if let Some(why) = failure {
+            self.mark_broken(&why);
+            return false;
+        }
+        if used {
+            if let Ok(true) = active.rx.needs_notification(&mem) {
+                active.interrupt.signal_used_queue();
+            }
+        }
+        self.rx_pending.is_some()
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_NET_F_MAC)
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset.saturating_add(i as u64);
+            *b = if at < 6 {
+                self.config.mac[at as usize]
+            } else {
+                0
+            };
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-net {}: ignored {}-byte config write at {offset:#x}",
+            self.config.id,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        let mut it = queues.into_iter();
+        let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
+            if !q.ready() {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        log::info!(
+            "virtio-net {}: activated on TAP {}",
+            self.config.id,
+            self.tap.name()
+        );
+        self.broken.store(false, Ordering::Relaxed);
+        self.rx_pending = None;
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+        });
+        self.process_tx();
+        self.process_rx();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_pending = None;
+        self.broken.store(false, Ordering::Relaxed);
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.is_broken()
+    }
+}

@@ -1,0 +1,193 @@
+//! virtio-net end to end: a TAP inside a network namespace the test makes, the `net-echo`
+//! test kernel on the guest side, and real UDP packets from the host side of the TAP.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::{kernel_path, kvm_available, vmm_bin};
+
+/// A network namespace with a TAP at 10.0.0.1/24, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(tag: &str) -> Option<Self> {
+        let name = format!("vmmit{}{tag}", std::process::id());
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !ok(&["netns", "add", &name]) {
+            let msg = "network namespaces need root and iproute2 (`ip netns add` failed)";
+            if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+                panic!("{msg}");
+            }
+            eprintln!("skipped: {msg}");
+            return None;
+        }
+        let ns = Netns { name };
+        for cmd in [
+            vec!["tuntap", "add", "dev", "tap0", "mode", "tap"],
+            vec!["addr", "add", "10.0.0.1/24", "dev", "tap0"],
+            vec!["link", "set", "tap0", "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["netns", "exec", ns.name.as_str(), "ip"];
+            full.extend(cmd.iter().copied());
+            assert!(ok(&full), "ip {full:?} failed");
+        }
+        Some(ns)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn spawn_guest(ns: &Netns, cmdline: &str) -> std::process::Child {
+    let kernel = kernel_path("net-echo");
+    ns.command(vmm_bin().to_str().unwrap())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            "tap=tap0",
+        ])
+        .args(["--timeout-ms", "30000", "--cmdline", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm")
+}
+
+fn field(text: &str, prefix: &str, key: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= on a line starting {prefix:?} in\n{text}"))
+}
+
+/// The host side sends UDP packets to the guest; the guest echoes them back.
+#[test]
+fn udp_packets_round_trip_through_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = Netns::create("e") else { return };
+    let guest = spawn_guest(&ns, "mode=echo ms=6000 ip=10.0.0.2");
+    std::thread::sleep(Duration::from_millis(700));
+    let script = r#"
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.0.0.1", 7000))
+s.settimeout(0.5)
+got = 0
+for i in range(200):
+    s.sendto(i.to_bytes(4, "little") + b"x" * 60, ("10.0.0.2", 7000))
+    try:
+        data, addr = s.recvfrom(2048)
+        if addr[0] == "10.0.0.2" and data[:4] == i.to_bytes(4, "little"):
+            got += 1
+    except socket.timeout:
+        pass
+print(got)
+"#;
+    let out = ns
+        .command("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3");
+    let echoed: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("peer failed: {}", String::from_utf8_lossy(&out.stderr)));
+    let run = guest.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    eprintln!("{stdout}\nround trips: {echoed}/200");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(echoed >= 195, "only {echoed} of 200 UDP packets came back");
+    assert!(field(&stdout, "net-echo: echoed=", "echoed") >= u64::from(echoed));
+    assert!(
+        field(&stdout, "net-echo: echoed=", "arp") >= 1,
+        "the host ARPs for the guest first"
+    );
+}
+
+/// The guest sends UDP packets; a socket on the host side counts them.
+#[test]
+fn guest_packets_reach_the_host() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = Netns::create("s") else { return };
+    let script = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7000))
+s.settimeout(5.0)
+got = 0
+seen = set()
+try:
+    while got < 500:
+        data, addr = s.recvfrom(2048)
+        seen.add(int.from_bytes(data[:4], "little"))
+        got += 1
+        s.settimeout(1.0)
+except socket.timeout:
+    pass
+print(len(seen))
+"#;
+    let peer = ns
+        .command("python3")
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::thread::sleep(Duration::from_millis(300));
+    let run = spawn_guest(&ns, "mode=send count=500 size=64 ip=10.0.0.2 peer=10.0.0.1")
+        .wait_with_output()
+        .expect("wait");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(field(&stdout, "net-echo: sent=", "sent"), 500);
+    let out = peer.wait_with_output().expect("peer");
+    let received: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    eprintln!("{stdout}\nhost received {received}/500 distinct packets");
+    assert!(received >= 490, "host received only {received} of 500");
+}

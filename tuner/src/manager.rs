@@ -1,0 +1,1278 @@
+//! The configuration manager: applies the policy's actions to the monitor with safeguards.
+//!
+//! The monitor is reached only through the [`Knobs`] trait (apply one action, restore the
+//! static configuration), so the manager can be tested against a fake monitor.
+//!
+//! Safeguards of [`ConfigManager`]:
+//!
+//! - **Hard bounds** ([`Bounds`], from the VM's configuration): vCPUs within
+//!   `[min_vcpus, max_vcpus]`, only allowed devices, ladder levels no tighter than
+//!   allowed. Actions that would leave them, or that change nothing, are refused (and
+//!   masked before selection, see [`ActionSpace::mask`]).
+//! - **One change per interval**, and **at most one change per knob per cooldown**
+//!   ([`ManagerConfig::cooldown_intervals`]).
+//! - **Rollback**: the baseline of a change is the mean reward of the
+//!   [`ManagerConfig::baseline_window`] (M) intervals before it. The change is then
+//!   watched for [`ManagerConfig::rollback_after`] (K) intervals; if the reward of every
+//!   one of them stays below `baseline - rollback_tolerance`, the change is undone (its
+//!   inverse action is applied) and the knob's cooldown restarts. While a change is
+//!   watched, no other change is made, so the reward is attributable to it. A change
+//!   made with no reward history yet has no baseline and is kept.
+//! - **Watchdog** ([`Watchdog`]): the tuner thread beats a [`Heartbeat`] every interval;
+//!   a checker thread calls back (to restore the static configuration) when no beat came
+//!   for N intervals, once per stall; the tuner then finds [`Heartbeat::take_fired`] set
+//!   and resets its view of the knobs ([`ConfigManager::reset_to_static`]).
+//!
+//! Every refusal, failure, rollback and fallback comes back as a [`Decision`] with its
+//! reason; [`Decision::event_kind`] and [`Decision::detail`] are what the caller logs and
+//! stores in the state repository.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::actions::{
+    Action, ActionError, ActionSpace, DeviceKind, Invalid, Knob, PriorityLevel, NET_QOS_LADDER,
+    RATE_LADDER,
+};
+use crate::state_repo::event_kind;
+
+/// Errors of the configuration manager's setup.
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    /// Bounds that contradict themselves or the action space.
+    #[error("invalid bounds: {0}")]
+    InvalidBounds(String),
+    /// A knob state that does not fit the action space or the bounds.
+    #[error("invalid knob state: {0}")]
+    InvalidState(String),
+    /// A configuration value out of range.
+    #[error("invalid manager configuration: {0}")]
+    InvalidConfig(String),
+    /// The watchdog thread could not be spawned.
+    #[error("cannot spawn the watchdog thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The VM's hard bounds on the knobs (from its configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounds {
+    /// Fewest vCPUs (at least 1).
+    pub min_vcpus: u32,
+    /// Most vCPUs (at most the vCPUs the VM was created with).
+    pub max_vcpus: u32,
+    /// Per device of the action space: whether the tuner may change it.
+    pub allowed_devices: Vec<bool>,
+    /// Tightest [`RATE_LADDER`] level allowed.
+    pub max_rate_level: usize,
+    /// Tightest [`NET_QOS_LADDER`] level allowed.
+    pub max_net_qos_level: usize,
+}
+
+impl Bounds {
+    /// Bounds allowing `[min_vcpus, max_vcpus]`, every device of `space` and every level.
+    pub fn for_space(space: &ActionSpace, min_vcpus: u32, max_vcpus: u32) -> Bounds {
+        Bounds {
+            min_vcpus,
+            max_vcpus,
+            allowed_devices: vec![true; space.devices().len()],
+            max_rate_level: RATE_LADDER.len() - 1,
+            max_net_qos_level: NET_QOS_LADDER.len() - 1,
+        }
+    }
+
+    /// Checks the bounds against themselves and `space`.
+    pub fn validate(&self, space: &ActionSpace) -> Result<(), ManagerError> {
+        let bad = |m: String| Err(ManagerError::InvalidBounds(m));
+        if self.min_vcpus == 0 {
+            return bad("min_vcpus must be at least 1".into());
+        }
+        if self.min_vcpus > self.max_vcpus {
+            return bad(format!(
+                "min_vcpus {} exceeds max_vcpus {}",
+                self.min_vcpus, self.max_vcpus
+            ));
+        }
+        if self.allowed_devices.len() != space.devices().len() {
+            return bad(format!(
+                "allowed_devices has {} entries, the action space {} devices",
+                self.allowed_devices.len(),
+                space.devices().len()
+            ));
+        }
+        if self.max_rate_level >= RATE_LADDER.len() {
+            return bad(format!(
+                "max_rate_level {} is beyond the ladder's {} levels",
+                self.max_rate_level,
+                RATE_LADDER.len()
+            ));
+        }
+        if self.max_net_qos_level >= NET_QOS_LADDER.len() {
+            return bad(format!(
+                "max_net_qos_level {} is beyond the ladder's {} levels",
+                self.max_net_qos_level,
+                NET_QOS_LADDER.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The current setting of every knob the tuner controls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnobState {
+    /// vCPUs allocated.
+    pub vcpus: u32,
+    /// I/O priority per device of the action space.
+    pub priority: Vec<PriorityLevel>,
+    /// [`RATE_LADDER`] level per device of the action space (`None` for network devices,
+    /// which have no drive rate limiter).
+    pub rate_level: Vec<Option<usize>>,
+    /// [`NET_QOS_LADDER`] level (`None` when the VM has no network device).
+    pub net_qos: Option<usize>,
+}
+
+impl KnobState {
+    /// `vcpus` vCPUs, medium priority, unlimited rates and network: the usual static
+    /// configuration (the lead maps the VM's own configuration onto it).
+    pub fn initial(space: &ActionSpace, vcpus: u32) -> KnobState {
+        KnobState {
+            vcpus,
+            priority: vec![PriorityLevel::Medium; space.devices().len()],
+            rate_level: space
+                .devices()
+                .iter()
+                .map(|d| (d.kind == DeviceKind::Drive).then_some(0))
+                .collect(),
+            net_qos: space.has_net().then_some(0),
+        }
+    }
+
+    /// Checks that the state fits `space` (one entry per device, levels in range).
+    pub fn validate(&self, space: &ActionSpace) -> Result<(), ManagerError> {
+        let bad = |m: String| Err(ManagerError::InvalidState(m));
+        let n = space.devices().len();
+        if self.priority.len() != n || self.rate_level.len() != n {
+            return bad(format!(
+                "{} priorities and {} rate levels for {n} devices",
+                self.priority.len(),
+                self.rate_level.len()
+            ));
+        }
+        for (i, (d, level)) in space.devices().iter().zip(&self.rate_level).enumerate() {
+            match (d.kind, level) {
+                (DeviceKind::Drive, Some(l)) if *l < RATE_LADDER.len() => {}
+                (DeviceKind::Net, None) => {}
+                _ => return bad(format!("rate level {level:?} of device {i} ({})", d.name)),
+            }
+        }
+        match (space.has_net(), self.net_qos) {
+            (true, Some(l)) if l < NET_QOS_LADDER.len() => Ok(()),
+            (false, None) => Ok(()),
+            (_, q) => bad(format!("network QoS {q:?}")),
+        }
+    }
+
+    /// The state after `action` (no bounds check; see [`ActionSpace::allowed`]).
+    pub fn after(&self, action: &Action) -> Result<KnobState, ActionError> {
+        let mut next = self.clone();
+        match *action {
+            Action::NoOp => {}
+            Action::VcpuDelta(d) => {
+                let v = i64::from(self.vcpus) + i64::from(d);
+                next.vcpus = u32::try_from(v).map_err(|_| ActionError::BadVcpuDelta(d))?;
+            }
+            Action::Priority { device, level } => {
+                *next
+                    .priority
+                    .get_mut(device)
+                    .ok_or(ActionError::NoSuchDevice(device))? = level;
+            }
+            Action::RateLimit { device, level } => match next.rate_level.get_mut(device) {
+                Some(Some(l)) => *l = level,
+                _ => return Err(ActionError::NoSuchDevice(device)),
+            },
+            Action::NetQos { level } => match next.net_qos.as_mut() {
+                Some(l) => *l = level,
+                None => return Err(ActionError::NoNetwork),
+            },
+        }
+        Ok(next)
+    }
+
+    /// The action that brings `self`'s setting of `action`'s knob back, applied after
+    /// `action` (e.g. `vcpu-1` after `vcpu+1`, `prio:blk0:medium` after
+    /// `prio:blk0:high` from medium).
+    pub fn inverse(&self, action: &Action) -> Result<Action, ActionError> {
+        Ok(match *action {
+            Action::NoOp => Action::NoOp,
+            Action::VcpuDelta(d) => Action::VcpuDelta(-d),
+            Action::Priority { device, .. } => Action::Priority {
+                device,
+                level: *self
+                    .priority
+                    .get(device)
+                    .ok_or(ActionError::NoSuchDevice(device))?,
+            },
+            Action::RateLimit { device, .. } => Action::RateLimit {
+                device,
+                level: self
+                    .rate_level
+                    .get(device)
+                    .copied()
+                    .flatten()
+                    .ok_or(ActionError::NoSuchDevice(device))?,
+            },
+            Action::NetQos { .. } => Action::NetQos {
+                level: self.net_qos.ok_or(ActionError::NoNetwork)?,
+            },
+        })
+    }
+}
+
+/// The narrow path through which the tuner changes the monitor. The monitor implements
+/// it; tests implement it with a fake.
+pub trait Knobs: Send {
+    /// Applies one action (vCPU allocation, a device's priority or rate limiter, the
+    /// network QoS level; device indices and levels as in [`crate::actions`]). An error
+    /// says why the monitor could not, and leaves the knob unchanged.
+    fn apply(&mut self, action: &Action) -> Result<(), String>;
+    /// Puts every knob back to the VM's static configuration. Must not fail.
+    fn restore_static(&mut self);
+    /// Cumulative completed requests per device of the action space (for the threshold
+    /// policy's "busiest device"); empty when the monitor does not provide it.
+    fn device_activity(&self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+/// Tunables of the safeguards.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Intervals after a change of a knob before it may change again (default 5).
+    pub cooldown_intervals: u64,
+    /// K: intervals a change is watched; undone if the reward stayed below the baseline
+    /// in every one of them (default 3; 0 disables rollback).
+    pub rollback_after: u32,
+    /// M: intervals before a change whose mean reward is its baseline (default 5).
+    pub baseline_window: usize,
+    /// How far below the baseline a reward must be to count as below (default 0.01).
+    pub rollback_tolerance: f64,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            cooldown_intervals: 5,
+            rollback_after: 3,
+            baseline_window: 5,
+            rollback_tolerance: 0.01,
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Checks the values (window at least 1, tolerance finite and non-negative).
+    pub fn validate(&self) -> Result<(), ManagerError> {
+        if self.baseline_window == 0 {
+            return Err(ManagerError::InvalidConfig(
+                "baseline_window must be at least 1".into(),
+            ));
+        }
+        if !self.rollback_tolerance.is_finite() || self.rollback_tolerance < 0.0 {
+            return Err(ManagerError::InvalidConfig(format!(
+                "rollback_tolerance {} must be finite and non-negative",
+                self.rollback_tolerance
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why the manager refused an action.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// Bounds, device not allowed, no change, or not an action of the space.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// The knob changed less than a cooldown ago.
+    #[error("{knob} is cooling down for {remaining} more interval(s)")]
+    Cooldown {
+        /// The knob.
+        knob: String,
+        /// Intervals left.
+        remaining: u64,
+    },
+    /// Another change is being watched for rollback.
+    #[error("{pending} is being evaluated for {remaining} more interval(s)")]
+    Evaluating {
+        /// The change being watched.
+        pending: String,
+        /// Intervals left.
+        remaining: u32,
+    },
+    /// A change was made in this interval already.
+    #[error("one change per interval: already changed in this one")]
+    OncePerInterval,
+}
+
+/// What the manager did with an action or an interval: returned so the caller logs and
+/// stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Nothing to do.
+    NoOp,
+    /// The action was applied.
+    Applied {
+        /// The action.
+        action: Action,
+        /// Its name.
+        name: String,
+        /// Its baseline reward (None without reward history: kept unconditionally).
+        baseline: Option<f64>,
+    },
+    /// The action was refused by a safeguard.
+    Refused {
+        /// The action.
+        action: Action,
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: Refusal,
+    },
+    /// The monitor could not apply the action.
+    Failed {
+        /// The action.
+        action: Action,
+        /// Its name.
+        name: String,
+        /// The monitor's reason.
+        error: String,
+    },
+    /// A watched change passed its evaluation and is kept.
+    Kept {
+        /// The change.
+        name: String,
+        /// Its baseline.
+        baseline: f64,
+        /// Mean reward while watched.
+        mean: f64,
+    },
+    /// A watched change was undone: the reward stayed below its baseline.
+    RolledBack {
+        /// The change undone.
+        action: Action,
+        /// Its name.
+        name: String,
+        /// The inverse applied.
+        inverse: Action,
+        /// The inverse's name.
+        inverse_name: String,
+        /// The baseline.
+        baseline: f64,
+        /// Rewards observed while watched.
+        rewards: Vec<f64>,
+    },
+    /// Every knob went back to the static configuration.
+    RestoredStatic {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Decision {
+    /// The state-repository event kind of this decision ([`event_kind`]), for the ones
+    /// worth an event: refusals and monitor failures (`refusal`), rollbacks (`rollback`),
+    /// fallbacks to the static configuration (`fallback`).
+    pub fn event_kind(&self) -> Option<&'static str> {
+        match self {
+            Decision::Refused { .. } | Decision::Failed { .. } => Some(event_kind::REFUSAL),
+            Decision::RolledBack { .. } => Some(event_kind::ROLLBACK),
+            Decision::RestoredStatic { .. } => Some(event_kind::FALLBACK),
+            Decision::NoOp | Decision::Applied { .. } | Decision::Kept { .. } => None,
+        }
+    }
+
+    /// A one-line description with the reason (the event's detail).
+    pub fn detail(&self) -> String {
+        self.to_string()
+    }
+
+    /// Whether a knob changed.
+    pub fn changed(&self) -> bool {
+        matches!(
+            self,
+            Decision::Applied { .. } | Decision::RolledBack { .. } | Decision::RestoredStatic { .. }
+        )
+    }
+
+    /// The name of the action in force after this decision, as stored in the state
+    /// repository (`noop`, the action's name, `rollback:INVERSE`, `static`), if any.
+    pub fn action_label(&self) -> String {
+        match self {
+            Decision::NoOp | Decision::Kept { .. } => "noop".to_string(),
+            Decision::Applied { name, .. } => name.clone(),
+            Decision::Refused { name, .. } => format!("refused:{name}"),
+            Decision::Failed { name, .. } => format!("failed:{name}"),
+            Decision::RolledBack { inverse_name, .. } => format!("rollback:{inverse_name}"),
+            Decision::RestoredStatic { .. } => "static".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::NoOp => f.write_str("noop"),
+            Decision::Applied { name, baseline, .. } => match baseline {
+                Some(b) => write!(f, "applied {name} (baseline reward {b:.4})"),
+                None => write!(f, "applied {name} (no baseline yet)"),
+            },
+            Decision::Refused { name, reason, .. } => write!(f, "refused {name}: {reason}"),
+            Decision::Failed { name, error, .. } => {
+                write!(f, "monitor could not apply {name}: {error}")
+            }
+            Decision::Kept {
+                name,
+                baseline,
+                mean,
+            } => write!(f, "kept {name}: mean reward {mean:.4} vs baseline {baseline:.4}"),
+            Decision::RolledBack {
+                name,
+                inverse_name,
+                baseline,
+                rewards,
+                ..
+            } => write!(
+                f,
+                "rolled back {name} with {inverse_name}: rewards {rewards:.4?} stayed below baseline {baseline:.4}"
+            ),
+            Decision::RestoredStatic { reason } => {
+                write!(f, "restored the static configuration: {reason}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    action: Action,
+    name: String,
+    inverse: Action,
+    before: KnobState,
+    baseline: f64,
+    rewards: Vec<f64>,
+}
+
+/// Applies actions with the safeguards described in the module documentation.
+#[derive(Debug)]
+pub struct ConfigManager {
+    space: ActionSpace,
+    bounds: Bounds,
+    config: ManagerConfig,
+    static_state: KnobState,
+    state: KnobState,
+    interval: u64,
+    last_change: HashMap<Knob, u64>,
+    changed_this_interval: bool,
+    history: VecDeque<f64>,
+    pending: Option<Pending>,
+}
+
+impl ConfigManager {
+    /// A manager for `space` within `bounds`, starting from (and restoring to)
+    /// `static_state`, which must fit the space and lie within the bounds.
+    pub fn new(
+        space: ActionSpace,
+        bounds: Bounds,
+        static_state: KnobState,
+        config: ManagerConfig,
+    ) -> Result<ConfigManager, ManagerError> {
+        config.validate()?;
+        bounds.validate(&space)?;
+        static_state.validate(&space)?;
+        if !(bounds.min_vcpus..=bounds.max_vcpus).contains(&static_state.vcpus) {
+            return Err(ManagerError::InvalidState(format!(
+                "static vCPUs {} outside the bounds [{}, {}]",
+                static_state.vcpus, bounds.min_vcpus, bounds.max_vcpus
+            )));
+        }
+        Ok(ConfigManager {
+            space,
+            bounds,
+            config,
+            state: static_state.clone(),
+            static_state,
+            interval: 0,
+            last_change: HashMap::new(),
+            changed_this_interval: false,
+            history: VecDeque::new(),
+            pending: None,
+        })
+    }
+
+    /// The action space.
+    pub fn space(&self) -> &ActionSpace {
+        &self.space
+    }
+
+    /// The hard bounds.
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// The safeguards' configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// The knobs as the manager last set them.
+    pub fn state(&self) -> &KnobState {
+        &self.state
+    }
+
+    /// The static configuration.
+    pub fn static_state(&self) -> &KnobState {
+        &self.static_state
+    }
+
+    /// Intervals started so far.
+    pub fn interval(&self) -> u64 {
+        self.interval
+    }
+
+    /// The change being watched for rollback, by name.
+    pub fn pending(&self) -> Option<&str> {
+        self.pending.as_ref().map(|p| p.name.as_str())
+    }
+
+    /// Mean reward of the last M intervals (the baseline a change made now would get).
+    pub fn baseline(&self) -> Option<f64> {
+        if self.history.is_empty() {
+            None
+        } else {
+            Some(self.history.iter().sum::<f64>() / self.history.len() as f64)
+        }
+    }
+
+    /// Starts the next interval, with the reward of the one that ended (`None` or a
+    /// non-finite value when unknown). Evaluates the change being watched and may roll it
+    /// back through `knobs` (returned as [`Decision::RolledBack`], or
+    /// [`Decision::RestoredStatic`] when the monitor refused the rollback), or report it
+    /// kept.
+    pub fn next_interval(
+        &mut self,
+        reward: Option<f64>,
+        knobs: &mut dyn Knobs,
+    ) -> Option<Decision> {
+        self.interval += 1;
+        self.changed_this_interval = false;
+        let reward = reward.filter(|r| r.is_finite());
+        let mut decision = None;
+        if let (Some(r), Some(p)) = (reward, self.pending.as_mut()) {
+            p.rewards.push(r);
+            if p.rewards.len() >= self.config.rollback_after as usize {
+                let threshold = p.baseline - self.config.rollback_tolerance;
+                let all_below = p.rewards.iter().all(|x| *x < threshold);
+                if let Some(p) = self.pending.take() {
+                    decision = Some(if all_below {
+                        self.roll_back(p, knobs)
+                    } else {
+                        Decision::Kept {
+                            mean: p.rewards.iter().sum::<f64>() / p.rewards.len() as f64,
+                            name: p.name,
+                            baseline: p.baseline,
+                        }
+                    });
+                }
+            }
+        }
+        if let Some(r) = reward {
+            self.history.push_back(r);
+            while self.history.len() > self.config.baseline_window {
+                self.history.pop_front();
+            }
+        }
+        decision
+    }
+
+    fn roll_back(&mut self, p: Pending, knobs: &mut dyn Knobs) -> Decision {
+        let inverse_name = self.space.name_of(&p.inverse);
+        match knobs.apply(&p.inverse) {
+            Ok(()) => {
+                self.state = p.before;
+                if let Some(k) = p.action.knob() {
+                    self.last_change.insert(k, self.interval);
+                }
+                self.changed_this_interval = true;
+                // Rewards seen under the undone change are no baseline for the next one.
+                self.history.clear();
+                Decision::RolledBack {
+                    action: p.action,
+                    name: p.name,
+                    inverse: p.inverse,
+                    inverse_name,
+                    baseline: p.baseline,
+                    rewards: p.rewards,
+                }
+            }
+            Err(e) => self.restore_static(
+                knobs,
+                &format!("the monitor refused the rollback {inverse_name} of {}: {e}", p.name),
+            ),
+        }
+    }
+
+    /// Why `action` would be refused now (`Ok` when it would be applied).
+    pub fn check(&self, action: &Action) -> Result<(), Refusal> {
+        if *action == Action::NoOp {
+            return Ok(());
+        }
+        if self.space.index_of(action).is_none() {
+            return Err(Refusal::Invalid(Invalid::Malformed(
+                ActionError::UnknownAction(self.space.name_of(action)),
+            )));
+        }
+        self.space.allowed(action, &self.state, &self.bounds)?;
+        if self.changed_this_interval {
+            return Err(Refusal::OncePerInterval);
+        }
+        if let Some(p) = &self.pending {
+            return Err(Refusal::Evaluating {
+                pending: p.name.clone(),
+                remaining: (self.config.rollback_after as usize).saturating_sub(p.rewards.len())
+                    as u32,
+            });
+        }
+        if let Some(knob) = action.knob() {
+            if let Some(at) = self.last_change.get(&knob) {
+                let since = self.interval.saturating_sub(*at);
+                if since < self.config.cooldown_intervals {
+                    return Err(Refusal::Cooldown {
+                        knob: knob_name(&self.space, knob),
+                        remaining: self.config.cooldown_intervals - since,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per action of the space: whether [`ConfigManager::check`] would let it through now
+    /// (bounds, no-change, cooldown, evaluation, one change per interval). `noop` is
+    /// always allowed.
+    pub fn mask(&self) -> Vec<bool> {
+        self.space
+            .actions()
+            .iter()
+            .map(|a| self.check(a).is_ok())
+            .collect()
+    }
+
+    /// Applies `action` through `knobs` unless a safeguard refuses it.
+    pub fn apply(&mut self, action: Action, knobs: &mut dyn Knobs) -> Decision {
+        if action == Action::NoOp {
+            return Decision::NoOp;
+        }
+        let name = self.space.name_of(&action);
+        if let Err(reason) = self.check(&action) {
+            return Decision::Refused {
+                action,
+                name,
+                reason,
+            };
+        }
+        let (next, inverse) = match (self.state.after(&action), self.state.inverse(&action)) {
+            (Ok(n), Ok(i)) => (n, i),
+            (Err(e), _) | (_, Err(e)) => {
+                return Decision::Refused {
+                    action,
+                    name,
+                    reason: Refusal::Invalid(Invalid::Malformed(e)),
+                }
+            }
+        };
+        if let Err(error) = knobs.apply(&action) {
+            return Decision::Failed {
+                action,
+                name,
+                error,
+            };
+        }
+        let before = std::mem::replace(&mut self.state, next);
+        if let Some(k) = action.knob() {
+            self.last_change.insert(k, self.interval);
+        }
+        self.changed_this_interval = true;
+        let baseline = self.baseline();
+        if let (Some(baseline), true) = (baseline, self.config.rollback_after > 0) {
+            self.pending = Some(Pending {
+                action,
+                name: name.clone(),
+                inverse,
+                before,
+                baseline,
+                rewards: Vec::new(),
+            });
+        }
+        Decision::Applied {
+            action,
+            name,
+            baseline,
+        }
+    }
+
+    /// Restores the static configuration through `knobs` and forgets the reward history.
+    pub fn restore_static(&mut self, knobs: &mut dyn Knobs, reason: &str) -> Decision {
+        knobs.restore_static();
+        self.reset_to_static();
+        Decision::RestoredStatic {
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Records that the static configuration was restored elsewhere (e.g. by the
+    /// watchdog): the knobs are static again, nothing is watched, the history is reset,
+    /// and every knob starts a cooldown.
+    pub fn reset_to_static(&mut self) {
+        self.state = self.static_state.clone();
+        self.pending = None;
+        self.history.clear();
+        self.changed_this_interval = true;
+        let knobs: Vec<Knob> = self.space.actions().iter().filter_map(Action::knob).collect();
+        for k in knobs {
+            self.last_change.insert(k, self.interval);
+        }
+    }
+}
+
+fn knob_name(space: &ActionSpace, knob: Knob) -> String {
+    let dev = |i: usize| {
+        space
+            .devices()
+            .get(i)
+            .map_or_else(|| format!("dev{i}"), |d| d.name.clone())
+    };
+    match knob {
+        Knob::Vcpus => "vcpus".to_string(),
+        Knob::Priority(d) => format!("priority of {}", dev(d)),
+        Knob::RateLimit(d) => format!("rate limit of {}", dev(d)),
+        Knob::NetQos => "network QoS".to_string(),
+    }
+}
+
+#[derive(Debug)]
+struct WatchdogShared {
+    epoch: Instant,
+    /// Nanoseconds since `epoch` of the last beat, plus one (0: never beat).
+    last_beat: AtomicU64,
+    /// Set when the watchdog fired, cleared by [`Heartbeat::take_fired`].
+    fired: AtomicBool,
+    /// Times the watchdog fired.
+    fires: AtomicU64,
+}
+
+/// The tuner thread's side of the watchdog: beat once per interval (cheap, lock-free).
+#[derive(Debug, Clone)]
+pub struct Heartbeat(Arc<WatchdogShared>);
+
+impl Heartbeat {
+    /// Records that the tuner thread is alive now.
+    pub fn beat(&self) {
+        let ns = u64::try_from(self.0.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.0.last_beat.store(ns + 1, Ordering::Release);
+    }
+
+    /// Whether the watchdog fired since the last call (and clears the flag): the
+    /// static configuration was restored behind the tuner's back.
+    pub fn take_fired(&self) -> bool {
+        self.0.fired.swap(false, Ordering::AcqRel)
+    }
+
+    /// Times the watchdog fired so far.
+    pub fn fires(&self) -> u64 {
+        self.0.fires.load(Ordering::Relaxed)
+    }
+}
+
+/// Detects a stalled tuner thread: no [`Heartbeat::beat`] for `missed_intervals`
+/// intervals. Armed by the first beat; fires once per stall (a new beat re-arms it).
+#[derive(Debug)]
+pub struct Watchdog {
+    shared: Arc<WatchdogShared>,
+    timeout: Duration,
+    interval: Duration,
+    fired_at_beat: u64,
+}
+
+impl Watchdog {
+    /// A watchdog for a tuner deciding every `interval`, firing after `missed_intervals`
+    /// intervals without a beat (at least 2).
+    pub fn new(interval: Duration, missed_intervals: u32) -> Result<Watchdog, ManagerError> {
+        if interval.is_zero() || missed_intervals < 2 {
+            return Err(ManagerError::InvalidConfig(format!(
+                "watchdog needs a non-zero interval and at least 2 missed intervals (got {interval:?}, {missed_intervals})"
+            )));
+        }
+        Ok(Watchdog {
+            shared: Arc::new(WatchdogShared {
+                epoch: Instant::now(),
+                last_beat: AtomicU64::new(0),
+                fired: AtomicBool::new(false),
+                fires: AtomicU64::new(0),
+            }),
+            timeout: interval.saturating_mul(missed_intervals),
+            interval,
+            fired_at_beat: 0,
+        })
+    }
+
+    /// The handle the tuner thread beats.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat(Arc::clone(&self.shared))
+    }
+
+    /// Checks once: returns how long the tuner has been silent when the watchdog fires
+    /// now (then [`Heartbeat::take_fired`] reports it), `None` otherwise.
+    pub fn poll(&mut self) -> Option<Duration> {
+        let beat = self.shared.last_beat.load(Ordering::Acquire);
+        if beat == 0 || beat == self.fired_at_beat {
+            return None;
+        }
+        let now = u64::try_from(self.shared.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let silent = Duration::from_nanos(now.saturating_sub(beat - 1));
+        if silent <= self.timeout {
+            return None;
+        }
+        self.fired_at_beat = beat;
+        self.shared.fires.fetch_add(1, Ordering::Relaxed);
+        self.shared.fired.store(true, Ordering::Release);
+        Some(silent)
+    }
+
+    /// Runs the checker on its own thread, polling every half interval and calling
+    /// `on_stall` (which restores the static configuration through the monitor's own
+    /// control path, never through the stalled tuner) each time it fires.
+    pub fn spawn(
+        mut self,
+        mut on_stall: impl FnMut(Duration) + Send + 'static,
+    ) -> Result<WatchdogHandle, ManagerError> {
+        let heartbeat = self.heartbeat();
+        let (stop_tx, stop_rx) = mpsc::sync_channel::<()>(1);
+        let period = (self.interval / 2).max(Duration::from_millis(1));
+        let thread = thread::Builder::new()
+            .name("tuner-watchdog".to_string())
+            .spawn(move || loop {
+                match stop_rx.recv_timeout(period) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+                if let Some(silent) = self.poll() {
+                    log::error!(
+                        "tuner watchdog: no heartbeat for {silent:?}; restoring the static configuration"
+                    );
+                    on_stall(silent);
+                }
+            })
+            .map_err(ManagerError::Spawn)?;
+        Ok(WatchdogHandle {
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+            heartbeat,
+        })
+    }
+}
+
+/// A running watchdog thread; stops when dropped.
+#[derive(Debug)]
+pub struct WatchdogHandle {
+    stop_tx: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+    heartbeat: Heartbeat,
+}
+
+impl WatchdogHandle {
+    /// The handle the tuner thread beats.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Stops the checker thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.try_send(());
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the tuner watchdog thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WatchdogHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fake monitor recording what it was asked to do.
+    #[derive(Debug, Default, Clone)]
+    pub(crate) struct FakeKnobs {
+        pub log: Arc<Mutex<Vec<String>>>,
+        pub fail: Arc<Mutex<Option<String>>>,
+        pub activity: Vec<u64>,
+    }
+
+    impl FakeKnobs {
+        pub fn entries(&self) -> Vec<String> {
+            self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+    }
+
+    impl Knobs for FakeKnobs {
+        fn apply(&mut self, action: &Action) -> Result<(), String> {
+            if let Some(e) = self.fail.lock().ok().and_then(|f| f.clone()) {
+                return Err(e);
+            }
+            if let Ok(mut l) = self.log.lock() {
+                l.push(format!("{action:?}"));
+            }
+            Ok(())
+        }
+        fn restore_static(&mut self) {
+            if let Ok(mut l) = self.log.lock() {
+                l.push("static".to_string());
+            }
+        }
+        fn device_activity(&self) -> Vec<u64> {
+            self.activity.clone()
+        }
+    }
+
+    fn manager(config: ManagerConfig) -> ConfigManager {
+        let space = ActionSpace::new(1, 0, 1);
+        let bounds = Bounds::for_space(&space, 1, 4);
+        let state = KnobState::initial(&space, 2);
+        ConfigManager::new(space, bounds, state, config).expect("valid manager")
+    }
+
+    #[test]
+    fn applies_within_bounds_and_refuses_outside() {
+        let mut m = manager(ManagerConfig::default());
+        let mut k = FakeKnobs::default();
+        assert_eq!(m.apply(Action::NoOp, &mut k), Decision::NoOp);
+        let d = m.apply(Action::VcpuDelta(2), &mut k);
+        assert!(matches!(d, Decision::Applied { ref name, baseline: None, .. } if name == "vcpu+2"));
+        assert_eq!(m.state().vcpus, 4);
+        m.next_interval(Some(0.0), &mut k);
+        // 4 + 1 > max 4: refused on bounds even though the cooldown would refuse it too.
+        let d = m.apply(Action::VcpuDelta(1), &mut k);
+        assert_eq!(d.event_kind(), Some(event_kind::REFUSAL));
+        assert!(d.detail().contains("outside [1, 4]"), "{d}");
+        assert_eq!(d.action_label(), "refused:vcpu+1");
+        let no_change = Action::Priority {
+            device: 0,
+            level: PriorityLevel::Medium,
+        };
+        assert!(matches!(
+            m.apply(no_change, &mut k),
+            Decision::Refused {
+                reason: Refusal::Invalid(Invalid::NoChange),
+                ..
+            }
+        ));
+        // Not an action of the space.
+        assert!(matches!(
+            m.apply(Action::NetQos { level: 1 }, &mut k),
+            Decision::Refused { .. }
+        ));
+        assert_eq!(k.entries(), vec!["VcpuDelta(2)"]);
+    }
+
+    #[test]
+    fn cooldown_and_one_change_per_interval() {
+        let config = ManagerConfig {
+            cooldown_intervals: 3,
+            rollback_after: 0,
+            ..ManagerConfig::default()
+        };
+        let mut m = manager(config);
+        let mut k = FakeKnobs::default();
+        assert!(matches!(m.apply(Action::VcpuDelta(1), &mut k), Decision::Applied { .. }));
+        let prio = Action::Priority {
+            device: 0,
+            level: PriorityLevel::High,
+        };
+        assert_eq!(
+            m.check(&prio),
+            Err(Refusal::OncePerInterval),
+            "second change in the same interval"
+        );
+        m.next_interval(Some(1.0), &mut k);
+        assert!(matches!(m.apply(prio, &mut k), Decision::Applied { .. }));
+        m.next_interval(Some(1.0), &mut k);
+        // vcpus changed at interval 0, now 2: 1 more interval of cooldown.
+        assert_eq!(
+            m.check(&Action::VcpuDelta(-1)),
+            Err(Refusal::Cooldown {
+                knob: "vcpus".into(),
+                remaining: 1
+            })
+        );
+        let mask = m.mask();
+        assert!(mask[0], "noop always allowed");
+        assert!(!mask[m.space().index_of(&Action::VcpuDelta(-1)).unwrap()]);
+        m.next_interval(Some(1.0), &mut k);
+        assert_eq!(m.check(&Action::VcpuDelta(-1)), Ok(()));
+        assert!(m.mask()[m.space().index_of(&Action::VcpuDelta(-1)).unwrap()]);
+    }
+
+    #[test]
+    fn rolls_back_when_reward_stays_below_baseline() {
+        let config = ManagerConfig {
+            cooldown_intervals: 2,
+            rollback_after: 3,
+            baseline_window: 4,
+            rollback_tolerance: 0.0,
+        };
+        let mut m = manager(config);
+        let mut k = FakeKnobs::default();
+        for r in [1.0, 2.0, 3.0, 2.0] {
+            m.next_interval(Some(r), &mut k);
+        }
+        assert_eq!(m.baseline(), Some(2.0));
+        let rl = Action::RateLimit {
+            device: 0,
+            level: 3,
+        };
+        assert!(matches!(
+            m.apply(rl, &mut k),
+            Decision::Applied { baseline: Some(b), .. } if b == 2.0
+        ));
+        assert_eq!(m.pending(), Some("rl:blk0:3"));
+        m.next_interval(Some(1.5), &mut k);
+        // While watched, nothing else changes.
+        assert!(matches!(
+            m.check(&Action::VcpuDelta(1)),
+            Err(Refusal::Evaluating { remaining: 2, .. })
+        ));
+        assert_eq!(m.next_interval(Some(1.0), &mut k), None);
+        let d = m.next_interval(Some(1.9), &mut k).expect("evaluation ends");
+        match &d {
+            Decision::RolledBack {
+                name,
+                inverse_name,
+                baseline,
+                rewards,
+                ..
+            } => {
+                assert_eq!(name, "rl:blk0:3");
+                assert_eq!(inverse_name, "rl:blk0:0");
+                assert_eq!(*baseline, 2.0);
+                assert_eq!(rewards, &vec![1.5, 1.0, 1.9]);
+            }
+            other => panic!("expected a rollback, got {other:?}"),
+        }
+        assert_eq!(d.event_kind(), Some(event_kind::ROLLBACK));
+        assert!(d.detail().contains("stayed below baseline"));
+        assert_eq!(d.action_label(), "rollback:rl:blk0:0");
+        assert_eq!(m.state().rate_level[0], Some(0));
+        assert_eq!(m.pending(), None);
+        assert_eq!(
+            k.entries(),
+            vec![
+                "RateLimit { device: 0, level: 3 }",
+                "RateLimit { device: 0, level: 0 }"
+            ]
+        );
+        // The knob's cooldown restarted with the rollback.
+        assert!(matches!(m.check(&rl), Err(Refusal::OncePerInterval)));
+        m.next_interval(Some(2.0), &mut k);
+        assert!(matches!(m.check(&rl), Err(Refusal::Cooldown { .. })));
+    }
+
+    #[test]
+    fn keeps_a_change_that_is_not_always_below() {
+        let mut m = manager(ManagerConfig {
+            rollback_tolerance: 0.0,
+            ..ManagerConfig::default()
+        });
+        let mut k = FakeKnobs::default();
+        m.next_interval(Some(1.0), &mut k);
+        assert!(matches!(m.apply(Action::VcpuDelta(-1), &mut k), Decision::Applied { .. }));
+        m.next_interval(Some(0.5), &mut k);
+        m.next_interval(Some(1.5), &mut k);
+        let d = m.next_interval(Some(0.5), &mut k);
+        assert!(matches!(d, Some(Decision::Kept { baseline, .. }) if baseline == 1.0), "{d:?}");
+        assert_eq!(m.state().vcpus, 1);
+        assert_eq!(d.map(|d| d.event_kind()), Some(None));
+    }
+
+    #[test]
+    fn failed_apply_and_failed_rollback() {
+        let mut m = manager(ManagerConfig {
+            rollback_after: 1,
+            rollback_tolerance: 0.0,
+            ..ManagerConfig::default()
+        });
+        let mut k = FakeKnobs::default();
+        *k.fail.lock().unwrap() = Some("no such core".into());
+        let d = m.apply(Action::VcpuDelta(1), &mut k);
+        assert!(matches!(d, Decision::Failed { ref error, .. } if error == "no such core"));
+        assert_eq!(d.event_kind(), Some(event_kind::REFUSAL));
+        assert_eq!(m.state().vcpus, 2);
+        *k.fail.lock().unwrap() = None;
+        m.next_interval(Some(1.0), &mut k);
+        assert!(matches!(m.apply(Action::VcpuDelta(1), &mut k), Decision::Applied { .. }));
+        *k.fail.lock().unwrap() = Some("busy".into());
+        let d = m.next_interval(Some(0.0), &mut k).expect("rollback attempted");
+        assert!(
+            matches!(d, Decision::RestoredStatic { ref reason } if reason.contains("refused the rollback")),
+            "{d:?}"
+        );
+        assert_eq!(d.event_kind(), Some(event_kind::FALLBACK));
+        assert_eq!(m.state(), m.static_state());
+        assert_eq!(k.entries().last().map(String::as_str), Some("static"));
+    }
+
+    #[test]
+    fn non_finite_rewards_are_ignored() {
+        let mut m = manager(ManagerConfig::default());
+        let mut k = FakeKnobs::default();
+        m.next_interval(Some(f64::NAN), &mut k);
+        m.next_interval(None, &mut k);
+        assert_eq!(m.baseline(), None);
+        m.next_interval(Some(2.0), &mut k);
+        m.next_interval(Some(f64::INFINITY), &mut k);
+        assert_eq!(m.baseline(), Some(2.0));
+        assert_eq!(m.interval(), 4);
+    }
+
+    #[test]
+    fn setup_is_validated() {
+        let space = ActionSpace::new(1, 0, 1);
+        let state = KnobState::initial(&space, 2);
+        let cfg = ManagerConfig::default();
+        let mut b = Bounds::for_space(&space, 3, 4);
+        assert!(matches!(
+            ConfigManager::new(space.clone(), b.clone(), state.clone(), cfg),
+            Err(ManagerError::InvalidState(_))
+        ));
+        b.min_vcpus = 0;
+        assert!(b.validate(&space).is_err());
+        b.min_vcpus = 5;
+        assert!(b.validate(&space).is_err());
+        let mut b = Bounds::for_space(&space, 1, 4);
+        b.allowed_devices.push(true);
+        assert!(b.validate(&space).is_err());
+        let mut b = Bounds::for_space(&space, 1, 4);
+        b.max_rate_level = 9;
+        assert!(b.validate(&space).is_err());
+        let mut s = state.clone();
+        s.net_qos = Some(0);
+        assert!(s.validate(&space).is_err());
+        let mut s = state.clone();
+        s.rate_level[0] = None;
+        assert!(s.validate(&space).is_err());
+        let bad = ManagerConfig {
+            baseline_window: 0,
+            ..cfg
+        };
+        assert!(bad.validate().is_err());
+        let bad: Result<ManagerConfig, _> = serde_json::from_str(r#"{"cooldown": 3}"#);
+        assert!(bad.is_err());
+        let ok: ManagerConfig = serde_json::from_str(r#"{"cooldown_intervals": 7}"#).unwrap();
+        assert_eq!(ok.cooldown_intervals, 7);
+        assert_eq!(ok.rollback_after, 3);
+    }
+
+    #[test]
+    fn inverse_restores_the_previous_setting() {
+        let space = ActionSpace::new(1, 1, 2);
+        let s = KnobState::initial(&space, 2);
+        let a = Action::Priority {
+            device: 1,
+            level: PriorityLevel::Low,
+        };
+        let after = s.after(&a).unwrap();
+        assert_eq!(after.priority[1], PriorityLevel::Low);
+        assert_eq!(after.after(&s.inverse(&a).unwrap()).unwrap(), s);
+        for a in space.actions() {
+            let after = s.after(a).unwrap();
+            assert_eq!(after.after(&s.inverse(a).unwrap()).unwrap(), s, "{a:?}");
+        }
+        assert!(s
+            .after(&Action::RateLimit {
+                device: 1,
+                level: 1
+            })
+            .is_err());
+        let mut zero = s.clone();
+        zero.vcpus = 1;
+        assert!(zero.after(&Action::VcpuDelta(-2)).is_err());
+    }
+
+    #[test]
+    fn watchdog_fires_once_per_stall_and_rearms() {
+        let mut w = Watchdog::new(Duration::from_millis(5), 3).expect("valid");
+        let hb = w.heartbeat();
+        thread::sleep(Duration::from_millis(30));
+        assert_eq!(w.poll(), None, "not armed before the first beat");
+        hb.beat();
+        assert_eq!(w.poll(), None);
+        thread::sleep(Duration::from_millis(30));
+        let silent = w.poll().expect("stalled");
+        assert!(silent >= Duration::from_millis(15));
+        assert_eq!(w.poll(), None, "fires once per stall");
+        assert!(hb.take_fired());
+        assert!(!hb.take_fired());
+        hb.beat();
+        assert_eq!(w.poll(), None);
+        thread::sleep(Duration::from_millis(30));
+        assert!(w.poll().is_some());
+        assert_eq!(hb.fires(), 2);
+        assert!(Watchdog::new(Duration::ZERO, 3).is_err());
+        assert!(Watchdog::new(Duration::from_millis(1), 1).is_err());
+    }
+
+    #[test]
+    fn watchdog_thread_restores_static_on_stall() {
+        let w = Watchdog::new(Duration::from_millis(5), 2).expect("valid");
+        let hb = w.heartbeat();
+        let knobs = FakeKnobs::default();
+        let mut k2 = knobs.clone();
+        let handle = w.spawn(move |_| k2.restore_static()).expect("spawn");
+        // Beating keeps it quiet.
+        for _ in 0..10 {
+            hb.beat();
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert!(knobs.entries().is_empty());
+        // Then the tuner stalls.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while knobs.entries().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(knobs.entries(), vec!["static"]);
+        assert!(handle.heartbeat().take_fired());
+        handle.stop();
+    }
+}
