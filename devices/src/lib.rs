@@ -9,6 +9,7 @@ pub mod guest_metrics;
 pub mod io_scheduler;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod vcpu_control;
 pub mod virtio;
 
 pub use exit_signal::{ExitReason, ExitSignal};

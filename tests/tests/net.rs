@@ -149,8 +149,11 @@ fn guest_packets_reach_the_host() {
     let Some(ns) = Netns::create("s") else { return };
     let script = r#"
 import socket
+import sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 s.bind(("0.0.0.0", 7000))
+print("ready", flush=True)
 s.settimeout(5.0)
 got = 0
 seen = set()
@@ -171,10 +174,22 @@ print(len(seen))
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3");
-    std::thread::sleep(Duration::from_millis(300));
-    let run = spawn_guest(&ns, "mode=send count=500 size=64 ip=10.0.0.2 peer=10.0.0.1")
-        .wait_with_output()
-        .expect("wait");
+    let mut peer = peer;
+    {
+        use std::io::BufRead;
+        let stdout = peer.stdout.as_mut().expect("peer stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("peer ready");
+        assert_eq!(line.trim(), "ready");
+    }
+    let run = spawn_guest(
+        &ns,
+        "mode=send count=500 size=64 pps=20000 ip=10.0.0.2 peer=10.0.0.1",
+    )
+    .wait_with_output()
+    .expect("wait");
     let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert_eq!(
         run.status.code(),

@@ -308,16 +308,14 @@ impl ActionSpace {
         let mut actions = vec![Action::NoOp];
         actions.extend(VCPU_DELTAS.iter().map(|d| Action::VcpuDelta(*d)));
         for (device, slot) in devices.iter().enumerate() {
-            actions.extend(
-                PriorityLevel::ALL
-                    .iter()
-                    .map(|level| Action::Priority {
-                        device,
-                        level: *level,
-                    }),
-            );
+            actions.extend(PriorityLevel::ALL.iter().map(|level| Action::Priority {
+                device,
+                level: *level,
+            }));
             if slot.kind == DeviceKind::Drive {
-                actions.extend((0..RATE_LADDER.len()).map(|level| Action::RateLimit { device, level }));
+                actions.extend(
+                    (0..RATE_LADDER.len()).map(|level| Action::RateLimit { device, level }),
+                );
             }
         }
         let has_net = n_nets > 0;
@@ -499,7 +497,8 @@ impl ActionSpace {
         bounds: &Bounds,
     ) -> Result<(), Invalid> {
         self.validate(action).map_err(Invalid::Malformed)?;
-        let device_allowed = |device: usize| bounds.allowed_devices.get(device).copied() == Some(true);
+        let device_allowed =
+            |device: usize| bounds.allowed_devices.get(device).copied() == Some(true);
         match *action {
             Action::NoOp => Ok(()),
             Action::VcpuDelta(d) => {

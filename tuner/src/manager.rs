@@ -410,7 +410,9 @@ impl Decision {
     pub fn changed(&self) -> bool {
         matches!(
             self,
-            Decision::Applied { .. } | Decision::RolledBack { .. } | Decision::RestoredStatic { .. }
+            Decision::Applied { .. }
+                | Decision::RolledBack { .. }
+                | Decision::RestoredStatic { .. }
         )
     }
 
@@ -626,7 +628,10 @@ impl ConfigManager {
             }
             Err(e) => self.restore_static(
                 knobs,
-                &format!("the monitor refused the rollback {inverse_name} of {}: {e}", p.name),
+                &format!(
+                    "the monitor refused the rollback {inverse_name} of {}: {e}",
+                    p.name
+                ),
             ),
         }
     }
@@ -747,7 +752,12 @@ impl ConfigManager {
         self.pending = None;
         self.history.clear();
         self.changed_this_interval = true;
-        let knobs: Vec<Knob> = self.space.actions().iter().filter_map(Action::knob).collect();
+        let knobs: Vec<Knob> = self
+            .space
+            .actions()
+            .iter()
+            .filter_map(Action::knob)
+            .collect();
         for k in knobs {
             self.last_change.insert(k, self.interval);
         }
@@ -980,7 +990,9 @@ pub(crate) mod tests {
         let mut k = FakeKnobs::default();
         assert_eq!(m.apply(Action::NoOp, &mut k), Decision::NoOp);
         let d = m.apply(Action::VcpuDelta(2), &mut k);
-        assert!(matches!(d, Decision::Applied { ref name, baseline: None, .. } if name == "vcpu+2"));
+        assert!(
+            matches!(d, Decision::Applied { ref name, baseline: None, .. } if name == "vcpu+2")
+        );
         assert_eq!(m.state().vcpus, 4);
         m.next_interval(Some(0.0), &mut k);
         // 4 + 1 > max 4: refused on bounds even though the cooldown would refuse it too.
@@ -1016,7 +1028,10 @@ pub(crate) mod tests {
         };
         let mut m = manager(config);
         let mut k = FakeKnobs::default();
-        assert!(matches!(m.apply(Action::VcpuDelta(1), &mut k), Decision::Applied { .. }));
+        assert!(matches!(
+            m.apply(Action::VcpuDelta(1), &mut k),
+            Decision::Applied { .. }
+        ));
         let prio = Action::Priority {
             device: 0,
             level: PriorityLevel::High,
@@ -1117,11 +1132,17 @@ pub(crate) mod tests {
         });
         let mut k = FakeKnobs::default();
         m.next_interval(Some(1.0), &mut k);
-        assert!(matches!(m.apply(Action::VcpuDelta(-1), &mut k), Decision::Applied { .. }));
+        assert!(matches!(
+            m.apply(Action::VcpuDelta(-1), &mut k),
+            Decision::Applied { .. }
+        ));
         m.next_interval(Some(0.5), &mut k);
         m.next_interval(Some(1.5), &mut k);
         let d = m.next_interval(Some(0.5), &mut k);
-        assert!(matches!(d, Some(Decision::Kept { baseline, .. }) if baseline == 1.0), "{d:?}");
+        assert!(
+            matches!(d, Some(Decision::Kept { baseline, .. }) if baseline == 1.0),
+            "{d:?}"
+        );
         assert_eq!(m.state().vcpus, 1);
         assert_eq!(d.map(|d| d.event_kind()), Some(None));
     }
@@ -1141,9 +1162,14 @@ pub(crate) mod tests {
         assert_eq!(m.state().vcpus, 2);
         *k.fail.lock().unwrap() = None;
         m.next_interval(Some(1.0), &mut k);
-        assert!(matches!(m.apply(Action::VcpuDelta(1), &mut k), Decision::Applied { .. }));
+        assert!(matches!(
+            m.apply(Action::VcpuDelta(1), &mut k),
+            Decision::Applied { .. }
+        ));
         *k.fail.lock().unwrap() = Some("busy".into());
-        let d = m.next_interval(Some(0.0), &mut k).expect("rollback attempted");
+        let d = m
+            .next_interval(Some(0.0), &mut k)
+            .expect("rollback attempted");
         assert!(
             matches!(d, Decision::RestoredStatic { ref reason } if reason.contains("refused the rollback")),
             "{d:?}"

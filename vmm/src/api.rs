@@ -6,7 +6,9 @@
 //! - `PATCH /drives/<id>` with body `{"rate_limiter": {"bandwidth": {"size": N,
 //!   "refill_time_ms": T, "one_time_burst": B}, "ops": {...}}, "priority": "high"}`: either
 //!   field may be left out; `"rate_limiter": {}` removes the limits.
-//! - `GET /vm`: the guest's own reports and each drive's counters.
+//! - `GET /vm`: the guest's own reports, vCPU use and each drive's counters.
+//! - `PATCH /vm` with body `{"vcpus": N, "host_cores": M}`: vCPUs the guest is asked to
+//!   use (the rest park) and host cores the vCPU threads may run on.
 //!
 //! Answers: `{"status": 200, "body": ...}` or `{"status": 4xx, "error": "..."}`. The socket
 //! is served by the event loop; a request larger than 64 KiB or not valid JSON gets 400.
@@ -67,6 +69,15 @@ struct Request {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct VmPatch {
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    host_cores: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DrivePatch {
     #[serde(default)]
     rate_limiter: Option<RateLimitSpec>,
@@ -109,10 +120,36 @@ pub fn handle_request(rt: &VmRuntime, line: &str) -> Value {
                 .collect();
             json!({"status": 200, "body": {
                 "uptime_ns": snap.at_ns,
+                "vcpus": snap.vcpus.len(),
+                "active_vcpus": snap.active_vcpus,
+                "parked_vcpus": rt.parked_vcpus(),
+                "vcpu_guest_ns": snap.vcpus.iter().map(|v| v.guest_ns).collect::<Vec<_>>(),
+                "host_cores": snap.host_cores,
                 "guest": {"ops": g.ops, "bytes": g.bytes, "latency_ns_sum": g.latency_ns_sum,
                           "latency_samples": g.latency_samples},
                 "drives": drives,
             }})
+        }
+        ("PATCH", ["vm"]) => {
+            let Some(body) = req.body else {
+                return error(400, "PATCH needs a body");
+            };
+            let patch: VmPatch = match serde_json::from_value(body) {
+                Ok(p) => p,
+                Err(e) => return error(400, format!("body: {e}")),
+            };
+            if let Some(n) = patch.vcpus {
+                if let Err(e) = rt.set_vcpus(n) {
+                    return error(400, format!("vcpus: {e}"));
+                }
+            }
+            if let Some(n) = patch.host_cores {
+                if let Err(e) = rt.set_host_cores(n) {
+                    return error(400, format!("host_cores: {e}"));
+                }
+            }
+            json!({"status": 200, "body": {"active_vcpus": rt.active_vcpus(),
+                                           "host_cores": rt.host_cores_given()}})
         }
         ("PATCH", ["drives", id]) => {
             if !rt.drive_ids().iter().any(|d| d == id) {

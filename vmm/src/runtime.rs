@@ -3,12 +3,14 @@
 //! the guest's own reports), and the knobs (rate limits, I/O priorities) that can be
 //! turned while the guest runs.
 
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use devices::guest_metrics::GuestMetricsDevice;
 use devices::io_scheduler::{Priority, QueueId, SharedIoScheduler};
 use devices::rate_limiter::RateLimiterConfig;
+use devices::vcpu_control::VcpuControl;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::QueueMetricsSnapshot;
@@ -57,6 +59,9 @@ pub struct VmRuntime {
     statm: Option<std::fs::File>,
     host_cores: u32,
     dirty: Option<DirtyLog>,
+    vcpu_control: Arc<VcpuControl>,
+    vcpu_tids: Arc<Vec<AtomicI32>>,
+    cores_given: AtomicU32,
 }
 
 /// What reading KVM's dirty log needs, and the running total.
@@ -121,8 +126,11 @@ impl VmRuntime {
         nets: Vec<(String, Arc<Mutex<Net>>)>,
         scheduler: Option<SharedIoScheduler>,
         guest: Arc<GuestMetricsDevice>,
+        vcpu_control: Arc<VcpuControl>,
+        vcpu_tids: Arc<Vec<AtomicI32>>,
         dirty: Option<DirtyLog>,
     ) -> Self {
+        let host_cores = host_cores();
         Self {
             started: Instant::now(),
             mem_bytes,
@@ -133,9 +141,72 @@ impl VmRuntime {
             scheduler,
             guest,
             statm: std::fs::File::open("/proc/self/statm").ok(),
-            host_cores: host_cores(),
+            host_cores,
             dirty,
+            vcpu_control,
+            vcpu_tids,
+            cores_given: AtomicU32::new(host_cores),
         }
+    }
+
+    /// vCPUs the guest is asked to use.
+    pub fn active_vcpus(&self) -> u32 {
+        self.vcpu_control.active()
+    }
+
+    /// vCPU threads blocked in a park request.
+    pub fn parked_vcpus(&self) -> u32 {
+        self.vcpu_control.parked()
+    }
+
+    /// Asks the guest to use `n` vCPUs (the others park; their threads block in the
+    /// monitor and cost no host CPU).
+    pub fn set_vcpus(&self, n: u32) -> Result<(), ControlError> {
+        self.vcpu_control
+            .set_active(n)
+            .map_err(|e| ControlError::Refused(e.to_string()))
+    }
+
+    /// Host cores the vCPU threads may run on.
+    pub fn host_cores_given(&self) -> u32 {
+        self.cores_given.load(Ordering::Acquire)
+    }
+
+    /// Lets the vCPU threads run on host cores 0..n only (CPU affinity). A CPU quota
+    /// through cgroup v2 is not applied: it needs a delegated cgroup, which these machines
+    /// do not give the monitor.
+    pub fn set_host_cores(&self, n: u32) -> Result<(), ControlError> {
+        if n == 0 || n > self.host_cores {
+            return Err(ControlError::Refused(format!(
+                "host_cores must be between 1 and {}, not {n}",
+                self.host_cores
+            )));
+        }
+        // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for c in 0..n as usize {
+            // SAFETY: c < n <= host cores < CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        for (i, tid) in self.vcpu_tids.iter().enumerate() {
+            let tid = tid.load(Ordering::Acquire);
+            if tid == 0 {
+                continue;
+            }
+            // SAFETY: valid set and size; the tid is one of our own threads.
+            let rc = unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            if rc != 0 {
+                return Err(ControlError::Refused(format!(
+                    "vCPU {i}: sched_setaffinity: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        self.cores_given.store(n, Ordering::Release);
+        log::info!("vCPU threads confined to {n} host core(s)");
+        Ok(())
     }
 
     /// Cumulative dirty pages, reading (and clearing) KVM's log now.
@@ -270,8 +341,8 @@ impl CounterSource for VmRuntime {
                 latency_ns_sum: g.latency_ns_sum,
                 latency_samples: g.latency_samples,
             },
-            active_vcpus: self.vcpus.len() as u32,
-            host_cores: self.host_cores,
+            active_vcpus: self.active_vcpus(),
+            host_cores: self.host_cores_given(),
         }
     }
 }

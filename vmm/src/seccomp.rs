@@ -71,6 +71,7 @@ const COMMON_SYSCALLS: &[i64] = &[
     libc::SYS_fsync,
     // Telemetry reads its own page-fault counts.
     libc::SYS_getrusage,
+    libc::SYS_gettid,
     // Rust's std checks an fd is open (F_GETFD) before closing it in debug builds.
     libc::SYS_fcntl,
 ];
@@ -136,6 +137,8 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_fstat,
             libc::SYS_ftruncate,
             libc::SYS_lseek,
+            // Host cores given to the vCPU threads.
+            libc::SYS_sched_setaffinity,
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
     )

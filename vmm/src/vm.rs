@@ -17,6 +17,7 @@ use devices::legacy::{
     DebugExit, PostPort, SerialConsole, SerialInput, COM1_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT, POST_PORT,
 };
+use devices::vcpu_control::{set_current_vcpu, VcpuControl, VCPU_CONTROL_ADDR, VCPU_CONTROL_SIZE};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::io_engine::IoEngine;
 use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
@@ -379,6 +380,23 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         scheduler = Some(sched);
         subscribers.push(Arc::new(Mutex::new(engine)));
     }
+    // The vCPU control device (how many vCPUs the guest uses; parking).
+    let vcpu_control = Arc::new(VcpuControl::new(cfg.vcpus));
+    {
+        let range =
+            MmioRange::new(MmioAddress(VCPU_CONTROL_ADDR), VCPU_CONTROL_SIZE).map_err(|e| {
+                VmError::Device {
+                    device: "vcpu control",
+                    reason: format!("{e:?}"),
+                }
+            })?;
+        io_manager
+            .register_mmio(range, vcpu_control.clone())
+            .map_err(|e| VmError::Device {
+                device: "vcpu control",
+                reason: format!("{e:?}"),
+            })?;
+    }
     // The guest's metrics device.
     let guest_metrics = Arc::new(GuestMetricsDevice::default());
     {
@@ -513,6 +531,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         vcpu_stats.push(vcpu.stats());
         vcpus.push(vcpu);
     }
+    let vcpu_tids: Arc<Vec<std::sync::atomic::AtomicI32>> = Arc::new(
+        (0..cfg.vcpus)
+            .map(|_| std::sync::atomic::AtomicI32::new(0))
+            .collect(),
+    );
     let runtime = Arc::new(VmRuntime::new(
         cfg.mem_mib << 20,
         vcpu_stats,
@@ -528,6 +551,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         nets,
         scheduler,
         guest_metrics,
+        vcpu_control.clone(),
+        vcpu_tids.clone(),
         telemetry_on.then(|| DirtyLog {
             vm: vm.clone(),
             slots: memory::slots(&mem),
@@ -577,9 +602,17 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     for mut vcpu in vcpus {
         let filter = vcpu_filter.clone();
         let exit = exit.clone();
+        let tids = vcpu_tids.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index()))
             .spawn(move || {
+                let index = vcpu.index();
+                set_current_vcpu(index);
+                if let Some(slot) = tids.get(index as usize) {
+                    // SAFETY: gettid has no side effects.
+                    let tid = unsafe { libc::gettid() };
+                    slot.store(tid, std::sync::atomic::Ordering::Release);
+                }
                 if let Some(f) = &filter {
                     if let Err(e) = seccomp::install("vCPU", f) {
                         exit.request(ExitReason::MonitorError(e.to_string()));

@@ -5,7 +5,8 @@
 //! to run), `count=N` (echo: stop after N echoes, see below; send: packets to send,
 //! default 1000), `ip=10.0.0.2` (our IPv4 address), `peer=10.0.0.1` (send: destination),
 //! `port=7000` (send: source and destination UDP port), `size=64` (send: UDP payload
-//! bytes, 4..=1472), `dev=0` (index among the virtio-net devices), `timeout_ms=30000`
+//! bytes, 4..=1472), `pps=0` (send: at most this many packets per second, 0 = as fast as
+//! the queue allows), `dev=0` (index among the virtio-net devices), `timeout_ms=30000`
 //! (longest the transmit queue may stay stuck), `report_ms=50` (metrics reports,
 //! 0 = none).
 //!
@@ -90,6 +91,8 @@ struct Params {
     peer: [u8; 4],
     port: u16,
     size: usize,
+    /// `send`: packets per second (0 = unpaced).
+    pps: u64,
     timeout_ns: u64,
     report_ms: u64,
 }
@@ -159,6 +162,7 @@ fn params() -> Params {
         peer: ip_arg("peer", [10, 0, 0, 1]),
         port,
         size: size as usize,
+        pps: rt::arg_u64("pps", 0),
         timeout_ns: rt::arg_u64("timeout_ms", 30_000).saturating_mul(1_000_000),
         report_ms: rt::arg_u64("report_ms", metrics::DEFAULT_REPORT_MS),
     }
@@ -454,13 +458,22 @@ fn send(p: &Params, net: &mut Net) {
     let h = ETH_HDR;
     let payload = h + IP_HDR + UDP_HDR;
     let limit = rt::ns_to_ticks(p.timeout_ns);
+    // TSC ticks between two packets with `pps=N` (packet k goes out at start + k * gap).
+    let gap = match p.pps {
+        0 => 0,
+        pps => (rt::tsc_khz() * 1000 / pps).max(1),
+    };
     let start = rt::rdtsc();
     let mut reporter = Reporter::new(0, p.report_ms, start);
     let (mut submitted, mut sent) = (0u64, 0u64);
     let mut progress = start;
     let mut end = start;
     while sent < count {
+        let before = submitted;
         while submitted < count {
+            if gap > 0 && rt::rdtsc().wrapping_sub(start) < submitted.saturating_mul(gap) {
+                break;
+            }
             let seq = submitted;
             let queued = net.tx.send_with(frame_len, |out| {
                 out.copy_from_slice(tmpl);
@@ -474,7 +487,11 @@ fn send(p: &Params, net: &mut Net) {
             }
             submitted += 1;
         }
-        net.tx.kick();
+        if submitted != before {
+            net.tx.kick();
+            // The timeout counts from the last submission or completion.
+            progress = rt::rdtsc();
+        }
         // Drop whatever arrives meanwhile, so that the receive queue never runs dry.
         let mut dropped = 0;
         loop {
@@ -487,10 +504,11 @@ fn send(p: &Params, net: &mut Net) {
         if dropped > 0 {
             net.rx.kick();
         }
+        let reclaimed = net.tx.reclaim();
         let now = rt::rdtsc();
-        match net.tx.reclaim() {
+        match reclaimed {
             Ok(0) => {
-                if now.wrapping_sub(progress) > limit {
+                if net.tx.in_flight() > 0 && now.wrapping_sub(progress) > limit {
                     die!(
                         EXIT_FAIL,
                         "timeout waiting for the device ({} packets in flight)",

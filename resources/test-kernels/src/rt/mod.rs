@@ -58,6 +58,7 @@ pub mod mem;
 pub mod metrics;
 pub mod smp;
 pub mod time;
+pub mod vcpu_control;
 pub mod virtio;
 
 pub use boot::{MAX_CPUS, STACK_SIZE};
