@@ -195,9 +195,12 @@ struct TelemetryArgs {
     /// cpu-burn ms=.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     burn_ms: u64,
-    /// Rows written in the state repository throughput test.
+    /// Rows written in each run of the state repository throughput test.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     repo_rows: u64,
+    /// Runs of the state repository throughput test.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repo_runs: u64,
 }
 
 /// Paths and programs every benchmark uses.
@@ -335,6 +338,7 @@ impl Env {
             pio_count: a.count,
             burn_ms: a.burn_ms,
             repo_rows: a.repo_rows,
+            repo_runs: a.repo_runs as usize,
         })
     }
 
@@ -443,6 +447,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
                 count: if quick { 10_000 } else { 100_000 },
                 burn_ms: if quick { 300 } else { 2000 },
                 repo_rows: if quick { 10_000 } else { 200_000 },
+                repo_runs: if quick { 1 } else { 3 },
             })?;
             report::write_json(&env.out_dir, "telemetry", &telemetry)?;
             env.emit(

@@ -302,10 +302,11 @@ fn render_telemetry(s: &mut String, t: &Value) {
     }
     let _ = writeln!(
         s,
-        "  state repository: {} rows/s ({} rows in {} s, {} commits)",
-        f(num(t, &["state_repo", "rows_per_sec"]), 0),
-        f(num(t, &["state_repo", "rows"]), 0),
-        f(num(t, &["state_repo", "seconds"]), 2),
-        f(num(t, &["state_repo", "commits"]), 0)
+        "  state repository: {} rows/s, median [min - max] {} - {} ({} runs of {} rows)",
+        f(num(t, &["state_repo", "rows_per_sec", "median"]), 0),
+        f(num(t, &["state_repo", "rows_per_sec", "min"]), 0),
+        f(num(t, &["state_repo", "rows_per_sec", "max"]), 0),
+        f(num(t, &["state_repo", "rows_per_sec", "n"]), 0),
+        f(num(t, &["state_repo", "rows"]), 0)
     );
 }

@@ -36,6 +36,8 @@ pub struct TelemetrySettings {
     pub burn_ms: u64,
     /// Rows written in the state repository test.
     pub repo_rows: u64,
+    /// Runs of the state repository test.
+    pub repo_runs: usize,
 }
 
 /// A telemetry configuration of `vmm run`.
@@ -108,21 +110,30 @@ pub struct Part {
     pub sides: Vec<Side>,
 }
 
-/// What the state repository sustained.
-#[derive(Debug, Clone, Serialize)]
-pub struct RepoThroughput {
-    /// How it was measured.
-    pub what: String,
-    /// Rows queued and committed.
-    pub rows: u64,
+/// One run of the state repository test.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RepoRun {
     /// From the first insert to the last commit, s.
     pub seconds: f64,
-    /// `rows / seconds`.
+    /// Rows over `seconds`.
     pub rows_per_sec: f64,
     /// Transactions committed.
     pub commits: u64,
     /// Size of the database file.
     pub db_bytes: u64,
+}
+
+/// What the state repository sustained.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoThroughput {
+    /// How it was measured.
+    pub what: String,
+    /// Rows queued and committed per run.
+    pub rows: u64,
+    /// Rows per second over the runs.
+    pub rows_per_sec: Summary,
+    /// Every run, in order.
+    pub runs: Vec<RepoRun>,
 }
 
 /// The telemetry benchmark's result file.
@@ -203,20 +214,36 @@ fn run_once(
     })
 }
 
-/// Runs every configuration `runs` times, rotating their order each round.
-#[allow(clippy::too_many_arguments)]
-fn run_part(
-    name: &str,
-    vmm: &Path,
+/// One part of the benchmark: a kernel run under several telemetry configurations.
+struct PartSpec<'a> {
+    /// Short name for progress lines.
+    name: &'a str,
+    /// `vmm` arguments before the telemetry options.
     base_args: Vec<String>,
-    configs: &[Config],
-    db: &Path,
-    runs: usize,
-    parse: &dyn Fn(&str) -> Option<f64>,
+    /// The configurations; the first has no telemetry.
+    configs: &'a [Config],
+    /// Extracts the guest's figure from its output.
+    parse: &'a dyn Fn(&str) -> Option<f64>,
+    /// Per run.
     timeout: Duration,
-    measures: &str,
-    cmdline: &str,
-) -> Result<Part, BenchError> {
+    /// What the figure is.
+    measures: &'a str,
+    /// The kernel's command line.
+    cmdline: &'a str,
+}
+
+/// Runs every configuration of `spec` `runs` times, rotating their order each round;
+/// each run with telemetry gets a fresh database at `db`.
+fn run_part(vmm: &Path, db: &Path, runs: usize, spec: PartSpec<'_>) -> Result<Part, BenchError> {
+    let PartSpec {
+        name,
+        base_args,
+        configs,
+        parse,
+        timeout,
+        measures,
+        cmdline,
+    } = spec;
     let n = configs.len();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
     for round in 0..runs {
@@ -261,7 +288,7 @@ fn run_part(
                 a.clone()
             }
         }));
-        cmd.extend(c.args(db).into_iter());
+        cmd.extend(c.args(db));
         sides.push(Side {
             config: *c,
             label: c.label(),
@@ -294,8 +321,30 @@ pub fn parse_burn_iterations(output: &str) -> Option<u64> {
 
 /// Writes `rows` rows through the state repository's writer thread, as the telemetry
 /// agent does (8 VMs' rows of the schema's width, default configuration: WAL, batched
-/// commits, anomaly detection on), and times them to the last commit.
-pub fn repo_throughput(dir: &Path, rows: u64) -> Result<RepoThroughput, BenchError> {
+/// commits, anomaly detection on), and times them to the last commit; `runs` times, each
+/// in a fresh database.
+pub fn repo_throughput(dir: &Path, rows: u64, runs: usize) -> Result<RepoThroughput, BenchError> {
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        v.push(repo_once(dir, rows)?);
+    }
+    let rates: Vec<f64> = v.iter().map(|r| r.rows_per_sec).collect();
+    Ok(RepoThroughput {
+        what: format!(
+            "tuner::state_repo::StateRepo with RepoConfig::default() (as vmm opens it), one \
+             producer thread calling insert_blocking for {rows} rows of {} features from \
+             8 VMs, then flush; timed from the first insert to the last commit; {runs} runs, \
+             each in a fresh database",
+            FEATURES.len()
+        ),
+        rows,
+        rows_per_sec: summarize(&rates)
+            .ok_or_else(|| BenchError::Unexpected("state repo: no runs".into()))?,
+        runs: v,
+    })
+}
+
+fn repo_once(dir: &Path, rows: u64) -> Result<RepoRun, BenchError> {
     let db = dir.join("telemetry-repo-bench.db");
     remove_db(&db);
     let err = |e: tuner::state_repo::RepoError| BenchError::Unexpected(format!("state repo: {e}"));
@@ -338,13 +387,7 @@ pub fn repo_throughput(dir: &Path, rows: u64) -> Result<RepoThroughput, BenchErr
             stats.rows_written, stats.rows_dropped
         )));
     }
-    Ok(RepoThroughput {
-        what: format!(
-            "tuner::state_repo::StateRepo with RepoConfig::default() (as vmm opens it), one \
-             producer thread calling insert_blocking for {rows} rows of {width} features from \
-             8 VMs, then flush; timed from the first insert to the last commit"
-        ),
-        rows,
+    Ok(RepoRun {
         seconds,
         rows_per_sec: rows as f64 / seconds,
         commits: stats.commits,
@@ -367,21 +410,23 @@ pub fn run(s: &TelemetrySettings) -> Result<TelemetryReport, BenchError> {
     ];
     let pio_parse = |out: &str| parse_pio_line(out).map(|l| l.ns_per_exit as f64);
     let exit_round_trip = run_part(
-        "pio-bench",
         &s.vmm,
-        pio_args,
-        &[
-            Config { interval_ms: None },
-            Config {
-                interval_ms: Some(10),
-            },
-        ],
         &db,
         s.runs,
-        &pio_parse,
-        Duration::from_millis(s.pio_count.saturating_add(30_000)),
-        "pio-bench ns per exit (guest TSC)",
-        &pio_cmdline,
+        PartSpec {
+            name: "pio-bench",
+            base_args: pio_args,
+            configs: &[
+                Config { interval_ms: None },
+                Config {
+                    interval_ms: Some(10),
+                },
+            ],
+            parse: &pio_parse,
+            timeout: Duration::from_millis(s.pio_count.saturating_add(30_000)),
+            measures: "pio-bench ns per exit (guest TSC)",
+            cmdline: &pio_cmdline,
+        },
     )?;
 
     let burn_cmdline = format!("ms={}", s.burn_ms);
@@ -396,31 +441,36 @@ pub fn run(s: &TelemetrySettings) -> Result<TelemetryReport, BenchError> {
     ];
     let burn_parse = |out: &str| parse_burn_iterations(out).map(|i| i as f64);
     let compute = run_part(
-        "cpu-burn",
         &s.vmm,
-        burn_args,
-        &[
-            Config { interval_ms: None },
-            Config {
-                interval_ms: Some(100),
-            },
-            Config {
-                interval_ms: Some(10),
-            },
-        ],
         &db,
         s.runs,
-        &burn_parse,
-        Duration::from_millis(s.burn_ms + 30_000),
-        "cpu-burn iterations in the run (one vCPU)",
-        &burn_cmdline,
+        PartSpec {
+            name: "cpu-burn",
+            base_args: burn_args,
+            configs: &[
+                Config { interval_ms: None },
+                Config {
+                    interval_ms: Some(100),
+                },
+                Config {
+                    interval_ms: Some(10),
+                },
+            ],
+            parse: &burn_parse,
+            timeout: Duration::from_millis(s.burn_ms + 30_000),
+            measures: "cpu-burn iterations in the run (one vCPU)",
+            cmdline: &burn_cmdline,
+        },
     )?;
 
-    eprintln!("telemetry: state repository, {} rows", s.repo_rows);
-    let state_repo = repo_throughput(&s.out_dir, s.repo_rows)?;
     eprintln!(
-        "telemetry: state repository sustained {:.0} rows/s",
-        state_repo.rows_per_sec
+        "telemetry: state repository, {} rows, {} runs",
+        s.repo_rows, s.repo_runs
+    );
+    let state_repo = repo_throughput(&s.out_dir, s.repo_rows, s.repo_runs)?;
+    eprintln!(
+        "telemetry: state repository sustained {:.0} rows/s (median)",
+        state_repo.rows_per_sec.median
     );
     Ok(TelemetryReport {
         meta,
@@ -460,9 +510,10 @@ mod tests {
     fn repo_throughput_commits_every_row() {
         let dir = std::env::temp_dir().join(format!("vmm-bench-repo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let r = repo_throughput(&dir, 500).expect("repo");
+        let r = repo_throughput(&dir, 500, 2).expect("repo");
         assert_eq!(r.rows, 500);
-        assert!(r.rows_per_sec > 0.0);
+        assert_eq!(r.runs.len(), 2);
+        assert!(r.rows_per_sec.min > 0.0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -101,6 +101,11 @@ impl HoltForecaster {
         })
     }
 
+    /// The smoothing factors.
+    pub fn config(&self) -> ForecastConfig {
+        self.config
+    }
+
     /// Number of features.
     pub fn len(&self) -> usize {
         self.level.len()

@@ -11,16 +11,24 @@
 //! - [`anomaly`]: a rolling EWMA z-score anomaly detector over the vector.
 //! - [`prometheus`]: the counters in the Prometheus text format and a tiny `/metrics`
 //!   HTTP server.
+//! - [`actions`]: the versioned action list, rate-limit ladders and action masks.
+//! - [`reward`]: the reward formula and its weights.
+//! - [`forecast`]: Holt's linear-trend one-step forecast of the vector.
+//! - [`policy`]: ONNX Q-network policies (tract) with model cards, the static and
+//!   threshold baselines, epsilon-greedy selection.
+//! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
+//!   watchdog) and the [`manager::Knobs`] trait the monitor implements.
+//! - [`control`]: the tuner loop tying them together as an agent sink, with hot reload.
 //!
-//! The policy and configuration manager land with later issues; the monitor reaches the
-//! tuner only through narrow traits, so everything here can be tested against a fake
-//! monitor.
+//! The monitor reaches the tuner only through narrow traits, so everything here can be
+//! tested against a fake monitor.
 
 #![warn(missing_docs)]
 
 pub mod actions;
 pub mod agent;
 pub mod anomaly;
+pub mod control;
 pub mod counters;
 pub mod forecast;
 pub mod manager;

@@ -880,16 +880,15 @@ impl Watchdog {
         let period = (self.interval / 2).max(Duration::from_millis(1));
         let thread = thread::Builder::new()
             .name("tuner-watchdog".to_string())
-            .spawn(move || loop {
-                match stop_rx.recv_timeout(period) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                }
-                if let Some(silent) = self.poll() {
-                    log::error!(
-                        "tuner watchdog: no heartbeat for {silent:?}; restoring the static configuration"
-                    );
-                    on_stall(silent);
+            .spawn(move || {
+                // Until stopped (or the handle dropped), poll every half interval.
+                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(period) {
+                    if let Some(silent) = self.poll() {
+                        log::error!(
+                            "tuner watchdog: no heartbeat for {silent:?}; restoring the static configuration"
+                        );
+                        on_stall(silent);
+                    }
                 }
             })
             .map_err(ManagerError::Spawn)?;

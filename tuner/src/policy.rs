@@ -226,6 +226,12 @@ pub trait Policy: Send {
     /// Gives the policy the context of the coming decision (called before
     /// [`Policy::q_values`]; learned policies ignore it).
     fn set_context(&mut self, _ctx: &PolicyContext) {}
+
+    /// The Holt factors the policy was trained with, when it takes the forecast as input
+    /// and they differ from the defaults (the tuner then forecasts with them).
+    fn forecast_config(&self) -> Option<ForecastConfig> {
+        None
+    }
 }
 
 /// The reference evaluation recorded in a model card.
@@ -651,6 +657,10 @@ impl Policy for OnnxPolicy {
 
     fn input_size(&self) -> usize {
         self.input_size
+    }
+
+    fn forecast_config(&self) -> Option<ForecastConfig> {
+        self.card.forecast
     }
 }
 

@@ -116,20 +116,45 @@ fn host_cores() -> u32 {
         .unwrap_or(1)
 }
 
+/// What a [`VmRuntime`] is assembled from.
+pub struct RuntimeParts {
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// Run-loop counters, one per vCPU.
+    pub vcpus: Vec<Arc<VcpuStats>>,
+    /// KVM's binary stats, one per vCPU where the kernel offers them.
+    pub kvm_stats: Vec<Option<KvmStats>>,
+    /// The drives.
+    pub drives: Vec<DriveHandle>,
+    /// The network devices (id, device).
+    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// The I/O engine's scheduler, if there are drives.
+    pub scheduler: Option<SharedIoScheduler>,
+    /// The guest metrics device.
+    pub guest: Arc<GuestMetricsDevice>,
+    /// The vCPU control device.
+    pub vcpu_control: Arc<VcpuControl>,
+    /// Thread ids of the vCPU threads (0 until a thread starts).
+    pub vcpu_tids: Arc<Vec<AtomicI32>>,
+    /// Dirty-page tracking, when on.
+    pub dirty: Option<DirtyLog>,
+}
+
 impl VmRuntime {
     /// Assembles the runtime view of a VM.
-    pub fn new(
-        mem_bytes: u64,
-        vcpus: Vec<Arc<VcpuStats>>,
-        kvm_stats: Vec<Option<KvmStats>>,
-        drives: Vec<DriveHandle>,
-        nets: Vec<(String, Arc<Mutex<Net>>)>,
-        scheduler: Option<SharedIoScheduler>,
-        guest: Arc<GuestMetricsDevice>,
-        vcpu_control: Arc<VcpuControl>,
-        vcpu_tids: Arc<Vec<AtomicI32>>,
-        dirty: Option<DirtyLog>,
-    ) -> Self {
+    pub fn new(parts: RuntimeParts) -> Self {
+        let RuntimeParts {
+            mem_bytes,
+            vcpus,
+            kvm_stats,
+            drives,
+            nets,
+            scheduler,
+            guest,
+            vcpu_control,
+            vcpu_tids,
+            dirty,
+        } = parts;
         let host_cores = host_cores();
         Self {
             started: Instant::now(),

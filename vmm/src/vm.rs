@@ -43,7 +43,7 @@ use crate::config::{host_mem_mib, ConfigError, VmConfig};
 use crate::cpuid::{self, VcpuTopology};
 use crate::kvm_stats::KvmStats;
 use crate::memory::{self, MemoryError};
-use crate::runtime::{DirtyLog, DriveHandle, VmRuntime};
+use crate::runtime::{DirtyLog, DriveHandle, RuntimeParts, VmRuntime};
 use crate::seccomp::{self, SeccompError};
 use crate::telemetry::Telemetry;
 use crate::vcpu::Vcpu;
@@ -536,11 +536,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .map(|_| std::sync::atomic::AtomicI32::new(0))
             .collect(),
     );
-    let runtime = Arc::new(VmRuntime::new(
-        cfg.mem_mib << 20,
-        vcpu_stats,
+    let runtime = Arc::new(VmRuntime::new(RuntimeParts {
+        mem_bytes: cfg.mem_mib << 20,
+        vcpus: vcpu_stats,
         kvm_stats,
-        cfg.drives
+        drives: cfg
+            .drives
             .iter()
             .enumerate()
             .map(|(i, _)| DriveHandle {
@@ -550,15 +551,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .collect(),
         nets,
         scheduler,
-        guest_metrics,
-        vcpu_control.clone(),
-        vcpu_tids.clone(),
-        telemetry_on.then(|| DirtyLog {
+        guest: guest_metrics,
+        vcpu_control: vcpu_control.clone(),
+        vcpu_tids: vcpu_tids.clone(),
+        dirty: telemetry_on.then(|| DirtyLog {
             vm: vm.clone(),
             slots: memory::slots(&mem),
             total: Mutex::new(0),
         }),
-    ));
+    }));
     if let Some(path) = &cfg.api_sock {
         let server = ApiServer::bind(path, runtime.clone())
             .map_err(|e| ConfigError::new("api_sock", e.to_string()))?;

@@ -1,0 +1,1098 @@
+//! The tuner loop: one decision per sampled interval, as an agent [`Sink`].
+//!
+//! For every [`Sample`] the [`Tuner`]:
+//!
+//! 1. beats the watchdog's [`Heartbeat`]; if the watchdog fired meanwhile (the static
+//!    configuration was restored behind the tuner's back), resets the manager's view;
+//! 2. scores the interval that ended ([`crate::reward`]) under the knobs in force during
+//!    it, and stores `(action, reward)` on the previous interval's row
+//!    ([`RepoWriter::record_outcome`]);
+//! 3. lets the [`ConfigManager`] evaluate the change being watched (which may roll it
+//!    back);
+//! 4. updates the Holt forecaster ([`crate::forecast`]) and builds the policy's input
+//!    (the vector, or the vector and its one-step forecast);
+//! 5. asks the policy for Q-values (timed), masks the actions the manager would refuse,
+//!    chooses epsilon-greedily ([`crate::policy::select`]) and applies the choice through
+//!    the manager and the monitor's [`Knobs`].
+//!
+//! A policy error (NaN output, wrong length, tract failure) restores the static
+//! configuration and replaces the policy by [`StaticPolicy`]. Refusals, rollbacks,
+//! fallbacks and policy load failures are logged and stored as events.
+//!
+//! Hot reload: [`PolicyHandle`] (cloneable, for the control API) swaps the policy
+//! atomically between two decisions: the tuner holds the policy's lock for the whole
+//! inference, and a swap takes it only to exchange the box. Loading happens outside the
+//! lock; a failed load keeps the old policy.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::actions::{Action, ActionSpace};
+use crate::agent::{Sample, Sink};
+use crate::forecast::{ForecastConfig, ForecastError, HoltForecaster};
+use crate::manager::{ConfigManager, Decision, Heartbeat, Knobs};
+use crate::policy::{
+    check_q, select_explained, EpsilonSchedule, OnnxPolicy, Policy, PolicyContext, PolicyError,
+    StaticPolicy, XorShift64,
+};
+use crate::reward::{reward, RewardError, RewardWeights};
+use crate::schema::Schema;
+use crate::state_repo::{event_kind, Event, RepoWriter};
+
+/// Event kind stored when a new policy was swapped in.
+pub const POLICY_SWAP: &str = "policy_swap";
+
+/// Errors of the tuner's setup.
+#[derive(Debug, Error)]
+pub enum TunerError {
+    /// Bad reward weights.
+    #[error(transparent)]
+    Reward(#[from] RewardError),
+    /// Bad forecaster factors.
+    #[error(transparent)]
+    Forecast(#[from] ForecastError),
+    /// Bad exploration schedule.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Configuration of the tuner loop (part of the VM's configuration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunerConfig {
+    /// The VM, as written into the state repository.
+    pub vm_id: String,
+    /// Reward weights.
+    pub weights: RewardWeights,
+    /// Exploration (default: 0, greedy).
+    pub epsilon: EpsilonSchedule,
+    /// Seed of the exploration PRNG.
+    pub seed: u64,
+    /// Forecaster factors.
+    pub forecast: ForecastConfig,
+    /// Mask, before selection, the actions the manager would refuse now (cooldown, a
+    /// change being evaluated); without it such choices are refused and logged. Bounds and
+    /// no-change actions are always masked. Default true.
+    pub mask_safeguards: bool,
+}
+
+impl Default for TunerConfig {
+    fn default() -> Self {
+        Self {
+            vm_id: "vm0".to_string(),
+            weights: RewardWeights::default(),
+            epsilon: EpsilonSchedule::default(),
+            seed: 1,
+            forecast: ForecastConfig::default(),
+            mask_safeguards: true,
+        }
+    }
+}
+
+/// Counts and timings of the tuner.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TunerStats {
+    /// Samples handled (decisions taken, `noop` included).
+    pub decisions: u64,
+    /// Actions applied.
+    pub applied: u64,
+    /// Actions refused by a safeguard or by the monitor.
+    pub refused: u64,
+    /// Changes rolled back.
+    pub rollbacks: u64,
+    /// Returns to the static configuration (policy error, watchdog, failed rollback).
+    pub fallbacks: u64,
+    /// Policy errors.
+    pub policy_errors: u64,
+    /// Random exploration steps.
+    pub explored: u64,
+    /// Policies swapped in.
+    pub policy_swaps: u64,
+    /// Policy loads that failed.
+    pub load_failures: u64,
+    /// Policy in charge.
+    pub policy_id: String,
+    /// Reward of the last interval.
+    pub last_reward: Option<f64>,
+    /// Action of the last decision (as stored).
+    pub last_action: Option<String>,
+    /// Duration of the last inference, ns.
+    pub inference_ns_last: u64,
+    /// Longest inference, ns.
+    pub inference_ns_max: u64,
+    /// Sum of inference durations, ns (mean = total / inferences).
+    pub inference_ns_total: u64,
+    /// Inferences timed.
+    pub inferences: u64,
+    /// Largest share of an interval spent in inference.
+    pub inference_fraction_max: f64,
+}
+
+impl TunerStats {
+    /// Mean inference time in nanoseconds.
+    pub fn inference_ns_mean(&self) -> f64 {
+        if self.inferences == 0 {
+            0.0
+        } else {
+            self.inference_ns_total as f64 / self.inferences as f64
+        }
+    }
+}
+
+struct Shared {
+    vm_id: String,
+    space: ActionSpace,
+    weights: RewardWeights,
+    policy: Mutex<Box<dyn Policy>>,
+    stats: Mutex<TunerStats>,
+    repo: Mutex<Option<RepoWriter>>,
+    id_slots: Mutex<Vec<Arc<Mutex<String>>>>,
+    last_ts: AtomicU64,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn event(&self, ts_ns: u64, kind: &str, detail: String) {
+        if let Some(repo) = lock(&self.repo).as_ref() {
+            let event = Event {
+                ts_ns,
+                vm_id: self.vm_id.clone(),
+                kind: kind.to_string(),
+                detail,
+            };
+            if let Err(e) = repo.record_event(event) {
+                log::warn!("tuner event {kind} not stored: {e}");
+            }
+        }
+    }
+
+    fn swap(&self, policy: Box<dyn Policy>) -> String {
+        let new_id = policy.id().to_string();
+        let old = std::mem::replace(&mut *lock(&self.policy), policy);
+        for slot in lock(&self.id_slots).iter() {
+            *lock(slot) = new_id.clone();
+        }
+        let mut stats = lock(&self.stats);
+        stats.policy_id = new_id;
+        old.id().to_string()
+    }
+}
+
+/// A handle on the tuner's policy slot, for hot reload from another thread (cloneable).
+#[derive(Clone)]
+pub struct PolicyHandle(Arc<Shared>);
+
+impl std::fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyHandle")
+            .field("policy", &self.current_id())
+            .finish()
+    }
+}
+
+impl PolicyHandle {
+    /// Replaces the policy between two decisions; returns the old policy's id. Stored
+    /// as a `policy_swap` event.
+    pub fn swap(&self, policy: Box<dyn Policy>) -> String {
+        let new_id = policy.id().to_string();
+        let old = self.0.swap(policy);
+        lock(&self.0.stats).policy_swaps += 1;
+        log::info!("tuner policy {old} replaced by {new_id}");
+        self.0.event(
+            self.0.last_ts.load(Ordering::Relaxed),
+            POLICY_SWAP,
+            format!("{old} -> {new_id}"),
+        );
+        old
+    }
+
+    /// Loads an ONNX policy (validated against the VM's action space and reward
+    /// weights) and swaps it in. On failure the old policy stays, and the error is
+    /// logged, stored as a `policy_load_failure` event and returned.
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<String, PolicyError> {
+        let path = path.as_ref();
+        match OnnxPolicy::load(path, &self.0.space, Some(&self.0.weights)) {
+            Ok(policy) => {
+                let id = policy.id().to_string();
+                self.swap(Box::new(policy));
+                Ok(id)
+            }
+            Err(e) => {
+                lock(&self.0.stats).load_failures += 1;
+                log::error!(
+                    "policy {} not loaded, keeping the current one: {e}",
+                    path.display()
+                );
+                self.0.event(
+                    self.0.last_ts.load(Ordering::Relaxed),
+                    event_kind::POLICY_LOAD_FAILURE,
+                    format!("{}: {e}", path.display()),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The id of the policy in charge.
+    pub fn current_id(&self) -> String {
+        lock(&self.0.policy).id().to_string()
+    }
+
+    /// The tuner's counts so far.
+    pub fn stats(&self) -> TunerStats {
+        lock(&self.0.stats).clone()
+    }
+}
+
+/// What one decision did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Reward of the interval that ended.
+    pub reward: f64,
+    /// Decisions of the manager in this step (rollback, fallback, the action's fate).
+    pub decisions: Vec<Decision>,
+    /// Index of the selected action, if the policy was consulted.
+    pub selected: Option<usize>,
+    /// Whether the selection explored.
+    pub explored: bool,
+    /// Inference time, ns.
+    pub inference_ns: u64,
+    /// The action label stored for this interval.
+    pub label: String,
+}
+
+/// The tuner: policy, configuration manager and monitor knobs, one decision per sample.
+pub struct Tuner {
+    config: TunerConfig,
+    shared: Arc<Shared>,
+    manager: ConfigManager,
+    knobs: Box<dyn Knobs>,
+    forecaster: HoltForecaster,
+    rng: XorShift64,
+    steps: u64,
+    heartbeat: Option<Heartbeat>,
+    last: Option<(u64, String)>,
+    prev_activity: Option<(u64, Vec<u64>)>,
+}
+
+impl std::fmt::Debug for Tuner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tuner")
+            .field("vm_id", &self.config.vm_id)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tuner {
+    /// A tuner driving `knobs` through `manager` with `policy` (e.g. from
+    /// [`crate::policy::load_or_static`]).
+    pub fn new(
+        config: TunerConfig,
+        manager: ConfigManager,
+        knobs: Box<dyn Knobs>,
+        policy: Box<dyn Policy>,
+    ) -> Result<Tuner, TunerError> {
+        config.weights.validate()?;
+        config.epsilon.validate()?;
+        let forecaster = HoltForecaster::new(Schema::len(), config.forecast)?;
+        let stats = TunerStats {
+            policy_id: policy.id().to_string(),
+            ..TunerStats::default()
+        };
+        let shared = Arc::new(Shared {
+            vm_id: config.vm_id.clone(),
+            space: manager.space().clone(),
+            weights: config.weights,
+            policy: Mutex::new(policy),
+            stats: Mutex::new(stats),
+            repo: Mutex::new(None),
+            id_slots: Mutex::new(Vec::new()),
+            last_ts: AtomicU64::new(0),
+        });
+        Ok(Tuner {
+            rng: XorShift64::new(config.seed),
+            config,
+            shared,
+            manager,
+            knobs,
+            forecaster,
+            steps: 0,
+            heartbeat: None,
+            last: None,
+            prev_activity: None,
+        })
+    }
+
+    /// Stores outcomes and events through `writer`.
+    pub fn with_repo(self, writer: RepoWriter) -> Self {
+        *lock(&self.shared.repo) = Some(writer);
+        self
+    }
+
+    /// Beats `heartbeat` every decision (see [`crate::manager::Watchdog`]).
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
+    }
+
+    /// Keeps `slot` (e.g. [`crate::state_repo::RepoSink::policy_handle`]) set to the id of
+    /// the policy in charge.
+    pub fn with_policy_id_slot(self, slot: Arc<Mutex<String>>) -> Self {
+        *lock(&slot) = lock(&self.shared.policy).id().to_string();
+        lock(&self.shared.id_slots).push(slot);
+        self
+    }
+
+    /// A handle for hot reload and statistics.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        PolicyHandle(Arc::clone(&self.shared))
+    }
+
+    /// The configuration manager.
+    pub fn manager(&self) -> &ConfigManager {
+        &self.manager
+    }
+
+    /// The tuner's counts so far.
+    pub fn stats(&self) -> TunerStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    fn device_load(&mut self, at_ns: u64) -> Vec<f64> {
+        let now = self.knobs.device_activity();
+        let load = match &self.prev_activity {
+            Some((t, prev)) if prev.len() == now.len() && at_ns > *t => {
+                let secs = (at_ns - t) as f64 / 1e9;
+                now.iter()
+                    .zip(prev)
+                    .map(|(c, p)| c.saturating_sub(*p) as f64 / secs)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.prev_activity = Some((at_ns, now));
+        load
+    }
+
+    fn record(&self, ts_ns: u64, d: &Decision) {
+        match d.event_kind() {
+            Some(kind) => {
+                log::warn!("tuner {}: {d}", self.config.vm_id);
+                self.shared.event(ts_ns, kind, d.detail());
+            }
+            None if d.changed() => log::info!("tuner {}: {d}", self.config.vm_id),
+            None => log::debug!("tuner {}: {d}", self.config.vm_id),
+        }
+    }
+
+    fn fall_back(&mut self, reason: String) -> Decision {
+        let d = self.manager.restore_static(&mut *self.knobs, &reason);
+        self.shared
+            .swap(Box::new(StaticPolicy::new(self.manager.space())));
+        d
+    }
+
+    /// Takes one decision for `sample` (see the module documentation).
+    pub fn step(&mut self, sample: &Sample) -> StepReport {
+        if let Some(hb) = &self.heartbeat {
+            hb.beat();
+        }
+        self.shared.last_ts.store(sample.at_ns, Ordering::Relaxed);
+        let mut decisions = Vec::new();
+        if self.heartbeat.as_ref().is_some_and(Heartbeat::take_fired) {
+            self.manager.reset_to_static();
+            decisions.push(Decision::RestoredStatic {
+                reason: "watchdog: the tuner thread stalled".to_string(),
+            });
+        }
+
+        let r = reward(
+            sample,
+            self.manager.state(),
+            self.manager.bounds(),
+            &self.config.weights,
+        );
+        if let Some((ts, label)) = self.last.take() {
+            self.store_outcome(ts, label, Some(r));
+        }
+        if let Some(d) = self.manager.next_interval(Some(r), &mut *self.knobs) {
+            decisions.push(d);
+        }
+        if let Err(e) = self.forecaster.observe(&sample.vector) {
+            log::warn!("tuner: {e}");
+        }
+
+        let mut report = StepReport {
+            reward: r,
+            decisions: Vec::new(),
+            selected: None,
+            explored: false,
+            inference_ns: 0,
+            label: "noop".to_string(),
+        };
+        // A rollback or fallback already changed the knobs in this interval.
+        if !decisions.iter().any(Decision::changed) {
+            let device_load = self.device_load(sample.at_ns);
+            match self.infer(sample, device_load) {
+                Ok((q, ns)) => {
+                    report.inference_ns = ns;
+                    let mask = if self.config.mask_safeguards {
+                        self.manager.mask()
+                    } else {
+                        let space = self.manager.space();
+                        space.mask(self.manager.state(), self.manager.bounds())
+                    };
+                    let epsilon = self.config.epsilon.value(self.steps);
+                    match select_explained(&q, &mask, epsilon, &mut self.rng) {
+                        Ok(sel) => {
+                            report.selected = Some(sel.index);
+                            report.explored = sel.explored;
+                            let action = self.manager.space().action(sel.index);
+                            let d = self
+                                .manager
+                                .apply(action.unwrap_or(Action::NoOp), &mut *self.knobs);
+                            decisions.push(d);
+                        }
+                        Err(e) => log::error!("tuner: selection failed: {e}"),
+                    }
+                }
+                Err(e) => {
+                    lock(&self.shared.stats).policy_errors += 1;
+                    let id = lock(&self.shared.policy).id().to_string();
+                    decisions.push(self.fall_back(format!("policy {id} failed: {e}")));
+                }
+            }
+        }
+
+        for d in &decisions {
+            self.record(sample.at_ns, d);
+        }
+        report.label = decisions
+            .iter()
+            .rev()
+            .find(|d| !matches!(d, Decision::NoOp | Decision::Kept { .. }))
+            .map_or_else(|| "noop".to_string(), Decision::action_label);
+        {
+            let mut s = lock(&self.shared.stats);
+            s.decisions += 1;
+            s.explored += u64::from(report.explored);
+            s.last_reward = Some(r);
+            s.last_action = Some(report.label.clone());
+            for d in &decisions {
+                match d {
+                    Decision::Applied { .. } => s.applied += 1,
+                    Decision::Refused { .. } | Decision::Failed { .. } => s.refused += 1,
+                    Decision::RolledBack { .. } => s.rollbacks += 1,
+                    Decision::RestoredStatic { .. } => s.fallbacks += 1,
+                    Decision::NoOp | Decision::Kept { .. } => {}
+                }
+            }
+            if report.selected.is_some() {
+                s.inferences += 1;
+                s.inference_ns_last = report.inference_ns;
+                s.inference_ns_max = s.inference_ns_max.max(report.inference_ns);
+                s.inference_ns_total = s.inference_ns_total.saturating_add(report.inference_ns);
+                if sample.interval_ns > 0 {
+                    let frac = report.inference_ns as f64 / sample.interval_ns as f64;
+                    s.inference_fraction_max = s.inference_fraction_max.max(frac);
+                }
+            }
+        }
+        self.last = Some((sample.at_ns, report.label.clone()));
+        self.steps += 1;
+        report.decisions = decisions;
+        report
+    }
+
+    /// Runs the policy on the sample (with the forecast appended when it asks for it).
+    fn infer(
+        &mut self,
+        sample: &Sample,
+        device_load: Vec<f64>,
+    ) -> Result<(Vec<f32>, u64), PolicyError> {
+        let ctx = PolicyContext {
+            knobs: Some(self.manager.state().clone()),
+            device_load,
+        };
+        let n = Schema::len();
+        let mut policy = lock(&self.shared.policy);
+        policy.set_context(&ctx);
+        let size = policy.input_size();
+        let mut input = Vec::with_capacity(size);
+        input.extend_from_slice(&sample.vector);
+        if size == 2 * n {
+            if let Some(fc) = policy.forecast_config() {
+                if fc != self.forecaster.config() {
+                    // Forecast as the policy was trained to see it (history restarts).
+                    if let Ok(mut f) = HoltForecaster::new(n, fc) {
+                        if f.observe(&sample.vector).is_ok() {
+                            self.forecaster = f;
+                        }
+                    }
+                }
+            }
+            input.extend(self.forecaster.next());
+        }
+        if input.len() != size {
+            return Err(PolicyError::InputLength {
+                expected: size,
+                got: input.len(),
+            });
+        }
+        let t0 = Instant::now();
+        let q = policy.q_values(&input)?;
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        drop(policy);
+        check_q(&q, self.manager.space().len())?;
+        Ok((q, ns))
+    }
+
+    fn store_outcome(&self, ts_ns: u64, label: String, reward: Option<f64>) {
+        if let Some(repo) = lock(&self.shared.repo).as_ref() {
+            if let Err(e) = repo.record_outcome(&self.config.vm_id, ts_ns, Some(label), reward) {
+                log::debug!("tuner outcome not stored: {e}");
+            }
+        }
+    }
+}
+
+impl Sink for Tuner {
+    fn name(&self) -> &str {
+        "tuner"
+    }
+
+    fn accept(&mut self, sample: &Arc<Sample>) {
+        self.step(sample);
+    }
+
+    fn finish(&mut self) {
+        // The last decision's reward is never observed; store its action alone.
+        if let Some((ts, label)) = self.last.take() {
+            self.store_outcome(ts, label, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actions::PriorityLevel;
+    use crate::manager::tests::FakeKnobs;
+    use crate::manager::{Bounds, KnobState, ManagerConfig, Watchdog};
+    use crate::policy::{ThresholdConfig, ThresholdPolicy};
+    use crate::schema::{FeatureId, FEATURES};
+    use crate::state_repo::{RepoConfig, Row, StateRepo};
+    use std::time::Duration;
+
+    fn sample(t: u64, util: f64, ops: f64) -> Sample {
+        let mut raw = vec![0.0; FEATURES.len()];
+        raw[FeatureId::CpuUtilisation.index()] = util;
+        raw[FeatureId::GuestOpsRate.index()] = ops;
+        raw[FeatureId::GuestLatencyMean.index()] = 100.0;
+        let vector = Schema::normalise(&raw).expect("length");
+        Sample {
+            at_ns: t * 100_000_000,
+            interval_ns: 100_000_000,
+            raw,
+            vector,
+        }
+    }
+
+    fn manager(config: ManagerConfig) -> ConfigManager {
+        let space = ActionSpace::new(1, 0, 1);
+        let bounds = Bounds::for_space(&space, 1, 4);
+        let state = KnobState::initial(&space, 2);
+        ConfigManager::new(space, bounds, state, config).expect("manager")
+    }
+
+    /// A policy always preferring one action (by name), or failing with NaN.
+    struct Scripted {
+        id: String,
+        q: Vec<f32>,
+    }
+
+    impl Scripted {
+        fn prefer(space: &ActionSpace, name: &str) -> Self {
+            let mut q = vec![0.0; space.len()];
+            if let Some(i) = space.names().iter().position(|n| n == name) {
+                q[i] = 1.0;
+            }
+            Scripted {
+                id: format!("prefer-{name}"),
+                q,
+            }
+        }
+    }
+
+    impl Policy for Scripted {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, PolicyError> {
+            Ok(self.q.clone())
+        }
+    }
+
+    #[test]
+    fn threshold_policy_drives_the_knobs() {
+        let m = manager(ManagerConfig::default());
+        let knobs = FakeKnobs::default();
+        let policy = ThresholdPolicy::new(m.space(), ThresholdConfig::default());
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs.clone()),
+            Box::new(policy),
+        )
+        .unwrap();
+        let r1 = t.step(&sample(1, 0.95, 1e4));
+        assert_eq!(r1.label, "noop");
+        let r2 = t.step(&sample(2, 0.95, 1e4));
+        assert_eq!(r2.label, "vcpu+1");
+        assert_eq!(knobs.entries(), vec!["VcpuDelta(1)"]);
+        assert_eq!(t.manager().state().vcpus, 3);
+        let s = t.stats();
+        assert_eq!((s.decisions, s.applied, s.inferences), (2, 1, 2));
+        assert_eq!(s.policy_id, "threshold");
+        assert!(s.inference_ns_max > 0);
+        assert!(s.inference_fraction_max < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn outcomes_and_events_reach_the_state_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = StateRepo::open(dir.path().join("t.db"), RepoConfig::default()).unwrap();
+        let writer = repo.writer();
+        let m = manager(ManagerConfig {
+            rollback_tolerance: 0.0,
+            ..ManagerConfig::default()
+        });
+        let space = m.space().clone();
+        let knobs = FakeKnobs::default();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs.clone()),
+            Box::new(Scripted::prefer(&space, "vcpu+2")),
+        )
+        .unwrap()
+        .with_repo(writer.clone());
+        let mut labels = Vec::new();
+        // Steady reward, then the scripted vcpu+2 makes it worse for 3 intervals.
+        for i in 1..=6u64 {
+            let s = sample(i, 0.5, if i <= 2 { 1e4 } else { 1e2 });
+            writer
+                .insert(Row::from_sample("vm0", &s, "p", "{}"))
+                .unwrap();
+            labels.push(t.step(&s).label);
+        }
+        t.finish();
+        repo.flush().unwrap();
+        // vcpu+2 (baseline: the first interval's reward), watched for 3 intervals under a
+        // lower reward (more cost, then less throughput), rolled back; in between the
+        // favourite is masked (evaluation, then cooldown) and the greedy choice is noop.
+        assert_eq!(
+            labels,
+            ["vcpu+2", "noop", "noop", "rollback:vcpu-2", "noop", "noop"]
+        );
+        assert_eq!(knobs.entries(), vec!["VcpuDelta(2)", "VcpuDelta(-2)"]);
+        let rows = repo.rows("vm0", 0).unwrap();
+        assert_eq!(rows.len(), 6);
+        assert_eq!(rows[0].action.as_deref(), Some("vcpu+2"));
+        let r = rows[0].reward.expect("reward of the first decision");
+        assert!(r.is_finite());
+        assert_eq!(rows[3].action.as_deref(), Some("rollback:vcpu-2"));
+        assert_eq!(rows[5].action.as_deref(), Some("noop"));
+        assert_eq!(rows[5].reward, None, "last reward never observed");
+
+        // Now a rollback: baseline exists, the change makes things worse.
+        let m = manager(ManagerConfig {
+            rollback_tolerance: 0.0,
+            cooldown_intervals: 10,
+            ..ManagerConfig::default()
+        });
+        let mut t = Tuner::new(
+            TunerConfig {
+                vm_id: "vm1".into(),
+                ..TunerConfig::default()
+            },
+            m,
+            Box::new(knobs.clone()),
+            Box::new(Scripted::prefer(&space, "noop")),
+        )
+        .unwrap()
+        .with_repo(writer.clone());
+        let handle = t.policy_handle();
+        t.step(&sample(1, 0.5, 1e4));
+        t.step(&sample(2, 0.5, 1e4));
+        handle.swap(Box::new(Scripted::prefer(&space, "rl:blk0:4")));
+        assert_eq!(t.step(&sample(3, 0.5, 1e4)).label, "rl:blk0:4");
+        t.step(&sample(4, 0.5, 1e1));
+        t.step(&sample(5, 0.5, 1e1));
+        let report = t.step(&sample(6, 0.5, 1e1));
+        assert_eq!(report.label, "rollback:rl:blk0:0", "{report:?}");
+        assert_eq!(t.stats().rollbacks, 1);
+        assert_eq!(t.manager().state().rate_level[0], Some(0));
+        // Cooling down: the policy's favourite is masked now.
+        assert_eq!(t.step(&sample(7, 0.5, 1e1)).label, "noop");
+        repo.flush().unwrap();
+        let events = repo.events(Some("vm1"), 0).unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, vec![POLICY_SWAP, event_kind::ROLLBACK], "{events:?}");
+        assert!(events[1].detail.contains("stayed below baseline"));
+        assert_eq!(events[1].ts_ns, 600_000_000);
+        drop(t);
+        repo.close().unwrap();
+    }
+
+    #[test]
+    fn policy_errors_fall_back_to_static() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = StateRepo::open(dir.path().join("t.db"), RepoConfig::default()).unwrap();
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let knobs = FakeKnobs::default();
+        let mut nan = Scripted::prefer(&space, "noop");
+        nan.q[3] = f32::NAN;
+        nan.id = "nan".into();
+        let slot = Arc::new(Mutex::new(String::new()));
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs.clone()),
+            Box::new(nan),
+        )
+        .unwrap()
+        .with_repo(repo.writer())
+        .with_policy_id_slot(Arc::clone(&slot));
+        assert_eq!(*slot.lock().unwrap(), "nan");
+        let report = t.step(&sample(1, 0.5, 1e3));
+        assert_eq!(report.label, "static");
+        assert!(matches!(
+            &report.decisions[0],
+            Decision::RestoredStatic { reason } if reason.contains("non-finite")
+        ));
+        assert_eq!(knobs.entries(), vec!["static"]);
+        assert_eq!(t.policy_handle().current_id(), "static");
+        assert_eq!(*slot.lock().unwrap(), "static");
+        let s = t.stats();
+        assert_eq!((s.policy_errors, s.fallbacks), (1, 1));
+        // The static policy runs on.
+        assert_eq!(t.step(&sample(2, 0.5, 1e3)).label, "noop");
+        repo.flush().unwrap();
+        let events = repo.events(None, 0).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, event_kind::FALLBACK);
+        assert!(events[0].detail.contains("policy nan failed"));
+    }
+
+    #[test]
+    fn hot_reload_keeps_the_old_policy_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = StateRepo::open(dir.path().join("t.db"), RepoConfig::default()).unwrap();
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(FakeKnobs::default()),
+            Box::new(StaticPolicy::new(&space)),
+        )
+        .unwrap()
+        .with_repo(repo.writer());
+        let handle = t.policy_handle();
+        t.step(&sample(1, 0.5, 1e3));
+        let bad = dir.path().join("missing.onnx");
+        let h2 = handle.clone();
+        let err = std::thread::spawn(move || h2.load(&bad))
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, PolicyError::CardMissing { .. }));
+        assert_eq!(handle.current_id(), "static");
+        assert_eq!(handle.stats().load_failures, 1);
+        // A good one, loaded from another thread while decisions go on.
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/test-policy.onnx");
+        let h3 = handle.clone();
+        let loader = std::thread::spawn(move || h3.load(&model));
+        for i in 2..5 {
+            t.step(&sample(i, 0.5, 1e3));
+        }
+        assert_eq!(loader.join().unwrap().unwrap(), "test-policy");
+        assert_eq!(handle.current_id(), "test-policy");
+        let r = t.step(&sample(6, 0.5, 1e3));
+        assert!(r.selected.is_some());
+        assert_eq!(t.stats().policy_id, "test-policy");
+        repo.flush().unwrap();
+        let kinds: Vec<String> = repo
+            .events(None, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec![event_kind::POLICY_LOAD_FAILURE, POLICY_SWAP]);
+    }
+
+    #[test]
+    fn predictive_input_appends_the_forecast() {
+        let m = manager(ManagerConfig::default());
+        let policy = ThresholdPolicy::new(
+            m.space(),
+            ThresholdConfig {
+                hold: 1,
+                predictive: true,
+                ..ThresholdConfig::default()
+            },
+        );
+        let knobs = FakeKnobs::default();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs.clone()),
+            Box::new(policy),
+        )
+        .unwrap();
+        // Utilisation rising 0.5, 0.65, 0.75, 0.79: the forecast crosses 0.8 before the value.
+        let mut labels = Vec::new();
+        for (i, u) in [0.5, 0.65, 0.75, 0.79].iter().enumerate() {
+            labels.push(t.step(&sample(i as u64 + 1, *u, 1e3)).label);
+        }
+        assert_eq!(
+            labels.last().map(String::as_str),
+            Some("vcpu+1"),
+            "{labels:?}"
+        );
+        assert!(labels[..3].iter().all(|l| l == "noop"), "{labels:?}");
+    }
+
+    #[test]
+    fn a_policy_brings_its_own_forecast_factors() {
+        struct Wide(Vec<usize>);
+        impl Policy for Wide {
+            fn id(&self) -> &str {
+                "wide"
+            }
+            fn q_values(&mut self, input: &[f32]) -> Result<Vec<f32>, PolicyError> {
+                self.0.push(input.len());
+                Ok(vec![0.0; 13])
+            }
+            fn input_size(&self) -> usize {
+                2 * Schema::len()
+            }
+            fn forecast_config(&self) -> Option<ForecastConfig> {
+                Some(ForecastConfig {
+                    alpha: 1.0,
+                    beta: 1.0,
+                })
+            }
+        }
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            manager(ManagerConfig::default()),
+            Box::new(FakeKnobs::default()),
+            Box::new(Wide(Vec::new())),
+        )
+        .unwrap();
+        t.step(&sample(1, 0.5, 1e3));
+        assert_eq!(t.forecaster.config().alpha, 1.0);
+        t.step(&sample(2, 0.6, 1e3));
+        // alpha = beta = 1: the forecast extrapolates the last step exactly.
+        let next = t.forecaster.next()[FeatureId::CpuUtilisation.index()];
+        assert!((next - 0.7).abs() < 1e-5, "{next}");
+    }
+
+    #[test]
+    fn exploration_and_busiest_device_context() {
+        let space = ActionSpace::new(2, 0, 2);
+        let bounds = Bounds::for_space(&space, 1, 4);
+        let m = ConfigManager::new(
+            space.clone(),
+            bounds,
+            KnobState::initial(&space, 2),
+            ManagerConfig::default(),
+        )
+        .unwrap();
+        let knobs = FakeKnobs {
+            activity: vec![100, 5_000],
+            ..FakeKnobs::default()
+        };
+        let policy = ThresholdPolicy::new(&space, ThresholdConfig::default());
+        let mut t =
+            Tuner::new(TunerConfig::default(), m, Box::new(knobs), Box::new(policy)).unwrap();
+        // First step has no activity delta yet; the constant counters give zero load then.
+        assert_eq!(t.step(&sample(1, 0.5, 1e3)).label, "noop");
+        assert_eq!(t.step(&sample(2, 0.5, 1e3)).label, "noop");
+        // Exploration with epsilon 1: every decision random among the valid actions.
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let config = TunerConfig {
+            epsilon: EpsilonSchedule::constant(1.0),
+            seed: 9,
+            ..TunerConfig::default()
+        };
+        let mut t = Tuner::new(
+            config,
+            m,
+            Box::new(FakeKnobs::default()),
+            Box::new(StaticPolicy::new(&space)),
+        )
+        .unwrap();
+        for i in 1..=20 {
+            t.step(&sample(i, 0.5, 1e3));
+        }
+        let s = t.stats();
+        // Every consulted decision explored (steps taken by a rollback consult no one).
+        assert_eq!(s.explored, s.inferences, "{s:?}");
+        assert!(s.explored >= 10 && s.applied >= 1, "{s:?}");
+    }
+
+    #[test]
+    fn busiest_device_gets_high_priority() {
+        #[derive(Clone)]
+        struct Growing(Arc<AtomicU64>, FakeKnobs);
+        impl Knobs for Growing {
+            fn apply(&mut self, a: &Action) -> Result<(), String> {
+                self.1.apply(a)
+            }
+            fn restore_static(&mut self) {
+                self.1.restore_static()
+            }
+            fn device_activity(&self) -> Vec<u64> {
+                let t = self.0.fetch_add(1, Ordering::Relaxed);
+                vec![10 * t, 1000 * t]
+            }
+        }
+        let space = ActionSpace::new(2, 0, 2);
+        let bounds = Bounds::for_space(&space, 1, 4);
+        let m = ConfigManager::new(
+            space.clone(),
+            bounds,
+            KnobState::initial(&space, 2),
+            ManagerConfig::default(),
+        )
+        .unwrap();
+        let fake = FakeKnobs::default();
+        let knobs = Growing(Arc::new(AtomicU64::new(0)), fake.clone());
+        let policy = ThresholdPolicy::new(&space, ThresholdConfig::default());
+        let mut t =
+            Tuner::new(TunerConfig::default(), m, Box::new(knobs), Box::new(policy)).unwrap();
+        assert_eq!(t.step(&sample(1, 0.5, 1e3)).label, "noop");
+        assert_eq!(t.step(&sample(2, 0.5, 1e3)).label, "prio:blk1:high");
+        assert_eq!(
+            t.manager().state().priority,
+            vec![PriorityLevel::Medium, PriorityLevel::High]
+        );
+    }
+
+    #[test]
+    fn watchdog_restore_resets_the_manager() {
+        let mut w = Watchdog::new(Duration::from_millis(2), 2).unwrap();
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let knobs = FakeKnobs::default();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs.clone()),
+            Box::new(Scripted::prefer(&space, "vcpu+1")),
+        )
+        .unwrap()
+        .with_heartbeat(w.heartbeat());
+        assert_eq!(t.step(&sample(1, 0.5, 1e3)).label, "vcpu+1");
+        assert_eq!(t.manager().state().vcpus, 3);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(w.poll().is_some(), "stalled");
+        // (The watchdog's callback restored the monitor.) The next step notices.
+        let r = t.step(&sample(2, 0.5, 1e3));
+        assert!(
+            matches!(&r.decisions[0], Decision::RestoredStatic { reason } if reason.contains("watchdog"))
+        );
+        assert_eq!(r.label, "static");
+        assert_eq!(t.manager().state().vcpus, 2);
+        assert_eq!(t.stats().fallbacks, 1);
+    }
+
+    #[test]
+    fn tuner_runs_as_an_agent_sink() {
+        use crate::agent::{Agent, AgentConfig};
+        use crate::counters::{CounterSnapshot, CounterSource};
+        struct Source(AtomicU64);
+        impl CounterSource for Source {
+            fn snapshot(&self) -> CounterSnapshot {
+                let t = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+                CounterSnapshot {
+                    at_ns: t * 5_000_000,
+                    active_vcpus: 2,
+                    ..CounterSnapshot::default()
+                }
+            }
+        }
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(FakeKnobs::default()),
+            Box::new(StaticPolicy::new(&space)),
+        )
+        .unwrap();
+        let handle = t.policy_handle();
+        let agent = Agent::start(
+            Arc::new(Source(AtomicU64::new(0))),
+            AgentConfig {
+                interval: Duration::from_millis(5),
+                sink_queue: 4,
+            },
+            vec![Box::new(t)],
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.stats().decisions < 5 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        agent.stop().unwrap();
+        let s = handle.stats();
+        assert!(s.decisions >= 5, "{s:?}");
+        assert_eq!(s.last_action.as_deref(), Some("noop"));
+    }
+
+    #[test]
+    fn bad_config_is_rejected() {
+        let m = || manager(ManagerConfig::default());
+        let p = || -> Box<dyn Policy> { Box::new(StaticPolicy::new(&ActionSpace::new(1, 0, 1))) };
+        let k = || -> Box<dyn Knobs> { Box::new(FakeKnobs::default()) };
+        let mut c = TunerConfig::default();
+        c.epsilon.start = 2.0;
+        assert!(matches!(
+            Tuner::new(c, m(), k(), p()),
+            Err(TunerError::Policy(_))
+        ));
+        let mut c = TunerConfig::default();
+        c.weights.cost = f64::NAN;
+        assert!(matches!(
+            Tuner::new(c, m(), k(), p()),
+            Err(TunerError::Reward(_))
+        ));
+        let mut c = TunerConfig::default();
+        c.forecast.alpha = 0.0;
+        assert!(matches!(
+            Tuner::new(c, m(), k(), p()),
+            Err(TunerError::Forecast(_))
+        ));
+        let c: TunerConfig = serde_json::from_str(
+            r#"{"vm_id": "a", "epsilon": {"start": 0.3, "end": 0.05, "decay_steps": 1000}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.epsilon.value(1000), 0.05);
+        assert!(c.mask_safeguards);
+    }
+}
