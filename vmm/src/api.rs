@@ -7,6 +7,9 @@
 //!   "refill_time_ms": T, "one_time_burst": B}, "ops": {...}}, "priority": "high"}`: either
 //!   field may be left out; `"rate_limiter": {}` removes the limits.
 //! - `GET /vm`: the guest's own reports, vCPU use and each drive's counters.
+//! - `PUT /policy` with body `{"path": "models/NAME.onnx"}`: hot reload of the tuner's
+//!   policy, atomic between two decisions; a policy that fails to load leaves the old one.
+//! - `GET /policy`: the policy in charge.
 //! - `PATCH /vm` with body `{"vcpus": N, "host_cores": M}`: vCPUs the guest is asked to
 //!   use (the rest park) and host cores the vCPU threads may run on.
 //!
@@ -130,6 +133,28 @@ pub fn handle_request(rt: &VmRuntime, line: &str) -> Value {
                 "drives": drives,
             }})
         }
+        ("PUT", ["policy"]) => {
+            let path = req
+                .body
+                .as_ref()
+                .and_then(|b| b.get("path"))
+                .and_then(|p| p.as_str())
+                .map(std::path::PathBuf::from);
+            let Some(path) = path else {
+                return error(400, "PUT /policy needs a body {\"path\": \"model.onnx\"}");
+            };
+            match crate::tuning::reload(rt, &path) {
+                Ok(id) => json!({"status": 200, "body": {"policy": id}}),
+                Err(e) => error(
+                    400,
+                    format!("policy not loaded, the previous one stays: {e}"),
+                ),
+            }
+        }
+        ("GET", ["policy"]) => match rt.policy_handle() {
+            Some(h) => json!({"status": 200, "body": {"policy": h.current_id()}}),
+            None => error(404, "no tuner is running"),
+        },
         ("PATCH", ["vm"]) => {
             let Some(body) = req.body else {
                 return error(400, "PATCH needs a body");
@@ -182,7 +207,9 @@ pub fn handle_request(rt: &VmRuntime, line: &str) -> Value {
             }
             json!({"status": 200, "body": drive_json(rt, id)})
         }
-        (m, _) if m != "GET" && m != "PATCH" => error(405, format!("method {m} not allowed")),
+        (m, _) if m != "GET" && m != "PATCH" && m != "PUT" => {
+            error(405, format!("method {m} not allowed"))
+        }
         _ => error(404, format!("no resource {}", req.path)),
     }
 }

@@ -39,7 +39,7 @@ impl ConfigError {
 }
 
 /// Everything needed to start one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Guest kernel: a 64-bit ELF (test kernel or vmlinux) or a bzImage.
@@ -86,6 +86,21 @@ pub struct VmConfig {
     /// Name of this VM in the state repository and metrics.
     #[serde(default = "default_vm_id")]
     pub vm_id: String,
+    /// ONNX Q-network policy for the tuner (model card beside it: `NAME.card.json`).
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Built-in tuner policy instead of a model: `static` or `threshold`.
+    #[serde(default)]
+    pub tuner: Option<String>,
+    /// Exploration rate of the tuner's epsilon-greedy selection (0 in production).
+    #[serde(default)]
+    pub epsilon: f64,
+    /// Reward weights (throughput, latency, utilisation, cost); documented in tuner::reward.
+    #[serde(default)]
+    pub reward_weights: Option<tuner::reward::RewardWeights>,
+    /// Fewest vCPUs the tuner may leave the guest (default 1).
+    #[serde(default)]
+    pub min_vcpus: Option<u32>,
 }
 
 fn default_metrics_interval_ms() -> u64 {
@@ -354,6 +369,11 @@ impl VmConfig {
             state_db: None,
             metrics_addr: None,
             vm_id: default_vm_id(),
+            policy: None,
+            tuner: None,
+            epsilon: 0.0,
+            reward_weights: None,
+            min_vcpus: None,
         }
     }
 
@@ -481,6 +501,54 @@ impl VmConfig {
                     format!("id {id:?} is used twice"),
                 ));
             }
+            if let Some(l) = d.rate_limiter {
+                l.to_limiter("drives.rate_limiter")?;
+            }
+            if let Some(p) = &d.priority {
+                p.parse::<devices::io_scheduler::Priority>()
+                    .and_then(|p| p.validated_weight())
+                    .map_err(|e| ConfigError::new("drives.priority", e.to_string()))?;
+            }
+        }
+        if !(1..=60_000).contains(&self.metrics_interval_ms) {
+            return Err(ConfigError::new(
+                "metrics_interval_ms",
+                format!("{} is outside 1..=60000", self.metrics_interval_ms),
+            ));
+        }
+        if let Some(addr) = &self.metrics_addr {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError::new("metrics_addr", format!("{addr:?}: {e} (expected IP:PORT)"))
+            })?;
+        }
+        if !(0.0..=1.0).contains(&self.epsilon) {
+            return Err(ConfigError::new(
+                "epsilon",
+                format!("{} is outside 0..=1", self.epsilon),
+            ));
+        }
+        if let Some(t) = &self.tuner {
+            if t != "static" && t != "threshold" {
+                return Err(ConfigError::new(
+                    "tuner",
+                    format!("{t:?} is not static or threshold"),
+                ));
+            }
+        }
+        if let Some(m) = self.min_vcpus {
+            if m == 0 || m > self.vcpus {
+                return Err(ConfigError::new(
+                    "min_vcpus",
+                    format!("{m} is outside 1..={}", self.vcpus),
+                ));
+            }
+        }
+        if let Some(w) = &self.reward_weights {
+            w.validate()
+                .map_err(|e| ConfigError::new("reward_weights", e.to_string()))?;
+        }
+        if self.vm_id.is_empty() || self.vm_id.len() > 64 {
+            return Err(ConfigError::new("vm_id", "must be 1-64 characters"));
         }
         detect_kernel_format(&self.kernel)
     }

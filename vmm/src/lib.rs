@@ -21,6 +21,7 @@ pub mod memory;
 pub mod runtime;
 pub mod seccomp;
 pub mod telemetry;
+pub mod tuning;
 pub mod vcpu;
 pub mod vcpu_stats;
 pub mod vm;

@@ -112,6 +112,18 @@ struct RunArgs {
     /// Name of this VM in the state repository.
     #[arg(long, value_name = "NAME")]
     vm_id: Option<String>,
+    /// Tune the VM with this ONNX Q-network (model card beside it).
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
+    /// Tune the VM with a built-in policy: static or threshold.
+    #[arg(long, value_name = "NAME")]
+    tuner: Option<String>,
+    /// Exploration rate of the tuner (0..=1; 0 in production).
+    #[arg(long, value_name = "E")]
+    epsilon: Option<f64>,
+    /// Fewest vCPUs the tuner may leave the guest.
+    #[arg(long, value_name = "N")]
+    min_vcpus: Option<u32>,
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -174,6 +186,18 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if let Some(v) = args.vm_id {
         cfg.vm_id = v;
+    }
+    if args.policy.is_some() {
+        cfg.policy = args.policy;
+    }
+    if args.tuner.is_some() {
+        cfg.tuner = args.tuner;
+    }
+    if let Some(e) = args.epsilon {
+        cfg.epsilon = e;
+    }
+    if args.min_vcpus.is_some() {
+        cfg.min_vcpus = args.min_vcpus;
     }
     if !args.network.is_empty() {
         cfg.network = args

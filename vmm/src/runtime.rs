@@ -62,6 +62,7 @@ pub struct VmRuntime {
     vcpu_control: Arc<VcpuControl>,
     vcpu_tids: Arc<Vec<AtomicI32>>,
     cores_given: AtomicU32,
+    policy: Mutex<Option<tuner::control::PolicyHandle>>,
 }
 
 /// What reading KVM's dirty log needs, and the running total.
@@ -171,7 +172,26 @@ impl VmRuntime {
             vcpu_control,
             vcpu_tids,
             cores_given: AtomicU32::new(host_cores),
+            policy: Mutex::new(None),
         }
+    }
+
+    /// Registers the running tuner's policy slot (for `PUT /policy`).
+    pub fn set_policy_handle(&self, handle: tuner::control::PolicyHandle) {
+        *lock(&self.policy) = Some(handle);
+    }
+
+    /// The running tuner's policy slot, if a tuner runs.
+    pub fn policy_handle(&self) -> Option<tuner::control::PolicyHandle> {
+        lock(&self.policy).clone()
+    }
+
+    /// Requests completed per drive so far (for the threshold policy's "busiest device").
+    pub fn drive_requests(&self) -> Vec<u64> {
+        self.drives
+            .iter()
+            .map(|d| lock(&d.block).metrics().snapshot().requests)
+            .collect()
     }
 
     /// vCPUs the guest is asked to use.

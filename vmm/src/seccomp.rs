@@ -97,6 +97,19 @@ fn build(thread: &'static str, extra: &[i64], ioctls: &[u64]) -> Result<BpfProgr
         rules.insert(nr, vec![]);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rule(ioctls).map_err(err)?);
+    if thread == "main" {
+        // Hot reload of the tuner's policy (`PUT /policy`) opens model files: read-only
+        // opens only ((flags & O_ACCMODE) == O_RDONLY).
+        let read_only = SeccompRule::new(vec![SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
+            libc::O_RDONLY as u64,
+        )
+        .map_err(err)?])
+        .map_err(err)?;
+        rules.insert(libc::SYS_openat, vec![read_only]);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -139,6 +152,8 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_lseek,
             // Host cores given to the vCPU threads.
             libc::SYS_sched_setaffinity,
+            // Reading a policy file for hot reload.
+            libc::SYS_statx,
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
     )

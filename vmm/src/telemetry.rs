@@ -20,6 +20,7 @@ pub struct Telemetry {
     agent: Option<Agent>,
     repo: Option<StateRepo>,
     server: Option<MetricsServer>,
+    watchdog: Option<tuner::manager::WatchdogHandle>,
 }
 
 /// A JSON summary of the configuration in force, stored with every row.
@@ -39,16 +40,29 @@ impl Telemetry {
     /// Starts what `cfg` asks for.
     pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
         let mut t = Telemetry::default();
-        if cfg.state_db.is_none() && cfg.metrics_addr.is_none() {
+        let tuning = cfg.policy.is_some() || cfg.tuner.is_some();
+        if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning {
             return Ok(t);
         }
-        let source: Arc<dyn CounterSource> = runtime;
+        let source: Arc<dyn CounterSource> = runtime.clone();
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let mut policy_slot = None;
         if let Some(path) = &cfg.state_db {
             let repo = StateRepo::open(path, RepoConfig::default())
                 .map_err(|e| ConfigError::new("state_db", format!("{}: {e}", path.display())))?;
-            sinks.push(Box::new(repo.sink(&cfg.vm_id, "static", &config_json(cfg))));
+            let sink = repo.sink(&cfg.vm_id, "static", &config_json(cfg));
+            policy_slot = Some(sink.policy_handle());
+            sinks.push(Box::new(sink));
             t.repo = Some(repo);
+        }
+        let writer = t.repo.as_ref().map(|r| r.writer());
+        if let Some(parts) = crate::tuning::build(cfg, runtime, writer)? {
+            let mut tuner = parts.tuner;
+            if let Some(slot) = policy_slot {
+                tuner = tuner.with_policy_id_slot(slot);
+            }
+            sinks.push(Box::new(tuner));
+            t.watchdog = Some(parts.watchdog);
         }
         let agent = Agent::start(
             source.clone(),
@@ -81,6 +95,9 @@ impl Telemetry {
             // main thread's seccomp filter (no socket/connect) forbids; the process exits
             // right after this, which ends the endpoint's thread and closes its socket.
             std::mem::forget(s);
+        }
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
         }
         if let Some(a) = self.agent.take() {
             match a.stop() {

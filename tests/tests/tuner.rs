@@ -1,0 +1,315 @@
+//! The tuner end to end: a policy file drives actions on a running guest (the effect is
+//! measured by the guest), safeguards roll back and refuse, a corrupt policy falls back to
+//! the static configuration, and a hot reload switches policies between two decisions.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{kernel_path, kvm_available, run_kernel, vmm_bin, Scratch};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn repo_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model() -> String {
+    repo_dir()
+        .join("models/test-policy.onnx")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn disk(dir: &Scratch) -> String {
+    let p = dir.path("d.img");
+    std::fs::write(&p, vec![0u8; 32 << 20]).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn query(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut st = c.prepare(sql).unwrap();
+    st.query_map([], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            r.get(1)?,
+        ))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+#[test]
+fn an_onnx_policy_drives_rate_limits_and_the_guest_feels_them() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-onnx");
+    let d = disk(&dir);
+    let db = dir.path("t.db");
+    let spec = format!("path={d}");
+    let run = run_kernel(
+        "blk-io",
+        &[
+            "--drive",
+            &spec,
+            "--mem-mib",
+            "64",
+            "--cmdline",
+            "mode=randread ms=4000 depth=4",
+            "--policy",
+            &model(),
+            "--epsilon",
+            "0.5",
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    run.expect_status(0);
+    let actions = query(
+        &db,
+        "select action, count(*) from samples where action is not null group by action",
+    );
+    eprintln!("actions: {actions:?}");
+    assert!(
+        actions.iter().map(|a| a.1).sum::<i64>() >= 30,
+        "one decision per interval"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|(a, _)| a.starts_with("rl:") || a.starts_with("prio:")),
+        "exploration must apply I/O actions: {actions:?}"
+    );
+    // The guest feels the actions: in the interval after the tightest rate level (2 MB/s)
+    // is applied, the drive moves far less than at the run's peak.
+    let repo = tuner::state_repo::StateRepo::open(&db, Default::default()).unwrap();
+    let rows = repo.rows("vm0", 0).unwrap();
+    let f = tuner::schema::Schema::index_of("io_bytes_rate").unwrap();
+    let peak = rows.iter().map(|r| r.raw[f]).fold(0.0, f64::max);
+    let after_tight: Vec<f64> = rows
+        .windows(2)
+        .filter(|w| w[0].action.as_deref() == Some("rl:blk0:4"))
+        .map(|w| w[1].raw[f])
+        .collect();
+    eprintln!("peak {peak:.0} B/s; after rl:blk0:4: {after_tight:?}");
+    if !after_tight.is_empty() {
+        assert!(
+            after_tight.iter().all(|&r| r < 0.5 * peak && r < 3.5e6),
+            "{after_tight:?} vs peak {peak}"
+        );
+    }
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let policy: String = c
+        .query_row(
+            "select policy_id from samples order by ts_ns desc limit 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(policy, "test-policy");
+}
+
+#[test]
+fn vcpu_actions_are_refused_outside_the_bounds() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-bounds");
+    let db = dir.path("t.db");
+    let spec = format!("path={}", disk(&dir));
+    // One vCPU: every vCPU action is out of bounds; epsilon 1 explores everything else.
+    let run = run_kernel(
+        "cpu-burn",
+        &[
+            "--cmdline",
+            "ms=3000",
+            "--drive",
+            &spec,
+            "--policy",
+            &model(),
+            "--epsilon",
+            "1",
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    run.expect_status(0);
+    assert!(
+        !run.stderr.contains("static configuration"),
+        "the model must load: {}",
+        run.stderr
+    );
+    let actions = query(
+        &db,
+        "select action, count(*) from samples where action is not null group by action",
+    );
+    eprintln!("actions: {actions:?}");
+    assert!(actions.iter().map(|a| a.1).sum::<i64>() >= 20);
+    assert!(
+        actions.iter().all(|(a, _)| !a.contains("vcpu")),
+        "a vCPU change escaped the bounds: {actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|(a, _)| a.starts_with("rl:") || a.starts_with("prio:")),
+        "exploration ran: {actions:?}"
+    );
+    // And a configuration that asks for impossible bounds is refused up front.
+    run_kernel(
+        "hello",
+        &["--tuner", "static", "--min-vcpus", "3", "--vcpus", "2"],
+        LIMIT,
+    )
+    .expect_status(2);
+    run_kernel("hello", &["--tuner", "clever"], LIMIT).expect_status(2);
+    run_kernel("hello", &["--policy", &model(), "--epsilon", "2"], LIMIT).expect_status(2);
+}
+
+#[test]
+fn a_corrupt_policy_falls_back_to_the_static_configuration() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-corrupt");
+    let bad = dir.path("bad.onnx");
+    let bytes = std::fs::read(model()).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::copy(
+        repo_dir().join("models/test-policy.card.json"),
+        dir.path("bad.card.json"),
+    )
+    .unwrap();
+    let db = dir.path("t.db");
+    let run = run_kernel(
+        "cpu-burn",
+        &[
+            "--cmdline",
+            "ms=1000",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    run.expect_status(0);
+    assert!(
+        run.stderr.contains("running on the static configuration"),
+        "{}",
+        run.stderr
+    );
+    let events = query(&db, "select kind, count(*) from events group by kind");
+    assert!(
+        events.iter().any(|(k, _)| k == "policy_load_failure"),
+        "{events:?}"
+    );
+    let actions = query(
+        &db,
+        "select action, count(*) from samples where action is not null group by action",
+    );
+    assert!(
+        actions.iter().all(|(a, _)| a == "noop"),
+        "static policy only: {actions:?}"
+    );
+    // A missing file too.
+    let run = run_kernel("hello", &["--policy", "/nonexistent/p.onnx"], LIMIT);
+    run.expect_status(0).expect_line("Hello from test kernel");
+}
+
+fn api(sock: &str, request: &str) -> serde_json::Value {
+    let out = Command::new(vmm_bin())
+        .args(["api", "--sock", sock, request])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", out))
+}
+
+#[test]
+fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-reload");
+    let sock = dir.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    let db = dir.path("t.db");
+    // A second, distinct policy: the same network under another name.
+    let other = dir.path("other.onnx");
+    std::fs::copy(model(), &other).unwrap();
+    let card = std::fs::read_to_string(repo_dir().join("models/test-policy.card.json")).unwrap();
+    std::fs::write(dir.path("other.card.json"), card).unwrap();
+    let kernel = kernel_path("cpu-burn");
+    let spec = format!("path={}", disk(&dir));
+    let child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "ms=4000",
+        ])
+        .args(["--drive", &spec])
+        .args([
+            "--tuner",
+            "static",
+            "--api-sock",
+            sock,
+            "--state-db",
+            db.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::path::Path::new(sock).exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        api(sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"],
+        "static"
+    );
+    let v = api(
+        sock,
+        &format!(
+            r#"{{"method":"PUT","path":"/policy","body":{{"path":"{}"}}}}"#,
+            other.display()
+        ),
+    );
+    assert_eq!(v["status"], 200, "{v}");
+    let id = v["body"]["policy"].as_str().unwrap().to_string();
+    let v = api(
+        sock,
+        r#"{"method":"PUT","path":"/policy","body":{"path":"/nonexistent.onnx"}}"#,
+    );
+    assert_eq!(v["status"], 400, "{v}");
+    assert_eq!(
+        api(sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"],
+        id.as_str()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policies = query(
+        &db,
+        "select policy_id, count(*) from samples group by policy_id",
+    );
+    eprintln!("rows per policy: {policies:?}");
+    assert!(policies.iter().any(|(p, _)| p == "static"), "{policies:?}");
+    assert!(policies.iter().any(|(p, _)| p == &id), "{policies:?}");
+    let events = query(&db, "select kind, count(*) from events group by kind");
+    assert!(events.iter().any(|(k, _)| k == "policy_swap"), "{events:?}");
+}

@@ -1,0 +1,254 @@
+//! The tuner inside the monitor: the [`Knobs`] the configuration manager turns (vCPUs the
+//! guest uses, I/O priorities, rate-limit levels), built over [`VmRuntime`], and the
+//! assembly of policy, manager, watchdog and tuner from the VM's configuration.
+//!
+//! A policy that cannot be loaded never stops the VM: the monitor runs on with the static
+//! policy, logs why and stores a `policy_load_failure` event.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devices::io_scheduler::Priority;
+use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
+use tuner::actions::{Action, ActionSpace, PriorityLevel, RATE_LADDER};
+use tuner::control::{Tuner, TunerConfig};
+use tuner::manager::{
+    Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
+};
+use tuner::policy::{
+    load_or_static, EpsilonSchedule, Policy, StaticPolicy, ThresholdConfig, ThresholdPolicy,
+};
+use tuner::state_repo::{event_kind, Event, RepoWriter};
+
+use crate::config::{ConfigError, VmConfig};
+use crate::runtime::VmRuntime;
+
+/// Devices the action space covers at most.
+pub const MAX_DEVICES_IN_SPACE: usize = 4;
+
+/// The monitor's knobs as the configuration manager sees them.
+pub struct RuntimeKnobs {
+    rt: Arc<VmRuntime>,
+    space: ActionSpace,
+    drive_ids: Vec<String>,
+    static_vcpus: u32,
+    static_priorities: Vec<Priority>,
+    static_limits: Vec<RateLimiterConfig>,
+}
+
+fn bucket(per_sec: Option<u64>) -> Option<BucketConfig> {
+    // A per-second rate as a bucket refilled every 100 ms (small bursts).
+    per_sec.map(|r| BucketConfig {
+        size: (r / 10).max(1),
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    })
+}
+
+impl RuntimeKnobs {
+    /// Knobs over `rt`, with the VM's configuration as the static state.
+    pub fn new(
+        rt: Arc<VmRuntime>,
+        space: ActionSpace,
+        cfg: &VmConfig,
+    ) -> Result<Self, ConfigError> {
+        let drive_ids = rt.drive_ids();
+        let mut static_priorities = Vec::new();
+        let mut static_limits = Vec::new();
+        for d in &cfg.drives {
+            static_priorities.push(match &d.priority {
+                Some(p) => p
+                    .parse()
+                    .map_err(|e: devices::io_scheduler::SchedulerError| {
+                        ConfigError::new("drives.priority", e.to_string())
+                    })?,
+                None => Priority::Medium,
+            });
+            static_limits.push(match d.rate_limiter {
+                Some(l) => l.to_limiter("drives.rate_limiter")?,
+                None => RateLimiterConfig::default(),
+            });
+        }
+        Ok(Self {
+            rt,
+            space,
+            drive_ids,
+            static_vcpus: cfg.vcpus,
+            static_priorities,
+            static_limits,
+        })
+    }
+
+    fn drive(&self, device: usize) -> Result<&str, String> {
+        let slot = self
+            .space
+            .devices()
+            .get(device)
+            .ok_or_else(|| format!("no device {device} in the action space"))?;
+        if !slot.name.starts_with("blk") {
+            return Err(format!("{} is not a drive", slot.name));
+        }
+        self.drive_ids
+            .get(device)
+            .map(String::as_str)
+            .ok_or_else(|| format!("no drive {device}"))
+    }
+}
+
+impl Knobs for RuntimeKnobs {
+    fn apply(&mut self, action: &Action) -> Result<(), String> {
+        match action {
+            Action::NoOp => Ok(()),
+            Action::VcpuDelta(d) => {
+                let now = i64::from(self.rt.active_vcpus());
+                let want = now + i64::from(*d);
+                let want = u32::try_from(want).map_err(|_| format!("vCPUs would be {want}"))?;
+                self.rt.set_vcpus(want).map_err(|e| e.to_string())
+            }
+            Action::Priority { device, level } => {
+                let id = self.drive(*device)?.to_string();
+                let p = match level {
+                    PriorityLevel::Low => Priority::Low,
+                    PriorityLevel::Medium => Priority::Medium,
+                    PriorityLevel::High => Priority::High,
+                };
+                self.rt.set_priority(&id, p).map_err(|e| e.to_string())
+            }
+            Action::RateLimit { device, level } => {
+                let id = self.drive(*device)?.to_string();
+                let l = RATE_LADDER
+                    .get(*level)
+                    .ok_or_else(|| format!("no rate level {level}"))?;
+                let cfg = RateLimiterConfig {
+                    bandwidth: bucket(l.bytes_per_sec),
+                    ops: bucket(l.ops_per_sec),
+                };
+                self.rt.set_rate_limit(&id, cfg).map_err(|e| e.to_string())
+            }
+            Action::NetQos { .. } => Err("network QoS has no limiter in the monitor yet".into()),
+        }
+    }
+
+    fn restore_static(&mut self) {
+        if let Err(e) = self.rt.set_vcpus(self.static_vcpus) {
+            log::warn!("restore static vCPUs: {e}");
+        }
+        for (i, id) in self.drive_ids.iter().enumerate() {
+            if let Some(p) = self.static_priorities.get(i) {
+                if let Err(e) = self.rt.set_priority(id, *p) {
+                    log::warn!("restore static priority of {id}: {e}");
+                }
+            }
+            if let Some(l) = self.static_limits.get(i) {
+                if let Err(e) = self.rt.set_rate_limit(id, *l) {
+                    log::warn!("restore static rate limit of {id}: {e}");
+                }
+            }
+        }
+        log::info!("tuner: static configuration restored");
+    }
+
+    fn device_activity(&self) -> Vec<u64> {
+        self.rt.drive_requests()
+    }
+}
+
+/// The pieces the telemetry start-up adds when a tuner is configured.
+pub struct TunerParts {
+    /// The tuner (an agent sink).
+    pub tuner: Tuner,
+    /// The watchdog that restores the static configuration if the tuner stalls.
+    pub watchdog: WatchdogHandle,
+}
+
+/// Builds the tuner `cfg` asks for (`--policy` or `--tuner`), or `None`.
+pub fn build(
+    cfg: &VmConfig,
+    rt: Arc<VmRuntime>,
+    repo: Option<RepoWriter>,
+) -> Result<Option<TunerParts>, ConfigError> {
+    if cfg.policy.is_none() && cfg.tuner.is_none() {
+        return Ok(None);
+    }
+    let space = ActionSpace::new(cfg.drives.len(), cfg.network.len(), MAX_DEVICES_IN_SPACE);
+    let bounds = Bounds::for_space(&space, cfg.min_vcpus.unwrap_or(1), cfg.vcpus);
+    let static_state = KnobState::initial(&space, cfg.vcpus);
+    let manager = ConfigManager::new(
+        space.clone(),
+        bounds,
+        static_state,
+        ManagerConfig::default(),
+    )
+    .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
+    let weights = cfg.reward_weights.unwrap_or_default();
+    let policy: Box<dyn Policy> = match (&cfg.policy, cfg.tuner.as_deref()) {
+        (Some(path), _) => {
+            let (policy, error) = load_or_static(path, &space, Some(&weights));
+            if let Some(e) = error {
+                log::error!(
+                    "policy {}: {e}; running on the static configuration",
+                    path.display()
+                );
+                if let Some(w) = &repo {
+                    let _ = w.record_event(Event {
+                        ts_ns: 0,
+                        vm_id: cfg.vm_id.clone(),
+                        kind: event_kind::POLICY_LOAD_FAILURE.to_string(),
+                        detail: format!("{}: {e}", path.display()),
+                    });
+                }
+            }
+            policy
+        }
+        (None, Some("threshold")) => {
+            Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default()))
+        }
+        (None, Some("static")) => Box::new(StaticPolicy::new(&space)),
+        (None, Some(other)) => {
+            return Err(ConfigError::new(
+                "tuner",
+                format!("{other:?} is not static or threshold"),
+            ))
+        }
+        (None, None) => return Ok(None),
+    };
+    let knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg)?;
+    let mut watchdog_knobs = RuntimeKnobs::new(rt.clone(), space, cfg)?;
+    let interval = Duration::from_millis(cfg.metrics_interval_ms);
+    let watchdog =
+        Watchdog::new(interval, 20).map_err(|e| ConfigError::new("tuner", e.to_string()))?;
+    let heartbeat = watchdog.heartbeat();
+    let watchdog = watchdog
+        .spawn(move |silent| {
+            log::error!("tuner stalled for {silent:?}: restoring the static configuration");
+            watchdog_knobs.restore_static();
+        })
+        .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
+    let tconfig = TunerConfig {
+        vm_id: cfg.vm_id.clone(),
+        weights,
+        epsilon: EpsilonSchedule {
+            start: cfg.epsilon,
+            end: cfg.epsilon,
+            decay_steps: 0,
+        },
+        ..TunerConfig::default()
+    };
+    let mut tuner = Tuner::new(tconfig, manager, Box::new(knobs), policy)
+        .map_err(|e| ConfigError::new("tuner", e.to_string()))?
+        .with_heartbeat(heartbeat);
+    if let Some(w) = repo {
+        tuner = tuner.with_repo(w);
+    }
+    rt.set_policy_handle(tuner.policy_handle());
+    Ok(Some(TunerParts { tuner, watchdog }))
+}
+
+/// Loads a new policy into a running tuner (the control socket's `PUT /policy`).
+pub fn reload(rt: &VmRuntime, path: &Path) -> Result<String, String> {
+    let handle = rt
+        .policy_handle()
+        .ok_or("no tuner is running (start with --policy or --tuner)")?;
+    handle.load(path).map_err(|e| e.to_string())
+}
