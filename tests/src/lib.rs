@@ -162,3 +162,22 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Sends one request to a running monitor's control socket with `vmm api` and parses the
+/// JSON answer.
+pub fn api(sock: &str, request: &str) -> serde_json::Value {
+    let out = Command::new(vmm_bin())
+        .args(["api", "--sock", sock, request])
+        .output()
+        .expect("vmm api");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Waits (up to 10 s) for `path` to appear, e.g. a monitor's control socket.
+pub fn wait_for(path: &str) {
+    let start = Instant::now();
+    while !Path::new(path).exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{kvm_available, run_kernel, vmm_bin, Run, Scratch};
+use integration_tests::{api, kvm_available, run_kernel, vmm_bin, wait_for, Run, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -208,15 +208,6 @@ fn ops_limit_holds_within_10_percent() {
     );
 }
 
-fn api(sock: &str, request: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
-        .args(["api", "--sock", sock, request])
-        .output()
-        .expect("vmm api");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
 fn drive_bytes(sock: &str) -> u64 {
     let v = api(sock, r#"{"method":"GET","path":"/vm"}"#);
     v["body"]["drives"][0]["bytes"].as_u64().expect("bytes")
@@ -252,10 +243,7 @@ fn limit_changed_mid_run_takes_effect_within_one_refill_period() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::path::Path::new(sock).exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(sock);
     std::thread::sleep(Duration::from_millis(1200));
     // Before: 1 MB/s.
     let (b0, t0) = (drive_bytes(sock), Instant::now());
@@ -314,10 +302,7 @@ fn control_socket_rejects_bad_requests() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::path::Path::new(sock).exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(sock);
     let cases = [
         ("not json", 400),
         (r#"{"method":"GET","path":"/nothing"}"#, 404),
@@ -344,4 +329,62 @@ fn control_socket_rejects_bad_requests() {
     assert_eq!(v["body"][0]["priority"], "high", "{v}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn a_full_backing_disk_gives_the_guest_an_error_and_keeps_the_monitor_up() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("blk-enospc");
+    let mnt = dir.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs (needs root)");
+        return;
+    }
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.to_str().unwrap().to_string());
+    // An 8 MiB sparse image on a 1 MiB filesystem: writes past ~1 MiB hit ENOSPC.
+    let img = mnt.join("d.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(8 << 20).unwrap();
+    drop(f);
+    let run = blk_io(
+        img.to_str().unwrap(),
+        "mode=fill sectors=16384 bs=65536",
+        &[],
+    );
+    run.expect_status(1);
+    assert!(
+        run.stdout.contains("blk-io: error"),
+        "the guest sees the failure: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("backing file I/O failed"),
+        "{}",
+        run.stderr
+    );
+    // The same VM type still reads fine afterwards: the monitor stayed sane.
+    blk_io(img.to_str().unwrap(), "mode=capacity", &[])
+        .expect_status(0)
+        .expect_line("blk-io: capacity=16384 ro=0");
 }

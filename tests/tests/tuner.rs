@@ -3,9 +3,9 @@
 //! the static configuration, and a hot reload switches policies between two decisions.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{kernel_path, kvm_available, run_kernel, vmm_bin, Scratch};
+use integration_tests::{api, kernel_path, kvm_available, run_kernel, vmm_bin, wait_for, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -222,14 +222,6 @@ fn a_corrupt_policy_falls_back_to_the_static_configuration() {
     run.expect_status(0).expect_line("Hello from test kernel");
 }
 
-fn api(sock: &str, request: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
-        .args(["api", "--sock", sock, request])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", out))
-}
-
 #[test]
 fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
     if !kvm_available() {
@@ -268,10 +260,7 @@ fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::path::Path::new(sock).exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(sock);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         api(sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"],

@@ -5,16 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{kernel_path, kvm_available, vmm_bin, Scratch};
-
-fn api(sock: &str, request: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
-        .args(["api", "--sock", sock, request])
-        .output()
-        .expect("vmm api");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
+use integration_tests::{api, kernel_path, kvm_available, vmm_bin, wait_for, Scratch};
 
 /// (guest ops, vCPU 1 guest ns) over one second.
 fn measure(sock: &str) -> (f64, f64) {
@@ -53,10 +44,7 @@ fn dropping_a_vcpu_parks_it_and_raising_it_back_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::path::Path::new(sock).exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(sock);
     std::thread::sleep(Duration::from_millis(500));
     let (ops2, g2) = measure(sock);
     let v = api(
