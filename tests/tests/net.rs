@@ -206,3 +206,45 @@ print(len(seen))
     eprintln!("{stdout}\nhost received {received}/500 distinct packets");
     assert!(received >= 490, "host received only {received} of 500");
 }
+
+/// A packet-rate limit on the network device holds: the guest's sender is slowed to it.
+#[test]
+fn packet_rate_limit_holds_within_10_percent() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = Netns::create("l") else { return };
+    let kernel = kernel_path("net-echo");
+    let run = ns
+        .command(vmm_bin().to_str().unwrap())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            "tap=tap0,pps=1000",
+        ])
+        .args([
+            "--timeout-ms",
+            "30000",
+            "--cmdline",
+            "mode=send count=3000 size=64 ip=10.0.0.2 peer=10.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("vmm");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pps = field(&stdout, "net-echo: sent=", "packets_per_sec") as f64;
+    eprintln!("{stdout}\nachieved {pps} packets/s of 1000 configured");
+    assert!(
+        (900.0..=1100.0).contains(&pps),
+        "achieved/configured = {:.3}",
+        pps / 1000.0
+    );
+}

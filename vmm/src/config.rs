@@ -204,6 +204,9 @@ pub struct NetworkConfig {
     /// Name in logs and metrics; `net<N>` when absent.
     #[serde(default)]
     pub id: Option<String>,
+    /// Limits on each direction (bytes and packets).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimitSpec>,
 }
 
 impl NetworkConfig {
@@ -213,12 +216,24 @@ impl NetworkConfig {
             tap: String::new(),
             mac: None,
             id: None,
+            rate_limiter: None,
+        };
+        let mut limits = RateLimitSpec::default();
+        let number = |k: &str, v: &str| {
+            v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::new(
+                    "network",
+                    format!("{k}={v:?} in {spec:?} is not a positive integer"),
+                )
+            })
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => cfg.tap = v.to_string(),
                 Some(("mac", v)) if !v.is_empty() => cfg.mac = Some(v.to_string()),
                 Some(("id", v)) if !v.is_empty() => cfg.id = Some(v.to_string()),
+                Some(("bw", v)) => limits.bandwidth = Some(bucket_for_rate(number("bw", v)?)),
+                Some(("pps", v)) => limits.ops = Some(bucket_for_rate(number("pps", v)?)),
                 _ => {
                     return Err(ConfigError::new(
                         "network",
@@ -227,6 +242,7 @@ impl NetworkConfig {
                 }
             }
         }
+        cfg.rate_limiter = (limits != RateLimitSpec::default()).then_some(limits);
         if cfg.tap.is_empty() {
             return Err(ConfigError::new(
                 "network",

@@ -280,6 +280,27 @@ impl VmRuntime {
             .ok_or_else(|| ControlError::UnknownDrive(id.to_string()))
     }
 
+    /// Changes a network device's limits (both directions) while the guest runs.
+    pub fn set_net_rate_limit(
+        &self,
+        id: &str,
+        config: RateLimiterConfig,
+    ) -> Result<(), ControlError> {
+        let (_, net) = self
+            .nets
+            .iter()
+            .find(|(n, _)| n == id)
+            .ok_or_else(|| ControlError::UnknownDrive(id.to_string()))?;
+        lock(net)
+            .set_rate_limit(config)
+            .map_err(|e| ControlError::Refused(e.to_string()))
+    }
+
+    /// Ids of the network devices.
+    pub fn net_ids(&self) -> Vec<String> {
+        self.nets.iter().map(|(n, _)| n.clone()).collect()
+    }
+
     /// Changes a drive's rate limits while the guest runs (tokens already spent stay spent).
     pub fn set_rate_limit(&self, id: &str, config: RateLimiterConfig) -> Result<(), ControlError> {
         let (_, d) = self.drive(id)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use devices::io_scheduler::Priority;
 use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
-use tuner::actions::{Action, ActionSpace, PriorityLevel, RATE_LADDER};
+use tuner::actions::{Action, ActionSpace, PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::control::{Tuner, TunerConfig};
 use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
@@ -35,6 +35,7 @@ pub struct RuntimeKnobs {
     static_vcpus: u32,
     static_priorities: Vec<Priority>,
     static_limits: Vec<RateLimiterConfig>,
+    static_net_limits: Vec<RateLimiterConfig>,
 }
 
 fn bucket(per_sec: Option<u64>) -> Option<BucketConfig> {
@@ -70,7 +71,15 @@ impl RuntimeKnobs {
                 None => RateLimiterConfig::default(),
             });
         }
+        let mut static_net_limits = Vec::new();
+        for n in &cfg.network {
+            static_net_limits.push(match n.rate_limiter {
+                Some(l) => l.to_limiter("network.rate_limiter")?,
+                None => RateLimiterConfig::default(),
+            });
+        }
         Ok(Self {
+            static_net_limits,
             rt,
             space,
             drive_ids,
@@ -126,7 +135,21 @@ impl Knobs for RuntimeKnobs {
                 };
                 self.rt.set_rate_limit(&id, cfg).map_err(|e| e.to_string())
             }
-            Action::NetQos { .. } => Err("network QoS has no limiter in the monitor yet".into()),
+            Action::NetQos { level } => {
+                let l = NET_QOS_LADDER
+                    .get(*level)
+                    .ok_or_else(|| format!("no network QoS level {level}"))?;
+                let cfg = RateLimiterConfig {
+                    bandwidth: bucket(l.bytes_per_sec),
+                    ops: bucket(l.ops_per_sec),
+                };
+                for id in self.rt.net_ids() {
+                    self.rt
+                        .set_net_rate_limit(&id, cfg)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -144,6 +167,11 @@ impl Knobs for RuntimeKnobs {
                 if let Err(e) = self.rt.set_rate_limit(id, *l) {
                     log::warn!("restore static rate limit of {id}: {e}");
                 }
+            }
+        }
+        for (id, l) in self.rt.net_ids().iter().zip(&self.static_net_limits) {
+            if let Err(e) = self.rt.set_net_rate_limit(id, *l) {
+                log::warn!("restore static rate limit of {id}: {e}");
             }
         }
         log::info!("tuner: static configuration restored");

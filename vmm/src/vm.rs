@@ -338,10 +338,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             Some(m) => crate::config::parse_mac(m)?,
             None => [0x06, 0, 0, 0, 0, slot as u8],
         };
+        let rate_limiter = match n.rate_limiter {
+            Some(l) => l.to_limiter("network.rate_limiter")?,
+            None => Default::default(),
+        };
         let net = Net::new(NetConfig {
             id: id.clone(),
             tap: n.tap.clone(),
             mac,
+            rate_limiter,
         })
         .map_err(|e| ConfigError::new("network", e.to_string()))?;
         let net = Arc::new(Mutex::new(net));

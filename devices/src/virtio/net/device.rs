@@ -14,12 +14,15 @@ use std::time::Instant;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::rate_limiter::{
+    BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
+};
 use crate::virtio::{
     ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -33,6 +36,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: [u8; 6],
+    /// Limits on each direction (bytes and packets), unlimited by default.
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// Errors creating a network device.
@@ -44,6 +49,9 @@ pub enum NetError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] io::Error),
+    /// The rate limits are invalid or a timer failed.
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 struct Active {
@@ -66,12 +74,16 @@ pub struct Net {
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
+    tx_limiter: RateLimiter,
+    rx_limiter: RateLimiter,
 }
 
 impl Net {
     /// Opens the TAP and creates the device.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
         let tap = Tap::open(&config.tap)?;
+        let tx_limiter = RateLimiter::new(&config.rate_limiter)?;
+        let rx_limiter = RateLimiter::new(&config.rate_limiter)?;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Self {
             config,
@@ -84,7 +96,48 @@ impl Net {
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
+            tx_limiter,
+            rx_limiter,
         })
+    }
+
+    /// The transmit and receive limiters (their fds go into the event loop).
+    pub fn limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.tx_limiter, &self.rx_limiter)
+    }
+
+    /// The limits in force (the same for both directions).
+    pub fn rate_limit(&self) -> RateLimiterConfig {
+        self.tx_limiter.config()
+    }
+
+    /// Changes the limits of both directions while the guest runs (spent tokens stay
+    /// spent; frames waiting on a limit are not lost).
+    pub fn set_rate_limit(&mut self, config: RateLimiterConfig) -> Result<(), NetError> {
+        config.validate()?;
+        let update = |b: Option<crate::rate_limiter::BucketConfig>| match b {
+            Some(c) if !c.is_unlimited() => BucketUpdate::Update(c),
+            _ => BucketUpdate::Disabled,
+        };
+        self.tx_limiter
+            .update_buckets(update(config.bandwidth), update(config.ops))?;
+        self.rx_limiter
+            .update_buckets(update(config.bandwidth), update(config.ops))?;
+        log::info!(
+            "virtio-net {}: rate limit set to {config:?}",
+            self.config.id
+        );
+        Ok(())
+    }
+
+    /// The transmit limiter's timer fired: clears it; true if frames may flow again.
+    pub fn clear_tx_limiter_event(&mut self) -> bool {
+        clear(&mut self.tx_limiter, &self.config.id)
+    }
+
+    /// The receive limiter's timer fired: clears it; true if frames may flow again.
+    pub fn clear_rx_limiter_event(&mut self) -> bool {
+        clear(&mut self.rx_limiter, &self.config.id)
     }
 
     /// The device's settings.
@@ -142,6 +195,19 @@ impl Net {
         let mut failure = None;
         while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
+            // Throttled frames wait in the queue until the limiter's timer fires.
+            if !self.tx_limiter.consume(1, TokenType::Ops) {
+                active.tx.go_to_previous_position();
+                break;
+            }
+            let frame_len = Reader::<()>::new(&mem, chain.clone())
+                .map(|r| r.available_bytes().saturating_sub(NET_HDR_LEN))
+                .unwrap_or(0);
+            if !self.tx_limiter.consume(frame_len as u64, TokenType::Bytes) {
+                self.tx_limiter.manual_replenish(1, TokenType::Ops);
+                active.tx.go_to_previous_position();
+                break;
+            }
             let mut error = false;
             let mut bytes = 0u64;
             match Reader::<()>::new(&mem, chain) {
@@ -223,7 +289,20 @@ impl Net {
                     }
                 },
             };
+            if !self.rx_limiter.consume(1, TokenType::Ops) {
+                self.rx_pending = Some(len);
+                break;
+            }
+            if !self.rx_limiter.consume(len as u64, TokenType::Bytes) {
+                self.rx_limiter.manual_replenish(1, TokenType::Ops);
+                self.rx_pending = Some(len);
+                break;
+            }
             let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+                // No buffer: give the tokens back, the frame waits.
+                self.rx_limiter.manual_replenish(1, TokenType::Ops);
+                self.rx_limiter
+                    .manual_replenish(len as u64, TokenType::Bytes);
                 self.rx_pending = Some(len);
                 break;
             };
@@ -275,6 +354,17 @@ impl Net {
             }
         }
         self.rx_pending.is_some()
+    }
+}
+
+fn clear(limiter: &mut RateLimiter, id: &str) -> bool {
+    match limiter.event_handler() {
+        Ok(()) => true,
+        Err(RateLimiterError::SpuriousEvent) => false,
+        Err(e) => {
+            log::warn!("virtio-net {id}: rate limiter timer: {e}");
+            false
+        }
     }
 }
 

@@ -13,6 +13,8 @@ use crate::virtio::VirtioDevice;
 const RX_EVENT: u32 = 0;
 const TX_EVENT: u32 = 1;
 const TAP_EVENT: u32 = 2;
+const TX_LIMITER_EVENT: u32 = 3;
+const RX_LIMITER_EVENT: u32 = 4;
 
 impl Net {
     fn watch_tap(&self, ops: &mut EventOps, on: bool) {
@@ -40,6 +42,14 @@ impl MutEventSubscriber for Net {
                 self.process_tx();
             }
             TAP_EVENT => {}
+            TX_LIMITER_EVENT => {
+                if self.clear_tx_limiter_event() {
+                    self.process_tx();
+                }
+            }
+            RX_LIMITER_EVENT => {
+                self.clear_rx_limiter_event();
+            }
             other => log::warn!(
                 "virtio-net {}: unknown event data {other}",
                 self.config().id
@@ -62,6 +72,15 @@ impl MutEventSubscriber for Net {
                         self.config().id
                     );
                 }
+            }
+        }
+        let (tx, rx) = self.limiters();
+        for (l, data) in [(tx, TX_LIMITER_EVENT), (rx, RX_LIMITER_EVENT)] {
+            if let Err(e) = ops.add(Events::with_data(l, data, EventSet::IN)) {
+                log::error!(
+                    "virtio-net {}: cannot watch a rate limiter: {e}",
+                    self.config().id
+                );
             }
         }
         self.watch_tap(ops, true);
