@@ -302,3 +302,64 @@ fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
     let events = query(&db, "select kind, count(*) from events group by kind");
     assert!(events.iter().any(|(k, _)| k == "policy_swap"), "{events:?}");
 }
+
+#[test]
+fn ab_test_alternates_arms_and_reports_them() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-ab");
+    let db = dir.path("ab.db");
+    let spec = format!("path={}", disk(&dir));
+    let arms = format!("{},static", model());
+    run_kernel(
+        "blk-io",
+        &[
+            "--drive",
+            &spec,
+            "--mem-mib",
+            "64",
+            "--cmdline",
+            "mode=randread ms=4000 depth=4",
+            "--ab",
+            &arms,
+            "--ab-block",
+            "5",
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+        LIMIT,
+    )
+    .expect_status(0);
+    let per_arm = query(
+        &db,
+        "select policy_id, count(*) from samples group by policy_id",
+    );
+    eprintln!("rows per arm: {per_arm:?}");
+    assert!(
+        per_arm.iter().any(|(p, n)| p == "test-policy" && *n >= 10),
+        "{per_arm:?}"
+    );
+    assert!(
+        per_arm.iter().any(|(p, n)| p == "static" && *n >= 10),
+        "{per_arm:?}"
+    );
+    let out = Command::new(vmm_bin())
+        .args(["ab", "report", "--state-db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("test-policy") && text.contains("static"),
+        "{text}"
+    );
+    assert!(text.contains("significant at 5%"), "{text}");
+    // A bad pairing is refused up front.
+    run_kernel("hello", &["--ab", "static,static"], LIMIT).expect_status(2);
+}

@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ab;
 pub mod actions;
 pub mod agent;
 pub mod anomaly;

@@ -101,6 +101,17 @@ pub struct VmConfig {
     /// Fewest vCPUs the tuner may leave the guest (default 1).
     #[serde(default)]
     pub min_vcpus: Option<u32>,
+    /// A/B test: two policies `A,B` (each a model path, `static` or `threshold`) taking
+    /// turns in blocks of `ab_block` intervals.
+    #[serde(default)]
+    pub ab: Option<String>,
+    /// Intervals per A/B block (default 20).
+    #[serde(default = "default_ab_block")]
+    pub ab_block: u64,
+}
+
+fn default_ab_block() -> u64 {
+    20
 }
 
 fn default_metrics_interval_ms() -> u64 {
@@ -390,6 +401,8 @@ impl VmConfig {
             epsilon: 0.0,
             reward_weights: None,
             min_vcpus: None,
+            ab: None,
+            ab_block: default_ab_block(),
         }
     }
 
@@ -550,6 +563,24 @@ impl VmConfig {
                     format!("{t:?} is not static or threshold"),
                 ));
             }
+        }
+        if let Some(ab) = &self.ab {
+            let arms: Vec<&str> = ab.split(',').collect();
+            if arms.len() != 2 || arms.iter().any(|a| a.is_empty()) || arms[0] == arms[1] {
+                return Err(ConfigError::new(
+                    "ab",
+                    format!("{ab:?} must be two different policies A,B"),
+                ));
+            }
+            if self.policy.is_some() || self.tuner.is_some() {
+                return Err(ConfigError::new(
+                    "ab",
+                    "use either ab or policy/tuner, not both",
+                ));
+            }
+        }
+        if self.ab_block == 0 {
+            return Err(ConfigError::new("ab_block", "must be at least 1"));
         }
         if let Some(m) = self.min_vcpus {
             if m == 0 || m > self.vcpus {

@@ -35,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// A/B testing of tuner policies.
+    Ab {
+        #[command(subcommand)]
+        command: AbCommand,
+    },
     /// Send one request to a running monitor's control socket and print the answer.
     Api {
         /// The monitor's --api-sock.
@@ -42,6 +47,20 @@ enum Command {
         sock: PathBuf,
         /// The request, e.g. '{"method":"GET","path":"/drives"}'.
         request: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AbCommand {
+    /// Each arm's reward, throughput and latency with 95% confidence intervals, and
+    /// whether the difference in reward is significant.
+    Report {
+        /// The state repository of the A/B run.
+        #[arg(long, value_name = "PATH")]
+        state_db: PathBuf,
+        /// The VM whose rows to compare.
+        #[arg(long, value_name = "NAME", default_value = "vm0")]
+        vm_id: String,
     },
 }
 
@@ -124,6 +143,12 @@ struct RunArgs {
     /// Fewest vCPUs the tuner may leave the guest.
     #[arg(long, value_name = "N")]
     min_vcpus: Option<u32>,
+    /// A/B test two policies (model paths, static or threshold) in alternating blocks.
+    #[arg(long, value_name = "A,B")]
+    ab: Option<String>,
+    /// Intervals per A/B block.
+    #[arg(long, value_name = "N")]
+    ab_block: Option<u64>,
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -198,6 +223,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if args.min_vcpus.is_some() {
         cfg.min_vcpus = args.min_vcpus;
+    }
+    if args.ab.is_some() {
+        cfg.ab = args.ab;
+    }
+    if let Some(b) = args.ab_block {
+        cfg.ab_block = b;
     }
     if !args.network.is_empty() {
         cfg.network = args
@@ -276,6 +307,34 @@ fn main() -> ExitCode {
                     eprintln!("vmm: error: export: {e}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Ab {
+            command: AbCommand::Report { state_db, vm_id },
+        } => {
+            if !state_db.is_file() {
+                return usage_error(&ConfigError::new(
+                    "state_db",
+                    format!("{} does not exist", state_db.display()),
+                ));
+            }
+            let rows = tuner::state_repo::StateRepo::open(&state_db, Default::default())
+                .and_then(|r| r.rows(&vm_id, 0));
+            match rows {
+                Ok(rows) => match tuner::ab::report(&rows) {
+                    Ok(r) => {
+                        print!("{}", tuner::ab::render(&r));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: error: ab report: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => usage_error(&ConfigError::new(
+                    "state_db",
+                    format!("{}: {e}", state_db.display()),
+                )),
             }
         }
         Command::Api { sock, request } => match vmm::api::call(&sock, &request) {

@@ -40,7 +40,7 @@ impl Telemetry {
     /// Starts what `cfg` asks for.
     pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
         let mut t = Telemetry::default();
-        let tuning = cfg.policy.is_some() || cfg.tuner.is_some();
+        let tuning = cfg.policy.is_some() || cfg.tuner.is_some() || cfg.ab.is_some();
         if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning {
             return Ok(t);
         }
@@ -56,12 +56,8 @@ impl Telemetry {
             t.repo = Some(repo);
         }
         let writer = t.repo.as_ref().map(|r| r.writer());
-        if let Some(parts) = crate::tuning::build(cfg, runtime, writer)? {
-            let mut tuner = parts.tuner;
-            if let Some(slot) = policy_slot {
-                tuner = tuner.with_policy_id_slot(slot);
-            }
-            sinks.push(Box::new(tuner));
+        if let Some(parts) = crate::tuning::build(cfg, runtime, writer, policy_slot)? {
+            sinks.push(Box::new(parts.tuner));
             t.watchdog = Some(parts.watchdog);
         }
         let agent = Agent::start(

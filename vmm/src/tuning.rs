@@ -195,8 +195,9 @@ pub fn build(
     cfg: &VmConfig,
     rt: Arc<VmRuntime>,
     repo: Option<RepoWriter>,
+    policy_slot: Option<Arc<std::sync::Mutex<String>>>,
 ) -> Result<Option<TunerParts>, ConfigError> {
-    if cfg.policy.is_none() && cfg.tuner.is_none() {
+    if cfg.policy.is_none() && cfg.tuner.is_none() && cfg.ab.is_none() {
         return Ok(None);
     }
     let space = ActionSpace::new(cfg.drives.len(), cfg.network.len(), MAX_DEVICES_IN_SPACE);
@@ -210,7 +211,30 @@ pub fn build(
     )
     .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
     let weights = cfg.reward_weights.unwrap_or_default();
+    let arm = |name: &str| -> Box<dyn Policy> {
+        match name {
+            "static" => Box::new(StaticPolicy::new(&space)),
+            "threshold" => Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default())),
+            path => {
+                let (p, error) = load_or_static(path, &space, Some(&weights));
+                if let Some(e) = error {
+                    log::error!("A/B arm {path}: {e}; this arm runs the static configuration");
+                }
+                p
+            }
+        }
+    };
+    let mut ab_mode = false;
     let policy: Box<dyn Policy> = match (&cfg.policy, cfg.tuner.as_deref()) {
+        (None, None) if cfg.ab.is_some() => {
+            let spec = cfg.ab.clone().unwrap_or_default();
+            let (a, b) = spec.split_once(',').unwrap_or((spec.as_str(), ""));
+            ab_mode = true;
+            Box::new(
+                tuner::ab::AbPolicy::new(arm(a), arm(b), cfg.ab_block, policy_slot.clone())
+                    .map_err(|e| ConfigError::new("ab", e.to_string()))?,
+            )
+        }
         (Some(path), _) => {
             let (policy, error) = load_or_static(path, &space, Some(&weights));
             if let Some(e) = error {
@@ -268,6 +292,10 @@ pub fn build(
         .with_heartbeat(heartbeat);
     if let Some(w) = repo {
         tuner = tuner.with_repo(w);
+    }
+    // In A/B mode the A/B policy labels each row with the arm in charge.
+    if let (Some(slot), false) = (policy_slot, ab_mode) {
+        tuner = tuner.with_policy_id_slot(slot);
     }
     rt.set_policy_handle(tuner.policy_handle());
     Ok(Some(TunerParts { tuner, watchdog }))
