@@ -2,6 +2,9 @@
 //! every stored row names the arm in charge, and the report compares the arms' reward,
 //! throughput and latency with 95% confidence intervals.
 //!
+//! At each block boundary the tuner restores the static configuration, so both arms start
+//! their blocks from the same knobs.
+//!
 //! Statistics: per arm the mean and a normal-approximation 95% interval
 //! (`mean ± 1.96·sd/√n`); the difference of mean rewards is tested with Welch's t statistic
 //! and called significant when |t| > 1.96 (two-sided, 5%). Consecutive intervals are
@@ -33,6 +36,7 @@ pub struct AbPolicy {
     step: u64,
     id: String,
     slot: Option<Arc<Mutex<String>>>,
+    reset_pending: bool,
 }
 
 impl AbPolicy {
@@ -57,6 +61,7 @@ impl AbPolicy {
             step: 0,
             id,
             slot,
+            reset_pending: false,
         };
         ab.label();
         Ok(ab)
@@ -86,8 +91,16 @@ impl Policy for AbPolicy {
         let arm = self.current();
         let q = self.arms[arm].q_values(input);
         self.step += 1;
+        if self.current() != arm {
+            // The next decision belongs to the other arm: start it from the static knobs.
+            self.reset_pending = true;
+        }
         self.label();
         q
+    }
+
+    fn take_reset_request(&mut self) -> bool {
+        std::mem::take(&mut self.reset_pending)
     }
 
     fn input_size(&self) -> usize {

@@ -415,6 +415,13 @@ impl Tuner {
             });
         }
 
+        let reset = lock(&self.shared.policy).take_reset_request();
+        if reset {
+            decisions.push(self.manager.restore_static(
+                &mut *self.knobs,
+                "A/B block boundary: each arm starts from the static configuration",
+            ));
+        }
         let r = reward(
             sample,
             self.manager.state(),

@@ -227,6 +227,12 @@ pub trait Policy: Send {
     /// [`Policy::q_values`]; learned policies ignore it).
     fn set_context(&mut self, _ctx: &PolicyContext) {}
 
+    /// True once when the knobs should go back to the static configuration before the
+    /// next decision (an A/B test starting a new block, so each arm starts alike).
+    fn take_reset_request(&mut self) -> bool {
+        false
+    }
+
     /// The Holt factors the policy was trained with, when it takes the forecast as input
     /// and they differ from the defaults (the tuner then forecasts with them).
     fn forecast_config(&self) -> Option<ForecastConfig> {

@@ -108,6 +108,10 @@ pub struct VmConfig {
     /// Intervals per A/B block (default 20).
     #[serde(default = "default_ab_block")]
     pub ab_block: u64,
+    /// Keep the per-vCPU exit counters in the run loop (default true; off only to measure
+    /// what they cost).
+    #[serde(default = "default_true")]
+    pub exit_counters: bool,
 }
 
 fn default_ab_block() -> u64 {
@@ -403,6 +407,7 @@ impl VmConfig {
             min_vcpus: None,
             ab: None,
             ab_block: default_ab_block(),
+            exit_counters: true,
         }
     }
 

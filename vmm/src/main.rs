@@ -149,6 +149,9 @@ struct RunArgs {
     /// Intervals per A/B block.
     #[arg(long, value_name = "N")]
     ab_block: Option<u64>,
+    /// Turn the run-loop exit counters off (to measure their cost).
+    #[arg(long)]
+    no_exit_counters: bool,
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -229,6 +232,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if let Some(b) = args.ab_block {
         cfg.ab_block = b;
+    }
+    if args.no_exit_counters {
+        cfg.exit_counters = false;
     }
     if !args.network.is_empty() {
         cfg.network = args

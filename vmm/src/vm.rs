@@ -532,7 +532,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                 None
             }
         });
-        let vcpu = Vcpu::new(index, fd, io_manager.clone(), exit.clone());
+        let mut vcpu = Vcpu::new(index, fd, io_manager.clone(), exit.clone());
+        vcpu.set_counting(cfg.exit_counters);
         vcpu_stats.push(vcpu.stats());
         vcpus.push(vcpu);
     }
