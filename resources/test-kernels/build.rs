@@ -90,7 +90,9 @@ fn env_var(name: &str) -> OsString {
 }
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` if absolute, else the first ancestor
-/// of `OUT_DIR` holding a `CACHEDIR.TAG` (cargo creates one at the target dir's root).
+/// of `OUT_DIR` holding a `CACHEDIR.TAG` (cargo creates one at the target dir's root),
+/// else — on a brand-new target dir, where cargo may not have written the tag yet — the
+/// directory above the profile directory (`OUT_DIR` is `<target>/<profile>/build/<pkg>/out`).
 fn target_dir(out_dir: &Path) -> PathBuf {
     if let Some(dir) = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
         if dir.is_absolute() {
@@ -102,6 +104,13 @@ fn target_dir(out_dir: &Path) -> PathBuf {
         .skip(1)
         .find(|dir| dir.join("CACHEDIR.TAG").is_file())
         .map(Path::to_path_buf)
+        .or_else(|| {
+            let build = out_dir.ancestors().nth(2)?;
+            if build.file_name()? != "build" {
+                return None;
+            }
+            out_dir.ancestors().nth(4).map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| {
             panic!(
                 "cannot find the cargo target dir (no CACHEDIR.TAG above {}); set CARGO_TARGET_DIR",
