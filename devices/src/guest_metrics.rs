@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
-use vm_device::MutDeviceMmio;
+use vm_device::DeviceMmio;
 
 /// Guest-physical address of the device.
 pub const GUEST_METRICS_ADDR: u64 = 0xd100_0000;
@@ -98,7 +98,7 @@ impl GuestMetricsDevice {
         Some((slot, (within / 8) as usize))
     }
 
-    /// Handles a guest write (shared-reference form, for use behind an `Arc`).
+    /// Handles a guest write.
     pub fn write(&self, offset: u64, data: &[u8]) {
         let value = match data.len() {
             8 => u64::from_le_bytes([
@@ -139,16 +139,15 @@ impl GuestMetricsDevice {
     }
 }
 
-/// Bus adapter: the vCPU threads reach the shared device through this.
-pub struct GuestMetricsMmio(pub std::sync::Arc<GuestMetricsDevice>);
-
-impl MutDeviceMmio for GuestMetricsMmio {
-    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        self.0.read(offset, data);
+// The counters are atomics, so vCPU threads use the device through a shared reference:
+// no lock serialises their reports.
+impl DeviceMmio for GuestMetricsDevice {
+    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.read(offset, data);
     }
 
-    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        self.0.write(offset, data);
+    fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.write(offset, data);
     }
 }
 

@@ -13,3 +13,12 @@ pub mod vcpu_control;
 pub mod virtio;
 
 pub use exit_signal::{ExitReason, ExitSignal};
+
+/// Locks `m`, carrying on with the data if a panicking thread poisoned it (device state
+/// stays usable; a panic is already reported where it happened).
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -3,8 +3,9 @@
 //! the guest's own reports), and the knobs (rate limits, I/O priorities) that can be
 //! turned while the guest runs.
 
+use devices::lock;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::guest_metrics::GuestMetricsDevice;
@@ -73,13 +74,6 @@ pub struct DirtyLog {
     pub slots: Vec<(u32, usize)>,
     /// Pages dirtied so far (each read of the log clears it).
     pub total: Mutex<u64>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 /// Resident memory of this process in bytes, from /proc/self/statm opened once (so

@@ -90,25 +90,23 @@ fn ioctl_rule(requests: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::Backend
         .collect()
 }
 
-fn build(thread: &'static str, extra: &[i64], ioctls: &[u64]) -> Result<BpfProgram, SeccompError> {
+/// A syscall allowed only under a condition on its arguments.
+type ConditionalRule = (i64, fn() -> Result<SeccompRule, seccompiler::BackendError>);
+
+fn build(
+    thread: &'static str,
+    extra: &[i64],
+    ioctls: &[u64],
+    conditional: Option<ConditionalRule>,
+) -> Result<BpfProgram, SeccompError> {
     let err = |source| SeccompError::Build { thread, source };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in COMMON_SYSCALLS.iter().chain(extra) {
         rules.insert(nr, vec![]);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rule(ioctls).map_err(err)?);
-    if thread == "main" {
-        // Hot reload of the tuner's policy (`PUT /policy`) opens model files: read-only
-        // opens only ((flags & O_ACCMODE) == O_RDONLY).
-        let read_only = SeccompRule::new(vec![SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
-            libc::O_RDONLY as u64,
-        )
-        .map_err(err)?])
-        .map_err(err)?;
-        rules.insert(libc::SYS_openat, vec![read_only]);
+    if let Some((nr, conditioned)) = conditional {
+        rules.insert(nr, vec![conditioned().map_err(err)?]);
     }
     let filter = SeccompFilter::new(
         rules,
@@ -122,7 +120,7 @@ fn build(thread: &'static str, extra: &[i64], ioctls: &[u64]) -> Result<BpfProgr
 
 /// The filter of a vCPU thread.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    build("vCPU", &[], &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS])
+    build("vCPU", &[], &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS], None)
 }
 
 /// The filter of the main (event-loop) thread.
@@ -156,7 +154,19 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_statx,
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
+        Some((libc::SYS_openat, read_only_open)),
     )
+}
+
+/// Hot reload of the tuner's policy (`PUT /policy`) opens model files: read-only opens
+/// only ((flags & O_ACCMODE) == O_RDONLY).
+fn read_only_open() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
+        libc::O_RDONLY as u64,
+    )?])
 }
 
 /// Installs `filter` on the calling thread.

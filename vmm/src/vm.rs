@@ -1,5 +1,5 @@
 //! Building a VM from a [`VmConfig`] and running it to its end: KVM VM with in-kernel
-//! irqchip and PIT, guest memory, kernel, legacy devices, one thread per vCPU, and the
+//! irqchip (and PIT for Linux guests), guest memory, kernel, legacy devices, one thread per vCPU, and the
 //! event loop on the calling thread.
 
 use std::fs::{File, OpenOptions};
@@ -8,9 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::guest_metrics::{
-    GuestMetricsDevice, GuestMetricsMmio, GUEST_METRICS_ADDR, GUEST_METRICS_SIZE,
-};
+use devices::guest_metrics::{GuestMetricsDevice, GUEST_METRICS_ADDR, GUEST_METRICS_SIZE};
 use devices::io_scheduler::{Priority, QueueId, SchedulerError};
 use devices::legacy::{
     serial::{COM1_IRQ, COM1_PORT_COUNT},
@@ -32,7 +30,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_device::DevicePio;
+use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -239,6 +237,19 @@ fn stdout_file() -> Result<File, VmError> {
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
 }
 
+fn register_mmio(
+    io: &mut IoManager,
+    device: &'static str,
+    base: u64,
+    len: u64,
+    dev: Arc<dyn DeviceMmio + Send + Sync>,
+) -> Result<(), VmError> {
+    let err = |e: String| VmError::Device { device, reason: e };
+    let range = MmioRange::new(MmioAddress(base), len).map_err(|e| err(format!("{e:?}")))?;
+    io.register_mmio(range, dev)
+        .map_err(|e| err(format!("{e:?}")))
+}
+
 /// Puts a virtio device on the MMIO bus at `base` with interrupt `irq`: its register
 /// window, an irqfd for its interrupt and an ioeventfd per queue on QueueNotify.
 fn attach_virtio<D: VirtioDevice + 'static>(
@@ -269,10 +280,13 @@ fn attach_virtio<D: VirtioDevice + 'static>(
         }
     }
     let transport = MmioTransport::new(id, device, mem.clone(), interrupt);
-    let range = MmioRange::new(MmioAddress(base), MMIO_WINDOW_SIZE)
-        .map_err(|e| dev_err(format!("{e:?}")))?;
-    io.register_mmio(range, Arc::new(Mutex::new(transport)))
-        .map_err(|e| dev_err(format!("{id}: {e:?}")))?;
+    register_mmio(
+        io,
+        "virtio",
+        base,
+        MMIO_WINDOW_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
     log::info!("{id}: virtio-mmio at {base:#x}, IRQ {irq}");
     Ok(())
 }
@@ -385,43 +399,24 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         scheduler = Some(sched);
         subscribers.push(Arc::new(Mutex::new(engine)));
     }
-    // The vCPU control device (how many vCPUs the guest uses; parking).
+    // The vCPU control device (how many vCPUs the guest uses; parking) and the guest's
+    // metrics device; both are lock-free behind a shared reference.
     let vcpu_control = Arc::new(VcpuControl::new(cfg.vcpus));
-    {
-        let range =
-            MmioRange::new(MmioAddress(VCPU_CONTROL_ADDR), VCPU_CONTROL_SIZE).map_err(|e| {
-                VmError::Device {
-                    device: "vcpu control",
-                    reason: format!("{e:?}"),
-                }
-            })?;
-        io_manager
-            .register_mmio(range, vcpu_control.clone())
-            .map_err(|e| VmError::Device {
-                device: "vcpu control",
-                reason: format!("{e:?}"),
-            })?;
-    }
-    // The guest's metrics device.
+    register_mmio(
+        &mut io_manager,
+        "vcpu control",
+        VCPU_CONTROL_ADDR,
+        VCPU_CONTROL_SIZE,
+        vcpu_control.clone(),
+    )?;
     let guest_metrics = Arc::new(GuestMetricsDevice::default());
-    {
-        let range =
-            MmioRange::new(MmioAddress(GUEST_METRICS_ADDR), GUEST_METRICS_SIZE).map_err(|e| {
-                VmError::Device {
-                    device: "guest metrics",
-                    reason: format!("{e:?}"),
-                }
-            })?;
-        io_manager
-            .register_mmio(
-                range,
-                Arc::new(Mutex::new(GuestMetricsMmio(guest_metrics.clone()))),
-            )
-            .map_err(|e| VmError::Device {
-                device: "guest metrics",
-                reason: format!("{e:?}"),
-            })?;
-    }
+    register_mmio(
+        &mut io_manager,
+        "guest metrics",
+        GUEST_METRICS_ADDR,
+        GUEST_METRICS_SIZE,
+        guest_metrics.clone(),
+    )?;
     let mut boot_cfg = cfg.clone();
     if !virtio_words.is_empty() {
         let words = virtio_words.join(" ");

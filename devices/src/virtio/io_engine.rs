@@ -8,7 +8,8 @@
 //! responsive, one wake-up serves at most [`MAX_REQUESTS_PER_WAKE`] requests; queues still
 //! ready then re-arm their own eventfd so the loop comes straight back.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::lock;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -32,13 +33,6 @@ pub enum IoEngineError {
 pub struct IoEngine {
     blocks: Vec<Arc<Mutex<Block>>>,
     scheduler: SharedIoScheduler,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl IoEngine {

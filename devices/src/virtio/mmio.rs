@@ -6,6 +6,7 @@
 //! skips steps is refused. A driver that breaks the rules gets FAILED/NEEDS_RESET in the
 //! status register and a log line, never a panic.
 
+use crate::lock;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
@@ -297,13 +298,6 @@ impl MmioTransport {
                 self.name
             ),
         }
-    }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

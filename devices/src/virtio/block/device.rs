@@ -292,8 +292,13 @@ impl Block {
             return Step::Empty;
         };
         let head = chain.head_index();
-        // Throttled requests wait in the queue (never fail) until the timer fires.
-        let bytes = request::data_len(&chain, &mem);
+        // Throttled requests wait in the queue (never fail) until the timer fires. The
+        // chain's length is only worked out when a bandwidth bucket needs it.
+        let bytes = if self.limiter.bandwidth().is_some() {
+            request::data_len(&chain, &mem)
+        } else {
+            0
+        };
         if !self.limiter.consume(1, TokenType::Ops) {
             active.queue.go_to_previous_position();
             self.throttled_since.get_or_insert_with(Instant::now);
@@ -329,7 +334,7 @@ impl Block {
             return Step::Stopped;
         }
         self.used_in_batch = true;
-        Step::Served(bytes)
+        Step::Served(outcome.data_bytes)
     }
 
     /// Ends a batch: interrupts the guest if it asked to be told of used buffers.
@@ -351,7 +356,7 @@ impl Block {
 /// What [`Block::process_one`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// Served one request carrying this many data bytes.
+    /// Served one request that moved this many data bytes.
     Served(u64),
     /// The queue is empty.
     Empty,

@@ -17,7 +17,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
@@ -255,6 +254,3 @@ fn execute(
         other => Err(RequestError::Unsupported(other)),
     }
 }
-
-/// Keeps the `Descriptor` type in this module's public surface for fuzz targets.
-pub type RawDescriptor = Descriptor;

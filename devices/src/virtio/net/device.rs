@@ -200,9 +200,13 @@ impl Net {
                 active.tx.go_to_previous_position();
                 break;
             }
-            let frame_len = Reader::<()>::new(&mem, chain.clone())
-                .map(|r| r.available_bytes().saturating_sub(NET_HDR_LEN))
-                .unwrap_or(0);
+            let frame_len = if self.tx_limiter.bandwidth().is_some() {
+                Reader::<()>::new(&mem, chain.clone())
+                    .map(|r| r.available_bytes().saturating_sub(NET_HDR_LEN))
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             if !self.tx_limiter.consume(frame_len as u64, TokenType::Bytes) {
                 self.tx_limiter.manual_replenish(1, TokenType::Ops);
                 active.tx.go_to_previous_position();
