@@ -48,6 +48,15 @@ ACTIONS = (
     + ["prio:blk0:low", "prio:blk0:medium", "prio:blk0:high"]
     + ["rl:blk0:%d" % level for level in range(5)]
 )
+# tuner::actions::ActionSpace::new(0, 1, _).names(): a VM with one network device only
+NET_ACTIONS = (
+    ["noop", "vcpu-2", "vcpu-1", "vcpu+1", "vcpu+2"]
+    + ["prio:net0:low", "prio:net0:medium", "prio:net0:high"]
+    + ["qos:net:%d" % level for level in range(4)]
+)
+# The network-QoS fixture always prefers this action (its output bias is raised by PREFER).
+NET_PREFERRED = "qos:net:3"
+PREFER = np.float32(100.0)
 # tuner::reward::RewardWeights::default()
 REWARD_WEIGHTS = {"throughput": 10.0, "latency": 10.0, "utilisation": 0.5, "cost": 1.0}
 MARKER = np.float32(0.4242424)
@@ -60,12 +69,14 @@ def layer(rng, fan_in, fan_out):
     return w.astype(np.float32), b.astype(np.float32)
 
 
-def build(n_in, n_out, seed):
+def build(n_in, n_out, seed, prefer=None):
     rng = np.random.RandomState(seed)
     w1, b1 = layer(rng, n_in, HIDDEN)
     w2, b2 = layer(rng, HIDDEN, HIDDEN)
     w3, b3 = layer(rng, HIDDEN, n_out)
     b3[0] = MARKER
+    if prefer is not None:
+        b3[prefer] += PREFER
     params = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
     nodes = [
         helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], name="fc1"),
@@ -98,9 +109,9 @@ def forward(params, x):
     return h @ params["w3"] + params["b3"]
 
 
-def write(out_dir, name):
-    n_in, n_out = N_FEATURES, len(ACTIONS)
-    model, params = build(n_in, n_out, SEED)
+def write(out_dir, name, actions, prefer=None, description=None):
+    n_in, n_out = N_FEATURES, len(actions)
+    model, params = build(n_in, n_out, SEED, None if prefer is None else actions.index(prefer))
     onnx_path = os.path.join(out_dir, name + ".onnx")
     with open(onnx_path, "wb") as f:
         f.write(model.SerializeToString())
@@ -108,12 +119,13 @@ def write(out_dir, name):
     q = forward(params, x).reshape(-1)
     card = {
         "name": name,
-        "description": "Untrained MLP Q-network with fixed weights: a test fixture, not a tuning policy.",
+        "description": description
+        or "Untrained MLP Q-network with fixed weights: a test fixture, not a tuning policy.",
         "schema_version": SCHEMA_VERSION,
         "input_size": n_in,
         "output_size": n_out,
         "actions_version": ACTIONS_VERSION,
-        "actions": ACTIONS,
+        "actions": actions,
         "reward_weights": REWARD_WEIGHTS,
         "trained_on": "nothing: weights drawn from numpy RandomState(%d), He initialisation" % SEED,
         "evaluation": {
@@ -140,7 +152,15 @@ def main(argv):
     )
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    write(args.out_dir, "test-policy")
+    write(args.out_dir, "test-policy", ACTIONS)
+    write(
+        args.out_dir,
+        "test-policy-qos",
+        NET_ACTIONS,
+        prefer=NET_PREFERRED,
+        description="Test fixture for a VM with one network device: fixed weights whose "
+        "output bias makes %s the greedy choice in every state." % NET_PREFERRED,
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ use devices::rate_limiter::RateLimiterConfig;
 use devices::vcpu_control::VcpuControl;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
-use devices::virtio::QueueMetricsSnapshot;
+use devices::virtio::{QueueMetrics, QueueMetricsSnapshot};
 use tuner::counters::{
     CounterSnapshot, CounterSource, GuestMetrics, MemoryCounters, QueueCounters,
 };
@@ -55,6 +55,10 @@ pub struct VmRuntime {
     kvm_stats: Vec<Mutex<Option<KvmStats>>>,
     drives: Vec<DriveHandle>,
     nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// Each drive's and network queue's counters, taken out of the devices once so the
+    /// sampler never waits on a device lock held by a busy I/O thread: (device id, queue,
+    /// counters).
+    queue_metrics: Vec<(String, u16, Arc<QueueMetrics>)>,
     scheduler: Option<SharedIoScheduler>,
     guest: Arc<GuestMetricsDevice>,
     statm: Option<std::fs::File>,
@@ -151,7 +155,17 @@ impl VmRuntime {
             dirty,
         } = parts;
         let host_cores = host_cores();
+        let mut queue_metrics: Vec<(String, u16, Arc<QueueMetrics>)> = drives
+            .iter()
+            .map(|d| (d.id.clone(), 0, lock(&d.block).metrics()))
+            .collect();
+        for (id, net) in &nets {
+            let n = lock(net);
+            queue_metrics.push((id.clone(), 0, n.rx_metrics()));
+            queue_metrics.push((id.clone(), 1, n.tx_metrics()));
+        }
         Self {
+            queue_metrics,
             started: Instant::now(),
             mem_bytes,
             vcpus,
@@ -182,9 +196,11 @@ impl VmRuntime {
 
     /// Requests completed per drive so far (for the threshold policy's "busiest device").
     pub fn drive_requests(&self) -> Vec<u64> {
-        self.drives
+        // Drives come first in `queue_metrics`, one queue each.
+        self.queue_metrics
             .iter()
-            .map(|d| lock(&d.block).metrics().snapshot().requests)
+            .take(self.drives.len())
+            .map(|(_, _, m)| m.snapshot().requests)
             .collect()
     }
 
@@ -374,16 +390,11 @@ impl CounterSource for VmRuntime {
             latency_buckets: m.latency_buckets,
             latency_ns_sum: m.latency_ns_sum,
         };
-        let mut queues: Vec<QueueCounters> = self
-            .drives
+        let queues: Vec<QueueCounters> = self
+            .queue_metrics
             .iter()
-            .map(|d| counters(&d.id, 0, lock(&d.block).metrics().snapshot()))
+            .map(|(id, queue, m)| counters(id, *queue, m.snapshot()))
             .collect();
-        for (id, net) in &self.nets {
-            let n = lock(net);
-            queues.push(counters(id, 0, n.rx_metrics().snapshot()));
-            queues.push(counters(id, 1, n.tx_metrics().snapshot()));
-        }
         let g = self.guest.report();
         CounterSnapshot {
             at_ns: self.started.elapsed().as_nanos() as u64,

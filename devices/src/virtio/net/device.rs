@@ -19,6 +19,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{Tap, TapError};
+
+/// Frames sent per call of [`Net::process_tx`] before the device is released (a queue's
+/// worth: large enough to keep per-wakeup costs small, small enough that the device lock
+/// is never held for more than a fraction of a millisecond).
+pub const TX_BUDGET: usize = QUEUE_SIZE as usize;
 use super::{MAX_FRAME_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
@@ -181,7 +186,10 @@ impl Net {
         }
     }
 
-    /// Sends every frame the guest queued for transmission.
+    /// Sends the frames the guest queued for transmission, at most [`TX_BUDGET`] per call:
+    /// when more wait, the queue's own notifier is raised again so the event loop comes
+    /// back for them after releasing the device (a guest that keeps the queue full cannot
+    /// hold the device lock, and so the tuner and the control API, for long).
     pub fn process_tx(&mut self) {
         if self.is_broken() {
             return;
@@ -193,7 +201,15 @@ impl Net {
         let mem = active.mem.clone();
         let mut used = false;
         let mut failure = None;
+        let mut sent = 0usize;
+        let mut more = false;
         while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+            if sent == TX_BUDGET {
+                active.tx.go_to_previous_position();
+                more = true;
+                break;
+            }
+            sent += 1;
             let head = chain.head_index();
             // Throttled frames wait in the queue until the limiter's timer fires.
             if !self.tx_limiter.consume(1, TokenType::Ops) {
@@ -261,6 +277,13 @@ impl Net {
         if used {
             if let Ok(true) = active.tx.needs_notification(&mem) {
                 active.interrupt.signal_used_queue();
+            }
+        }
+        if more {
+            if let Some(e) = self.queue_events.get(TX_QUEUE) {
+                if let Err(e) = e.write(1) {
+                    log::warn!("virtio-net {}: cannot re-arm transmit: {e}", self.config.id);
+                }
             }
         }
     }

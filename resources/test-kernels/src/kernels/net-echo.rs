@@ -17,7 +17,8 @@
 //!     Ethernet destination = the received source and source = our MAC, IP addresses
 //!     swapped (header checksum recomputed), UDP ports swapped and UDP checksum 0,
 //!   - ignores (counts) everything else.
-//! - `send`: sends `count` UDP frames of `size` payload bytes from `ip:port` to
+//! - `send`: sends `count` UDP frames (default 1000; with an explicit `ms=`, as many as fit
+//!   in `ms` milliseconds unless `count` comes first) of `size` payload bytes from `ip:port` to
 //!   `peer:port`, Ethernet destination ff:ff:ff:ff:ff:ff; payload = the sequence number
 //!   (u32, little endian, from 0) then bytes `i & 0xff` (i = payload offset). Frames the
 //!   device receives meanwhile are dropped (their buffers reposted).
@@ -450,7 +451,12 @@ fn template(p: &Params, mac: &[u8; 6], t: &mut [u8]) {
 }
 
 fn send(p: &Params, net: &mut Net) {
-    let count = p.count.unwrap_or(1000);
+    // An explicit `ms=` bounds the sending time too (count then defaults to unlimited).
+    let deadline =
+        rt::arg("ms").map(|_| rt::ns_to_ticks(rt::arg_u64("ms", 0).saturating_mul(1_000_000)));
+    let mut count = p
+        .count
+        .unwrap_or(if deadline.is_some() { u64::MAX } else { 1000 });
     let frame_len = ETH_HDR + IP_HDR + UDP_HDR + p.size;
     let mut tmpl = [0u8; NET_MAX_FRAME];
     let tmpl = &mut tmpl[..frame_len];
@@ -469,6 +475,10 @@ fn send(p: &Params, net: &mut Net) {
     let mut progress = start;
     let mut end = start;
     while sent < count {
+        if deadline.is_some_and(|d| rt::rdtsc().wrapping_sub(start) >= d) {
+            // Time is up: wait for what is in flight, submit nothing more.
+            count = submitted;
+        }
         let before = submitted;
         while submitted < count {
             if gap > 0 && rt::rdtsc().wrapping_sub(start) < submitted.saturating_mul(gap) {
