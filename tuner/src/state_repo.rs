@@ -666,10 +666,20 @@ impl StateRepo {
 
     /// Committed rows of `vm_id` with `ts_ns >= since_ns`, oldest first.
     pub fn rows(&self, vm_id: &str, since_ns: u64) -> Result<Vec<Row>, RepoError> {
+        self.select_rows(Some(vm_id), since_ns)
+    }
+
+    /// The rows of every VM from `since_ns` on, VM by VM, each in time order (for reports
+    /// over several VMs sharing one repository).
+    pub fn rows_of_all_vms(&self, since_ns: u64) -> Result<Vec<Row>, RepoError> {
+        self.select_rows(None, since_ns)
+    }
+
+    fn select_rows(&self, vm_id: Option<&str>, since_ns: u64) -> Result<Vec<Row>, RepoError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {SELECT_COLUMNS} FROM samples WHERE vm_id = ?1 AND ts_ns >= ?2 \
-             ORDER BY ts_ns, id"
+            "SELECT {SELECT_COLUMNS} FROM samples WHERE (?1 IS NULL OR vm_id = ?1) \
+             AND ts_ns >= ?2 ORDER BY vm_id, ts_ns, id"
         ))?;
         let mut rows = stmt.query(params![vm_id, to_i64(since_ns)])?;
         let mut out = Vec::new();

@@ -58,9 +58,11 @@ enum AbCommand {
         /// The state repository of the A/B run.
         #[arg(long, value_name = "PATH")]
         state_db: PathBuf,
-        /// The VM whose rows to compare.
-        #[arg(long, value_name = "NAME", default_value = "vm0")]
-        vm_id: String,
+        /// The VM whose rows to compare (one VM alternating the arms in blocks); without
+        /// it, the rows of every VM in the repository (several VMs split between the arms,
+        /// each run with one policy and its own `--vm-id`).
+        #[arg(long, value_name = "NAME")]
+        vm_id: Option<String>,
     },
 }
 
@@ -325,7 +327,10 @@ fn main() -> ExitCode {
                 ));
             }
             let rows = tuner::state_repo::StateRepo::open(&state_db, Default::default())
-                .and_then(|r| r.rows(&vm_id, 0));
+                .and_then(|r| match &vm_id {
+                    Some(vm) => r.rows(vm, 0),
+                    None => r.rows_of_all_vms(0),
+                });
             match rows {
                 Ok(rows) => match tuner::ab::report(&rows) {
                     Ok(r) => {
