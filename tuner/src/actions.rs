@@ -397,6 +397,21 @@ impl ActionSpace {
         self.render(action)
     }
 
+    /// What a decision label (the state repository's `action` column, written by
+    /// [`crate::manager::Decision::action_label`]) did to the knobs, as an index of this
+    /// space: `noop`, `refused:X` and `failed:X` changed nothing (the `noop` index);
+    /// `rollback:X` and a plain action name applied that action. `static` (a reset to the
+    /// static configuration) and names outside the space give `None`: such intervals are
+    /// not experience of any one action.
+    pub fn effective_index(&self, label: &str) -> Option<usize> {
+        let noop = || self.index_of(&Action::NoOp);
+        if label == "noop" || label.starts_with("refused:") || label.starts_with("failed:") {
+            return noop();
+        }
+        let name = label.strip_prefix("rollback:").unwrap_or(label);
+        self.names.iter().position(|n| n == name)
+    }
+
     /// The action called `name`.
     pub fn parse(&self, name: &str) -> Result<Action, ActionError> {
         self.names
@@ -747,5 +762,24 @@ mod tests {
         assert!("urgent".parse::<PriorityLevel>().is_err());
         assert_eq!(Action::VcpuDelta(-1).knob(), Some(Knob::Vcpus));
         assert_eq!(Action::NoOp.knob(), None);
+    }
+
+    #[test]
+    fn decision_labels_map_to_the_action_that_took_effect() {
+        let space = ActionSpace::new(1, 0, 4);
+        let idx = |n: &str| space.names().iter().position(|x| x == n);
+        assert_eq!(space.effective_index("noop"), idx("noop"));
+        assert_eq!(space.effective_index("refused:vcpu+1"), idx("noop"));
+        assert_eq!(space.effective_index("failed:rl:blk0:2"), idx("noop"));
+        assert_eq!(
+            space.effective_index("rollback:rl:blk0:0"),
+            idx("rl:blk0:0")
+        );
+        assert_eq!(
+            space.effective_index("prio:blk0:high"),
+            idx("prio:blk0:high")
+        );
+        assert_eq!(space.effective_index("static"), None);
+        assert_eq!(space.effective_index("rl:blk7:1"), None);
     }
 }

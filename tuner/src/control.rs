@@ -26,6 +26,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -281,6 +282,24 @@ pub struct Tuner {
     heartbeat: Option<Heartbeat>,
     last: Option<(u64, String)>,
     prev_activity: Option<(u64, Vec<u64>)>,
+    experience: Option<SyncSender<Transition>>,
+    /// The vector of the last decision and the action that took effect after it.
+    pending: Option<(Vec<f32>, usize)>,
+}
+
+/// One step of live experience, for online learning: the vector the tuner decided on,
+/// the action that took effect (see [`ActionSpace::effective_index`]), the reward of the
+/// interval that followed and that interval's vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// Normalised performance vector before the action.
+    pub state: Vec<f32>,
+    /// Index of the action in the tuner's action space.
+    pub action: usize,
+    /// Reward of the next interval.
+    pub reward: f64,
+    /// Normalised performance vector of the next interval.
+    pub next_state: Vec<f32>,
 }
 
 impl std::fmt::Debug for Tuner {
@@ -329,6 +348,8 @@ impl Tuner {
             heartbeat: None,
             last: None,
             prev_activity: None,
+            experience: None,
+            pending: None,
         })
     }
 
@@ -349,6 +370,13 @@ impl Tuner {
     pub fn with_policy_id_slot(self, slot: Arc<Mutex<String>>) -> Self {
         *lock(&slot) = lock(&self.shared.policy).id().to_string();
         lock(&self.shared.id_slots).push(slot);
+        self
+    }
+
+    /// Sends every completed [`Transition`] to `tx` (without blocking: when the receiver
+    /// lags, transitions are dropped rather than delaying a decision).
+    pub fn with_experience(mut self, tx: SyncSender<Transition>) -> Self {
+        self.experience = Some(tx);
         self
     }
 
@@ -430,6 +458,17 @@ impl Tuner {
         );
         if let Some((ts, label)) = self.last.take() {
             self.store_outcome(ts, label, Some(r));
+        }
+        if let (Some(tx), Some((state, action))) = (&self.experience, self.pending.take()) {
+            let t = Transition {
+                state,
+                action,
+                reward: r,
+                next_state: sample.vector.clone(),
+            };
+            if let Err(TrySendError::Disconnected(_)) = tx.try_send(t) {
+                self.experience = None;
+            }
         }
         if let Some(d) = self.manager.next_interval(Some(r), &mut *self.knobs) {
             decisions.push(d);
@@ -513,6 +552,20 @@ impl Tuner {
                     s.inference_fraction_max = s.inference_fraction_max.max(frac);
                 }
             }
+        }
+        if self.experience.is_some() {
+            // A reset to the static configuration is no one action's experience.
+            self.pending = if decisions
+                .iter()
+                .any(|d| matches!(d, Decision::RestoredStatic { .. }))
+            {
+                None
+            } else {
+                self.manager
+                    .space()
+                    .effective_index(&report.label)
+                    .map(|a| (sample.vector.clone(), a))
+            };
         }
         self.last = Some((sample.at_ns, report.label.clone()));
         self.steps += 1;
@@ -672,6 +725,34 @@ mod tests {
         assert_eq!(s.policy_id, "threshold");
         assert!(s.inference_ns_max > 0);
         assert!(s.inference_fraction_max < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn transitions_pair_each_decision_with_the_next_interval() {
+        let m = manager(ManagerConfig::default());
+        let space = m.space().clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(FakeKnobs::default()),
+            Box::new(Scripted::prefer(&space, "vcpu+1")),
+        )
+        .unwrap()
+        .with_experience(tx);
+        let samples: Vec<Sample> = (1..=3u64).map(|i| sample(i, 0.5, 1e3 * i as f64)).collect();
+        let reports: Vec<StepReport> = samples.iter().map(|s| t.step(s)).collect();
+        let got: Vec<Transition> = rx.try_iter().collect();
+        assert_eq!(got.len(), 2, "the last decision has no outcome yet");
+        for (k, tr) in got.iter().enumerate() {
+            assert_eq!(tr.state, samples[k].vector);
+            assert_eq!(tr.next_state, samples[k + 1].vector);
+            assert_eq!(Some(tr.action), space.effective_index(&reports[k].label));
+            assert!((tr.reward - reports[k + 1].reward).abs() < 1e-12);
+        }
+        // The first decision applied vcpu+1; the second was refused (cooldown) = noop.
+        assert_eq!(space.name(got[0].action), Some("vcpu+1"));
+        assert_eq!(space.name(got[1].action), Some("noop"));
     }
 
     #[test]
