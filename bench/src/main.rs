@@ -8,6 +8,8 @@
 //!   pread/pwrite loop on the same file (and QEMU microvm's virtio-blk).
 //! - `ratelimit`: achieved over configured rate of the drive rate limiter.
 //! - `telemetry`: the cost of the telemetry agent and state repository.
+//! - `tuner`: tuner policies (best static, threshold, random, learned, online) on the
+//!   `phased` workload suite; report, results and plots in `target/bench-tuner/`.
 //! - `all`: all of them in a row; `summary`: a table of the latest result files.
 //!
 //! `scripts/bench.sh` builds, installs QEMU if needed and runs `all` then `summary`;
@@ -27,6 +29,7 @@ mod report;
 mod stats;
 mod summary;
 mod telemetry;
+mod tuner;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +87,8 @@ enum Cmd {
     /// Telemetry overhead: exit round trip and compute with and without the agent, and
     /// the state repository's rows per second.
     Telemetry(TelemetryArgs),
+    /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
+    Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
     All {
         /// A fast smoke run (one short run of everything): not for figures.
@@ -201,6 +206,43 @@ struct TelemetryArgs {
     /// Runs of the state repository throughput test.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     repo_runs: u64,
+}
+
+#[derive(Args, Clone)]
+struct TunerArgs {
+    /// A smoke run: 1 seed, 2 scenarios, 12 static configurations, short phases.
+    #[arg(long)]
+    quick: bool,
+    /// Output directory [default: <cargo target dir>/bench-tuner].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Seeds per scenario [default: 5, --quick 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100))]
+    seeds: Option<u64>,
+    /// Scenarios, comma-separated [default: all four; --quick: mixed,bursty].
+    #[arg(long, value_name = "A,B", value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
+    /// VMs run at once (only 1: the machine has 2 cores).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1))]
+    jobs: u64,
+    /// The learned policy [default: models/general.onnx of the repository].
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
+    /// phase_ms= of the scenarios [default: 1500, --quick 1000].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(200..))]
+    phase_ms: Option<u64>,
+    /// phases= of the scenarios [default: 6, --quick 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    phases: Option<u64>,
+    /// Length of each phase of the calibration schedule [default: 1000, --quick 800].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(300..))]
+    calib_ms: Option<u64>,
+    /// Predicted-best static configurations re-run on every seed [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10))]
+    top_k: Option<u64>,
+    /// The kernel [default: the `phased` test kernel].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
 }
 
 /// Paths and programs every benchmark uses.
@@ -342,6 +384,79 @@ impl Env {
         })
     }
 
+    fn tuner(&self, a: &TunerArgs) -> Result<(), BenchError> {
+        let scenarios = match &a.scenarios {
+            Some(v) => v.clone(),
+            None if a.quick => vec!["mixed".into(), "bursty".into()],
+            None => tuner::SCENARIOS.iter().map(|s| s.to_string()).collect(),
+        };
+        if let Some(bad) = scenarios
+            .iter()
+            .find(|s| !tuner::SCENARIOS.contains(&s.as_str()))
+        {
+            return Err(BenchError::Unexpected(format!(
+                "unknown scenario {bad:?} (expected some of {})",
+                tuner::SCENARIOS.join(",")
+            )));
+        }
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let out = a.out.clone().unwrap_or_else(|| {
+            Path::new(test_kernels::KERNELS_DIR)
+                .parent()
+                .map(|t| t.join("bench-tuner"))
+                .unwrap_or_else(|| PathBuf::from("target/bench-tuner"))
+        });
+        let settings = tuner::TunerSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&a.kernel, "phased")?,
+            out_dir: out.clone(),
+            scenarios,
+            seeds: a.seeds.unwrap_or(if a.quick { 1 } else { 5 }),
+            phase_ms: a.phase_ms.unwrap_or(if a.quick {
+                1000
+            } else {
+                tuner::DEFAULT_PHASE_MS
+            }),
+            phases: a
+                .phases
+                .unwrap_or(if a.quick { 4 } else { tuner::DEFAULT_PHASES }),
+            calib_ms: a.calib_ms.unwrap_or(if a.quick {
+                800
+            } else {
+                tuner::DEFAULT_CALIB_MS
+            }),
+            sweep: if a.quick {
+                tuner::StaticConfig::quick()
+            } else {
+                tuner::StaticConfig::all()
+            },
+            top_k: a.top_k.map_or(tuner::DEFAULT_TOP_K, |k| k as usize),
+            policy: a
+                .policy
+                .clone()
+                .unwrap_or_else(|| repo.join("models/general.onnx")),
+            quick: a.quick,
+        };
+        let r = tuner::run(&settings)?;
+        for g in &r.goal {
+            eprintln!(
+                "vmm-bench tuner: goal {}: {} ({})",
+                g.scenario, g.verdict, g.detail
+            );
+        }
+        eprintln!(
+            "vmm-bench tuner: done in {:.0} s (a full run: ~{:.0} s); wrote {}/report.md, results.json and {} plots",
+            r.total_s,
+            r.full_run_estimate_s,
+            out.display(),
+            r.plots.len()
+        );
+        Ok(())
+    }
+
     /// Writes `<name>.json`, prints the JSON, and says where it went on stderr.
     fn emit<T: Serialize>(&self, name: &str, value: &T) -> Result<(), BenchError> {
         let (path, text) = report::write_json(&self.out_dir, name, value)?;
@@ -399,6 +514,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Blk(a) => env.emit("blk", &env.blk(&a)?),
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
+        Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {
                 runs: if quick { 3 } else { 20 },

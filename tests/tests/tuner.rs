@@ -518,3 +518,74 @@ fn ab_report_splits_several_vms_between_the_arms() {
         .unwrap();
     assert!(!one.status.success());
 }
+
+/// Online learning: `--learn` trains from the live transitions in a background thread and
+/// hot-swaps refreshed networks (`online-1`, `online-2`, ...) into the running tuner;
+/// decisions go on every interval meanwhile (no watchdog firing, no missing rows).
+#[test]
+fn online_learning_hot_swaps_refreshed_networks() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-learn");
+    let db = dir.path("learn.db");
+    let fg = format!("path={}", disk(&dir));
+    let bg_path = dir.path("bg.img");
+    std::fs::write(&bg_path, vec![0u8; 16 << 20]).unwrap();
+    let bg = format!("path={}", bg_path.to_str().unwrap());
+    let run = run_kernel(
+        "phased",
+        &[
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "64",
+            "--drive",
+            &fg,
+            "--drive",
+            &bg,
+            "--cmdline",
+            "schedule=cpu:3000,io:3000,idle:3000,cpu:3000",
+            "--metrics-interval-ms",
+            "100",
+            "--learn",
+            "--learn-every",
+            "10",
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    run.expect_status(0);
+    let swaps = query(
+        &db,
+        "select detail, ts_ns from events where kind = 'policy_swap' order by ts_ns",
+    );
+    eprintln!("swaps: {swaps:?}");
+    assert!(
+        swaps.iter().any(|(d, _)| d.ends_with("-> online-1")),
+        "no network was served: {swaps:?}"
+    );
+    let per_policy = query(
+        &db,
+        "select policy_id, count(*) from samples group by policy_id",
+    );
+    eprintln!("rows per policy: {per_policy:?}");
+    assert!(
+        per_policy
+            .iter()
+            .any(|(p, n)| p.starts_with("online-") && *n >= 3),
+        "{per_policy:?}"
+    );
+    let watchdog = query(
+        &db,
+        "select kind, count(*) from events where detail like '%watchdog%' group by kind",
+    );
+    assert!(watchdog.is_empty(), "the tuner stalled: {watchdog:?}");
+    // One decision per interval throughout (12 s at 100 ms; allow for boot and exit).
+    let decided = query(
+        &db,
+        "select 'decided', count(*) from samples where action is not null",
+    );
+    assert!(decided[0].1 >= 100, "{decided:?}");
+}

@@ -10,8 +10,12 @@
 //! - `PUT /policy` with body `{"path": "models/NAME.onnx"}`: hot reload of the tuner's
 //!   policy, atomic between two decisions; a policy that fails to load leaves the old one.
 //! - `GET /policy`: the policy in charge.
-//! - `PATCH /vm` with body `{"vcpus": N, "host_cores": M}`: vCPUs the guest is asked to
-//!   use (the rest park) and host cores the vCPU threads may run on.
+//! - `PATCH /vm` with body `{"vcpus": N, "host_cores": M, "cpu_quota": C}`: vCPUs the
+//!   guest is asked to use (the rest park); host cores the vCPU threads may run on
+//!   (affinity, plus a CPU quota of M cores where a cgroup allows it); a CPU quota of C
+//!   host cores (fractional, e.g. 0.25; all host cores lifts it) alone, affinity
+//!   unchanged. The answer and `GET /vm` show `"cpu_quota": {"mode": "v2"|"v1"|"none",
+//!   "reason", "cores" (null: unlimited), "path", "error" (last failed write)}`.
 //!
 //! Answers: `{"status": 200, "body": ...}` or `{"status": 4xx, "error": "..."}`. The socket
 //! is served by the event loop; a request larger than 64 KiB or not valid JSON gets 400.
@@ -77,6 +81,14 @@ struct VmPatch {
     vcpus: Option<u32>,
     #[serde(default)]
     host_cores: Option<u32>,
+    #[serde(default)]
+    cpu_quota: Option<f64>,
+}
+
+fn cpu_quota_json(rt: &VmRuntime) -> Value {
+    let q = rt.cpu_quota_status();
+    json!({"mode": q.mode.as_str(), "reason": q.reason, "cores": q.cores,
+           "path": q.path.map(|p| p.display().to_string()), "error": q.last_error})
 }
 
 #[derive(Deserialize)]
@@ -128,6 +140,7 @@ pub fn handle_request(rt: &VmRuntime, line: &str) -> Value {
                 "parked_vcpus": rt.parked_vcpus(),
                 "vcpu_guest_ns": snap.vcpus.iter().map(|v| v.guest_ns).collect::<Vec<_>>(),
                 "host_cores": snap.host_cores,
+                "cpu_quota": cpu_quota_json(rt),
                 "guest": {"ops": g.ops, "bytes": g.bytes, "latency_ns_sum": g.latency_ns_sum,
                           "latency_samples": g.latency_samples},
                 "drives": drives,
@@ -173,8 +186,14 @@ pub fn handle_request(rt: &VmRuntime, line: &str) -> Value {
                     return error(400, format!("host_cores: {e}"));
                 }
             }
+            if let Some(c) = patch.cpu_quota {
+                if let Err(e) = rt.set_cpu_quota(c) {
+                    return error(400, format!("cpu_quota: {e}"));
+                }
+            }
             json!({"status": 200, "body": {"active_vcpus": rt.active_vcpus(),
-                                           "host_cores": rt.host_cores_given()}})
+                                           "host_cores": rt.host_cores_given(),
+                                           "cpu_quota": cpu_quota_json(rt)}})
         }
         ("PATCH", ["drives", id]) => {
             if !rt.drive_ids().iter().any(|d| d == id) {

@@ -50,9 +50,13 @@ pub struct VmConfig {
     /// Kernel command line.
     #[serde(default)]
     pub cmdline: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs (the most the guest may use; the tuner's cost term divides by it).
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    /// vCPUs the guest is asked to use at start (1..=`vcpus`; all of them when absent):
+    /// the static configuration's vCPU setting, which the tuner's watchdog restores.
+    #[serde(default)]
+    pub active_vcpus: Option<u32>,
     /// Guest memory in MiB.
     #[serde(default = "default_mem_mib")]
     pub mem_mib: u64,
@@ -95,6 +99,14 @@ pub struct VmConfig {
     /// Exploration rate of the tuner's epsilon-greedy selection (0 in production).
     #[serde(default)]
     pub epsilon: f64,
+    /// Online learning: train a Q-network from the live transitions in a background
+    /// thread and hot-swap it into the tuner (see `vmm::learning`).
+    #[serde(default)]
+    pub learn: bool,
+    /// Online learning: new transitions between two refreshes of the served network
+    /// (default 20).
+    #[serde(default = "default_learn_every")]
+    pub learn_every: u64,
     /// Reward weights (throughput, latency, utilisation, cost); documented in tuner::reward.
     #[serde(default)]
     pub reward_weights: Option<tuner::reward::RewardWeights>,
@@ -112,6 +124,10 @@ pub struct VmConfig {
     /// what they cost).
     #[serde(default = "default_true")]
     pub exit_counters: bool,
+}
+
+fn default_learn_every() -> u64 {
+    20
 }
 
 fn default_ab_block() -> u64 {
@@ -314,17 +330,47 @@ pub struct DriveConfig {
     /// I/O priority from the start: `low`, `medium` (default), `high` or a weight 1-1000.
     #[serde(default)]
     pub priority: Option<String>,
+    /// Rate limits from the start as a level of the tuner's `RATE_LADDER` (0 = unlimited
+    /// .. 4 = tightest), recorded as the drive's static rate level; excludes
+    /// `rate_limiter`.
+    #[serde(default)]
+    pub rate_level: Option<usize>,
+}
+
+/// The limits of level `level` of the tuner's `RATE_LADDER`, with the buckets the tuner
+/// itself sets (refilled every 100 ms); `None` for the unlimited level 0.
+pub fn rate_level_limits(level: usize) -> Result<Option<RateLimitSpec>, ConfigError> {
+    let ladder = &tuner::actions::RATE_LADDER;
+    let l = ladder.get(level).ok_or_else(|| {
+        ConfigError::new(
+            "drives.rate_level",
+            format!("{level} is outside 0..={}", ladder.len() - 1),
+        )
+    })?;
+    let bucket = |per_sec: Option<u64>| {
+        per_sec.map(|r| BucketSpec {
+            size: (r / 10).max(1),
+            refill_time_ms: 100,
+            one_time_burst: 0,
+        })
+    };
+    let spec = RateLimitSpec {
+        bandwidth: bucket(l.bytes_per_sec),
+        ops: bucket(l.ops_per_sec),
+    };
+    Ok((spec != RateLimitSpec::default()).then_some(spec))
 }
 
 impl DriveConfig {
     /// Parses the `--drive` syntax:
-    /// `path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=P]`.
+    /// `path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=P][,level=L]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut path = None;
         let mut read_only = false;
         let mut id = None;
         let mut limits = RateLimitSpec::default();
         let mut priority = None;
+        let mut rate_level = None;
         let number = |k: &str, v: &str| {
             v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
                 ConfigError::new(
@@ -340,11 +386,21 @@ impl DriveConfig {
                 Some(("bw", v)) => limits.bandwidth = Some(bucket_for_rate(number("bw", v)?)),
                 Some(("iops", v)) => limits.ops = Some(bucket_for_rate(number("iops", v)?)),
                 Some(("priority", v)) if !v.is_empty() => priority = Some(v.to_string()),
+                Some(("level", v)) => {
+                    let level = v.parse::<usize>().map_err(|_| {
+                        ConfigError::new(
+                            "drives.rate_level",
+                            format!("level={v:?} in {spec:?} is not a level 0..=4"),
+                        )
+                    })?;
+                    rate_level_limits(level)?;
+                    rate_level = Some(level);
+                }
                 None if part == "read-only" || part == "ro" => read_only = true,
                 _ => {
                     return Err(ConfigError::new(
                         "drives",
-                        format!("unknown or empty option {part:?} in {spec:?} (expected path=FILE[,read-only][,id=NAME][,bw=N][,iops=N][,priority=P])"),
+                        format!("unknown or empty option {part:?} in {spec:?} (expected path=FILE[,read-only][,id=NAME][,bw=N][,iops=N][,priority=P][,level=L])"),
                     ))
                 }
             }
@@ -352,13 +408,32 @@ impl DriveConfig {
         let path =
             path.ok_or_else(|| ConfigError::new("drives", format!("{spec:?} has no path=FILE")))?;
         let rate_limiter = (limits != RateLimitSpec::default()).then_some(limits);
-        Ok(Self {
+        let cfg = Self {
             path,
             read_only,
             id,
             rate_limiter,
             priority,
-        })
+            rate_level,
+        };
+        cfg.start_limits()?;
+        Ok(cfg)
+    }
+
+    /// The limits the drive starts with: its `rate_level`'s or its explicit
+    /// `rate_limiter` (`None`: unlimited). Both at once is an error.
+    pub fn start_limits(&self) -> Result<Option<RateLimitSpec>, ConfigError> {
+        match (self.rate_level, self.rate_limiter) {
+            (Some(level), Some(_)) => Err(ConfigError::new(
+                "drives.rate_level",
+                format!(
+                    "level {level} conflicts with the explicit bw/iops limits of {}: give one or the other",
+                    self.path.display()
+                ),
+            )),
+            (Some(level), None) => rate_level_limits(level),
+            (None, limits) => Ok(limits),
+        }
     }
 }
 
@@ -389,6 +464,7 @@ impl VmConfig {
             initrd: None,
             cmdline: String::new(),
             vcpus: default_vcpus(),
+            active_vcpus: None,
             mem_mib: DEFAULT_MEM_MIB,
             serial_out: None,
             seccomp: true,
@@ -403,6 +479,8 @@ impl VmConfig {
             policy: None,
             tuner: None,
             epsilon: 0.0,
+            learn: false,
+            learn_every: default_learn_every(),
             reward_weights: None,
             min_vcpus: None,
             ab: None,
@@ -440,6 +518,14 @@ impl VmConfig {
                 "vcpus",
                 format!("{} exceeds the KVM limit of {max_vcpus}", self.vcpus),
             ));
+        }
+        if let Some(a) = self.active_vcpus {
+            if a == 0 || a > self.vcpus {
+                return Err(ConfigError::new(
+                    "active_vcpus",
+                    format!("{a} is outside 1..={} (vcpus)", self.vcpus),
+                ));
+            }
         }
         if self.mem_mib < MIN_MEM_MIB {
             return Err(ConfigError::new(
@@ -535,7 +621,7 @@ impl VmConfig {
                     format!("id {id:?} is used twice"),
                 ));
             }
-            if let Some(l) = d.rate_limiter {
+            if let Some(l) = d.start_limits()? {
                 l.to_limiter("drives.rate_limiter")?;
             }
             if let Some(p) = &d.priority {
@@ -554,6 +640,18 @@ impl VmConfig {
             addr.parse::<std::net::SocketAddr>().map_err(|e| {
                 ConfigError::new("metrics_addr", format!("{addr:?}: {e} (expected IP:PORT)"))
             })?;
+        }
+        if !(1..=100_000).contains(&self.learn_every) {
+            return Err(ConfigError::new(
+                "learn_every",
+                format!("{} is outside 1..=100000", self.learn_every),
+            ));
+        }
+        if self.learn && self.ab.is_some() {
+            return Err(ConfigError::new(
+                "learn",
+                "online learning swaps the policy, which an A/B test cannot share".to_string(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.epsilon) {
             return Err(ConfigError::new(
@@ -594,6 +692,12 @@ impl VmConfig {
                     format!("{m} is outside 1..={}", self.vcpus),
                 ));
             }
+            if m > self.start_vcpus() {
+                return Err(ConfigError::new(
+                    "active_vcpus",
+                    format!("{} is below min_vcpus {m}", self.start_vcpus()),
+                ));
+            }
         }
         if let Some(w) = &self.reward_weights {
             w.validate()
@@ -603,6 +707,11 @@ impl VmConfig {
             return Err(ConfigError::new("vm_id", "must be 1-64 characters"));
         }
         detect_kernel_format(&self.kernel)
+    }
+
+    /// vCPUs the guest is asked to use at start: `active_vcpus`, or all `vcpus`.
+    pub fn start_vcpus(&self) -> u32 {
+        self.active_vcpus.unwrap_or(self.vcpus)
     }
 
     /// The id of network device `index` (its own or `net<index>`).
@@ -766,6 +875,76 @@ mod tests {
             .unwrap();
         assert!(c.drives[0].read_only);
         assert!(VmConfig::from_json(r#"{"kernel":"k","drives":[{"file":"d"}]}"#).is_err());
+    }
+
+    #[test]
+    fn active_vcpus_is_checked_against_vcpus() {
+        let k = elf_file();
+        let mut c = VmConfig::new(&k.0);
+        c.vcpus = 2;
+        assert_eq!(c.start_vcpus(), 2);
+        c.active_vcpus = Some(1);
+        assert_eq!(c.validate(8, 1024).unwrap(), KernelFormat::Elf);
+        assert_eq!(c.start_vcpus(), 1);
+        c.active_vcpus = Some(3);
+        let e = c.validate(8, 1024).unwrap_err();
+        assert_eq!(e.field, "active_vcpus");
+        assert!(e.problem.contains("outside 1..=2"), "{e}");
+        c.active_vcpus = Some(0);
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "active_vcpus");
+        c.active_vcpus = Some(1);
+        c.min_vcpus = Some(2);
+        let e = c.validate(8, 1024).unwrap_err();
+        assert_eq!(e.field, "active_vcpus");
+        assert!(e.problem.contains("below min_vcpus 2"), "{e}");
+        let j = VmConfig::from_json(r#"{"kernel":"k","vcpus":2,"active_vcpus":1}"#).unwrap();
+        assert_eq!((j.vcpus, j.active_vcpus), (2, Some(1)));
+    }
+
+    #[test]
+    fn drive_rate_levels() {
+        let d = DriveConfig::parse("path=x,level=3").unwrap();
+        assert_eq!(d.rate_level, Some(3));
+        assert_eq!(d.rate_limiter, None);
+        let l = d.start_limits().unwrap().expect("level 3 limits");
+        // 10 MB/s + 1k IOPS in 100 ms buckets, as the tuner sets them.
+        assert_eq!(
+            l.bandwidth.map(|b| (b.size, b.refill_time_ms)),
+            Some((1_000_000, 100))
+        );
+        assert_eq!(l.ops.map(|b| (b.size, b.refill_time_ms)), Some((100, 100)));
+        assert_eq!(
+            DriveConfig::parse("path=x,level=0").unwrap().start_limits(),
+            Ok(None)
+        );
+        let e = DriveConfig::parse("path=x,level=5").unwrap_err();
+        assert_eq!(e.field, "drives.rate_level");
+        assert!(e.problem.contains("outside 0..=4"), "{e}");
+        let e = DriveConfig::parse("path=x,level=high").unwrap_err();
+        assert_eq!(e.field, "drives.rate_level");
+        let e = DriveConfig::parse("path=x,bw=1000000,level=2").unwrap_err();
+        assert_eq!(e.field, "drives.rate_level");
+        assert!(e.problem.contains("conflicts"), "{e}");
+        assert!(DriveConfig::parse("path=x,level=2,iops=100").is_err());
+        let c = VmConfig::from_json(r#"{"kernel":"k","drives":[{"path":"d","rate_level":4}]}"#)
+            .unwrap();
+        assert_eq!(c.drives[0].rate_level, Some(4));
+        let img = tempfile_lite::TempFile::with(&[0u8; 1024]);
+        let k = elf_file();
+        let mut c = VmConfig::new(&k.0);
+        let mut d = DriveConfig::parse(&format!("path={}", img.0.display())).unwrap();
+        d.rate_level = Some(2);
+        d.rate_limiter = Some(RateLimitSpec {
+            bandwidth: Some(bucket_for_rate(1000)),
+            ops: None,
+        });
+        c.drives.push(d);
+        let e = c.validate(8, 1024).unwrap_err();
+        assert_eq!(e.field, "drives.rate_level");
+        c.drives[0].rate_limiter = None;
+        assert!(c.validate(8, 1024).is_ok());
+        c.drives[0].rate_level = Some(9);
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "drives.rate_level");
     }
 
     #[test]

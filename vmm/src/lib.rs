@@ -9,14 +9,18 @@
 //! - [`vcpu`]: the run loop of one vCPU thread.
 //! - [`vcpu_stats`]: per-vCPU exit and time counters kept in that loop.
 //! - [`runtime`]: the running VM's counters and knobs for the tuner and the control API.
+//! - [`cpu_quota`]: the vCPU threads' host CPU quota through cgroups (v2, v1 or none).
+//! - [`learning`]: online learning (`--learn`): the learner thread and its hot swaps.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
 
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod cpu_quota;
 pub mod cpuid;
 pub mod kvm_stats;
+pub mod learning;
 pub mod memory;
 pub mod runtime;
 pub mod seccomp;

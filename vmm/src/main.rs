@@ -40,6 +40,9 @@ enum Command {
         #[command(subcommand)]
         command: AbCommand,
     },
+    /// Train a Q-network policy with DQN on a state repository and export it to ONNX
+    /// (NAME.onnx and NAME.card.json, checked through tract).
+    Train(Box<TrainArgs>),
     /// Send one request to a running monitor's control socket and print the answer.
     Api {
         /// The monitor's --api-sock.
@@ -99,6 +102,9 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
     vcpus: Option<u32>,
+    /// vCPUs the guest is asked to use at start (<= --vcpus; the static configuration).
+    #[arg(long, value_name = "N")]
+    active_vcpus: Option<u32>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "M")]
     mem_mib: Option<u64>,
@@ -112,7 +118,8 @@ struct RunArgs {
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
     /// Add a virtio-blk drive (repeatable):
-    /// path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=low|medium|high|N].
+    /// path=FILE[,read-only][,id=NAME][,bw=BYTES_PER_SEC][,iops=N][,priority=low|medium|high|N]
+    /// [,level=0..4 (a tuner rate-limit level instead of bw/iops)].
     #[arg(long = "drive", value_name = "SPEC")]
     drives: Vec<String>,
     /// Add a virtio-net device on a TAP interface: tap=NAME[,mac=MAC][,id=NAME] (repeatable).
@@ -142,6 +149,13 @@ struct RunArgs {
     /// Exploration rate of the tuner (0..=1; 0 in production).
     #[arg(long, value_name = "E")]
     epsilon: Option<f64>,
+    /// Learn online: train a Q-network from the live transitions in the background and
+    /// hot-swap it into the tuner every --learn-every transitions.
+    #[arg(long)]
+    learn: bool,
+    /// Online learning: transitions between two refreshes of the served network.
+    #[arg(long, value_name = "N")]
+    learn_every: Option<u64>,
     /// Fewest vCPUs the tuner may leave the guest.
     #[arg(long, value_name = "N")]
     min_vcpus: Option<u32>,
@@ -154,6 +168,116 @@ struct RunArgs {
     /// Turn the run-loop exit counters off (to measure their cost).
     #[arg(long)]
     no_exit_counters: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The state repository to learn from (written by `vmm run --state-db`).
+    #[arg(long, value_name = "PATH")]
+    state_db: PathBuf,
+    /// The model to write: NAME.onnx (the card goes beside it as NAME.card.json).
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// DQN steps (minibatch updates).
+    #[arg(long, value_name = "N", default_value_t = learner::train::DEFAULT_STEPS)]
+    steps: u64,
+    /// Seed of the initial weights and of the minibatches.
+    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().seed)]
+    seed: u64,
+    /// Discount factor, in [0, 1).
+    #[arg(long, value_name = "G", default_value_t = learner::DqnConfig::default().gamma)]
+    gamma: f64,
+    /// Width of the two hidden layers.
+    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().hidden)]
+    hidden: usize,
+    /// Minibatch size.
+    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().batch)]
+    batch: usize,
+    /// Adam's learning rate.
+    #[arg(long, value_name = "LR", default_value_t = learner::DqnConfig::default().lr)]
+    lr: f64,
+    /// Steps between copies of the online network into the target network.
+    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().target_every)]
+    target_every: u64,
+    /// Plain DQN targets (max of the target network) instead of Double DQN.
+    #[arg(long)]
+    no_double: bool,
+    /// Squared-error loss instead of Huber.
+    #[arg(long)]
+    mse: bool,
+    /// Leave out the VMs whose id starts with PREFIX, e.g. a held-out scenario (repeatable).
+    #[arg(long = "exclude-prefix", value_name = "PREFIX")]
+    exclude_prefix: Vec<String>,
+    /// The policy's name in its card (default: the file stem of --out).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Free text for the card.
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Reward weights for the card when the data does not record them:
+    /// THROUGHPUT,LATENCY,UTILISATION,COST (must match the data's when it does).
+    #[arg(long, value_name = "T,L,U,C")]
+    reward_weights: Option<String>,
+}
+
+fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> {
+    let mut opts = learner::TrainOptions::new(args.state_db, args.out);
+    opts.steps = args.steps;
+    opts.dqn = learner::DqnConfig {
+        hidden: args.hidden,
+        gamma: args.gamma,
+        lr: args.lr,
+        batch: args.batch,
+        target_every: args.target_every,
+        double: !args.no_double,
+        seed: args.seed,
+        ..learner::DqnConfig::default()
+    };
+    if args.mse {
+        opts.dqn.loss = learner::Loss::Mse;
+    }
+    opts.dataset.exclude_prefixes = args.exclude_prefix;
+    opts.dataset.max_devices_in_space = vmm::tuning::MAX_DEVICES_IN_SPACE;
+    opts.name = args.name;
+    opts.description = args.description;
+    if let Some(text) = args.reward_weights {
+        let w: Vec<f64> = text
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| ConfigError::new("reward_weights", format!("{text:?}: {e}")))?;
+        let [throughput, latency, utilisation, cost] = w[..] else {
+            return Err(ConfigError::new(
+                "reward_weights",
+                format!("{text:?}: give four numbers THROUGHPUT,LATENCY,UTILISATION,COST"),
+            ));
+        };
+        opts.reward_weights = Some(tuner::reward::RewardWeights {
+            throughput,
+            latency,
+            utilisation,
+            cost,
+        });
+    }
+    Ok(opts)
+}
+
+fn run_train(args: TrainArgs) -> ExitCode {
+    let opts = match train_options(args) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&e),
+    };
+    match learner::train(&opts) {
+        Ok(report) => {
+            println!("{}", report.summary_line());
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_input_error() => usage_error(&ConfigError::new(e.option(), e.to_string())),
+        Err(e) => {
+            eprintln!("vmm: error: train: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -190,6 +314,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(v) = args.vcpus {
         cfg.vcpus = v;
     }
+    if args.active_vcpus.is_some() {
+        cfg.active_vcpus = args.active_vcpus;
+    }
     if let Some(m) = args.mem_mib {
         cfg.mem_mib = m;
     }
@@ -225,6 +352,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if let Some(e) = args.epsilon {
         cfg.epsilon = e;
+    }
+    if args.learn {
+        cfg.learn = true;
+    }
+    if let Some(n) = args.learn_every {
+        cfg.learn_every = n;
     }
     if args.min_vcpus.is_some() {
         cfg.min_vcpus = args.min_vcpus;
@@ -326,10 +459,12 @@ fn main() -> ExitCode {
                     format!("{} does not exist", state_db.display()),
                 ));
             }
-            let rows = tuner::state_repo::StateRepo::open(&state_db, Default::default())
-                .and_then(|r| match &vm_id {
-                    Some(vm) => r.rows(vm, 0),
-                    None => r.rows_of_all_vms(0),
+            let rows =
+                tuner::state_repo::StateRepo::open(&state_db, Default::default()).and_then(|r| {
+                    match &vm_id {
+                        Some(vm) => r.rows(vm, 0),
+                        None => r.rows_of_all_vms(0),
+                    }
                 });
             match rows {
                 Ok(rows) => match tuner::ab::report(&rows) {
@@ -348,6 +483,7 @@ fn main() -> ExitCode {
                 )),
             }
         }
+        Command::Train(args) => run_train(*args),
         Command::Api { sock, request } => match vmm::api::call(&sock, &request) {
             Ok(answer) => {
                 println!("{answer}");

@@ -19,6 +19,7 @@ use tuner::counters::{
     CounterSnapshot, CounterSource, GuestMetrics, MemoryCounters, QueueCounters,
 };
 
+use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
 use crate::kvm_stats::KvmStats;
 use crate::vcpu_stats::VcpuStats;
 
@@ -67,6 +68,7 @@ pub struct VmRuntime {
     vcpu_control: Arc<VcpuControl>,
     vcpu_tids: Arc<Vec<AtomicI32>>,
     cores_given: AtomicU32,
+    cpu_quota: CpuQuota,
     policy: Mutex<Option<tuner::control::PolicyHandle>>,
 }
 
@@ -155,6 +157,16 @@ impl VmRuntime {
             dirty,
         } = parts;
         let host_cores = host_cores();
+        let cpu_quota = CpuQuota::probe(
+            &ProbeRoots::host(),
+            &crate::cpu_quota::default_name(),
+            host_cores,
+        );
+        log::info!(
+            "vCPU CPU quota: {} ({})",
+            cpu_quota.mode().as_str(),
+            cpu_quota.reason()
+        );
         let mut queue_metrics: Vec<(String, u16, Arc<QueueMetrics>)> = drives
             .iter()
             .map(|d| (d.id.clone(), 0, lock(&d.block).metrics()))
@@ -180,6 +192,7 @@ impl VmRuntime {
             vcpu_control,
             vcpu_tids,
             cores_given: AtomicU32::new(host_cores),
+            cpu_quota,
             policy: Mutex::new(None),
         }
     }
@@ -222,14 +235,21 @@ impl VmRuntime {
             .map_err(|e| ControlError::Refused(e.to_string()))
     }
 
+    /// Host cores the machine has (the most [`VmRuntime::set_host_cores`] gives).
+    pub fn host_cores_total(&self) -> u32 {
+        self.host_cores
+    }
+
     /// Host cores the vCPU threads may run on.
     pub fn host_cores_given(&self) -> u32 {
         self.cores_given.load(Ordering::Acquire)
     }
 
-    /// Lets the vCPU threads run on host cores 0..n only (CPU affinity). A CPU quota
-    /// through cgroup v2 is not applied: it needs a delegated cgroup, which these machines
-    /// do not give the monitor.
+    /// Lets the vCPU threads run on host cores 0..n only (CPU affinity) and, where a cgroup
+    /// allows it ([`crate::cpu_quota`]: v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), caps
+    /// them at n cores of CPU time together (n = all host cores lifts the cap). A failure
+    /// to write the quota is logged and kept in [`Self::cpu_quota_status`]; the affinity
+    /// still applies. Without any usable cgroup only the affinity applies.
     pub fn set_host_cores(&self, n: u32) -> Result<(), ControlError> {
         if n == 0 || n > self.host_cores {
             return Err(ControlError::Refused(format!(
@@ -261,7 +281,37 @@ impl VmRuntime {
         }
         self.cores_given.store(n, Ordering::Release);
         log::info!("vCPU threads confined to {n} host core(s)");
+        if self.cpu_quota.mode() != crate::cpu_quota::Mode::None {
+            if let Err(e) = self.cpu_quota.set_quota(f64::from(n), &self.tids()) {
+                log::warn!("CPU quota of {n} core(s) not applied: {e}");
+            }
+        }
         Ok(())
+    }
+
+    fn tids(&self) -> Vec<i32> {
+        self.vcpu_tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Caps the vCPU threads at `cores` (fractional) host cores of CPU time together,
+    /// without changing their affinity; `cores` >= the host's cores lifts the cap.
+    pub fn set_cpu_quota(&self, cores: f64) -> Result<(), ControlError> {
+        self.cpu_quota
+            .set_quota(cores, &self.tids())
+            .map_err(|e| ControlError::Refused(e.to_string()))
+    }
+
+    /// The CPU quota's mode, reason, value and last error.
+    pub fn cpu_quota_status(&self) -> QuotaStatus {
+        self.cpu_quota.status()
+    }
+
+    /// Moves the vCPU threads out of their cgroup and removes it (at the end of the run).
+    pub fn release_cpu_quota(&self) {
+        self.cpu_quota.release();
     }
 
     /// Cumulative dirty pages, reading (and clearing) KVM's log now.

@@ -148,8 +148,13 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_fstat,
             libc::SYS_ftruncate,
             libc::SYS_lseek,
-            // Host cores given to the vCPU threads.
+            // Host cores given to the vCPU threads (`PATCH /vm` on this thread's API socket).
             libc::SYS_sched_setaffinity,
+            // Their CPU quota: the vCPU cgroup is made and every cgroup file opened before
+            // the filters go on (`cpu_quota.rs`), so moving threads and changing the quota
+            // are plain `write`s; only removing the cgroup at the end of the run needs a
+            // path call. No mkdir, no writable open.
+            libc::SYS_rmdir,
             // Reading a policy file for hot reload.
             libc::SYS_statx,
         ],
@@ -227,6 +232,21 @@ mod tests {
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x}"
         );
+    }
+
+    #[test]
+    fn only_the_main_thread_may_remove_the_vcpu_cgroup() {
+        let rmdir = || {
+            // SAFETY: a NUL-terminated path that does not exist; rmdir fails with ENOENT.
+            unsafe { libc::rmdir(c"/nonexistent-vmm-seccomp-test".as_ptr()) };
+        };
+        let status = in_child(&main_filter().unwrap(), rmdir);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+        let status = in_child(&vcpu_filter().unwrap(), rmdir);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
     }
 
     #[test]

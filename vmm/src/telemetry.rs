@@ -24,14 +24,23 @@ pub struct Telemetry {
 }
 
 /// A JSON summary of the configuration in force, stored with every row.
+/// What the state repository records of the VM's configuration with every row: what a
+/// learner needs to rebuild the action space (drives, network devices) and to know the
+/// reward (the effective weights), and the static settings.
 fn config_json(cfg: &VmConfig) -> String {
     serde_json::json!({
         "vcpus": cfg.vcpus,
+        "active_vcpus": cfg.start_vcpus(),
         "mem_mib": cfg.mem_mib,
         "drives": cfg.drives.iter().map(|d| serde_json::json!({
             "path": d.path, "read_only": d.read_only, "rate_limiter": d.rate_limiter,
-            "priority": d.priority,
+            "priority": d.priority, "rate_level": d.rate_level,
         })).collect::<Vec<_>>(),
+        "network": cfg.network.iter().map(|n| serde_json::json!({
+            "tap": n.tap, "rate_limiter": n.rate_limiter,
+        })).collect::<Vec<_>>(),
+        "reward_weights": cfg.reward_weights.unwrap_or_default(),
+        "learn": cfg.learn,
     })
     .to_string()
 }
@@ -40,7 +49,7 @@ impl Telemetry {
     /// Starts what `cfg` asks for.
     pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
         let mut t = Telemetry::default();
-        let tuning = cfg.policy.is_some() || cfg.tuner.is_some() || cfg.ab.is_some();
+        let tuning = cfg.policy.is_some() || cfg.tuner.is_some() || cfg.ab.is_some() || cfg.learn;
         if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning {
             return Ok(t);
         }

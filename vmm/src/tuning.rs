@@ -24,6 +24,12 @@ use tuner::state_repo::{event_kind, Event, RepoWriter};
 use crate::config::{ConfigError, VmConfig};
 use crate::runtime::VmRuntime;
 
+/// Exploration of online learning: epsilon decays from the first value to the second
+/// (or the configured `epsilon`, if higher) over [`LEARN_EPSILON_DECAY`] decisions.
+pub const LEARN_EPSILON: (f64, f64) = (0.5, 0.05);
+/// Decisions over which the exploration of online learning decays.
+pub const LEARN_EPSILON_DECAY: u64 = 300;
+
 /// Devices the action space covers at most.
 pub const MAX_DEVICES_IN_SPACE: usize = 4;
 
@@ -33,6 +39,7 @@ pub struct RuntimeKnobs {
     space: ActionSpace,
     drive_ids: Vec<String>,
     static_vcpus: u32,
+    max_vcpus: u32,
     static_priorities: Vec<Priority>,
     static_limits: Vec<RateLimiterConfig>,
     static_net_limits: Vec<RateLimiterConfig>,
@@ -66,7 +73,7 @@ impl RuntimeKnobs {
                     })?,
                 None => Priority::Medium,
             });
-            static_limits.push(match d.rate_limiter {
+            static_limits.push(match d.start_limits()? {
                 Some(l) => l.to_limiter("drives.rate_limiter")?,
                 None => RateLimiterConfig::default(),
             });
@@ -83,10 +90,30 @@ impl RuntimeKnobs {
             rt,
             space,
             drive_ids,
-            static_vcpus: cfg.vcpus,
+            static_vcpus: cfg.start_vcpus(),
+            max_vcpus: cfg.vcpus,
             static_priorities,
             static_limits,
         })
+    }
+
+    /// The host side of the vCPU knob: the vCPU threads get as many host cores (affinity
+    /// and, where cgroups allow, a CPU quota) as the guest is asked to use vCPUs, or all
+    /// of them when the VM's vCPUs are at least the host's cores. Best effort: the guest
+    /// side already changed, so a failure here is logged, not returned.
+    fn follow_vcpus(&self, vcpus: u32) {
+        let total = self.rt.host_cores_total();
+        let cores = if vcpus >= self.max_vcpus {
+            total
+        } else {
+            vcpus.clamp(1, total)
+        };
+        if cores == self.rt.host_cores_given() {
+            return;
+        }
+        if let Err(e) = self.rt.set_host_cores(cores) {
+            log::warn!("vCPU threads not confined to {cores} host core(s): {e}");
+        }
     }
 
     fn drive(&self, device: usize) -> Result<&str, String> {
@@ -113,7 +140,9 @@ impl Knobs for RuntimeKnobs {
                 let now = i64::from(self.rt.active_vcpus());
                 let want = now + i64::from(*d);
                 let want = u32::try_from(want).map_err(|_| format!("vCPUs would be {want}"))?;
-                self.rt.set_vcpus(want).map_err(|e| e.to_string())
+                self.rt.set_vcpus(want).map_err(|e| e.to_string())?;
+                self.follow_vcpus(want);
+                Ok(())
             }
             Action::Priority { device, level } => {
                 let id = self.drive(*device)?.to_string();
@@ -157,6 +186,7 @@ impl Knobs for RuntimeKnobs {
         if let Err(e) = self.rt.set_vcpus(self.static_vcpus) {
             log::warn!("restore static vCPUs: {e}");
         }
+        self.follow_vcpus(self.static_vcpus);
         for (i, id) in self.drive_ids.iter().enumerate() {
             if let Some(p) = self.static_priorities.get(i) {
                 if let Err(e) = self.rt.set_priority(id, *p) {
@@ -197,12 +227,24 @@ pub fn build(
     repo: Option<RepoWriter>,
     policy_slot: Option<Arc<std::sync::Mutex<String>>>,
 ) -> Result<Option<TunerParts>, ConfigError> {
-    if cfg.policy.is_none() && cfg.tuner.is_none() && cfg.ab.is_none() {
+    if cfg.policy.is_none() && cfg.tuner.is_none() && cfg.ab.is_none() && !cfg.learn {
         return Ok(None);
     }
     let space = ActionSpace::new(cfg.drives.len(), cfg.network.len(), MAX_DEVICES_IN_SPACE);
     let bounds = Bounds::for_space(&space, cfg.min_vcpus.unwrap_or(1), cfg.vcpus);
-    let static_state = KnobState::initial(&space, cfg.vcpus);
+    let mut static_state = KnobState::initial(&space, cfg.start_vcpus());
+    // Drives come first in the space: their configured levels and named priorities are the
+    // static state (the reward's cost term counts the levels).
+    for (i, d) in cfg.drives.iter().enumerate().take(space.devices().len()) {
+        if let (Some(level), Some(slot)) = (d.rate_level, static_state.rate_level.get_mut(i)) {
+            *slot = Some(level);
+        }
+        if let (Some(p), Some(slot)) = (&d.priority, static_state.priority.get_mut(i)) {
+            if let Ok(p) = p.parse::<PriorityLevel>() {
+                *slot = p;
+            }
+        }
+    }
     let manager = ConfigManager::new(
         space.clone(),
         bounds,
@@ -257,6 +299,9 @@ pub fn build(
             Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default()))
         }
         (None, Some("static")) => Box::new(StaticPolicy::new(&space)),
+        // Learning from scratch: the static configuration (with exploration) until the
+        // first network is served.
+        (None, None) if cfg.learn => Box::new(StaticPolicy::new(&space)),
         (None, Some(other)) => {
             return Err(ConfigError::new(
                 "tuner",
@@ -280,10 +325,19 @@ pub fn build(
     let tconfig = TunerConfig {
         vm_id: cfg.vm_id.clone(),
         weights,
-        epsilon: EpsilonSchedule {
-            start: cfg.epsilon,
-            end: cfg.epsilon,
-            decay_steps: 0,
+        epsilon: if cfg.learn {
+            // Learning explores: from at least LEARN_EPSILON down to the configured rate.
+            EpsilonSchedule {
+                start: cfg.epsilon.max(LEARN_EPSILON.0),
+                end: cfg.epsilon.max(LEARN_EPSILON.1),
+                decay_steps: LEARN_EPSILON_DECAY,
+            }
+        } else {
+            EpsilonSchedule {
+                start: cfg.epsilon,
+                end: cfg.epsilon,
+                decay_steps: 0,
+            }
         },
         ..TunerConfig::default()
     };
@@ -296,6 +350,21 @@ pub fn build(
     // In A/B mode the A/B policy labels each row with the arm in charge.
     if let (Some(slot), false) = (policy_slot, ab_mode) {
         tuner = tuner.with_policy_id_slot(slot);
+    }
+    if cfg.learn {
+        let shape = learner::SpaceShape {
+            n_drives: cfg.drives.len(),
+            n_nets: cfg.network.len(),
+            max_devices_in_space: MAX_DEVICES_IN_SPACE,
+        };
+        let settings = crate::learning::LearnSettings {
+            every: cfg.learn_every,
+            ..Default::default()
+        };
+        let learning = crate::learning::start(shape, weights, settings, tuner.policy_handle())
+            .map_err(|e| ConfigError::new("learn", e.to_string()))?;
+        // The thread ends on its own when the tuner (the sender) goes away.
+        tuner = tuner.with_experience(learning.sender);
     }
     rt.set_policy_handle(tuner.policy_handle());
     Ok(Some(TunerParts { tuner, watchdog }))

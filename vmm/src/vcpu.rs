@@ -181,7 +181,9 @@ impl Vcpu {
             stats.count_exit(kind);
             if let Some((left, entered)) = left {
                 let guest = left.duration_since(entered).as_nanos() as u64;
-                let monitor = left.elapsed().as_nanos() as u64;
+                // Time blocked in a park or idle request is neither guest nor monitor work.
+                let monitor = (left.elapsed().as_nanos() as u64)
+                    .saturating_sub(devices::vcpu_control::take_blocked_ns());
                 stats.add_times(guest, monitor);
             }
         }

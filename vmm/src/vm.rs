@@ -327,7 +327,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         })
         .map_err(|e| ConfigError::new("drives", e.to_string()))?;
         let mut block = block;
-        if let Some(spec) = drive.rate_limiter {
+        if let Some(spec) = drive.start_limits()? {
             let limits = spec.to_limiter("drives.rate_limiter")?;
             block
                 .set_rate_limit(limits)
@@ -402,6 +402,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     // The vCPU control device (how many vCPUs the guest uses; parking) and the guest's
     // metrics device; both are lock-free behind a shared reference.
     let vcpu_control = Arc::new(VcpuControl::new(cfg.vcpus));
+    vcpu_control
+        .set_active(cfg.start_vcpus())
+        .map_err(|e| ConfigError::new("active_vcpus", e.to_string()))?;
     register_mmio(
         &mut io_manager,
         "vcpu control",
@@ -656,6 +659,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         let _ = s.flush();
     }
     telemetry.stop();
+    // The vCPU threads leave their cgroup (which is removed) before the process exits.
+    runtime.release_cpu_quota();
     // vCPU threads still inside KVM_RUN end with the process; the caller exits next.
     drop(threads);
     Ok(outcome)

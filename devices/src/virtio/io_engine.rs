@@ -21,6 +21,13 @@ use crate::io_scheduler::{IoScheduler, Priority, QueueId, SchedulerError, Shared
 /// Requests served per event-loop wake-up before yielding to other events.
 pub const MAX_REQUESTS_PER_WAKE: usize = 256;
 
+/// Requests served between two looks at every queue for new requests. A queue that went
+/// idle (its guest had one request in flight) and was refilled meanwhile rejoins the
+/// competition within this many requests, instead of waiting behind a busy queue the
+/// guest keeps topped up for the whole wake-up (measured before: a depth-1 foreground
+/// reader behind a background writer saw 2-4 ms latencies whatever its priority).
+pub const RECHECK_EVERY: usize = 4;
+
 /// Errors of the engine's control operations.
 #[derive(Debug, thiserror::Error)]
 pub enum IoEngineError {
@@ -114,15 +121,21 @@ impl IoEngine {
                     continue;
                 }
             }
-            match b.process_one() {
+            let recheck = match b.process_one() {
                 Step::Served(bytes) => {
                     served += 1;
                     per_queue[id.0 as usize] += 1;
                     let _ = sched.charge(id, bytes);
+                    served.is_multiple_of(RECHECK_EVERY)
                 }
                 Step::Empty | Step::Throttled | Step::Stopped => {
                     let _ = sched.mark_idle(id);
+                    false
                 }
+            };
+            drop(b);
+            if recheck {
+                self.mark_pending(&mut sched);
             }
         }
         for (i, t) in touched.iter().enumerate() {

@@ -19,15 +19,12 @@
 #[path = "../rt/mod.rs"]
 mod rt;
 
-use core::hint::black_box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use rt::metrics::Reporter;
+use rt::work::{burn_batch, BATCH};
 
 static ITERATIONS: [AtomicU64; rt::MAX_CPUS] = [const { AtomicU64::new(0) }; rt::MAX_CPUS];
-
-/// Loop iterations between two TSC reads.
-const BATCH: u64 = 1024;
 
 fn kmain(cpu: usize) -> ! {
     let ms = rt::arg_u64("ms", 1000);
@@ -70,9 +67,7 @@ fn burn(cpu: usize, ms: u64, reporter: &mut Reporter) -> u64 {
     let mut x: u64 = 1;
     let mut iterations = 0;
     loop {
-        for _ in 0..BATCH {
-            x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
-        }
+        x = burn_batch(x);
         iterations += BATCH;
         let now = rt::rdtsc();
         if now >= deadline {

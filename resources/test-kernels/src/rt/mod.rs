@@ -25,6 +25,8 @@
 //!   per-vCPU done flags, a barrier, a spinlock and [`park`].
 //! - Reports to the monitor's metrics device ([`metrics`]: per-vCPU ops, bytes and
 //!   latency counters, rate-limited by a [`metrics::Reporter`]).
+//! - The vCPU control device ([`vcpu_control`]: vCPUs in use, park, paravirtual idle).
+//! - A seeded pseudo-random generator ([`rand`]) and a CPU-burning loop body ([`work`]).
 //! - `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp` for the compiler.
 //!
 //! Each kernel only uses part of the runtime, hence the `allow`s below.
@@ -56,10 +58,12 @@ pub mod console;
 pub mod io;
 pub mod mem;
 pub mod metrics;
+pub mod rand;
 pub mod smp;
 pub mod time;
 pub mod vcpu_control;
 pub mod virtio;
+pub mod work;
 
 pub use boot::{MAX_CPUS, STACK_SIZE};
 pub use cmdline::{arg, arg_u64, cmdline, flag, zero_page};

@@ -63,7 +63,10 @@ static DMA_NEXT: AtomicU64 = AtomicU64::new(DMA_BASE);
 /// Allocates `size` zeroed bytes aligned to `align` (a power of two) from
 /// [`DMA_BASE`, `DMA_END`), or `None` if the region is exhausted. Never freed.
 pub fn dma_alloc(size: u64, align: u64) -> Option<u64> {
-    assert!(align.is_power_of_two(), "dma_alloc: align not a power of two");
+    assert!(
+        align.is_power_of_two(),
+        "dma_alloc: align not a power of two"
+    );
     let mut cur = DMA_NEXT.load(Ordering::Relaxed);
     loop {
         let start = cur.checked_add(align - 1)? & !(align - 1);
@@ -979,7 +982,10 @@ impl Blk {
         len: u32,
         timeout_ns: u64,
     ) -> Result<u8, Error> {
-        assert!(self.in_flight() == 0, "Blk::request with requests in flight");
+        assert!(
+            self.in_flight() == 0,
+            "Blk::request with requests in flight"
+        );
         let head = self.submit(ty, sector, data, len).ok_or(Error::QueueFull)?;
         self.kick();
         let c = self.wait(timeout_ns)?;
@@ -1285,10 +1291,8 @@ impl NetTx {
         // the buffer is NET_BUF_SIZE >= NET_HDR_LEN + NET_MAX_FRAME bytes of DMA memory.
         unsafe {
             write_bytes(addr as usize as *mut u8, 0, NET_HDR_LEN);
-            let frame = core::slice::from_raw_parts_mut(
-                (addr as usize as *mut u8).add(NET_HDR_LEN),
-                len,
-            );
+            let frame =
+                core::slice::from_raw_parts_mut((addr as usize as *mut u8).add(NET_HDR_LEN), len);
             fill(frame);
         }
         let buf = Buffer {

@@ -1,0 +1,727 @@
+//! Transitions from a state repository (`vmm run --state-db`).
+//!
+//! # What a row means
+//!
+//! The tuner ([`tuner::control`]) stores one row per interval and VM: the normalised
+//! vector `s_t` observed at the end of interval `t`, the `action` it chose after seeing it
+//! (`a_t`), and, one interval later, the `reward` of the interval that followed the action
+//! (`r_t`, NULL for the last decision, whose outcome was never observed). So consecutive
+//! rows `t`, `t+1` of one VM give the transition `(s_t, a_t, r_t, s_{t+1})`.
+//!
+//! # Episodes
+//!
+//! Rows of one `vm_id` ordered by `ts_ns` form episodes: the next row belongs to the same
+//! episode when it comes after at most [`DatasetOptions::max_gap_factor`] (2.5) times the
+//! row's `interval_ns`; otherwise the episode broke (the run ended, rows were lost) and no
+//! transition crosses the gap. `vm_id`s are assumed unique among VMs running at the same
+//! time.
+//!
+//! # Action labels
+//!
+//! Besides the action names of [`ActionSpace::names`], the tuner stores what happened to
+//! its choice ([`tuner::manager::Decision::action_label`]). The learner takes the action
+//! that was in force: `refused:X` and `failed:X` (the knobs did not change) count as
+//! `noop`; `rollback:INV` counts as `INV` (the inverse the manager applied); `static`
+//! (everything reset to the static configuration, not one action) is skipped. `X` and
+//! `INV` must still be actions of the VM's space. Any other name is an error.
+//!
+//! # Checks
+//!
+//! Every row (after `--exclude-prefix`) is checked, whether or not it ends up in a
+//! transition: schema version, vector length, finite vector and reward, a known action,
+//! a readable configuration, one action space and one set of reward weights for all VMs.
+//! Each failure is a [`LearnError`] naming the row id. A row whose reward or action is
+//! NULL (the last of a run, or an outcome the writer dropped) only ends its transition.
+//! SQLite stores a NaN `REAL` as NULL, so a NaN reward reads as a missing one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use serde::Serialize;
+use tuner::actions::ActionSpace;
+use tuner::reward::RewardWeights;
+use tuner::schema::{Schema, SCHEMA_VERSION};
+
+use crate::error::LearnError;
+
+/// The shape of the VMs a model is for: what determines the action space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SpaceShape {
+    /// Number of drives of the VM.
+    pub n_drives: usize,
+    /// Number of network devices of the VM.
+    pub n_nets: usize,
+    /// Devices the action space covers (`vmm::tuning::MAX_DEVICES_IN_SPACE`).
+    pub max_devices_in_space: usize,
+}
+
+impl SpaceShape {
+    /// The action space of this shape.
+    pub fn space(&self) -> ActionSpace {
+        ActionSpace::new(self.n_drives, self.n_nets, self.max_devices_in_space)
+    }
+}
+
+impl fmt::Display for SpaceShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} drive(s) and {} network device(s) ({} actions)",
+            self.n_drives,
+            self.n_nets,
+            self.space().len()
+        )
+    }
+}
+
+/// One transition `(s, a, r, s')`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The state (normalised vector) the action was chosen in.
+    pub state: Vec<f32>,
+    /// Index of the action in the space.
+    pub action: usize,
+    /// The reward of the interval that followed.
+    pub reward: f32,
+    /// The state at the end of that interval.
+    pub next_state: Vec<f32>,
+    /// True when `next_state` is terminal (no bootstrapping from it). The tuner's task
+    /// never ends, so transitions from a state repository are never terminal.
+    pub done: bool,
+}
+
+impl Transition {
+    /// Checks lengths, the action index and finiteness: `Err` with the reason otherwise.
+    pub fn check(&self, input_size: usize, n_actions: usize) -> Result<(), String> {
+        for (what, v) in [("state", &self.state), ("next state", &self.next_state)] {
+            if v.len() != input_size {
+                return Err(format!(
+                    "{what} has {} values, the network takes {input_size}",
+                    v.len()
+                ));
+            }
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(format!("{what}[{i}] is {}", v[i]));
+            }
+        }
+        if self.action >= n_actions {
+            return Err(format!(
+                "action index {} is beyond the {n_actions} actions",
+                self.action
+            ));
+        }
+        if !self.reward.is_finite() {
+            return Err(format!("reward is {}", self.reward));
+        }
+        Ok(())
+    }
+}
+
+/// What a stored action label means for learning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    /// The action in force, as an index into the space.
+    Action(usize),
+    /// Not one action of the space (`static`): the transition is skipped.
+    Skip,
+}
+
+/// Interprets a stored action label (see the module documentation); `None` when it is
+/// not an action of `space`.
+pub fn parse_label(space: &ActionSpace, label: &str) -> Option<Label> {
+    if label == "static" {
+        return Some(Label::Skip);
+    }
+    // A refused or failed choice changed nothing, but must still name an action of the
+    // space (anything else means the data is of another VM shape).
+    if let Some(inner) = label
+        .strip_prefix("refused:")
+        .or_else(|| label.strip_prefix("failed:"))
+    {
+        space.effective_index(inner)?;
+    }
+    space.effective_index(label).map(Label::Action)
+}
+
+/// How to read a state repository.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetOptions {
+    /// Leave out VMs whose `vm_id` starts with any of these (to hold a scenario out).
+    pub exclude_prefixes: Vec<String>,
+    /// Devices an action space covers (`vmm::tuning::MAX_DEVICES_IN_SPACE`, 4).
+    pub max_devices_in_space: usize,
+    /// The next row continues the episode when it comes within this many intervals.
+    pub max_gap_factor: f64,
+}
+
+impl Default for DatasetOptions {
+    fn default() -> Self {
+        Self {
+            exclude_prefixes: Vec::new(),
+            max_devices_in_space: DEFAULT_MAX_DEVICES_IN_SPACE,
+            max_gap_factor: 2.5,
+        }
+    }
+}
+
+/// The monitor's `vmm::tuning::MAX_DEVICES_IN_SPACE` (not imported: the learner does not
+/// depend on the monitor).
+pub const DEFAULT_MAX_DEVICES_IN_SPACE: usize = 4;
+
+/// Why rows did not become transitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// Rows with no action stored.
+    pub no_action: u64,
+    /// Rows with an action but no reward (the last decision of a run, a dropped outcome).
+    pub no_reward: u64,
+    /// Rows whose label was `static` (a reset to the static configuration).
+    pub static_reset: u64,
+    /// Rows with action and reward but no next row in the same episode.
+    pub episode_end: u64,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} without action, {} without reward, {} static resets, {} at an episode's end",
+            self.no_action, self.no_reward, self.static_reset, self.episode_end
+        )
+    }
+}
+
+/// What a dataset was built from (written into the model card).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataSummary {
+    /// The database file.
+    pub db: PathBuf,
+    /// Rows in the `samples` table.
+    pub rows_total: u64,
+    /// Rows left out by `exclude_prefixes`.
+    pub rows_excluded: u64,
+    /// Rows read and checked.
+    pub rows: u64,
+    /// Transitions made.
+    pub transitions: u64,
+    /// Episodes (unbroken runs of rows of one VM).
+    pub episodes: u64,
+    /// VMs whose rows were used.
+    pub vm_ids: Vec<String>,
+    /// VMs left out.
+    pub excluded_vm_ids: Vec<String>,
+    /// The prefixes that excluded them.
+    pub exclude_prefixes: Vec<String>,
+    /// Rows that ended a transition short.
+    pub skipped: Skipped,
+    /// `refused:`/`failed:` labels learned as `noop`.
+    pub refused_as_noop: u64,
+    /// `rollback:` labels learned as the inverse action.
+    pub rollbacks: u64,
+    /// Transitions per action name (in space order; zero counts left out).
+    pub actions: BTreeMap<String, u64>,
+    /// Whether the rows' configurations recorded reward weights (otherwise the monitor's
+    /// defaults are assumed).
+    pub weights_recorded: bool,
+}
+
+impl DataSummary {
+    /// One line for the model card's `trained_on`.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} transitions from {} rows of {} ({} episodes; VMs: {})",
+            self.transitions,
+            self.rows,
+            self.db.display(),
+            self.episodes,
+            self.vm_ids.join(", ")
+        );
+        if !self.exclude_prefixes.is_empty() {
+            s.push_str(&format!(
+                "; held out by prefix {:?}: {} rows of {}",
+                self.exclude_prefixes,
+                self.rows_excluded,
+                if self.excluded_vm_ids.is_empty() {
+                    "no VM".to_string()
+                } else {
+                    self.excluded_vm_ids.join(", ")
+                }
+            ));
+        }
+        s
+    }
+}
+
+/// Transitions of one action space, read from a state repository.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// The transitions, by VM and time.
+    pub transitions: Vec<Transition>,
+    /// The VMs' shape.
+    pub shape: SpaceShape,
+    /// The reward weights the rewards were computed with (recorded, or the defaults).
+    pub reward_weights: RewardWeights,
+    /// Where they came from.
+    pub summary: DataSummary,
+}
+
+impl Dataset {
+    /// The action space of the data.
+    pub fn space(&self) -> ActionSpace {
+        self.shape.space()
+    }
+}
+
+/// A row as read, before interpretation.
+struct RawRow {
+    id: i64,
+    vm_id: String,
+    ts_ns: i64,
+    interval_ns: i64,
+    schema_version: i64,
+    vector: Vec<u8>,
+    action: Option<String>,
+    reward: Option<f64>,
+    config: String,
+}
+
+/// The previous row of the VM being read, waiting for its successor.
+struct Pending {
+    vm_id: String,
+    ts_ns: i64,
+    interval_ns: i64,
+    state: Vec<f32>,
+    label: Option<Label>,
+    reward: Option<f64>,
+}
+
+/// The transition starting at `p` when its episode continues to `next`, or why not
+/// (counted in `skipped`).
+fn close(p: Pending, next: Option<&Vec<f32>>, skipped: &mut Skipped) -> Option<Transition> {
+    match (p.label, p.reward, next) {
+        (None, _, _) => skipped.no_action += 1,
+        (Some(Label::Skip), _, _) => skipped.static_reset += 1,
+        (Some(Label::Action(_)), None, _) => skipped.no_reward += 1,
+        (Some(Label::Action(action)), Some(reward), Some(next)) => {
+            return Some(Transition {
+                state: p.state,
+                action,
+                reward: reward as f32,
+                next_state: next.clone(),
+                done: false,
+            })
+        }
+        (Some(Label::Action(_)), Some(_), None) => skipped.episode_end += 1,
+    }
+    None
+}
+
+fn sqlite_error(path: &Path, e: rusqlite::Error) -> LearnError {
+    let code = e.sqlite_error_code();
+    let message = e.to_string();
+    if matches!(
+        code,
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    ) {
+        LearnError::NotADatabase {
+            path: path.to_path_buf(),
+            message,
+        }
+    } else {
+        LearnError::Sqlite {
+            path: path.to_path_buf(),
+            message,
+        }
+    }
+}
+
+/// Shape and recorded reward weights of a row's configuration JSON.
+fn parse_config(
+    text: &str,
+    max_devices_in_space: usize,
+) -> Result<(SpaceShape, Option<RewardWeights>), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "not a JSON object".to_string())?;
+    let count = |key: &str| -> Result<usize, String> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(0),
+            Some(serde_json::Value::Array(a)) => Ok(a.len()),
+            Some(other) => Err(format!("`{key}` is {other}, not a list")),
+        }
+    };
+    let shape = SpaceShape {
+        n_drives: count("drives")?,
+        n_nets: count("network")?,
+        max_devices_in_space,
+    };
+    let weights = match obj.get("reward_weights") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(w) => {
+            let w: RewardWeights =
+                serde_json::from_value(w.clone()).map_err(|e| format!("`reward_weights`: {e}"))?;
+            w.validate().map_err(|e| format!("`reward_weights`: {e}"))?;
+            Some(w)
+        }
+    };
+    Ok((shape, weights))
+}
+
+fn weights_text(w: &RewardWeights) -> String {
+    format!(
+        "throughput {}, latency {}, utilisation {}, cost {}",
+        w.throughput, w.latency, w.utilisation, w.cost
+    )
+}
+
+/// Opens the database read-only, telling a missing file and a non-database apart.
+fn open(path: &Path) -> Result<Connection, LearnError> {
+    if !path.exists() {
+        return Err(LearnError::DbMissing {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.is_dir() {
+        return Err(LearnError::NotADatabase {
+            path: path.to_path_buf(),
+            message: "it is a directory".into(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| sqlite_error(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| sqlite_error(path, e))?;
+    // The first read of the schema is where SQLite notices a file that is not a database.
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'samples'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| sqlite_error(path, e))?;
+    if tables == 0 {
+        return Err(LearnError::NoSamplesTable {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(conn)
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> Result<RawRow, (i64, &'static str, rusqlite::Error)> {
+    let id: i64 = r.get(0).map_err(|e| (0, "id", e))?;
+    let col = |c: &'static str| move |e| (id, c, e);
+    Ok(RawRow {
+        id,
+        vm_id: r.get(1).map_err(col("vm_id"))?,
+        ts_ns: r.get(2).map_err(col("ts_ns"))?,
+        interval_ns: r.get(3).map_err(col("interval_ns"))?,
+        schema_version: r.get(4).map_err(col("schema_version"))?,
+        vector: r.get(5).map_err(col("vector"))?,
+        action: r.get(6).map_err(col("action"))?,
+        reward: r.get(7).map_err(col("reward"))?,
+        config: r.get(8).map_err(col("config"))?,
+    })
+}
+
+/// Reads, checks and pairs the rows of `path` (see the module documentation).
+pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset, LearnError> {
+    let path = path.as_ref();
+    let conn = open(path)?;
+    let rows_total: i64 = conn
+        .query_row("SELECT count(*) FROM samples", [], |r| r.get(0))
+        .map_err(|e| sqlite_error(path, e))?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, vm_id, ts_ns, interval_ns, schema_version, vector, action, reward, \
+             config FROM samples ORDER BY vm_id, ts_ns, id",
+        )
+        .map_err(|e| sqlite_error(path, e))?;
+    let mut rows = stmt.query([]).map_err(|e| sqlite_error(path, e))?;
+
+    let n = Schema::len();
+    let mut configs: HashMap<String, (SpaceShape, Option<RewardWeights>)> = HashMap::new();
+    let mut first: Option<(String, SpaceShape, RewardWeights)> = None;
+    let mut weights_recorded = false;
+    let mut summary = DataSummary {
+        db: path.to_path_buf(),
+        rows_total: u64::try_from(rows_total).unwrap_or(0),
+        rows_excluded: 0,
+        rows: 0,
+        transitions: 0,
+        episodes: 0,
+        vm_ids: Vec::new(),
+        excluded_vm_ids: Vec::new(),
+        exclude_prefixes: options.exclude_prefixes.clone(),
+        skipped: Skipped::default(),
+        refused_as_noop: 0,
+        rollbacks: 0,
+        actions: BTreeMap::new(),
+        weights_recorded: false,
+    };
+    let mut vm_ids = BTreeSet::new();
+    let mut excluded_vm_ids = BTreeSet::new();
+    let mut action_counts: Vec<u64> = Vec::new();
+    // The one action space (every row's shape is checked against the first).
+    let mut space: Option<ActionSpace> = None;
+    let mut transitions = Vec::new();
+    let mut pending: Option<Pending> = None;
+
+    loop {
+        let r = match rows.next() {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => return Err(sqlite_error(path, e)),
+        };
+        let row = read_row(r).map_err(|(row_id, column, e)| match e {
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => LearnError::BadColumn {
+                row_id,
+                column,
+                message: e.to_string(),
+            },
+            other => sqlite_error(path, other),
+        })?;
+        if options
+            .exclude_prefixes
+            .iter()
+            .any(|p| row.vm_id.starts_with(p.as_str()))
+        {
+            summary.rows_excluded += 1;
+            excluded_vm_ids.insert(row.vm_id);
+            continue;
+        }
+        summary.rows += 1;
+
+        // Per-row checks.
+        if row.schema_version != i64::from(SCHEMA_VERSION) {
+            return Err(LearnError::SchemaVersion {
+                row_id: row.id,
+                vm_id: row.vm_id,
+                found: row.schema_version,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        let state = tuner::state_repo::decode_vector(&row.vector).map_err(|_| {
+            LearnError::VectorLength {
+                row_id: row.id,
+                vm_id: row.vm_id.clone(),
+                got: format!("{} bytes (not whole f32s)", row.vector.len()),
+                expected: n,
+            }
+        })?;
+        if state.len() != n {
+            return Err(LearnError::VectorLength {
+                row_id: row.id,
+                vm_id: row.vm_id,
+                got: format!("{} values", state.len()),
+                expected: n,
+            });
+        }
+        if let Some(i) = state.iter().position(|x| !x.is_finite()) {
+            return Err(LearnError::NonFinite {
+                row_id: row.id,
+                vm_id: row.vm_id,
+                what: format!("vector[{i}] ({})", Schema::features()[i].name),
+                value: f64::from(state[i]),
+            });
+        }
+        if let Some(r) = row.reward.filter(|r| !r.is_finite()) {
+            return Err(LearnError::NonFinite {
+                row_id: row.id,
+                vm_id: row.vm_id,
+                what: "reward".into(),
+                value: r,
+            });
+        }
+        let (shape, weights) = match configs.get(&row.config) {
+            Some(c) => *c,
+            None => {
+                let c =
+                    parse_config(&row.config, options.max_devices_in_space).map_err(|message| {
+                        LearnError::BadConfig {
+                            row_id: row.id,
+                            vm_id: row.vm_id.clone(),
+                            message,
+                        }
+                    })?;
+                configs.insert(row.config.clone(), c);
+                c
+            }
+        };
+        weights_recorded |= weights.is_some();
+        let effective = weights.unwrap_or_default();
+        let (first_vm, first_shape, first_weights) = first
+            .get_or_insert_with(|| (row.vm_id.clone(), shape, effective))
+            .clone();
+        if shape != first_shape {
+            return Err(LearnError::MixedActionSpaces {
+                vm_id: row.vm_id,
+                row_id: row.id,
+                shape: shape.to_string(),
+                first_vm,
+                first_shape: first_shape.to_string(),
+            });
+        }
+        if effective != first_weights {
+            return Err(LearnError::MixedRewardWeights {
+                vm_id: row.vm_id,
+                row_id: row.id,
+                weights: weights_text(&effective),
+                first_vm,
+                first_weights: weights_text(&first_weights),
+            });
+        }
+        let space = space.get_or_insert_with(|| shape.space());
+        if action_counts.is_empty() {
+            action_counts = vec![0; space.len()];
+        }
+        let label = match &row.action {
+            None => None,
+            Some(name) => {
+                let label = parse_label(space, name).ok_or_else(|| LearnError::UnknownAction {
+                    row_id: row.id,
+                    vm_id: row.vm_id.clone(),
+                    name: name.clone(),
+                    n_drives: shape.n_drives,
+                    n_nets: shape.n_nets,
+                })?;
+                Some(label)
+            }
+        };
+
+        // Pairing with the previous row of the same episode.
+        let continues = pending.as_ref().is_some_and(|p| {
+            let gap = row.ts_ns.saturating_sub(p.ts_ns);
+            p.vm_id == row.vm_id
+                && gap > 0
+                && p.interval_ns > 0
+                && (gap as f64) <= options.max_gap_factor * p.interval_ns as f64
+        });
+        if let Some(p) = pending.take() {
+            let next = continues.then_some(&state);
+            if let Some(t) = close(p, next, &mut summary.skipped) {
+                if let Some(c) = action_counts.get_mut(t.action) {
+                    *c += 1;
+                }
+                transitions.push(t);
+            }
+        }
+        if !continues {
+            summary.episodes += 1;
+        }
+        if let Some(name) = &row.action {
+            if name.starts_with("refused:") || name.starts_with("failed:") {
+                summary.refused_as_noop += 1;
+            } else if name.starts_with("rollback:") {
+                summary.rollbacks += 1;
+            }
+        }
+        vm_ids.insert(row.vm_id.clone());
+        pending = Some(Pending {
+            vm_id: row.vm_id,
+            ts_ns: row.ts_ns,
+            interval_ns: row.interval_ns,
+            state,
+            label,
+            reward: row.reward,
+        });
+    }
+    if let Some(p) = pending {
+        close(p, None, &mut summary.skipped);
+    }
+
+    let Some((_, shape, reward_weights)) = first else {
+        return Err(LearnError::NoRows {
+            path: path.to_path_buf(),
+            total: summary.rows_total,
+            excluded: summary.rows_excluded,
+        });
+    };
+    if transitions.is_empty() {
+        return Err(LearnError::NoTransitions {
+            path: path.to_path_buf(),
+            rows: summary.rows,
+            detail: format!("0 usable: {}", summary.skipped),
+        });
+    }
+    let space = shape.space();
+    summary.transitions = transitions.len() as u64;
+    summary.vm_ids = vm_ids.into_iter().collect();
+    summary.excluded_vm_ids = excluded_vm_ids.into_iter().collect();
+    summary.weights_recorded = weights_recorded;
+    summary.actions = action_counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .filter_map(|(i, c)| space.name(i).map(|name| (name.to_string(), *c)))
+        .collect();
+    log::info!(
+        "{}: {} transitions from {} rows ({})",
+        path.display(),
+        summary.transitions,
+        summary.rows,
+        summary.skipped
+    );
+    Ok(Dataset {
+        transitions,
+        shape,
+        reward_weights,
+        summary,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_map_to_the_action_in_force() {
+        let space = ActionSpace::new(1, 0, 4);
+        let idx = |n: &str| space.index_of(&space.parse(n).unwrap()).unwrap();
+        assert_eq!(
+            parse_label(&space, "vcpu+1"),
+            Some(Label::Action(idx("vcpu+1")))
+        );
+        assert_eq!(
+            parse_label(&space, "refused:vcpu+2"),
+            Some(Label::Action(0))
+        );
+        assert_eq!(
+            parse_label(&space, "failed:rl:blk0:3"),
+            Some(Label::Action(0))
+        );
+        assert_eq!(
+            parse_label(&space, "rollback:prio:blk0:medium"),
+            Some(Label::Action(idx("prio:blk0:medium")))
+        );
+        assert_eq!(parse_label(&space, "static"), Some(Label::Skip));
+        assert_eq!(parse_label(&space, "qos:net:1"), None, "no network device");
+        assert_eq!(parse_label(&space, "refused:rl:blk1:0"), None, "no blk1");
+        assert_eq!(parse_label(&space, "jump"), None);
+    }
+
+    #[test]
+    fn configs_give_shape_and_weights() {
+        let (shape, w) = parse_config(r#"{"vcpus":2,"drives":[{},{}]}"#, 4).unwrap();
+        assert_eq!((shape.n_drives, shape.n_nets), (2, 0));
+        assert_eq!(w, None);
+        let (shape, w) = parse_config(
+            r#"{"drives":[],"network":[{}],"reward_weights":{"cost":2.0}}"#,
+            4,
+        )
+        .unwrap();
+        assert_eq!((shape.n_drives, shape.n_nets), (0, 1));
+        assert_eq!(w.map(|w| w.cost), Some(2.0));
+        assert!(parse_config("[]", 4).is_err());
+        assert!(parse_config(r#"{"drives": 3}"#, 4).is_err());
+        assert!(parse_config(r#"{"reward_weights":{"cost":-1}}"#, 4).is_err());
+        assert!(parse_config("{", 4).is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! Offline training (`vmm train`): a state repository in, a checked ONNX policy and its
+//! model card out.
+//!
+//! 1. [`crate::dataset::load`] reads and checks the rows and pairs them into transitions;
+//! 2. [`Dqn::train`] runs `steps` DQN steps on minibatches drawn from all of them;
+//! 3. the network is exported to ONNX in memory, the card is written (reference input:
+//!    a state from the data; reference Q-values: the trainer's), and
+//!    [`crate::export::write_verified`] loads both back through tract and compares the
+//!    Q-values on a batch of the data's states before putting them in place.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use tuner::reward::RewardWeights;
+
+use crate::dataset::{self, DatasetOptions};
+use crate::dqn::{Dqn, DqnConfig};
+use crate::error::LearnError;
+use crate::export::{self, Agreement};
+
+/// Default number of DQN steps of `vmm train` (about 20 s on this project's 2-core
+/// machines in a release build, whatever the size of the data).
+pub const DEFAULT_STEPS: u64 = 20_000;
+
+/// Default number of the data's states on which tract's Q-values are compared.
+pub const DEFAULT_CHECK_STATES: usize = 256;
+
+/// Everything `vmm train` takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    /// The state repository to learn from.
+    pub state_db: PathBuf,
+    /// Where the model goes (`NAME.onnx`; the card goes beside it as `NAME.card.json`).
+    pub out: PathBuf,
+    /// DQN steps.
+    pub steps: u64,
+    /// Hyper-parameters.
+    pub dqn: DqnConfig,
+    /// Which rows to use.
+    pub dataset: DatasetOptions,
+    /// The policy's name (default: the file stem of `out`).
+    pub name: Option<String>,
+    /// Free text for the card.
+    pub description: Option<String>,
+    /// Reward weights for the card when the data does not record them (they must match
+    /// when it does).
+    pub reward_weights: Option<RewardWeights>,
+    /// Data states compared between the trainer and tract.
+    pub check_states: usize,
+}
+
+impl TrainOptions {
+    /// Defaults for everything but the input and output.
+    pub fn new(state_db: impl Into<PathBuf>, out: impl Into<PathBuf>) -> TrainOptions {
+        TrainOptions {
+            state_db: state_db.into(),
+            out: out.into(),
+            steps: DEFAULT_STEPS,
+            dqn: DqnConfig::default(),
+            dataset: DatasetOptions::default(),
+            name: None,
+            description: None,
+            reward_weights: None,
+            check_states: DEFAULT_CHECK_STATES,
+        }
+    }
+
+    /// Checks the options that do not need the data.
+    pub fn validate(&self) -> Result<(), LearnError> {
+        self.dqn.validate()?;
+        if self.steps == 0 {
+            return Err(LearnError::bad_option("steps", "at least 1 step is needed"));
+        }
+        if self.out.extension().and_then(|e| e.to_str()) != Some("onnx") {
+            return Err(LearnError::bad_option(
+                "out",
+                format!(
+                    "{} must end in .onnx (the card goes beside it as NAME.card.json)",
+                    self.out.display()
+                ),
+            ));
+        }
+        if self.out.is_dir() {
+            return Err(LearnError::bad_option(
+                "out",
+                format!("{} is a directory", self.out.display()),
+            ));
+        }
+        if let Some(w) = &self.reward_weights {
+            w.validate()
+                .map_err(|e| LearnError::bad_option("reward_weights", e.to_string()))?;
+        }
+        if let Some(p) = self.dataset.exclude_prefixes.iter().find(|p| p.is_empty()) {
+            return Err(LearnError::bad_option(
+                "exclude_prefix",
+                format!("an empty prefix {p:?} would exclude every VM"),
+            ));
+        }
+        if !(self.dataset.max_gap_factor.is_finite() && self.dataset.max_gap_factor >= 1.0) {
+            return Err(LearnError::bad_option(
+                "max_gap_factor",
+                format!(
+                    "episode gap factor {} must be at least 1",
+                    self.dataset.max_gap_factor
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a training run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The model written.
+    pub out: PathBuf,
+    /// Its card.
+    pub card: PathBuf,
+    /// Transitions learned from.
+    pub transitions: u64,
+    /// DQN steps taken.
+    pub steps: u64,
+    /// Mean loss over the last 100 steps.
+    pub final_loss: f32,
+    /// Mean |TD error| over the data after training.
+    pub mean_td_error: f32,
+    /// Trainer against tract.
+    pub agreement: Agreement,
+    /// Size of the ONNX file.
+    pub model_bytes: usize,
+    /// Time spent in DQN steps.
+    pub training_time: Duration,
+    /// Greedy action per data state, by name (nonzero counts).
+    pub greedy: BTreeMap<String, u64>,
+}
+
+impl TrainReport {
+    /// The one-line summary `vmm train` prints.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "train: wrote {} ({} transitions, {} steps, loss {:.5}, max |dq| {:.2e})",
+            self.out.display(),
+            self.transitions,
+            self.steps,
+            self.final_loss,
+            self.agreement.max_abs
+        )
+    }
+}
+
+/// Reads the data, trains, exports and checks (see the module documentation).
+pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
+    opts.validate()?;
+    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+    let weights = match (&opts.reward_weights, data.summary.weights_recorded) {
+        (Some(given), true) if *given != data.reward_weights => {
+            return Err(LearnError::RewardWeightsMismatch {
+                data: format!("{:?}", data.reward_weights),
+                given: format!("{given:?}"),
+            })
+        }
+        (Some(given), _) => *given,
+        (None, _) => data.reward_weights,
+    };
+    if !data.summary.weights_recorded && opts.reward_weights.is_none() {
+        log::warn!(
+            "the data does not record reward weights; the card says the monitor's defaults \
+             (throughput {}, latency {}, utilisation {}, cost {}): give --reward-weights if the \
+             VMs ran with others",
+            weights.throughput,
+            weights.latency,
+            weights.utilisation,
+            weights.cost
+        );
+    }
+    let space = data.space();
+    let mut dqn = Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?;
+    log::info!(
+        "training on {} transitions ({}), {} steps",
+        data.transitions.len(),
+        data.shape,
+        opts.steps
+    );
+    let stats = dqn.train(&data.transitions, opts.steps)?;
+    let fit = dqn.fit(&data.transitions)?;
+    let greedy: BTreeMap<String, u64> = fit
+        .greedy
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .filter_map(|(i, c)| space.name(i).map(|n| (n.to_string(), *c)))
+        .collect();
+
+    // The states to check tract on: evenly spaced over the data; the reference is the
+    // middle one.
+    let n = data.transitions.len();
+    let k = opts.check_states.clamp(1, n);
+    let states: Vec<Vec<f32>> = (0..k)
+        .map(|i| data.transitions[i * n / k].state.clone())
+        .collect();
+    let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
+    let ours = dqn.q_values(&refs)?;
+    let reference_input = data.transitions[n / 2].state.clone();
+    let reference_q = dqn
+        .q_values(&[reference_input.as_slice()])?
+        .pop()
+        .unwrap_or_default();
+
+    let bytes = dqn.export_onnx()?;
+    let name = opts.name.clone().unwrap_or_else(|| {
+        opts.out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "policy".into())
+    });
+    let description = opts.description.clone().unwrap_or_else(|| {
+        format!(
+            "DQN Q-network trained offline by `vmm train` on {}",
+            opts.state_db.display()
+        )
+    });
+    let mut card = export::card(
+        &name,
+        &description,
+        &space,
+        weights,
+        data.summary.describe(),
+    );
+    card.evaluation.reference_input = reference_input;
+    card.evaluation.reference_q = reference_q;
+    let extra = json!({
+        "trainer": format!(
+            "learner {} (DQN, burn 0.22 ndarray backend, burn-onnx export opset 18)",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "steps": stats.total_steps,
+        "final_loss": stats.final_loss,
+        "mean_loss": stats.mean_loss,
+        "mean_td_error": fit.mean_abs_td,
+        "mean_max_q": fit.mean_max_q,
+        "greedy_actions": greedy,
+        "training_time_s": stats.elapsed.as_secs_f64(),
+        "seed": opts.dqn.seed,
+        "hyper_parameters": opts.dqn,
+        "data": data.summary,
+    });
+    if let serde_json::Value::Object(map) = extra {
+        card.evaluation.extra = map;
+    }
+    let agreement = export::write_verified(&opts.out, &bytes, card, &space, &states, &ours)?;
+    Ok(TrainReport {
+        out: opts.out.clone(),
+        card: tuner::policy::ModelCard::path_for(&opts.out),
+        transitions: data.transitions.len() as u64,
+        steps: stats.total_steps,
+        final_loss: stats.final_loss,
+        mean_td_error: fit.mean_abs_td,
+        agreement,
+        model_bytes: bytes.len(),
+        training_time: stats.elapsed,
+        greedy,
+    })
+}

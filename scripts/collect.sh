@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds a training set for the tuner's learner: runs the `phased` workload kernel
+# (resources/test-kernels/README.md, "phased") under exploring built-in policies and
+# stores one row per 100 ms interval in a state repository.
+#
+# Usage: scripts/collect.sh OUT.db [SEEDS] [EPSILON]
+#   OUT.db   state repository to write (created, or appended to)
+#   SEEDS    seeds 1..SEEDS per scenario (default 4)
+#   EPSILON  exploration rate of the behaviour policy, 0..=1 (default 0.3)
+#
+# Runs the training scenarios cpu-idle, io-contention and mixed (never bursty: it is held
+# out for evaluation) for every seed, each as its own VM id `<scenario>-<seed>`, on 2 vCPUs,
+# 64 MiB, and two 64 MiB sparse drives (fg = blk0, bg = blk1) in a temporary directory.
+# The behaviour policy alternates across seeds: `--tuner threshold` for odd seeds,
+# `--tuner static` for even ones, both exploring with EPSILON, so the data covers several
+# behaviours. A run lasts PHASES x PHASE_MS on average (default 6 x 1500 ms, at most
+# 13.5 s). Prints one line per run, then the repository's row count.
+#
+# Environment: PHASE_MS (1500), PHASES (6), VMM (default target/release/vmm),
+# NO_BUILD=1 to skip the release build (then the binaries must exist).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() {
+    echo "usage: scripts/collect.sh OUT.db [SEEDS] [EPSILON]" >&2
+    exit 2
+}
+[ $# -ge 1 ] && [ $# -le 3 ] || usage
+out=$1
+seeds=${2:-4}
+epsilon=${3:-0.3}
+phase_ms=${PHASE_MS:-1500}
+phases=${PHASES:-6}
+[[ $seeds =~ ^[0-9]+$ ]] && [ "$seeds" -ge 1 ] || { echo "collect.sh: SEEDS must be a positive integer" >&2; exit 2; }
+[[ $epsilon =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || { echo "collect.sh: EPSILON must be in 0..=1" >&2; exit 2; }
+[[ $phase_ms =~ ^[0-9]+$ ]] && [[ $phases =~ ^[0-9]+$ ]] || { echo "collect.sh: PHASE_MS and PHASES must be integers" >&2; exit 2; }
+
+if [ ! -w /dev/kvm ]; then
+    echo "collect.sh: /dev/kvm is missing or not writable: the runs need KVM" >&2
+    exit 1
+fi
+
+if [ "${NO_BUILD:-0}" != 1 ]; then
+    echo "== build (release): vmm and the test kernels"
+    cargo build --release -p vmm -p test-kernels
+fi
+vmm=${VMM:-target/release/vmm}
+kernel=target/test-kernels/phased
+for f in "$vmm" "$kernel"; do
+    [ -x "$f" ] || { echo "collect.sh: $f is missing (build first)" >&2; exit 1; }
+done
+
+mkdir -p "$(dirname "$out")"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/collect.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+truncate -s 64M "$tmp/fg.img" "$tmp/bg.img"
+
+failed=0
+for seed in $(seq 1 "$seeds"); do
+    if [ $((seed % 2)) -eq 1 ]; then policy=threshold; else policy=static; fi
+    for scenario in cpu-idle io-contention mixed; do
+        vm_id="$scenario-$seed"
+        start=$(date +%s%N)
+        status=0
+        "$vmm" run --kernel "$kernel" --vcpus 2 --mem-mib 64 \
+            --drive "path=$tmp/fg.img,id=fg" --drive "path=$tmp/bg.img,id=bg" \
+            --metrics-interval-ms 100 --tuner "$policy" --epsilon "$epsilon" \
+            --state-db "$out" --vm-id "$vm_id" --timeout-ms 60000 \
+            --cmdline "scenario=$scenario seed=$seed phase_ms=$phase_ms phases=$phases" \
+            >"$tmp/out.txt" 2>"$tmp/err.txt" || status=$?
+        ms=$((($(date +%s%N) - start) / 1000000))
+        done_line=$(grep -a '^phased: done' "$tmp/out.txt" || true)
+        printf '%-18s policy=%-9s epsilon=%s status=%s wall_ms=%s %s\n' \
+            "$vm_id" "$policy" "$epsilon" "$status" "$ms" "${done_line:-(no done line)}"
+        if [ "$status" -ne 0 ]; then
+            failed=$((failed + 1))
+            tail -n 5 "$tmp/out.txt" "$tmp/err.txt" >&2
+        fi
+    done
+done
+
+if command -v sqlite3 >/dev/null 2>&1; then
+    rows=$(sqlite3 "$out" 'SELECT COUNT(*) FROM samples')
+else
+    "$vmm" state export --state-db "$out" --out "$tmp/rows.csv" >/dev/null
+    rows=$(($(wc -l <"$tmp/rows.csv") - 1))
+fi
+echo "collect.sh: $rows rows in $out ($failed failed runs)"
+[ "$failed" -eq 0 ]
