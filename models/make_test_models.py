@@ -54,6 +54,15 @@ NET_ACTIONS = (
     + ["prio:net0:low", "prio:net0:medium", "prio:net0:high"]
     + ["qos:net:%d" % level for level in range(4)]
 )
+# tuner::actions::ActionSpace::new(2, 0, _).names(): a VM with two drives
+TWO_DRIVE_ACTIONS = ["noop", "vcpu-2", "vcpu-1", "vcpu+1", "vcpu+2"] + [
+    name
+    for d in range(2)
+    for name in ["prio:blk%d:%s" % (d, p) for p in ("low", "medium", "high")]
+    + ["rl:blk%d:%d" % (d, level) for level in range(5)]
+]
+# The priority fixture prefers raising blk0's priority, then doing nothing.
+PRIO_PREFERRED = "prio:blk0:high"
 # The network-QoS fixture always prefers this action (its output bias is raised by PREFER).
 NET_PREFERRED = "qos:net:3"
 PREFER = np.float32(100.0)
@@ -69,7 +78,7 @@ def layer(rng, fan_in, fan_out):
     return w.astype(np.float32), b.astype(np.float32)
 
 
-def build(n_in, n_out, seed, prefer=None):
+def build(n_in, n_out, seed, prefer=None, then_noop=False):
     rng = np.random.RandomState(seed)
     w1, b1 = layer(rng, n_in, HIDDEN)
     w2, b2 = layer(rng, HIDDEN, HIDDEN)
@@ -77,6 +86,9 @@ def build(n_in, n_out, seed, prefer=None):
     b3[0] = MARKER
     if prefer is not None:
         b3[prefer] += PREFER
+    if then_noop:
+        # Second choice (once the preferred action is masked as a no-change): noop.
+        b3[0] += PREFER / 2
     params = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
     nodes = [
         helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], name="fc1"),
@@ -109,9 +121,11 @@ def forward(params, x):
     return h @ params["w3"] + params["b3"]
 
 
-def write(out_dir, name, actions, prefer=None, description=None):
+def write(out_dir, name, actions, prefer=None, description=None, then_noop=False):
     n_in, n_out = N_FEATURES, len(actions)
-    model, params = build(n_in, n_out, SEED, None if prefer is None else actions.index(prefer))
+    model, params = build(
+        n_in, n_out, SEED, None if prefer is None else actions.index(prefer), then_noop
+    )
     onnx_path = os.path.join(out_dir, name + ".onnx")
     with open(onnx_path, "wb") as f:
         f.write(model.SerializeToString())
@@ -160,6 +174,15 @@ def main(argv):
         prefer=NET_PREFERRED,
         description="Test fixture for a VM with one network device: fixed weights whose "
         "output bias makes %s the greedy choice in every state." % NET_PREFERRED,
+    )
+    write(
+        args.out_dir,
+        "test-policy-prio",
+        TWO_DRIVE_ACTIONS,
+        prefer=PRIO_PREFERRED,
+        then_noop=True,
+        description="Test fixture for a VM with two drives: fixed weights whose output "
+        "biases make %s the greedy choice in every state, and noop the next." % PRIO_PREFERRED,
     )
 
 
