@@ -11,13 +11,16 @@ rm -f target/demo/runs.db*
 echo "== booting the hello test kernel"
 $vmm run --kernel target/test-kernels/hello
 
-echo "== a guest doing random disk reads for 5 s, tuned by an ONNX Q-network"
-echo "   (the policy explores with epsilon 0.2; safeguards on; one row per 100 ms in target/demo/runs.db)"
-[ -f target/demo/disk.img ] || dd if=/dev/zero of=target/demo/disk.img bs=1M count=64 status=none
-$vmm run --kernel target/test-kernels/blk-io --vcpus 2 --mem-mib 64 \
-    --drive path=target/demo/disk.img \
-    --cmdline "mode=randread ms=5000 depth=4" \
-    --policy models/test-policy.onnx --epsilon 0.2 \
+echo "== the phased workload (cpu, io and idle phases, 2 vCPUs, 2 drives), tuned by the"
+echo "   shipped DQN policy models/general.onnx (greedy; safeguards on; one row per 100 ms"
+echo "   in target/demo/runs.db)"
+for d in fg bg; do
+    [ -f target/demo/$d.img ] || truncate -s 64M target/demo/$d.img
+done
+$vmm run --kernel target/test-kernels/phased --vcpus 2 --mem-mib 64 \
+    --drive path=target/demo/fg.img --drive path=target/demo/bg.img \
+    --cmdline "scenario=mixed seed=7 phase_ms=1500 phases=6" \
+    --policy models/general.onnx \
     --state-db target/demo/runs.db --metrics-interval-ms 100
 
 echo "== what the tuner did (action: intervals)"

@@ -7,6 +7,16 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{api, kernel_path, kvm_available, vmm_bin, wait_for, Scratch};
 
+/// Both tests measure what the guest gets from the host's cores: they run one at a time
+/// (the harness runs two at once, and on a 2-core host the other VM halves the rates).
+static MACHINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    MACHINE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// (guest ops, vCPU 1 guest ns) over one second.
 fn measure(sock: &str) -> (f64, f64) {
     let read = || {
@@ -46,6 +56,7 @@ fn spawn_cpu_burn(sock: &str) -> std::process::Child {
 
 #[test]
 fn dropping_a_vcpu_parks_it_and_raising_it_back_resumes() {
+    let _machine = alone();
     if !kvm_available() {
         return;
     }
@@ -168,6 +179,7 @@ fn quota_file(dir: &std::path::Path, mode: &str) -> String {
 
 #[test]
 fn host_cores_caps_the_vcpu_threads_with_a_cgroup_cpu_quota() {
+    let _machine = alone();
     if !kvm_available() {
         return;
     }
