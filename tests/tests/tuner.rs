@@ -327,6 +327,27 @@ fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
     assert!(events.iter().any(|(k, _)| k == "policy_swap"), "{events:?}");
 }
 
+/// Runs `vmm ab report` on `db` and checks that it compares `test-policy` with `static`;
+/// returns the report.
+fn ab_report_of_two_arms(db: &std::path::Path) -> String {
+    let out = Command::new(vmm_bin())
+        .args(["ab", "report", "--state-db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("test-policy") && text.contains("static"),
+        "{text}"
+    );
+    text
+}
+
 #[test]
 fn ab_test_alternates_arms_and_reports_them() {
     let _machine = shared();
@@ -369,21 +390,7 @@ fn ab_test_alternates_arms_and_reports_them() {
         per_arm.iter().any(|(p, n)| p == "static" && *n >= 10),
         "{per_arm:?}"
     );
-    let out = Command::new(vmm_bin())
-        .args(["ab", "report", "--state-db", db.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("test-policy") && text.contains("static"),
-        "{text}"
-    );
+    let text = ab_report_of_two_arms(&db);
     assert!(text.contains("significant at 5%"), "{text}");
     // Each block starts from the static configuration: the static arm never inherits the
     // other arm's tightest rate level (200 requests/s) for a whole block.
@@ -519,21 +526,7 @@ fn ab_report_splits_several_vms_between_the_arms() {
             .any(|(k, n)| k == "vm-b:test-policy" && *n >= 10),
         "{per_vm:?}"
     );
-    let out = Command::new(vmm_bin())
-        .args(["ab", "report", "--state-db", db.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("test-policy") && text.contains("static"),
-        "{text}"
-    );
+    ab_report_of_two_arms(&db);
     // Naming one VM narrows the report to it: a single arm is not an A/B test.
     let one = Command::new(vmm_bin())
         .args(["ab", "report", "--state-db", db.to_str().unwrap()])
