@@ -347,17 +347,7 @@ pub fn rate_level_limits(level: usize) -> Result<Option<RateLimitSpec>, ConfigEr
             format!("{level} is outside 0..={}", ladder.len() - 1),
         )
     })?;
-    let bucket = |per_sec: Option<u64>| {
-        per_sec.map(|r| BucketSpec {
-            size: (r / 10).max(1),
-            refill_time_ms: 100,
-            one_time_burst: 0,
-        })
-    };
-    let spec = RateLimitSpec {
-        bandwidth: bucket(l.bytes_per_sec),
-        ops: bucket(l.ops_per_sec),
-    };
+    let spec = RateLimitSpec::from_limiter(crate::tuning::ladder_limits(l));
     Ok((spec != RateLimitSpec::default()).then_some(spec))
 }
 
@@ -712,6 +702,11 @@ impl VmConfig {
     /// vCPUs the guest is asked to use at start: `active_vcpus`, or all `vcpus`.
     pub fn start_vcpus(&self) -> u32 {
         self.active_vcpus.unwrap_or(self.vcpus)
+    }
+
+    /// Whether a tuner runs: a model, a built-in policy, an A/B test or online learning.
+    pub fn tuner_on(&self) -> bool {
+        self.policy.is_some() || self.tuner.is_some() || self.ab.is_some() || self.learn
     }
 
     /// The id of network device `index` (its own or `net<index>`).

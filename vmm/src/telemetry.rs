@@ -49,7 +49,7 @@ impl Telemetry {
     /// Starts what `cfg` asks for.
     pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
         let mut t = Telemetry::default();
-        let tuning = cfg.policy.is_some() || cfg.tuner.is_some() || cfg.ab.is_some() || cfg.learn;
+        let tuning = cfg.tuner_on();
         if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning {
             return Ok(t);
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use devices::io_scheduler::Priority;
 use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
-use tuner::actions::{Action, ActionSpace, PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
+use tuner::actions::{Action, ActionSpace, PriorityLevel, RateLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::control::{Tuner, TunerConfig};
 use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
@@ -45,13 +45,21 @@ pub struct RuntimeKnobs {
     static_net_limits: Vec<RateLimiterConfig>,
 }
 
-fn bucket(per_sec: Option<u64>) -> Option<BucketConfig> {
-    // A per-second rate as a bucket refilled every 100 ms (small bursts).
-    per_sec.map(|r| BucketConfig {
-        size: (r / 10).max(1),
-        one_time_burst: 0,
-        refill_time_ms: 100,
-    })
+/// The limiter of one ladder level ([`RATE_LADDER`], [`NET_QOS_LADDER`]): each per-second
+/// rate as a bucket refilled every 100 ms (small bursts). The one place that shape is
+/// defined: the tuner's actions and a drive's `level=` both use it.
+pub fn ladder_limits(level: &RateLevel) -> RateLimiterConfig {
+    let bucket = |per_sec: Option<u64>| {
+        per_sec.map(|r| BucketConfig {
+            size: (r / 10).max(1),
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        })
+    };
+    RateLimiterConfig {
+        bandwidth: bucket(level.bytes_per_sec),
+        ops: bucket(level.ops_per_sec),
+    }
 }
 
 impl RuntimeKnobs {
@@ -158,20 +166,15 @@ impl Knobs for RuntimeKnobs {
                 let l = RATE_LADDER
                     .get(*level)
                     .ok_or_else(|| format!("no rate level {level}"))?;
-                let cfg = RateLimiterConfig {
-                    bandwidth: bucket(l.bytes_per_sec),
-                    ops: bucket(l.ops_per_sec),
-                };
-                self.rt.set_rate_limit(&id, cfg).map_err(|e| e.to_string())
+                self.rt
+                    .set_rate_limit(&id, ladder_limits(l))
+                    .map_err(|e| e.to_string())
             }
             Action::NetQos { level } => {
                 let l = NET_QOS_LADDER
                     .get(*level)
                     .ok_or_else(|| format!("no network QoS level {level}"))?;
-                let cfg = RateLimiterConfig {
-                    bandwidth: bucket(l.bytes_per_sec),
-                    ops: bucket(l.ops_per_sec),
-                };
+                let cfg = ladder_limits(l);
                 for id in self.rt.net_ids() {
                     self.rt
                         .set_net_rate_limit(&id, cfg)
@@ -227,7 +230,7 @@ pub fn build(
     repo: Option<RepoWriter>,
     policy_slot: Option<Arc<std::sync::Mutex<String>>>,
 ) -> Result<Option<TunerParts>, ConfigError> {
-    if cfg.policy.is_none() && cfg.tuner.is_none() && cfg.ab.is_none() && !cfg.learn {
+    if !cfg.tuner_on() {
         return Ok(None);
     }
     let space = ActionSpace::new(cfg.drives.len(), cfg.network.len(), MAX_DEVICES_IN_SPACE);

@@ -86,13 +86,48 @@ fn draw_err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     }
 }
 
-type Chart<'a> = ChartContext<
-    'a,
+/// A chart drawn (for `'b`) on a bitmap of a file path (`'a`).
+type Chart<'b, 'a> = ChartContext<
+    'b,
     BitMapBackend<'a>,
     Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
 >;
 
-fn bands(chart: &mut Chart<'_>, phases: &[PhaseSpan], y: (f64, f64)) -> Result<(), String> {
+/// A chart over `root` for time `0..xmax` (s) and `y`, on white, with the caption and the
+/// axis descriptions (`y_axis`: label area width and description) when `text` can be
+/// drawn. Both plots share this frame.
+fn frame<'b, 'a>(
+    root: &'b DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    y_axis: (u32, &str),
+    xmax: f64,
+    y: (f64, f64),
+    text: bool,
+) -> Result<Chart<'b, 'a>, String> {
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut b = ChartBuilder::on(root);
+    b.margin(12);
+    if text {
+        b.caption(caption, ("sans-serif", 22))
+            .x_label_area_size(40)
+            .y_label_area_size(y_axis.0);
+    }
+    let mut chart = b
+        .build_cartesian_2d(0.0..xmax, y.0..y.1)
+        .map_err(|e| e.to_string())?;
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_x_mesh().light_line_style(TRANSPARENT);
+    if text {
+        mesh.x_desc("time (s); shading: cpu orange, io blue, idle grey")
+            .y_desc(y_axis.1);
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
+    Ok(chart)
+}
+
+fn bands(chart: &mut Chart<'_, '_>, phases: &[PhaseSpan], y: (f64, f64)) -> Result<(), String> {
     chart
         .draw_series(phases.iter().map(|p| {
             let (x0, x1) = (p.at_ms as f64 / 1e3, (p.at_ms + p.ms) as f64 / 1e3);
@@ -133,29 +168,8 @@ pub fn reward_plot(r: &TunerReport, scenario: &str, path: &Path) -> Result<bool,
     let text = font_available();
     let err = draw_err(path);
     let root = BitMapBackend::new(path, (1100, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(12);
-    if text {
-        b.caption(
-            format!("{scenario}: reward per interval (seed {})", runs[0].1.seed),
-            ("sans-serif", 22),
-        )
-        .x_label_area_size(40)
-        .y_label_area_size(60);
-    }
-    let mut chart = b
-        .build_cartesian_2d(0.0..xmax, y.0..y.1)
-        .map_err(|e| err(e.to_string()))?;
-    let mut mesh = chart.configure_mesh();
-    mesh.disable_x_mesh().light_line_style(TRANSPARENT);
-    if text {
-        mesh.x_desc("time (s); shading: cpu orange, io blue, idle grey")
-            .y_desc("reward");
-    } else {
-        mesh.x_labels(0).y_labels(0);
-    }
-    mesh.draw().map_err(|e| err(e.to_string()))?;
+    let caption = format!("{scenario}: reward per interval (seed {})", runs[0].1.seed);
+    let mut chart = frame(&root, &caption, (60, "reward"), xmax, y, text).map_err(&err)?;
     if let Some((_, x)) = runs.iter().find(|(_, x)| !x.kernel.phases.is_empty()) {
         bands(&mut chart, &x.kernel.phases, y).map_err(&err)?;
     }
@@ -203,33 +217,13 @@ pub fn action_plot(r: &TunerReport, scenario: &str, path: &Path) -> Result<bool,
     let text = font_available();
     let err = draw_err(path);
     let root = BitMapBackend::new(path, (1100, 450)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(12);
-    if text {
-        b.caption(
-            format!(
-                "{scenario}: actions of {} (seed {})",
-                policy.name(),
-                run.seed
-            ),
-            ("sans-serif", 22),
-        )
-        .x_label_area_size(40)
-        .y_label_area_size(50);
-    }
-    let mut chart = b
-        .build_cartesian_2d(0.0..xmax, y.0..y.1)
-        .map_err(|e| err(e.to_string()))?;
-    let mut mesh = chart.configure_mesh();
-    mesh.disable_x_mesh().light_line_style(TRANSPARENT);
-    if text {
-        mesh.x_desc("time (s); shading: cpu orange, io blue, idle grey")
-            .y_desc("vCPUs / rate level");
-    } else {
-        mesh.x_labels(0).y_labels(0);
-    }
-    mesh.draw().map_err(|e| err(e.to_string()))?;
+    let caption = format!(
+        "{scenario}: actions of {} (seed {})",
+        policy.name(),
+        run.seed
+    );
+    let mut chart =
+        frame(&root, &caption, (50, "vCPUs / rate level"), xmax, y, text).map_err(&err)?;
     bands(&mut chart, &run.kernel.phases, y).map_err(&err)?;
     type Pick = fn(&super::Interval) -> f64;
     let series: [(&str, RGBColor, Pick); 3] = [

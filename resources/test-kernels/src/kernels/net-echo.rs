@@ -87,6 +87,8 @@ struct Params {
     dev: u64,
     /// Echo duration (None: run until `count`).
     ms: Option<u64>,
+    /// `send`: the longest time to send for, only when `ms=` is given.
+    send_ms: Option<u64>,
     count: Option<u64>,
     ip: [u8; 4],
     peer: [u8; 4],
@@ -157,6 +159,7 @@ fn params() -> Params {
     Params {
         mode,
         dev: rt::arg_u64("dev", 0),
+        send_ms: rt::arg("ms").and(ms),
         ms,
         count,
         ip: ip_arg("ip", [10, 0, 0, 2]),
@@ -452,8 +455,7 @@ fn template(p: &Params, mac: &[u8; 6], t: &mut [u8]) {
 
 fn send(p: &Params, net: &mut Net) {
     // An explicit `ms=` bounds the sending time too (count then defaults to unlimited).
-    let deadline =
-        rt::arg("ms").map(|_| rt::ns_to_ticks(rt::arg_u64("ms", 0).saturating_mul(1_000_000)));
+    let deadline = p.send_ms.map(|ms| rt::ns_to_ticks(ms.saturating_mul(1_000_000)));
     let mut count = p
         .count
         .unwrap_or(if deadline.is_some() { u64::MAX } else { 1000 });
