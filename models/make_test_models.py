@@ -9,7 +9,7 @@ Usage (from the repository root):
 The network is an untrained multilayer perceptron with fixed weights (numpy's legacy
 ``RandomState``, whose stream is frozen, seeded with SEED):
 
-    input  [1, N_FEATURES]  float32   the normalised performance vector (schema v1)
+    input  [1, N_FEATURES]  float32   the normalised performance vector (schema v2)
     Gemm(W1, b1) -> Relu -> Gemm(W2, b2) -> Relu -> Gemm(W3, b3)
     output [1, N_ACTIONS]   float32   one Q-value per action, in the action list's order
 
@@ -39,8 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 SEED = 20261126
 HIDDEN = 32
-SCHEMA_VERSION = 1
-N_FEATURES = 23
+SCHEMA_VERSION = 2
+N_FEATURES = 36
 ACTIONS_VERSION = 1
 # tuner::actions::ActionSpace::new(1, 0, _).names()
 ACTIONS = (
@@ -67,7 +67,13 @@ PRIO_PREFERRED = "prio:blk0:high"
 NET_PREFERRED = "qos:net:3"
 PREFER = np.float32(100.0)
 # tuner::reward::RewardWeights::default()
-REWARD_WEIGHTS = {"throughput": 10.0, "latency": 10.0, "utilisation": 0.5, "cost": 1.0}
+REWARD_WEIGHTS = {
+    "throughput": 10.0,
+    "latency": 10.0,
+    "utilisation": 0.5,
+    "cost": 4.0,
+    "throughput_ref": 2e6,
+}
 MARKER = np.float32(0.4242424)
 
 

@@ -13,11 +13,15 @@
 # 64 MiB, and two 64 MiB sparse drives (fg = blk0, bg = blk1) in a temporary directory.
 # The behaviour policy alternates across seeds: `--tuner threshold` for odd seeds,
 # `--tuner static` for even ones, both exploring with EPSILON, so the data covers several
-# behaviours. A run lasts PHASES x PHASE_MS on average (default 6 x 1500 ms, at most
+# behaviours; with POLICY=model.onnx every run uses that learned policy instead (exploring
+# with EPSILON: the second round of scripts/train-general.sh, which gathers the states a
+# learned policy leads to). A run lasts PHASES x PHASE_MS on average (default 6 x 1500 ms, at most
 # 13.5 s). Prints one line per run, then the repository's row count.
 #
 # Environment: PHASE_MS (1500), PHASES (6), VMM (default target/release/vmm),
-# NO_BUILD=1 to skip the release build (then the binaries must exist).
+# NO_BUILD=1 to skip the release build (then the binaries must exist), POLICY (see above),
+# SUFFIX appended to every VM id (e.g. `-r2`, so that a second round's runs are episodes of
+# their own in the same repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +35,8 @@ seeds=${2:-4}
 epsilon=${3:-0.3}
 phase_ms=${PHASE_MS:-1500}
 phases=${PHASES:-6}
+behaviour_model=${POLICY:-}
+suffix=${SUFFIX:-}
 [[ $seeds =~ ^[0-9]+$ ]] && [ "$seeds" -ge 1 ] || { echo "collect.sh: SEEDS must be a positive integer" >&2; exit 2; }
 [[ $epsilon =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || { echo "collect.sh: EPSILON must be in 0..=1" >&2; exit 2; }
 [[ $phase_ms =~ ^[0-9]+$ ]] && [[ $phases =~ ^[0-9]+$ ]] || { echo "collect.sh: PHASE_MS and PHASES must be integers" >&2; exit 2; }
@@ -46,6 +52,10 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
 fi
 vmm=${VMM:-target/release/vmm}
 kernel=target/test-kernels/phased
+if [ -n "$behaviour_model" ] && [ ! -f "$behaviour_model" ]; then
+    echo "collect.sh: POLICY=$behaviour_model is not a file" >&2
+    exit 2
+fi
 for f in "$vmm" "$kernel"; do
     [ -x "$f" ] || { echo "collect.sh: $f is missing (build first)" >&2; exit 1; }
 done
@@ -57,14 +67,20 @@ truncate -s 64M "$tmp/fg.img" "$tmp/bg.img"
 
 failed=0
 for seed in $(seq 1 "$seeds"); do
-    if [ $((seed % 2)) -eq 1 ]; then policy=threshold; else policy=static; fi
+    if [ -n "$behaviour_model" ]; then
+        policy=$(basename "$behaviour_model" .onnx)
+        policy_args=(--policy "$behaviour_model")
+    else
+        if [ $((seed % 2)) -eq 1 ]; then policy=threshold; else policy=static; fi
+        policy_args=(--tuner "$policy")
+    fi
     for scenario in cpu-idle io-contention mixed; do
-        vm_id="$scenario-$seed"
+        vm_id="$scenario-$seed$suffix"
         start=$(date +%s%N)
         status=0
         "$vmm" run --kernel "$kernel" --vcpus 2 --mem-mib 64 \
             --drive "path=$tmp/fg.img,id=fg" --drive "path=$tmp/bg.img,id=bg" \
-            --metrics-interval-ms 100 --tuner "$policy" --epsilon "$epsilon" \
+            --metrics-interval-ms 100 "${policy_args[@]}" --epsilon "$epsilon" \
             --state-db "$out" --vm-id "$vm_id" --timeout-ms 60000 \
             --cmdline "scenario=$scenario seed=$seed phase_ms=$phase_ms phases=$phases" \
             >"$tmp/out.txt" 2>"$tmp/err.txt" || status=$?

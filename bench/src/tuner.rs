@@ -466,6 +466,31 @@ pub fn predict(per_kind: &BTreeMap<String, f64>, mix: &BTreeMap<String, u64>) ->
     Some(s)
 }
 
+/// The predicted mean reward of a per-phase oracle on scenario `sc`: the best static
+/// configuration of the sweep for each phase kind, switched for free at every phase edge,
+/// weighted by the scenario's phase mix and averaged over its seeds. It bounds what
+/// switching among static configurations can gain (a policy also pays the reaction time
+/// at every edge). `None` without a calibrated kind of the mix.
+pub fn oracle_prediction(calibration: &[Calibration], runs: &[RunRecord], sc: &str) -> Option<f64> {
+    let mut best: BTreeMap<String, f64> = BTreeMap::new();
+    for c in calibration {
+        for (k, v) in &c.per_kind {
+            let e = best.entry(k.clone()).or_insert(f64::NEG_INFINITY);
+            *e = e.max(*v);
+        }
+    }
+    let mixes: Vec<BTreeMap<String, u64>> = runs
+        .iter()
+        .filter(|r| r.scenario == sc && !r.kernel.phases.is_empty())
+        .map(|r| (r.seed, kind_ms(&r.kernel.phases)))
+        .collect::<BTreeMap<_, _>>()
+        .into_values()
+        .collect();
+    let preds: Vec<f64> = mixes.iter().filter_map(|m| predict(&best, m)).collect();
+    (!preds.is_empty() && preds.len() == mixes.len())
+        .then(|| preds.iter().sum::<f64>() / preds.len() as f64)
+}
+
 /// A configuration's prediction and measurement on one scenario.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {

@@ -263,6 +263,9 @@ pub struct Dataset {
     pub shape: SpaceShape,
     /// The reward weights the rewards were computed with (recorded, or the defaults).
     pub reward_weights: RewardWeights,
+    /// The most vCPUs any of the VMs had (their configured `vcpus`; 0 when no row
+    /// records it): the bound of the vCPU actions for [`crate::valid_actions`].
+    pub max_vcpus: u32,
     /// Where they came from.
     pub summary: DataSummary,
 }
@@ -371,6 +374,15 @@ fn parse_config(
     Ok((shape, weights))
 }
 
+/// The `vcpus` a row's configuration records (0 when it does not).
+fn config_vcpus(text: &str) -> u32 {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("vcpus").and_then(serde_json::Value::as_u64))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0)
+}
+
 fn weights_text(w: &RewardWeights) -> String {
     format!(
         "throughput {}, latency {}, utilisation {}, cost {}",
@@ -472,6 +484,8 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut space: Option<ActionSpace> = None;
     let mut transitions = Vec::new();
     let mut pending: Option<Pending> = None;
+    let mut vcpus_seen: HashMap<String, u32> = HashMap::new();
+    let mut max_vcpus = 0u32;
 
     loop {
         let r = match rows.next() {
@@ -540,6 +554,10 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                 value: r,
             });
         }
+        if !vcpus_seen.contains_key(&row.config) {
+            vcpus_seen.insert(row.config.clone(), config_vcpus(&row.config));
+        }
+        max_vcpus = max_vcpus.max(vcpus_seen.get(&row.config).copied().unwrap_or(0));
         let (shape, weights) = match configs.get(&row.config) {
             Some(c) => *c,
             None => {
@@ -673,6 +691,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
         transitions,
         shape,
         reward_weights,
+        max_vcpus,
         summary,
     })
 }

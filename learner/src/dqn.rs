@@ -35,6 +35,8 @@ use crate::dataset::Transition;
 use crate::error::LearnError;
 use crate::net::QNet;
 use crate::replay;
+use crate::valid_actions::valid_actions;
+use tuner::actions::ActionSpace;
 
 /// The loss on the temporal-difference error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -55,7 +57,8 @@ pub enum Loss {
 pub struct DqnConfig {
     /// Width of both hidden layers (default 64).
     pub hidden: usize,
-    /// Discount factor in `[0, 1)` (default 0.9: about ten intervals ahead).
+    /// Discount factor in `[0, 1)` (default 0.8: about five intervals ahead, the time a
+    /// change takes to be judged and corrected; 0.9 fitted noisier Q-values on the suite).
     pub gamma: f64,
     /// Adam's learning rate (default 1e-3).
     pub lr: f64,
@@ -71,13 +74,19 @@ pub struct DqnConfig {
     pub grad_clip_norm: Option<f32>,
     /// Seed of the initial weights and of the minibatches (default 1).
     pub seed: u64,
+    /// Subtracted from the reward of every transition whose action was not `noop`
+    /// (action 0) when the targets are built (default 0.25). A change is not free: it
+    /// disturbs the guest and holds the configuration manager's watch window, during
+    /// which a needed change waits. Without the penalty, actions that do nothing useful
+    /// score like `noop` up to noise, and a greedy policy takes them at random.
+    pub change_penalty: f32,
 }
 
 impl Default for DqnConfig {
     fn default() -> Self {
         Self {
             hidden: 64,
-            gamma: 0.9,
+            gamma: 0.8,
             lr: 1e-3,
             batch: 64,
             target_every: 250,
@@ -85,6 +94,7 @@ impl Default for DqnConfig {
             loss: Loss::Huber { delta: 1.0 },
             grad_clip_norm: Some(10.0),
             seed: 1,
+            change_penalty: 0.25,
         }
     }
 }
@@ -92,6 +102,15 @@ impl Default for DqnConfig {
 impl DqnConfig {
     /// Checks every value's range; the error names the option.
     pub fn validate(&self) -> Result<(), LearnError> {
+        if !(self.change_penalty.is_finite() && self.change_penalty >= 0.0) {
+            return Err(LearnError::bad_option(
+                "change_penalty",
+                format!(
+                    "change penalty {} must be finite and non-negative",
+                    self.change_penalty
+                ),
+            ));
+        }
         if !(1..=4096).contains(&self.hidden) {
             return Err(LearnError::bad_option(
                 "hidden",
@@ -167,9 +186,10 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 pub struct Fit {
     /// Mean |Q(s, a) - y| with the targets used in training.
     pub mean_abs_td: f32,
-    /// Mean of max_a Q(s, a) over the states.
+    /// Mean of max_a Q(s, a) over the states (over the valid actions when masking).
     pub mean_max_q: f32,
-    /// How often each action is the greedy one over the transitions' states (by index).
+    /// How often each action is the greedy one over the transitions' states (by index;
+    /// among the valid actions when masking).
     pub greedy: Vec<u64>,
 }
 
@@ -185,6 +205,9 @@ pub struct Dqn {
     optim: ModuleOptimizer,
     rng: XorShift64,
     steps: u64,
+    /// The action space and vCPU maximum that decide which actions a next state allows
+    /// ([`crate::valid_actions`]); `None` bootstraps from every action.
+    valid: Option<(ActionSpace, u32)>,
 }
 
 impl std::fmt::Debug for Dqn {
@@ -233,7 +256,24 @@ impl Dqn {
             optim: adam.init(),
             rng: XorShift64::new(config.seed),
             steps: 0,
+            valid: None,
         })
+    }
+
+    /// Bootstraps only from the actions the configuration manager could take in each next
+    /// state of `space` with at most `max_vcpus` vCPUs ([`crate::valid_actions`]). The
+    /// space must have this network's number of actions.
+    pub fn with_valid_actions(mut self, space: ActionSpace, max_vcpus: u32) -> Dqn {
+        if space.len() == self.n_actions {
+            self.valid = Some((space, max_vcpus));
+        } else {
+            log::warn!(
+                "valid-action masking off: the space has {} actions, the network {}",
+                space.len(),
+                self.n_actions
+            );
+        }
+        self
     }
 
     /// The hyper-parameters.
@@ -281,29 +321,54 @@ impl Dqn {
         ))
     }
 
-    /// The bootstrapped targets `y` of a minibatch (plain tensors, no gradient).
+    /// The bootstrapped targets `y` of a minibatch (plain tensors, no gradient). The
+    /// next action is chosen among the actions valid in the next state (all of them
+    /// without [`Dqn::with_valid_actions`]).
     fn targets(&self, batch: &[&Transition]) -> Result<Vec<f32>, LearnError> {
         let next = self.states(batch.iter().map(|t| t.next_state.as_slice()), &self.device)?;
-        let q_target = self.target.forward(next.clone());
-        let bootstrap = if self.config.double {
-            let best = self.online.valid().forward(next).argmax(1);
-            q_target.gather(1, best)
+        let q_target: Vec<f32> = self
+            .target
+            .forward(next.clone())
+            .into_data()
+            .to_vec()
+            .map_err(backend)?;
+        // Double DQN: the online network chooses, the target network values the choice.
+        let q_choose: Vec<f32> = if self.config.double {
+            self.online
+                .valid()
+                .forward(next)
+                .into_data()
+                .to_vec()
+                .map_err(backend)?
         } else {
-            q_target.max_dim(1)
+            q_target.clone()
         };
-        let bootstrap: Vec<f32> = bootstrap.into_data().to_vec().map_err(backend)?;
+        let n = self.n_actions;
         let gamma = self.config.gamma as f32;
-        Ok(batch
-            .iter()
-            .zip(bootstrap)
-            .map(|(t, q)| {
-                if t.done {
-                    t.reward
-                } else {
-                    t.reward + gamma * q
-                }
-            })
-            .collect())
+        let penalty = self.config.change_penalty;
+        let mut y = Vec::with_capacity(batch.len());
+        for (row, t) in batch.iter().enumerate() {
+            let r = if t.action == 0 {
+                t.reward
+            } else {
+                t.reward - penalty
+            };
+            if t.done {
+                y.push(r);
+                continue;
+            }
+            let valid = match &self.valid {
+                Some((space, max_vcpus)) => valid_actions(space, *max_vcpus, &t.next_state),
+                None => vec![true; n],
+            };
+            let choose = &q_choose[row * n..(row + 1) * n];
+            let best = (0..n)
+                .filter(|a| valid.get(*a).copied().unwrap_or(true))
+                .max_by(|a, b| choose[*a].total_cmp(&choose[*b]))
+                .unwrap_or(0);
+            y.push(r + gamma * q_target[row * n + best]);
+        }
+        Ok(y)
     }
 
     /// One optimiser step on `batch`; returns the loss.
@@ -415,7 +480,16 @@ impl Dqn {
             for ((t, q), y) in chunk.iter().zip(&q).zip(&y) {
                 let qa = q.get(t.action).copied().unwrap_or(f32::NAN);
                 td_sum += f64::from((qa - y).abs());
-                let (best, max) = argmax(q);
+                // Greedy among the actions the state allows (as the tuner masks them).
+                let masked: Vec<f32> = match &self.valid {
+                    Some((space, max_vcpus)) => valid_actions(space, *max_vcpus, &t.state)
+                        .iter()
+                        .zip(q)
+                        .map(|(ok, v)| if *ok { *v } else { f32::NEG_INFINITY })
+                        .collect(),
+                    None => q.clone(),
+                };
+                let (best, max) = argmax(&masked);
                 max_sum += f64::from(max);
                 if let Some(g) = greedy.get_mut(best) {
                     *g += 1;

@@ -28,6 +28,7 @@ pub mod net;
 pub mod online;
 pub mod replay;
 pub mod train;
+pub mod valid_actions;
 
 pub use dataset::{Dataset, DatasetOptions, SpaceShape, Transition};
 pub use dqn::{Dqn, DqnConfig, Loss, TrainStats};

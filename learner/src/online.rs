@@ -45,6 +45,10 @@ pub struct OnlineConfig {
     pub description: String,
     /// States compared between the trainer and tract at each export (default 32).
     pub check_states: usize,
+    /// The VM's vCPUs, the bound of the vCPU actions when the targets skip actions the
+    /// next state does not allow ([`crate::valid_actions`]); 0 (the default) bootstraps
+    /// from every action.
+    pub max_vcpus: u32,
 }
 
 impl Default for OnlineConfig {
@@ -61,6 +65,7 @@ impl Default for OnlineConfig {
             name: "online".into(),
             description: "DQN Q-network learned online by the monitor".into(),
             check_states: 32,
+            max_vcpus: 0,
         }
     }
 }
@@ -124,7 +129,8 @@ impl OnlineLearner {
             ));
         }
         let space = shape.space();
-        let dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?;
+        let dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?
+            .with_valid_actions(space.clone(), config.max_vcpus);
         Ok(OnlineLearner {
             shape,
             space,

@@ -176,7 +176,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         );
     }
     let space = data.space();
-    let mut dqn = Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?;
+    let mut dqn = Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?
+        .with_valid_actions(space.clone(), data.max_vcpus);
     log::info!(
         "training on {} transitions ({}), {} steps",
         data.transitions.len(),

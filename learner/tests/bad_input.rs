@@ -131,15 +131,15 @@ fn no_rows_and_no_transitions() {
 fn bad_rows_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let db = good_db(dir.path());
-    exec(&db, "UPDATE samples SET schema_version = 2 WHERE id = 3;");
+    exec(&db, "UPDATE samples SET schema_version = 1 WHERE id = 3;");
     let e = err(&db);
     assert!(
         matches!(
             e,
             LearnError::SchemaVersion {
                 row_id: 3,
-                found: 2,
-                expected: 1,
+                found: 1,
+                expected: 2,
                 ..
             }
         ),
@@ -310,6 +310,17 @@ fn bad_options_and_divergence_write_nothing() {
     let e = run(&|o| o.dqn.lr = f64::NAN).unwrap_err();
     assert!(
         matches!(e, LearnError::BadOption { option: "lr", .. }),
+        "{e}"
+    );
+    let e = run(&|o| o.dqn.change_penalty = -0.5).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LearnError::BadOption {
+                option: "change_penalty",
+                ..
+            }
+        ),
         "{e}"
     );
 

@@ -677,6 +677,23 @@ fn a_policy_raises_a_drive_priority_and_the_guest_feels_it() {
         "then noop: {:?}",
         tuned.iter().map(|r| r.action.clone()).collect::<Vec<_>>()
     );
+    // The performance vector reports the knobs in force (schema v2): blk0 low until the
+    // decision, high after it; blk1 high throughout; both drives busy.
+    let feature = |name: &str| tuner::schema::Schema::index_of(name).unwrap();
+    let (p0, p1, req0, req1) = (
+        feature("drive0_priority"),
+        feature("drive1_priority"),
+        feature("drive0_request_rate"),
+        feature("drive1_request_rate"),
+    );
+    assert!(tuned[..=at].iter().all(|r| r.raw[p0] == 1.0), "low before");
+    assert!(
+        tuned[at + 1..].iter().all(|r| r.raw[p0] == 3.0),
+        "high after"
+    );
+    assert!(tuned.iter().all(|r| r.raw[p1] == 3.0));
+    let busy = &tuned[2..tuned.len() - 2];
+    assert!(busy.iter().all(|r| r.raw[req0] > 0.0 && r.raw[req1] > 0.0));
     // From two intervals after the decision the new weights hold.
     let (before, after) = (mean_ops(&still, 1), mean_ops(&tuned, at + 2));
     eprintln!("foreground reads/s: static low/high {before:.0}, after prio:blk0:high {after:.0}");

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::actions::PriorityLevel;
 use crate::counters::{
     CounterSnapshot, CounterSource, ExitKind, QueueCounters, VcpuCounters, LATENCY_BUCKETS_US,
 };
@@ -94,6 +95,16 @@ pub struct SamplerStats {
     pub counter_resets: u64,
     /// Samples whose interval was zero (time did not advance).
     pub zero_intervals: u64,
+}
+
+/// The raw value of a `drive{i}_priority` feature: 1 low, 2 medium, 3 high (0 is kept for
+/// an absent drive).
+fn priority_code(p: PriorityLevel) -> f64 {
+    match p {
+        PriorityLevel::Low => 1.0,
+        PriorityLevel::Medium => 2.0,
+        PriorityLevel::High => 3.0,
+    }
 }
 
 /// Computes performance vectors from pairs of counter snapshots.
@@ -255,12 +266,16 @@ impl Sampler {
         let (mut depth_sum, mut depth_samples) = (0u64, 0u64);
         let mut throttled_sum = 0.0f64;
         let mut hist = [0u64; LATENCY_BUCKETS_US.len() + 1];
+        let mut drive_req = vec![0u64; cur.drives.len()];
         for q in &cur.queues {
             let p = prev_queues
                 .get(&(q.device.as_str(), q.queue))
                 .copied()
                 .unwrap_or(&empty_queue);
             let req = deltas.d(p.requests, q.requests);
+            if let Some(slot) = cur.drives.iter().position(|d| d.id == q.device) {
+                drive_req[slot] = drive_req[slot].saturating_add(req);
+            }
             let bytes = deltas.d(p.bytes, q.bytes);
             let err = deltas.d(p.errors, q.errors);
             let throttled = deltas.d(p.throttled_ns, q.throttled_ns);
@@ -339,6 +354,17 @@ impl Sampler {
 
         set(FeatureId::ActiveVcpus, cur.active_vcpus as f64);
         set(FeatureId::HostCores, cur.host_cores as f64);
+        for (slot, d) in cur.drives.iter().enumerate() {
+            if let Some([req, level, prio]) = FeatureId::drive_slot(slot) {
+                set(req, rate(drive_req[slot] as f64));
+                set(level, f64::from(d.rate_level));
+                set(prio, priority_code(d.priority));
+            }
+        }
+        set(
+            FeatureId::NetQosLevel,
+            cur.net_qos_level.map_or(0.0, f64::from),
+        );
 
         for (i, x) in raw.iter_mut().enumerate() {
             if !x.is_finite() {
@@ -777,6 +803,12 @@ pub(crate) mod tests {
             },
             active_vcpus: 1,
             host_cores: 2,
+            drives: vec![crate::counters::DriveKnobs {
+                id: "blk0".into(),
+                rate_level: 3,
+                priority: PriorityLevel::High,
+            }],
+            net_qos_level: Some(1),
         }
     }
 
@@ -819,6 +851,15 @@ pub(crate) mod tests {
         assert!(close(r(FeatureId::GuestLatencyMean), 20.0));
         assert!(close(r(FeatureId::ActiveVcpus), 1.0));
         assert!(close(r(FeatureId::HostCores), 2.0));
+        // Drive slot 0 is blk0 (its own requests only), slot 1 is empty.
+        assert!(close(r(FeatureId::Drive0RequestRate), 100.0));
+        assert!(close(r(FeatureId::Drive0RateLevel), 3.0));
+        assert!(close(r(FeatureId::Drive0Priority), 3.0));
+        assert_eq!(sample.value_of(FeatureId::Drive0RateLevel), 0.75);
+        assert_eq!(sample.value_of(FeatureId::Drive0Priority), 1.0);
+        assert_eq!(r(FeatureId::Drive1RequestRate), 0.0);
+        assert_eq!(r(FeatureId::Drive1Priority), 0.0);
+        assert!(close(r(FeatureId::NetQosLevel), 1.0));
         assert_eq!(sample.vector.len(), FEATURES.len());
         assert_eq!(sample.value_of(FeatureId::CpuUtilisation), 0.5);
         assert_eq!(sample.value_of(FeatureId::HostCores), 0.25);

@@ -42,7 +42,7 @@ use crate::policy::{
     StaticPolicy, XorShift64,
 };
 use crate::reward::{reward, RewardError, RewardWeights};
-use crate::schema::Schema;
+use crate::schema::{FeatureId, Schema};
 use crate::state_repo::{event_kind, Event, RepoWriter};
 
 /// Event kind stored when a new policy was swapped in.
@@ -270,6 +270,34 @@ pub struct StepReport {
     pub label: String,
 }
 
+/// The kind of work the guest reported through the metrics device in one interval: the
+/// tuner tells the configuration manager when it changes
+/// ([`ConfigManager::workload_shifted`]), since rewards of one kind are no baseline for
+/// another. It does not depend on the knobs: fewer vCPUs or a tighter limit change how
+/// much work is done, not whether operations (and their latencies) are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// No operations reported.
+    Idle,
+    /// Operations with latency samples (e.g. I/O requests).
+    Timed,
+    /// Operations without latency samples (e.g. computation).
+    Untimed,
+}
+
+impl WorkloadKind {
+    /// The kind of `sample`'s interval.
+    pub fn of(sample: &Sample) -> WorkloadKind {
+        if sample.raw_of(FeatureId::GuestOpsRate) <= 0.0 {
+            WorkloadKind::Idle
+        } else if sample.raw_of(FeatureId::GuestLatencyMean) > 0.0 {
+            WorkloadKind::Timed
+        } else {
+            WorkloadKind::Untimed
+        }
+    }
+}
+
 /// The tuner: policy, configuration manager and monitor knobs, one decision per sample.
 pub struct Tuner {
     config: TunerConfig,
@@ -282,6 +310,8 @@ pub struct Tuner {
     heartbeat: Option<Heartbeat>,
     last: Option<(u64, String)>,
     prev_activity: Option<(u64, Vec<u64>)>,
+    /// The kind of work the guest reported in the previous interval.
+    last_kind: Option<WorkloadKind>,
     experience: Option<SyncSender<Transition>>,
     /// The vector of the last decision and the action that took effect after it.
     pending: Option<(Vec<f32>, usize)>,
@@ -348,6 +378,7 @@ impl Tuner {
             heartbeat: None,
             last: None,
             prev_activity: None,
+            last_kind: None,
             experience: None,
             pending: None,
         })
@@ -470,7 +501,18 @@ impl Tuner {
                 self.experience = None;
             }
         }
-        if let Some(d) = self.manager.next_interval(Some(r), &mut *self.knobs) {
+        let kind = WorkloadKind::of(sample);
+        let shifted = self.last_kind.is_some_and(|k| k != kind);
+        if shifted {
+            log::debug!("tuner: workload kind {:?} -> {kind:?}", self.last_kind);
+            if let Some(d) = self.manager.workload_shifted() {
+                decisions.push(d);
+            }
+        }
+        self.last_kind = Some(kind);
+        // The interval in which the kind changed mixes both kinds: no baseline either.
+        let judged = (!shifted || !self.manager.config().rebaseline_on_shift).then_some(r);
+        if let Some(d) = self.manager.next_interval(judged, &mut *self.knobs) {
             decisions.push(d);
         }
         if let Err(e) = self.forecaster.observe(&sample.vector) {
@@ -649,7 +691,7 @@ mod tests {
     use crate::manager::tests::FakeKnobs;
     use crate::manager::{Bounds, KnobState, ManagerConfig, Watchdog};
     use crate::policy::{ThresholdConfig, ThresholdPolicy};
-    use crate::schema::{FeatureId, FEATURES};
+    use crate::schema::FEATURES;
     use crate::state_repo::{RepoConfig, Row, StateRepo};
     use std::time::Duration;
 
@@ -700,6 +742,26 @@ mod tests {
         fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, PolicyError> {
             Ok(self.q.clone())
         }
+    }
+
+    #[test]
+    fn workload_kind_follows_the_guest_reports_not_their_size() {
+        let mut raw = vec![0.0; FEATURES.len()];
+        let kind = |raw: &Vec<f64>| {
+            WorkloadKind::of(&Sample {
+                at_ns: 0,
+                interval_ns: 1,
+                raw: raw.clone(),
+                vector: Schema::normalise(raw).expect("length"),
+            })
+        };
+        assert_eq!(kind(&raw), WorkloadKind::Idle);
+        raw[FeatureId::GuestOpsRate.index()] = 5.0;
+        assert_eq!(kind(&raw), WorkloadKind::Untimed);
+        raw[FeatureId::GuestOpsRate.index()] = 5e6;
+        assert_eq!(kind(&raw), WorkloadKind::Untimed);
+        raw[FeatureId::GuestLatencyMean.index()] = 20.0;
+        assert_eq!(kind(&raw), WorkloadKind::Timed);
     }
 
     #[test]
@@ -820,10 +882,10 @@ mod tests {
         .unwrap()
         .with_repo(writer.clone());
         let handle = t.policy_handle();
-        t.step(&sample(1, 0.5, 1e4));
-        t.step(&sample(2, 0.5, 1e4));
+        t.step(&sample(1, 0.5, 1e6));
+        t.step(&sample(2, 0.5, 1e6));
         handle.swap(Box::new(Scripted::prefer(&space, "rl:blk0:4")));
-        assert_eq!(t.step(&sample(3, 0.5, 1e4)).label, "rl:blk0:4");
+        assert_eq!(t.step(&sample(3, 0.5, 1e6)).label, "rl:blk0:4");
         t.step(&sample(4, 0.5, 1e1));
         t.step(&sample(5, 0.5, 1e1));
         let report = t.step(&sample(6, 0.5, 1e1));

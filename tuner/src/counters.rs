@@ -162,6 +162,23 @@ pub struct CounterSnapshot {
     pub active_vcpus: u32,
     /// Host cores the vCPU threads may run on.
     pub host_cores: u32,
+    /// The knobs in force on each drive, in the VM's configuration order.
+    pub drives: Vec<DriveKnobs>,
+    /// [`crate::actions::NET_QOS_LADDER`] level in force on the network devices (`None`
+    /// without one).
+    pub net_qos_level: Option<u8>,
+}
+
+/// The knobs in force on one drive, in the terms of the tuner's actions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriveKnobs {
+    /// The drive's id (its queues' [`QueueCounters::device`]).
+    pub id: String,
+    /// [`crate::actions::RATE_LADDER`] level in force (the nearest level when the limit
+    /// was set off the ladder).
+    pub rate_level: u8,
+    /// I/O priority in force.
+    pub priority: crate::actions::PriorityLevel,
 }
 
 /// The one narrow read path from the monitor into the tuner.

@@ -18,6 +18,14 @@
 //!   inverse action is applied) and the knob's cooldown restarts. While a change is
 //!   watched, no other change is made, so the reward is attributable to it. A change
 //!   made with no reward history yet has no baseline and is kept.
+//! - **Workload shifts** ([`ConfigManager::workload_shifted`], called by the tuner when
+//!   the kind of work the guest reports changes, e.g. from computing to idle): rewards
+//!   before a shift are no baseline for the rewards after it (an idle phase scores below
+//!   a busy one whatever the knobs), so the history is cleared and a change being watched
+//!   is kept rather than judged across the shift (the tuner also keeps the reward of the
+//!   interval in which the kind changed out of the history: it mixes both kinds). Without this, a change made at a phase
+//!   edge (fewer vCPUs as the guest goes idle, a lifted limit as I/O starts) was undone
+//!   because the new phase scored lower than the old one.
 //! - **Watchdog** ([`Watchdog`]): the tuner thread beats a [`Heartbeat`] every interval;
 //!   a checker thread calls back (to restore the static configuration) when no beat came
 //!   for N intervals, once per stall; the tuner then finds [`Heartbeat::take_fired`] set
@@ -257,7 +265,8 @@ pub trait Knobs: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
-    /// Intervals after a change of a knob before it may change again (default 5).
+    /// Intervals after a change of a knob before it may change again (default 3, the
+    /// length of the watch: a wrong step can be corrected as soon as it is judged).
     pub cooldown_intervals: u64,
     /// K: intervals a change is watched; undone if the reward stayed below the baseline
     /// in every one of them (default 3; 0 disables rollback).
@@ -266,15 +275,19 @@ pub struct ManagerConfig {
     pub baseline_window: usize,
     /// How far below the baseline a reward must be to count as below (default 0.01).
     pub rollback_tolerance: f64,
+    /// Whether [`ConfigManager::workload_shifted`] re-baselines (default true; false
+    /// judges every change against the rewards before it, across shifts too).
+    pub rebaseline_on_shift: bool,
 }
 
 impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
-            cooldown_intervals: 5,
+            cooldown_intervals: 3,
             rollback_after: 3,
             baseline_window: 5,
             rollback_tolerance: 0.01,
+            rebaseline_on_shift: true,
         }
     }
 }
@@ -604,6 +617,26 @@ impl ConfigManager {
             }
         }
         decision
+    }
+
+    /// The guest's workload changed kind at the start of this interval: forget the reward
+    /// history and keep the change being watched (reported as [`Decision::Kept`], with the
+    /// mean of the rewards it had so far, or its baseline when it had none). Nothing
+    /// happens when [`ManagerConfig::rebaseline_on_shift`] is off.
+    pub fn workload_shifted(&mut self) -> Option<Decision> {
+        if !self.config.rebaseline_on_shift {
+            return None;
+        }
+        self.history.clear();
+        self.pending.take().map(|p| Decision::Kept {
+            mean: if p.rewards.is_empty() {
+                p.baseline
+            } else {
+                p.rewards.iter().sum::<f64>() / p.rewards.len() as f64
+            },
+            name: p.name,
+            baseline: p.baseline,
+        })
     }
 
     fn roll_back(&mut self, p: Pending, knobs: &mut dyn Knobs) -> Decision {
@@ -1066,6 +1099,7 @@ pub(crate) mod tests {
             rollback_after: 3,
             baseline_window: 4,
             rollback_tolerance: 0.0,
+            rebaseline_on_shift: true,
         };
         let mut m = manager(config);
         let mut k = FakeKnobs::default();
@@ -1121,6 +1155,56 @@ pub(crate) mod tests {
         assert!(matches!(m.check(&rl), Err(Refusal::OncePerInterval)));
         m.next_interval(Some(2.0), &mut k);
         assert!(matches!(m.check(&rl), Err(Refusal::Cooldown { .. })));
+    }
+
+    #[test]
+    fn a_workload_shift_keeps_the_watched_change_and_restarts_the_baseline() {
+        let config = ManagerConfig {
+            rollback_tolerance: 0.0,
+            ..ManagerConfig::default()
+        };
+        let rl = Action::RateLimit {
+            device: 0,
+            level: 3,
+        };
+        let mut m = manager(config);
+        let mut k = FakeKnobs::default();
+        for _ in 0..5 {
+            m.next_interval(Some(5.0), &mut k);
+        }
+        assert!(matches!(m.apply(rl, &mut k), Decision::Applied { .. }));
+        m.next_interval(Some(-1.0), &mut k);
+        // The guest went idle: -1 is no sign against the change.
+        let d = m
+            .workload_shifted()
+            .expect("the watched change is reported");
+        assert!(
+            matches!(&d, Decision::Kept { name, mean, baseline } if name == "rl:blk0:3" && *mean == -1.0 && *baseline == 5.0),
+            "{d:?}"
+        );
+        assert_eq!(m.pending(), None);
+        assert_eq!(m.baseline(), None);
+        for _ in 0..3 {
+            assert_eq!(m.next_interval(Some(-1.0), &mut k), None);
+        }
+        assert_eq!(m.state().rate_level[0], Some(3));
+        assert_eq!(m.baseline(), Some(-1.0));
+
+        // Switched off: the same sequence is judged across the shift and rolled back.
+        let mut m = manager(ManagerConfig {
+            rebaseline_on_shift: false,
+            ..config
+        });
+        let mut k = FakeKnobs::default();
+        for _ in 0..5 {
+            m.next_interval(Some(5.0), &mut k);
+        }
+        assert!(matches!(m.apply(rl, &mut k), Decision::Applied { .. }));
+        m.next_interval(Some(-1.0), &mut k);
+        assert_eq!(m.workload_shifted(), None);
+        m.next_interval(Some(-1.0), &mut k);
+        let d = m.next_interval(Some(-1.0), &mut k);
+        assert!(matches!(d, Some(Decision::RolledBack { .. })), "{d:?}");
     }
 
     #[test]

@@ -1278,7 +1278,7 @@ mod tests {
                 .field
         };
         let mut c = good.clone();
-        c.schema_version = 2;
+        c.schema_version = 1;
         assert_eq!(field(&c), "schema_version");
         let mut c = good.clone();
         c.input_size = 24;

@@ -825,7 +825,7 @@ mod tests {
             ),
             Some(5000.0)
         );
-        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(1.0));
+        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(2.0));
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //! ([`Schema::to_json`]) and are validated against it ([`Schema::check_json`]).
 //!
 //! The vector has a fixed length, independent of the number of vCPUs and queues: every
-//! feature is an aggregate over the VM.
+//! feature is an aggregate over the VM, except the [`DRIVE_SLOTS`] drive slots (each
+//! drive's request rate and the rate level and priority in force on it, so that a policy
+//! sees the knobs it turns; an absent drive's slot is 0) and the network QoS level.
+//!
+//! History: v1 had the first 23 features only (no knob state besides vCPUs and cores).
 //!
 //! Normalisations:
 //! - [`Normalisation::Clamp`]: the raw value is already a fraction; clamped to `[0, 1]`.
@@ -23,13 +27,18 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Version of the performance vector schema. Bump on any change to [`FEATURES`].
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// vCPU count that normalises to 1.0 for the `active_vcpus` feature (more is clamped).
 pub const MAX_VCPUS: u32 = 8;
 
 /// Host core count that normalises to 1.0 for the `host_cores` feature (more is clamped).
 pub const MAX_HOST_CORES: u32 = 8;
+
+/// Drives that have their own slot of features (activity and knobs in force), in the VM's
+/// configuration order: the same drives the tuner's action space covers. More drives are
+/// counted in the VM-wide I/O features only.
+pub const DRIVE_SLOTS: usize = 4;
 
 /// Errors of schema validation.
 #[derive(Debug, Error)]
@@ -202,11 +211,37 @@ pub enum FeatureId {
     ActiveVcpus,
     /// Host cores given to the vCPU threads.
     HostCores,
+    /// Requests per second on drive slot 0.
+    Drive0RequestRate,
+    /// Rate-ladder level in force on drive slot 0.
+    Drive0RateLevel,
+    /// I/O priority in force on drive slot 0.
+    Drive0Priority,
+    /// Requests per second on drive slot 1.
+    Drive1RequestRate,
+    /// Rate-ladder level in force on drive slot 1.
+    Drive1RateLevel,
+    /// I/O priority in force on drive slot 1.
+    Drive1Priority,
+    /// Requests per second on drive slot 2.
+    Drive2RequestRate,
+    /// Rate-ladder level in force on drive slot 2.
+    Drive2RateLevel,
+    /// I/O priority in force on drive slot 2.
+    Drive2Priority,
+    /// Requests per second on drive slot 3.
+    Drive3RequestRate,
+    /// Rate-ladder level in force on drive slot 3.
+    Drive3RateLevel,
+    /// I/O priority in force on drive slot 3.
+    Drive3Priority,
+    /// NET_QOS_LADDER level in force on the network devices.
+    NetQosLevel,
 }
 
 impl FeatureId {
     /// Every feature, in vector order.
-    pub const ALL: [FeatureId; 23] = [
+    pub const ALL: [FeatureId; 36] = [
         FeatureId::CpuUtilisation,
         FeatureId::MonitorShare,
         FeatureId::ExitRateIo,
@@ -230,11 +265,37 @@ impl FeatureId {
         FeatureId::GuestLatencyMean,
         FeatureId::ActiveVcpus,
         FeatureId::HostCores,
+        FeatureId::Drive0RequestRate,
+        FeatureId::Drive0RateLevel,
+        FeatureId::Drive0Priority,
+        FeatureId::Drive1RequestRate,
+        FeatureId::Drive1RateLevel,
+        FeatureId::Drive1Priority,
+        FeatureId::Drive2RequestRate,
+        FeatureId::Drive2RateLevel,
+        FeatureId::Drive2Priority,
+        FeatureId::Drive3RequestRate,
+        FeatureId::Drive3RateLevel,
+        FeatureId::Drive3Priority,
+        FeatureId::NetQosLevel,
     ];
 
     /// Index of this feature in the vector.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The features of drive slot `slot` (request rate, rate level, priority), or `None`
+    /// past [`DRIVE_SLOTS`].
+    pub fn drive_slot(slot: usize) -> Option<[FeatureId; 3]> {
+        use FeatureId::*;
+        const SLOTS: [[FeatureId; 3]; DRIVE_SLOTS] = [
+            [Drive0RequestRate, Drive0RateLevel, Drive0Priority],
+            [Drive1RequestRate, Drive1RateLevel, Drive1Priority],
+            [Drive2RequestRate, Drive2RateLevel, Drive2Priority],
+            [Drive3RequestRate, Drive3RateLevel, Drive3Priority],
+        ];
+        SLOTS.get(slot).copied()
     }
 
     /// The feature's definition.
@@ -386,6 +447,84 @@ pub const FEATURES: [Feature; FeatureId::ALL.len()] = [
             scale: MAX_HOST_CORES as f64,
         },
         description: "host cores the vCPU threads may run on (normalised by MAX_HOST_CORES)",
+    },
+    Feature {
+        name: "drive0_request_rate",
+        unit: "requests/s",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "requests completed on the queues of drive 0 (configuration order) / interval",
+    },
+    Feature {
+        name: "drive0_rate_level",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 4.0 },
+        description: "RATE_LADDER level in force on drive 0 (0 unlimited .. 4 tightest; nearest level for a limit set off the ladder; 0 without the drive)",
+    },
+    Feature {
+        name: "drive0_priority",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "I/O priority of drive 0: 1 low, 2 medium, 3 high (0 without the drive)",
+    },
+    Feature {
+        name: "drive1_request_rate",
+        unit: "requests/s",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "requests completed on the queues of drive 1 (configuration order) / interval",
+    },
+    Feature {
+        name: "drive1_rate_level",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 4.0 },
+        description: "RATE_LADDER level in force on drive 1 (0 unlimited .. 4 tightest; nearest level for a limit set off the ladder; 0 without the drive)",
+    },
+    Feature {
+        name: "drive1_priority",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "I/O priority of drive 1: 1 low, 2 medium, 3 high (0 without the drive)",
+    },
+    Feature {
+        name: "drive2_request_rate",
+        unit: "requests/s",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "requests completed on the queues of drive 2 (configuration order) / interval",
+    },
+    Feature {
+        name: "drive2_rate_level",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 4.0 },
+        description: "RATE_LADDER level in force on drive 2 (0 unlimited .. 4 tightest; nearest level for a limit set off the ladder; 0 without the drive)",
+    },
+    Feature {
+        name: "drive2_priority",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "I/O priority of drive 2: 1 low, 2 medium, 3 high (0 without the drive)",
+    },
+    Feature {
+        name: "drive3_request_rate",
+        unit: "requests/s",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "requests completed on the queues of drive 3 (configuration order) / interval",
+    },
+    Feature {
+        name: "drive3_rate_level",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 4.0 },
+        description: "RATE_LADDER level in force on drive 3 (0 unlimited .. 4 tightest; nearest level for a limit set off the ladder; 0 without the drive)",
+    },
+    Feature {
+        name: "drive3_priority",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "I/O priority of drive 3: 1 low, 2 medium, 3 high (0 without the drive)",
+    },
+    Feature {
+        name: "net_qos_level",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "NET_QOS_LADDER level in force on the network devices (0 unlimited .. 3 tightest; 0 without a network device)",
     },
 ];
 
@@ -630,7 +769,7 @@ mod tests {
     #[test]
     fn describe_lists_every_feature() {
         let table = Schema::describe();
-        assert!(table.starts_with("performance vector schema v1 (23 features)"));
+        assert!(table.starts_with("performance vector schema v2 (36 features)"));
         assert_eq!(table.lines().count(), FEATURES.len() + 2);
         for f in &FEATURES {
             let line = table
@@ -646,16 +785,16 @@ mod tests {
     fn json_round_trips_and_validates() {
         let json = Schema::to_json();
         let v: serde_json::Value = serde_json::from_str(&json).expect("valid json");
-        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["schema_version"], 2);
         assert_eq!(v["features"][0]["name"], "cpu_utilisation");
         assert_eq!(v["features"][2]["normalisation"]["kind"], "log");
         Schema::check_json(&json).expect("own schema is compatible");
 
         let mut spec = Schema::spec();
-        spec.schema_version = 2;
+        spec.schema_version = 1;
         assert!(matches!(
             Schema::check_spec(&spec),
-            Err(SchemaError::VersionMismatch { got: 2, .. })
+            Err(SchemaError::VersionMismatch { got: 1, .. })
         ));
         let mut spec = Schema::spec();
         spec.features.swap(0, 1);

@@ -69,7 +69,7 @@ fn tract_reproduces_the_reference_q_values() {
     assert!(matches!(
         p.q_values(&[0.5; 5]),
         Err(PolicyError::InputLength {
-            expected: 23,
+            expected: 36,
             got: 5
         })
     ));

@@ -48,6 +48,8 @@ pub struct LearnSettings {
     pub min_transitions: usize,
     /// Seed of the network's initialisation and minibatch sampling.
     pub seed: u64,
+    /// The VM's vCPUs (the bound the learner's targets respect; 0: unknown).
+    pub max_vcpus: u32,
 }
 
 impl Default for LearnSettings {
@@ -57,6 +59,7 @@ impl Default for LearnSettings {
             steps: 100,
             min_transitions: 32,
             seed: 1,
+            max_vcpus: 0,
         }
     }
 }
@@ -78,6 +81,7 @@ pub fn start(
 ) -> Result<Learning, LearningError> {
     let mut config = OnlineConfig {
         min_transitions: settings.min_transitions.max(1),
+        max_vcpus: settings.max_vcpus,
         ..OnlineConfig::default()
     };
     config.dqn.seed = settings.seed;

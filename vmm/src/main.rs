@@ -202,6 +202,10 @@ struct TrainArgs {
     /// Plain DQN targets (max of the target network) instead of Double DQN.
     #[arg(long)]
     no_double: bool,
+    /// Subtracted from the reward of every change (any action but noop) when learning, so
+    /// that the policy changes a knob only when it expects a gain.
+    #[arg(long, value_name = "R", default_value_t = learner::DqnConfig::default().change_penalty)]
+    change_penalty: f32,
     /// Squared-error loss instead of Huber.
     #[arg(long)]
     mse: bool,
@@ -215,8 +219,9 @@ struct TrainArgs {
     #[arg(long, value_name = "TEXT")]
     description: Option<String>,
     /// Reward weights for the card when the data does not record them:
-    /// THROUGHPUT,LATENCY,UTILISATION,COST (must match the data's when it does).
-    #[arg(long, value_name = "T,L,U,C")]
+    /// THROUGHPUT,LATENCY,UTILISATION,COST[,THROUGHPUT_REF] (must match the data's when it
+    /// does; THROUGHPUT_REF defaults to 2e6 ops/s).
+    #[arg(long, value_name = "T,L,U,C[,REF]")]
     reward_weights: Option<String>,
 }
 
@@ -231,6 +236,7 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
         target_every: args.target_every,
         double: !args.no_double,
         seed: args.seed,
+        change_penalty: args.change_penalty,
         ..learner::DqnConfig::default()
     };
     if args.mse {
@@ -246,17 +252,25 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
             .map(|x| x.trim().parse::<f64>())
             .collect::<Result<_, _>>()
             .map_err(|e| ConfigError::new("reward_weights", format!("{text:?}: {e}")))?;
-        let [throughput, latency, utilisation, cost] = w[..] else {
-            return Err(ConfigError::new(
-                "reward_weights",
-                format!("{text:?}: give four numbers THROUGHPUT,LATENCY,UTILISATION,COST"),
-            ));
+        let (throughput, latency, utilisation, cost, throughput_ref) = match w[..] {
+            [t, l, u, c] => (t, l, u, c, tuner::reward::DEFAULT_THROUGHPUT_REF),
+            [t, l, u, c, r] => (t, l, u, c, r),
+            _ => {
+                return Err(ConfigError::new(
+                    "reward_weights",
+                    format!(
+                        "{text:?}: give four or five numbers \
+                         THROUGHPUT,LATENCY,UTILISATION,COST[,THROUGHPUT_REF]"
+                    ),
+                ))
+            }
         };
         opts.reward_weights = Some(tuner::reward::RewardWeights {
             throughput,
             latency,
             utilisation,
             cost,
+            throughput_ref,
         });
     }
     Ok(opts)

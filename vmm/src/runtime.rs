@@ -4,7 +4,7 @@
 //! turned while the guest runs.
 
 use devices::lock;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,9 +15,12 @@ use devices::vcpu_control::VcpuControl;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::{QueueMetrics, QueueMetricsSnapshot};
+use tuner::actions::{PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::counters::{
-    CounterSnapshot, CounterSource, GuestMetrics, MemoryCounters, QueueCounters,
+    CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, MemoryCounters, QueueCounters,
 };
+
+use crate::tuning::nearest_ladder_level;
 
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
 use crate::kvm_stats::KvmStats;
@@ -55,7 +58,12 @@ pub struct VmRuntime {
     vcpus: Vec<Arc<VcpuStats>>,
     kvm_stats: Vec<Mutex<Option<KvmStats>>>,
     drives: Vec<DriveHandle>,
+    /// Each drive's knobs in force (rate-ladder level, priority code), kept beside the
+    /// devices so the sampler reads them without a device or scheduler lock.
+    drive_knobs: Vec<KnobMirror>,
     nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// The network devices' QoS ladder level in force (same reason).
+    net_qos_level: AtomicU8,
     /// Each drive's and network queue's counters, taken out of the devices once so the
     /// sampler never waits on a device lock held by a busy I/O thread: (device id, queue,
     /// counters).
@@ -70,6 +78,26 @@ pub struct VmRuntime {
     cores_given: AtomicU32,
     cpu_quota: CpuQuota,
     policy: Mutex<Option<tuner::control::PolicyHandle>>,
+}
+
+/// A drive's knobs in force, as the performance vector reports them.
+#[derive(Debug, Default)]
+struct KnobMirror {
+    /// [`RATE_LADDER`] level (nearest for a limit off the ladder).
+    rate_level: AtomicU8,
+    /// 0 low, 1 medium, 2 high.
+    priority: AtomicU8,
+}
+
+/// The named level nearest to `p` (an explicit weight maps by its weight: below medium's
+/// is low, above it high).
+fn priority_index(p: Priority) -> u8 {
+    let medium = Priority::Medium.weight();
+    match p.weight() {
+        w if w < medium => 0,
+        w if w == medium => 1,
+        _ => 2,
+    }
 }
 
 /// What reading KVM's dirty log needs, and the running total.
@@ -176,7 +204,27 @@ impl VmRuntime {
             queue_metrics.push((id.clone(), 0, n.rx_metrics()));
             queue_metrics.push((id.clone(), 1, n.tx_metrics()));
         }
+        let drive_knobs = drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let level = nearest_ladder_level(&lock(&d.block).rate_limit(), &RATE_LADDER);
+                let priority = scheduler
+                    .as_ref()
+                    .and_then(|s| lock(s).priority(QueueId(i as u32)).ok())
+                    .unwrap_or(Priority::Medium);
+                KnobMirror {
+                    rate_level: AtomicU8::new(level),
+                    priority: AtomicU8::new(priority_index(priority)),
+                }
+            })
+            .collect();
+        let net_qos_level = nets.first().map_or(0, |(_, n)| {
+            nearest_ladder_level(&lock(n).rate_limit(), &NET_QOS_LADDER)
+        });
         Self {
+            drive_knobs,
+            net_qos_level: AtomicU8::new(net_qos_level),
             queue_metrics,
             started: Instant::now(),
             mem_bytes,
@@ -353,7 +401,12 @@ impl VmRuntime {
             .ok_or_else(|| ControlError::UnknownDrive(id.to_string()))?;
         lock(net)
             .set_rate_limit(config)
-            .map_err(|e| ControlError::Refused(e.to_string()))
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
+        self.net_qos_level.store(
+            nearest_ladder_level(&config, &NET_QOS_LADDER),
+            Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// Ids of the network devices.
@@ -363,10 +416,17 @@ impl VmRuntime {
 
     /// Changes a drive's rate limits while the guest runs (tokens already spent stay spent).
     pub fn set_rate_limit(&self, id: &str, config: RateLimiterConfig) -> Result<(), ControlError> {
-        let (_, d) = self.drive(id)?;
+        let (index, d) = self.drive(id)?;
         lock(&d.block)
             .set_rate_limit(config)
-            .map_err(|e| ControlError::Refused(e.to_string()))
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
+        if let Some(m) = self.drive_knobs.get(index) {
+            m.rate_level.store(
+                nearest_ladder_level(&config, &RATE_LADDER),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
     }
 
     /// A drive's rate limits in force.
@@ -385,6 +445,10 @@ impl VmRuntime {
         lock(sched)
             .set_priority(QueueId(index as u32), priority)
             .map_err(|e| ControlError::Refused(e.to_string()))?;
+        if let Some(m) = self.drive_knobs.get(index) {
+            m.priority
+                .store(priority_index(priority), Ordering::Relaxed);
+        }
         log::info!("{id}: I/O priority set to {priority}");
         Ok(())
     }
@@ -464,6 +528,22 @@ impl CounterSource for VmRuntime {
             },
             active_vcpus: self.active_vcpus(),
             host_cores: self.host_cores_given(),
+            drives: self
+                .drives
+                .iter()
+                .zip(&self.drive_knobs)
+                .map(|(d, m)| DriveKnobs {
+                    id: d.id.clone(),
+                    rate_level: m.rate_level.load(Ordering::Relaxed),
+                    priority: match m.priority.load(Ordering::Relaxed) {
+                        0 => PriorityLevel::Low,
+                        2 => PriorityLevel::High,
+                        _ => PriorityLevel::Medium,
+                    },
+                })
+                .collect(),
+            net_qos_level: (!self.nets.is_empty())
+                .then(|| self.net_qos_level.load(Ordering::Relaxed)),
         }
     }
 }

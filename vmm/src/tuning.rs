@@ -62,6 +62,50 @@ pub fn ladder_limits(level: &RateLevel) -> RateLimiterConfig {
     }
 }
 
+/// The level of `ladder` that `config` is, or the nearest one when it was set off the
+/// ladder (through the API or a drive's explicit limits): unlimited is level 0; otherwise
+/// the level whose per-second rates are closest in log space to the configured ones
+/// (bandwidth and operations compared where both sides limit them). This is what the
+/// performance vector reports as the rate level in force.
+pub fn nearest_ladder_level(config: &RateLimiterConfig, ladder: &[RateLevel]) -> u8 {
+    let per_sec = |b: &Option<BucketConfig>| {
+        b.as_ref()
+            .filter(|b| b.size > 0)
+            .map(|b| b.size as f64 * 1000.0 / b.refill_time_ms.max(1) as f64)
+    };
+    let (bw, ops) = (per_sec(&config.bandwidth), per_sec(&config.ops));
+    if bw.is_none() && ops.is_none() {
+        return 0;
+    }
+    let distance = |level: &RateLevel| {
+        let mut d = 0.0f64;
+        let mut compared = false;
+        for (have, want) in [(bw, level.bytes_per_sec), (ops, level.ops_per_sec)] {
+            match (have, want) {
+                (Some(h), Some(w)) => {
+                    d += (h.max(1.0).ln() - (w.max(1) as f64).ln()).abs();
+                    compared = true;
+                }
+                (Some(_), None) | (None, Some(_)) => d += 10.0,
+                (None, None) => {}
+            }
+        }
+        if compared {
+            d
+        } else {
+            f64::INFINITY
+        }
+    };
+    ladder
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, l)| (i, distance(l)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, d)| d.is_finite())
+        .map_or(0, |(i, _)| u8::try_from(i).unwrap_or(u8::MAX))
+}
+
 impl RuntimeKnobs {
     /// Knobs over `rt`, with the VM's configuration as the static state.
     pub fn new(
@@ -362,6 +406,7 @@ pub fn build(
         };
         let settings = crate::learning::LearnSettings {
             every: cfg.learn_every,
+            max_vcpus: cfg.vcpus,
             ..Default::default()
         };
         let learning = crate::learning::start(shape, weights, settings, tuner.policy_handle())
@@ -379,4 +424,49 @@ pub fn reload(rt: &VmRuntime, path: &Path) -> Result<String, String> {
         .policy_handle()
         .ok_or("no tuner is running (start with --policy or --tuner)")?;
     handle.load(path).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ladder_levels_map_back_to_themselves_and_custom_limits_to_the_nearest() {
+        for (i, level) in RATE_LADDER.iter().enumerate() {
+            assert_eq!(
+                nearest_ladder_level(&ladder_limits(level), &RATE_LADDER),
+                i as u8
+            );
+        }
+        for (i, level) in NET_QOS_LADDER.iter().enumerate() {
+            assert_eq!(
+                nearest_ladder_level(&ladder_limits(level), &NET_QOS_LADDER),
+                i as u8
+            );
+        }
+        assert_eq!(
+            nearest_ladder_level(&RateLimiterConfig::default(), &RATE_LADDER),
+            0
+        );
+        // 180 MB/s of bandwidth only, refilled once a second: nearest is level 1 (200 MB/s).
+        let custom = RateLimiterConfig {
+            bandwidth: Some(BucketConfig {
+                size: 180_000_000,
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            }),
+            ops: None,
+        };
+        assert_eq!(nearest_ladder_level(&custom, &RATE_LADDER), 1);
+        // A zero-size bucket is no limit.
+        let zero = RateLimiterConfig {
+            bandwidth: Some(BucketConfig {
+                size: 0,
+                one_time_burst: 0,
+                refill_time_ms: 100,
+            }),
+            ops: None,
+        };
+        assert_eq!(nearest_ladder_level(&zero, &RATE_LADDER), 0);
+    }
 }

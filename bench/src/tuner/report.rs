@@ -228,6 +228,25 @@ pub fn render(r: &TunerReport) -> String {
         failed,
         r.calibration.len()
     );
+    let _ = writeln!(
+        md,
+        "Headroom: a per-phase oracle (the sweep's best configuration for each phase kind, \
+         switched for free at every phase edge) predicted on each scenario's phase mix, \
+         against the best static configuration's prediction. No policy that reacts after a \
+         phase has started can reach the oracle.\n\n\
+         | scenario | best static (predicted) | per-phase oracle (predicted) | oracle gain (% of \\|best static\\|) |\n|---|---|---|---|"
+    );
+    for (sc, cands) in &r.candidates {
+        let stat = cands.first().map(|c| c.predicted).filter(|v| v.is_finite());
+        let oracle = super::oracle_prediction(&r.calibration, &r.runs, sc);
+        let gain = match (stat, oracle) {
+            (Some(b), Some(o)) if b != 0.0 => format!("{:+.1}%", 100.0 * (o - b) / b.abs()),
+            _ => "-".into(),
+        };
+        let f = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+        let _ = writeln!(md, "| {sc} | {} | {} | {gain} |", f(stat), f(oracle));
+    }
+    md.push('\n');
 
     let _ = writeln!(md, "## Machine load\n");
     let la = |l: &Option<[f64; 3]>| match l {
