@@ -16,7 +16,9 @@
 //!   watched for [`ManagerConfig::rollback_after`] (K) intervals; if the reward of every
 //!   one of them stays below `baseline - rollback_tolerance`, the change is undone (its
 //!   inverse action is applied) and the knob's cooldown restarts. While a change is
-//!   watched, no other change is made, so the reward is attributable to it. A change
+//!   watched, no other change is made, so the reward is attributable to it; the watch
+//!   ends early, the change kept, at the first reward at or above the threshold (it could
+//!   no longer be rolled back). A change
 //!   made with no reward history yet has no baseline and is kept.
 //! - **Workload shifts** ([`ConfigManager::workload_shifted`], called by the tuner when
 //!   the kind of work the guest reports changes, e.g. from computing to idle): rewards
@@ -594,8 +596,11 @@ impl ConfigManager {
         let mut decision = None;
         if let (Some(r), Some(p)) = (reward, self.pending.as_mut()) {
             p.rewards.push(r);
-            if p.rewards.len() >= self.config.rollback_after as usize {
-                let threshold = p.baseline - self.config.rollback_tolerance;
+            let threshold = p.baseline - self.config.rollback_tolerance;
+            // One reward at or above the threshold decides it: the change can no longer
+            // be rolled back, so the watch ends now and frees the next change.
+            let decided = r >= threshold;
+            if decided || p.rewards.len() >= self.config.rollback_after as usize {
                 let all_below = p.rewards.iter().all(|x| *x < threshold);
                 if let Some(p) = self.pending.take() {
                     decision = Some(if all_below {
@@ -1219,15 +1224,18 @@ pub(crate) mod tests {
             m.apply(Action::VcpuDelta(-1), &mut k),
             Decision::Applied { .. }
         ));
-        m.next_interval(Some(0.5), &mut k);
-        m.next_interval(Some(1.5), &mut k);
-        let d = m.next_interval(Some(0.5), &mut k);
+        assert_eq!(m.next_interval(Some(0.5), &mut k), None);
+        // The first reward at or above the baseline decides it: kept at once, and the
+        // manager is free for the next change.
+        let d = m.next_interval(Some(1.5), &mut k);
         assert!(
-            matches!(d, Some(Decision::Kept { baseline, .. }) if baseline == 1.0),
+            matches!(&d, Some(Decision::Kept { baseline, mean, .. }) if *baseline == 1.0 && *mean == 1.0),
             "{d:?}"
         );
+        assert_eq!(m.pending(), None);
         assert_eq!(m.state().vcpus, 1);
         assert_eq!(d.map(|d| d.event_kind()), Some(None));
+        assert_eq!(m.next_interval(Some(0.5), &mut k), None);
     }
 
     #[test]
