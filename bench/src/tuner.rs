@@ -466,6 +466,17 @@ pub fn predict(per_kind: &BTreeMap<String, f64>, mix: &BTreeMap<String, u64>) ->
     Some(s)
 }
 
+/// The phase mix (ms per kind) of each seed of scenario `sc` that printed its phases, one
+/// per seed.
+fn phase_mixes(runs: &[RunRecord], sc: &str) -> Vec<BTreeMap<String, u64>> {
+    runs.iter()
+        .filter(|r| r.scenario == sc && !r.kernel.phases.is_empty())
+        .map(|r| (r.seed, kind_ms(&r.kernel.phases)))
+        .collect::<BTreeMap<_, _>>()
+        .into_values()
+        .collect()
+}
+
 /// The predicted mean reward of a per-phase oracle on scenario `sc`: the best static
 /// configuration of the sweep for each phase kind, switched for free at every phase edge,
 /// weighted by the scenario's phase mix and averaged over its seeds. It bounds what
@@ -479,13 +490,7 @@ pub fn oracle_prediction(calibration: &[Calibration], runs: &[RunRecord], sc: &s
             *e = e.max(*v);
         }
     }
-    let mixes: Vec<BTreeMap<String, u64>> = runs
-        .iter()
-        .filter(|r| r.scenario == sc && !r.kernel.phases.is_empty())
-        .map(|r| (r.seed, kind_ms(&r.kernel.phases)))
-        .collect::<BTreeMap<_, _>>()
-        .into_values()
-        .collect();
+    let mixes = phase_mixes(runs, sc);
     let preds: Vec<f64> = mixes.iter().filter_map(|m| predict(&best, m)).collect();
     (!preds.is_empty() && preds.len() == mixes.len())
         .then(|| preds.iter().sum::<f64>() / preds.len() as f64)
@@ -1018,13 +1023,7 @@ pub fn run(s: &TunerSettings) -> Result<TunerReport, BenchError> {
     let mut candidates = BTreeMap::new();
     let mut chosen = BTreeMap::new();
     for sc in &s.scenarios {
-        let mixes: Vec<BTreeMap<String, u64>> = runs
-            .iter()
-            .filter(|r| &r.scenario == sc && !r.kernel.phases.is_empty())
-            .map(|r| (r.seed, kind_ms(&r.kernel.phases)))
-            .collect::<BTreeMap<_, _>>()
-            .into_values()
-            .collect();
+        let mixes = phase_mixes(&runs, sc);
         let mut cands: Vec<Candidate> = calibration
             .iter()
             .filter_map(|c| {

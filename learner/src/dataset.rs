@@ -458,7 +458,8 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut rows = stmt.query([]).map_err(|e| sqlite_error(path, e))?;
 
     let n = Schema::len();
-    let mut configs: HashMap<String, (SpaceShape, Option<RewardWeights>)> = HashMap::new();
+    // Per configuration text: shape, recorded weights and configured vCPUs.
+    let mut configs: HashMap<String, (SpaceShape, Option<RewardWeights>, u32)> = HashMap::new();
     let mut first: Option<(String, SpaceShape, RewardWeights)> = None;
     let mut weights_recorded = false;
     let mut summary = DataSummary {
@@ -484,7 +485,6 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut space: Option<ActionSpace> = None;
     let mut transitions = Vec::new();
     let mut pending: Option<Pending> = None;
-    let mut vcpus_seen: HashMap<String, u32> = HashMap::new();
     let mut max_vcpus = 0u32;
 
     loop {
@@ -554,25 +554,21 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                 value: r,
             });
         }
-        if !vcpus_seen.contains_key(&row.config) {
-            vcpus_seen.insert(row.config.clone(), config_vcpus(&row.config));
-        }
-        max_vcpus = max_vcpus.max(vcpus_seen.get(&row.config).copied().unwrap_or(0));
-        let (shape, weights) = match configs.get(&row.config) {
+        let (shape, weights, vcpus) = match configs.get(&row.config) {
             Some(c) => *c,
             None => {
-                let c =
-                    parse_config(&row.config, options.max_devices_in_space).map_err(|message| {
-                        LearnError::BadConfig {
-                            row_id: row.id,
-                            vm_id: row.vm_id.clone(),
-                            message,
-                        }
+                let (shape, weights) = parse_config(&row.config, options.max_devices_in_space)
+                    .map_err(|message| LearnError::BadConfig {
+                        row_id: row.id,
+                        vm_id: row.vm_id.clone(),
+                        message,
                     })?;
+                let c = (shape, weights, config_vcpus(&row.config));
                 configs.insert(row.config.clone(), c);
                 c
             }
         };
+        max_vcpus = max_vcpus.max(vcpus);
         weights_recorded |= weights.is_some();
         let effective = weights.unwrap_or_default();
         let (first_vm, first_shape, first_weights) = first

@@ -34,11 +34,10 @@ pub fn knobs_of(space: &ActionSpace, vector: &[f32]) -> KnobState {
             *slot = Some(level(at(rate), 4.0).min(tuner::actions::RATE_LADDER.len() - 1));
         }
         if let Some(slot) = state.priority.get_mut(i) {
-            *slot = match level(at(prio), 3.0) {
-                1 => PriorityLevel::Low,
-                3 => PriorityLevel::High,
-                _ => PriorityLevel::Medium,
-            };
+            *slot = u8::try_from(level(at(prio), 3.0))
+                .ok()
+                .and_then(PriorityLevel::from_code)
+                .unwrap_or_default();
         }
     }
     if space.has_net() {

@@ -112,6 +112,21 @@ impl PriorityLevel {
         PriorityLevel::High,
     ];
 
+    /// The level's number in the performance vector's `drive{i}_priority` features: 1 low,
+    /// 2 medium, 3 high (0 stands for an absent drive).
+    pub fn code(self) -> u8 {
+        match self {
+            PriorityLevel::Low => 1,
+            PriorityLevel::Medium => 2,
+            PriorityLevel::High => 3,
+        }
+    }
+
+    /// The level of [`PriorityLevel::code`] `code`, `None` for any other number.
+    pub fn from_code(code: u8) -> Option<PriorityLevel> {
+        PriorityLevel::ALL.into_iter().find(|p| p.code() == code)
+    }
+
     /// `low`, `medium` or `high`.
     pub fn name(self) -> &'static str {
         match self {

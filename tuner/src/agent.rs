@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::actions::PriorityLevel;
 use crate::counters::{
     CounterSnapshot, CounterSource, ExitKind, QueueCounters, VcpuCounters, LATENCY_BUCKETS_US,
 };
@@ -95,16 +94,6 @@ pub struct SamplerStats {
     pub counter_resets: u64,
     /// Samples whose interval was zero (time did not advance).
     pub zero_intervals: u64,
-}
-
-/// The raw value of a `drive{i}_priority` feature: 1 low, 2 medium, 3 high (0 is kept for
-/// an absent drive).
-fn priority_code(p: PriorityLevel) -> f64 {
-    match p {
-        PriorityLevel::Low => 1.0,
-        PriorityLevel::Medium => 2.0,
-        PriorityLevel::High => 3.0,
-    }
 }
 
 /// Computes performance vectors from pairs of counter snapshots.
@@ -358,7 +347,7 @@ impl Sampler {
             if let Some([req, level, prio]) = FeatureId::drive_slot(slot) {
                 set(req, rate(drive_req[slot] as f64));
                 set(level, f64::from(d.rate_level));
-                set(prio, priority_code(d.priority));
+                set(prio, f64::from(d.priority.code()));
             }
         }
         set(
@@ -806,7 +795,7 @@ pub(crate) mod tests {
             drives: vec![crate::counters::DriveKnobs {
                 id: "blk0".into(),
                 rate_level: 3,
-                priority: PriorityLevel::High,
+                priority: crate::actions::PriorityLevel::High,
             }],
             net_qos_level: Some(1),
         }

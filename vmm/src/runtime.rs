@@ -85,18 +85,18 @@ pub struct VmRuntime {
 struct KnobMirror {
     /// [`RATE_LADDER`] level (nearest for a limit off the ladder).
     rate_level: AtomicU8,
-    /// 0 low, 1 medium, 2 high.
+    /// [`PriorityLevel::code`] of the nearest named level.
     priority: AtomicU8,
 }
 
 /// The named level nearest to `p` (an explicit weight maps by its weight: below medium's
 /// is low, above it high).
-fn priority_index(p: Priority) -> u8 {
+fn nearest_level(p: Priority) -> PriorityLevel {
     let medium = Priority::Medium.weight();
     match p.weight() {
-        w if w < medium => 0,
-        w if w == medium => 1,
-        _ => 2,
+        w if w < medium => PriorityLevel::Low,
+        w if w == medium => PriorityLevel::Medium,
+        _ => PriorityLevel::High,
     }
 }
 
@@ -215,7 +215,7 @@ impl VmRuntime {
                     .unwrap_or(Priority::Medium);
                 KnobMirror {
                     rate_level: AtomicU8::new(level),
-                    priority: AtomicU8::new(priority_index(priority)),
+                    priority: AtomicU8::new(nearest_level(priority).code()),
                 }
             })
             .collect();
@@ -447,7 +447,7 @@ impl VmRuntime {
             .map_err(|e| ControlError::Refused(e.to_string()))?;
         if let Some(m) = self.drive_knobs.get(index) {
             m.priority
-                .store(priority_index(priority), Ordering::Relaxed);
+                .store(nearest_level(priority).code(), Ordering::Relaxed);
         }
         log::info!("{id}: I/O priority set to {priority}");
         Ok(())
@@ -535,11 +535,8 @@ impl CounterSource for VmRuntime {
                 .map(|(d, m)| DriveKnobs {
                     id: d.id.clone(),
                     rate_level: m.rate_level.load(Ordering::Relaxed),
-                    priority: match m.priority.load(Ordering::Relaxed) {
-                        0 => PriorityLevel::Low,
-                        2 => PriorityLevel::High,
-                        _ => PriorityLevel::Medium,
-                    },
+                    priority: PriorityLevel::from_code(m.priority.load(Ordering::Relaxed))
+                        .unwrap_or_default(),
                 })
                 .collect(),
             net_qos_level: (!self.nets.is_empty())
