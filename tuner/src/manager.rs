@@ -25,9 +25,11 @@
 //!   before a shift are no baseline for the rewards after it (an idle phase scores below
 //!   a busy one whatever the knobs), so the history is cleared and a change being watched
 //!   is kept rather than judged across the shift (the tuner also keeps the reward of the
-//!   interval in which the kind changed out of the history: it mixes both kinds). Without this, a change made at a phase
-//!   edge (fewer vCPUs as the guest goes idle, a lifted limit as I/O starts) was undone
-//!   because the new phase scored lower than the old one.
+//!   interval in which the kind changed out of the history: it mixes both kinds). Without
+//!   this, a change made at a phase edge (fewer vCPUs as the guest goes idle, a lifted
+//!   limit as I/O starts) was undone because the new phase scored lower than the old one.
+//!   The knobs' cooldowns are lifted too, so a step taken at the edge can be corrected in
+//!   the new phase's first interval.
 //! - **Watchdog** ([`Watchdog`]): the tuner thread beats a [`Heartbeat`] every interval;
 //!   a checker thread calls back (to restore the static configuration) when no beat came
 //!   for N intervals, once per stall; the tuner then finds [`Heartbeat::take_fired`] set
@@ -625,14 +627,19 @@ impl ConfigManager {
     }
 
     /// The guest's workload changed kind at the start of this interval: forget the reward
-    /// history and keep the change being watched (reported as [`Decision::Kept`], with the
-    /// mean of the rewards it had so far, or its baseline when it had none). Nothing
-    /// happens when [`ManagerConfig::rebaseline_on_shift`] is off.
+    /// history, lift the knobs' cooldowns and keep the change being watched (reported as
+    /// [`Decision::Kept`], with the mean of the rewards it had so far, or its baseline when
+    /// it had none). Nothing happens when [`ManagerConfig::rebaseline_on_shift`] is off.
+    ///
+    /// The cooldowns go because they guard against flapping under one workload; a step
+    /// taken at the edge (a limit half lifted as I/O starts) must be correctable in the
+    /// new phase's first interval, not three intervals into it.
     pub fn workload_shifted(&mut self) -> Option<Decision> {
         if !self.config.rebaseline_on_shift {
             return None;
         }
         self.history.clear();
+        self.last_change.clear();
         self.pending.take().map(|p| Decision::Kept {
             mean: if p.rewards.is_empty() {
                 p.baseline
@@ -1189,6 +1196,10 @@ pub(crate) mod tests {
         );
         assert_eq!(m.pending(), None);
         assert_eq!(m.baseline(), None);
+        // The cooldown of blk0's limit is lifted: the step can be corrected at once.
+        let next = m.next_interval(None, &mut k);
+        assert_eq!(next, None);
+        assert_eq!(m.check(&Action::RateLimit { device: 0, level: 0 }), Ok(()));
         for _ in 0..3 {
             assert_eq!(m.next_interval(Some(-1.0), &mut k), None);
         }
@@ -1207,6 +1218,10 @@ pub(crate) mod tests {
         assert!(matches!(m.apply(rl, &mut k), Decision::Applied { .. }));
         m.next_interval(Some(-1.0), &mut k);
         assert_eq!(m.workload_shifted(), None);
+        assert!(matches!(
+            m.check(&Action::RateLimit { device: 0, level: 0 }),
+            Err(Refusal::Evaluating { .. })
+        ));
         m.next_interval(Some(-1.0), &mut k);
         let d = m.next_interval(Some(-1.0), &mut k);
         assert!(matches!(d, Some(Decision::RolledBack { .. })), "{d:?}");
