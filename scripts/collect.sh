@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a training set for the tuner's learner: runs the `phased` workload kernel
 # (resources/test-kernels/README.md, "phased") under exploring built-in policies and
-# stores one row per 100 ms interval in a state repository.
+# stores one row per interval (INTERVAL_MS, default 100 ms) in a state repository.
 #
 # Usage: scripts/collect.sh OUT.db [SEEDS] [EPSILON]
 #   OUT.db   state repository to write (created, or appended to)
@@ -18,7 +18,8 @@
 # learned policy leads to). A run lasts PHASES x PHASE_MS on average (default 6 x 1500 ms, at most
 # 13.5 s). Prints one line per run, then the repository's row count.
 #
-# Environment: PHASE_MS (1500), PHASES (6), VMM (default target/release/vmm),
+# Environment: PHASE_MS (1500), PHASES (6), INTERVAL_MS (100, the sampling and tuning
+# interval; the benchmark's), VMM (default target/release/vmm),
 # NO_BUILD=1 to skip the release build (then the binaries must exist), POLICY (see above),
 # SUFFIX appended to every VM id (e.g. `-r2`, so that a second round's runs are episodes of
 # their own in the same repository).
@@ -35,11 +36,12 @@ seeds=${2:-4}
 epsilon=${3:-0.3}
 phase_ms=${PHASE_MS:-1500}
 phases=${PHASES:-6}
+interval_ms=${INTERVAL_MS:-100}
 behaviour_model=${POLICY:-}
 suffix=${SUFFIX:-}
 [[ $seeds =~ ^[0-9]+$ ]] && [ "$seeds" -ge 1 ] || { echo "collect.sh: SEEDS must be a positive integer" >&2; exit 2; }
 [[ $epsilon =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || { echo "collect.sh: EPSILON must be in 0..=1" >&2; exit 2; }
-[[ $phase_ms =~ ^[0-9]+$ ]] && [[ $phases =~ ^[0-9]+$ ]] || { echo "collect.sh: PHASE_MS and PHASES must be integers" >&2; exit 2; }
+[[ $phase_ms =~ ^[0-9]+$ ]] && [[ $phases =~ ^[0-9]+$ ]] && [[ $interval_ms =~ ^[0-9]+$ ]] || { echo "collect.sh: PHASE_MS, PHASES and INTERVAL_MS must be integers" >&2; exit 2; }
 
 if [ ! -w /dev/kvm ]; then
     echo "collect.sh: /dev/kvm is missing or not writable: the runs need KVM" >&2
@@ -80,7 +82,7 @@ for seed in $(seq 1 "$seeds"); do
         status=0
         "$vmm" run --kernel "$kernel" --vcpus 2 --mem-mib 64 \
             --drive "path=$tmp/fg.img,id=fg" --drive "path=$tmp/bg.img,id=bg" \
-            --metrics-interval-ms 100 "${policy_args[@]}" --epsilon "$epsilon" \
+            --metrics-interval-ms "$interval_ms" "${policy_args[@]}" --epsilon "$epsilon" \
             --state-db "$out" --vm-id "$vm_id" --timeout-ms 60000 \
             --cmdline "scenario=$scenario seed=$seed phase_ms=$phase_ms phases=$phases" \
             >"$tmp/out.txt" 2>"$tmp/err.txt" || status=$?

@@ -9,27 +9,30 @@
 #    (cpu-idle, io-contention, mixed; `bursty` is held out) for seeds 1..SEEDS, behaviour
 #    policies threshold/static exploring with EPSILON, into target/learn/runs.db, and
 #    trains a first policy on it;
-# 3. rounds 2 and 3: run the same scenarios and seeds under the policy trained on the
-#    rounds before, exploring with EPSILON2 (VM ids `<scenario>-<seed>-r2`, `-r3`), so the
-#    data also covers the states a learned policy leads to (e.g. a drive it throttled
-#    while idle when I/O starts), which the heuristics never visit;
-# 4. trains offline on all three rounds with `vmm train` (DQN, Double DQN targets over the
+# 3. rounds 2..ROUNDS: run the same scenarios and seeds under the policy trained on the
+#    rounds before, exploring with EPSILON2 (VM ids `<scenario>-<seed>-r2`, `-r3`, ...), so
+#    the data also covers the states a learned policy leads to (e.g. a drive it throttled
+#    while idle when I/O starts), which the heuristics never visit, and the policy sees
+#    what its own mistakes cost (e.g. a vCPU added as an I/O phase ends);
+# 4. trains offline on all rounds with `vmm train` (DQN, Double DQN targets over the
 #    actions valid in the next state, Huber loss, change penalty, experience replay,
 #    target network) and writes the model and its card; `vmm train` loads the written
 #    model back through tract and fails if its Q-values differ from the trainer's.
 #
 # The runs are real VMs on a shared machine, so the data (and so the weights) differ from
-# run to run; the card records what the model saw. Needs /dev/kvm. ~30 minutes here
-# (3 x 48 runs of ~10 s, and ~10 s per training).
+# run to run; the card records what the model saw. Needs /dev/kvm. ~10 minutes here
+# per round (48 runs of ~10 s, and ~10 s per training): ~50 minutes with 5 rounds.
 #
-# Environment: SEEDS (16), EPSILON (0.4), EPSILON2 (0.3), STEPS (20000),
+# Environment: ROUNDS (5), SEEDS (16), EPSILON (0.4), EPSILON2 (0.3), STEPS (40000),
 # DB (target/learn/runs.db), OUT (models/general.onnx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rounds_total=${ROUNDS:-5}
+[[ $rounds_total =~ ^[0-9]+$ ]] && [ "$rounds_total" -ge 1 ] || { echo "train-general.sh: ROUNDS must be a positive integer" >&2; exit 2; }
 seeds=${SEEDS:-16}
 epsilon=${EPSILON:-0.4}
 epsilon2=${EPSILON2:-0.3}
-steps=${STEPS:-20000}
+steps=${STEPS:-40000}
 db=${DB:-target/learn/runs.db}
 out=${OUT:-models/general.onnx}
 rounds="$(dirname "$db")"
@@ -42,11 +45,11 @@ train() {
 echo "== round 1: heuristics exploring (epsilon $epsilon)"
 scripts/collect.sh "$db" "$seeds" "$epsilon"
 train --out "$rounds/round1.onnx" --name general-round1
-for round in 2 3; do
+for round in $(seq 2 "$rounds_total"); do
     echo "== round $round: the round-$((round - 1)) policy exploring (epsilon $epsilon2)"
     NO_BUILD=1 POLICY="$rounds/round$((round - 1)).onnx" SUFFIX="-r$round" \
         scripts/collect.sh "$db" "$seeds" "$epsilon2"
-    [ "$round" -eq 3 ] || train --out "$rounds/round$round.onnx" --name "general-round$round"
+    [ "$round" -eq "$rounds_total" ] || train --out "$rounds/round$round.onnx" --name "general-round$round"
 done
 train --out "$out" --name general \
-    --description "General policy for the phased workload suite (2 vCPUs, 2 drives): DQN trained offline on cpu-idle, io-contention and mixed runs of threshold/static heuristics and of two earlier learned policies, all exploring (bursty held out)"
+    --description "General policy for the phased workload suite (2 vCPUs, 2 drives): DQN trained offline on cpu-idle, io-contention and mixed runs of threshold/static heuristics and of $((rounds_total - 1)) earlier learned policies, all exploring (bursty held out)"
