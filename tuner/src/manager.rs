@@ -1197,9 +1197,12 @@ pub(crate) mod tests {
         assert_eq!(m.pending(), None);
         assert_eq!(m.baseline(), None);
         // The cooldown of blk0's limit is lifted: the step can be corrected at once.
-        let next = m.next_interval(None, &mut k);
-        assert_eq!(next, None);
-        assert_eq!(m.check(&Action::RateLimit { device: 0, level: 0 }), Ok(()));
+        let lift = Action::RateLimit {
+            device: 0,
+            level: 0,
+        };
+        assert_eq!(m.next_interval(None, &mut k), None);
+        assert_eq!(m.check(&lift), Ok(()));
         for _ in 0..3 {
             assert_eq!(m.next_interval(Some(-1.0), &mut k), None);
         }
@@ -1218,10 +1221,7 @@ pub(crate) mod tests {
         assert!(matches!(m.apply(rl, &mut k), Decision::Applied { .. }));
         m.next_interval(Some(-1.0), &mut k);
         assert_eq!(m.workload_shifted(), None);
-        assert!(matches!(
-            m.check(&Action::RateLimit { device: 0, level: 0 }),
-            Err(Refusal::Evaluating { .. })
-        ));
+        assert!(matches!(m.check(&lift), Err(Refusal::Evaluating { .. })));
         m.next_interval(Some(-1.0), &mut k);
         let d = m.next_interval(Some(-1.0), &mut k);
         assert!(matches!(d, Some(Decision::RolledBack { .. })), "{d:?}");
