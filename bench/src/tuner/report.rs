@@ -31,6 +31,16 @@ fn secs(s: f64) -> String {
 pub fn render(r: &TunerReport) -> String {
     let s = &r.settings;
     let mut md = String::new();
+    let all_scenarios = super::SCENARIOS
+        .iter()
+        .all(|sc| s.scenarios.iter().any(|x| x == sc));
+    let kind = if s.quick {
+        "A `--quick` smoke run: one seed, not figures to quote".to_string()
+    } else if all_scenarios {
+        "Full run".to_string()
+    } else {
+        format!("Run of the scenarios {} only", s.scenarios.join(", "))
+    };
     let _ = writeln!(md, "# Tuner policies on the phased workload suite\n");
     let _ = writeln!(
         md,
@@ -45,11 +55,7 @@ pub fn render(r: &TunerReport) -> String {
         } else {
             ""
         },
-        if s.quick {
-            "A `--quick` smoke run: one seed, not figures to quote"
-        } else {
-            "Full run"
-        }
+        kind
     );
     let _ = writeln!(
         md,
