@@ -27,29 +27,29 @@
 # DB (target/learn/runs.db), OUT (models/general.onnx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds_total=${ROUNDS:-5}
-[[ $rounds_total =~ ^[0-9]+$ ]] && [ "$rounds_total" -ge 1 ] || { echo "train-general.sh: ROUNDS must be a positive integer" >&2; exit 2; }
+rounds=${ROUNDS:-5}
+[[ $rounds =~ ^[0-9]+$ ]] && [ "$rounds" -ge 1 ] || { echo "train-general.sh: ROUNDS must be a positive integer" >&2; exit 2; }
 seeds=${SEEDS:-16}
 epsilon=${EPSILON:-0.4}
 epsilon2=${EPSILON2:-0.3}
 steps=${STEPS:-40000}
 db=${DB:-target/learn/runs.db}
 out=${OUT:-models/general.onnx}
-rounds="$(dirname "$db")"
+round_dir="$(dirname "$db")"
 
-mkdir -p "$(dirname "$db")"
+mkdir -p "$round_dir"
 rm -f "$db" "$db-wal" "$db-shm"
 train() {
     target/release/vmm train --state-db "$db" --steps "$steps" --exclude-prefix bursty "$@"
 }
 echo "== round 1: heuristics exploring (epsilon $epsilon)"
 scripts/collect.sh "$db" "$seeds" "$epsilon"
-train --out "$rounds/round1.onnx" --name general-round1
-for round in $(seq 2 "$rounds_total"); do
+[ "$rounds" -eq 1 ] || train --out "$round_dir/round1.onnx" --name general-round1
+for round in $(seq 2 "$rounds"); do
     echo "== round $round: the round-$((round - 1)) policy exploring (epsilon $epsilon2)"
-    NO_BUILD=1 POLICY="$rounds/round$((round - 1)).onnx" SUFFIX="-r$round" \
+    NO_BUILD=1 POLICY="$round_dir/round$((round - 1)).onnx" SUFFIX="-r$round" \
         scripts/collect.sh "$db" "$seeds" "$epsilon2"
-    [ "$round" -eq "$rounds_total" ] || train --out "$rounds/round$round.onnx" --name "general-round$round"
+    [ "$round" -eq "$rounds" ] || train --out "$round_dir/round$round.onnx" --name "general-round$round"
 done
 train --out "$out" --name general \
-    --description "General policy for the phased workload suite (2 vCPUs, 2 drives): DQN trained offline on cpu-idle, io-contention and mixed runs of threshold/static heuristics and of $((rounds_total - 1)) earlier learned policies, all exploring (bursty held out)"
+    --description "General policy for the phased workload suite (2 vCPUs, 2 drives): DQN trained offline on cpu-idle, io-contention and mixed runs of threshold/static heuristics and of $((rounds - 1)) earlier learned policies, all exploring (bursty held out)"

@@ -12,17 +12,24 @@
 //! Cooldowns and the one-change-per-watch rule are not visible in a vector, so actions
 //! they would refuse still count as valid here.
 
-use tuner::actions::{ActionSpace, DeviceKind, PriorityLevel};
+use tuner::actions::{ActionSpace, DeviceKind, PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::manager::{Bounds, KnobState};
-use tuner::schema::{FeatureId, MAX_VCPUS};
+use tuner::schema::{FeatureId, Normalisation};
 
 /// The knob state a normalised vector reports, for `space` (priorities of network
 /// devices, which the vector does not carry, read as medium).
 pub fn knobs_of(space: &ActionSpace, vector: &[f32]) -> KnobState {
-    let at = |id: FeatureId| vector.get(id.index()).copied().unwrap_or(0.0);
-    let level = |x: f32, top: f32| (x * top).round().max(0.0) as usize;
+    // A count feature back in its own units: the schema normalises them linearly.
+    let level = |id: FeatureId| {
+        let x = f64::from(vector.get(id.index()).copied().unwrap_or(0.0));
+        let raw = match id.feature().normalisation {
+            Normalisation::Linear { scale } => x * scale,
+            Normalisation::Clamp | Normalisation::Log { .. } => x,
+        };
+        raw.round().max(0.0) as usize
+    };
     let mut state = KnobState::initial(space, 1);
-    state.vcpus = level(at(FeatureId::ActiveVcpus), MAX_VCPUS as f32).max(1) as u32;
+    state.vcpus = u32::try_from(level(FeatureId::ActiveVcpus).max(1)).unwrap_or(u32::MAX);
     for (i, d) in space.devices().iter().enumerate() {
         if d.kind != DeviceKind::Drive {
             continue;
@@ -31,19 +38,17 @@ pub fn knobs_of(space: &ActionSpace, vector: &[f32]) -> KnobState {
             continue;
         };
         if let Some(slot) = state.rate_level.get_mut(i) {
-            *slot = Some(level(at(rate), 4.0).min(tuner::actions::RATE_LADDER.len() - 1));
+            *slot = Some(level(rate).min(RATE_LADDER.len() - 1));
         }
         if let Some(slot) = state.priority.get_mut(i) {
-            *slot = u8::try_from(level(at(prio), 3.0))
+            *slot = u8::try_from(level(prio))
                 .ok()
                 .and_then(PriorityLevel::from_code)
                 .unwrap_or_default();
         }
     }
     if space.has_net() {
-        state.net_qos = Some(
-            level(at(FeatureId::NetQosLevel), 3.0).min(tuner::actions::NET_QOS_LADDER.len() - 1),
-        );
+        state.net_qos = Some(level(FeatureId::NetQosLevel).min(NET_QOS_LADDER.len() - 1));
     }
     state
 }
@@ -68,7 +73,7 @@ pub fn valid_actions(space: &ActionSpace, max_vcpus: u32, vector: &[f32]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tuner::schema::Schema;
+    use tuner::schema::{Schema, MAX_VCPUS};
 
     #[test]
     fn the_vector_s_knobs_decide_what_is_valid() {

@@ -115,9 +115,15 @@ impl RewardWeights {
     /// Checks that every weight is finite and non-negative and the reference positive.
     pub fn validate(&self) -> Result<(), RewardError> {
         for (name, value) in self.named() {
-            if !value.is_finite() || value < 0.0 || (name == "throughput_ref" && value == 0.0) {
+            if !value.is_finite() || value < 0.0 {
                 return Err(RewardError::BadWeight { name, value });
             }
+        }
+        if self.throughput_ref == 0.0 {
+            return Err(RewardError::BadWeight {
+                name: "throughput_ref",
+                value: self.throughput_ref,
+            });
         }
         Ok(())
     }

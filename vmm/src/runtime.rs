@@ -20,10 +20,9 @@ use tuner::counters::{
     CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, MemoryCounters, QueueCounters,
 };
 
-use crate::tuning::nearest_ladder_level;
-
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
 use crate::kvm_stats::KvmStats;
+use crate::tuning::{nearest_ladder_level, nearest_priority_level};
 use crate::vcpu_stats::VcpuStats;
 
 // The devices' latency buckets and the tuner's must describe the same histogram.
@@ -87,17 +86,6 @@ struct KnobMirror {
     rate_level: AtomicU8,
     /// [`PriorityLevel::code`] of the nearest named level.
     priority: AtomicU8,
-}
-
-/// The named level nearest to `p` (an explicit weight maps by its weight: below medium's
-/// is low, above it high).
-fn nearest_level(p: Priority) -> PriorityLevel {
-    let medium = Priority::Medium.weight();
-    match p.weight() {
-        w if w < medium => PriorityLevel::Low,
-        w if w == medium => PriorityLevel::Medium,
-        _ => PriorityLevel::High,
-    }
 }
 
 /// What reading KVM's dirty log needs, and the running total.
@@ -215,7 +203,7 @@ impl VmRuntime {
                     .unwrap_or(Priority::Medium);
                 KnobMirror {
                     rate_level: AtomicU8::new(level),
-                    priority: AtomicU8::new(nearest_level(priority).code()),
+                    priority: AtomicU8::new(nearest_priority_level(priority).code()),
                 }
             })
             .collect();
@@ -447,7 +435,7 @@ impl VmRuntime {
             .map_err(|e| ControlError::Refused(e.to_string()))?;
         if let Some(m) = self.drive_knobs.get(index) {
             m.priority
-                .store(nearest_level(priority).code(), Ordering::Relaxed);
+                .store(nearest_priority_level(priority).code(), Ordering::Relaxed);
         }
         log::info!("{id}: I/O priority set to {priority}");
         Ok(())

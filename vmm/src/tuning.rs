@@ -106,6 +106,27 @@ pub fn nearest_ladder_level(config: &RateLimiterConfig, ladder: &[RateLevel]) ->
         .map_or(0, |(i, _)| u8::try_from(i).unwrap_or(u8::MAX))
 }
 
+/// The I/O scheduler's priority for the tuner's named level.
+pub fn device_priority(level: PriorityLevel) -> Priority {
+    match level {
+        PriorityLevel::Low => Priority::Low,
+        PriorityLevel::Medium => Priority::Medium,
+        PriorityLevel::High => Priority::High,
+    }
+}
+
+/// The tuner's named level nearest to the scheduler's priority `p` (the inverse of
+/// [`device_priority`]; an explicit weight maps by its weight: below medium's is low,
+/// above it high).
+pub fn nearest_priority_level(p: Priority) -> PriorityLevel {
+    let medium = Priority::Medium.weight();
+    match p.weight() {
+        w if w < medium => PriorityLevel::Low,
+        w if w == medium => PriorityLevel::Medium,
+        _ => PriorityLevel::High,
+    }
+}
+
 impl RuntimeKnobs {
     /// Knobs over `rt`, with the VM's configuration as the static state.
     pub fn new(
@@ -198,12 +219,9 @@ impl Knobs for RuntimeKnobs {
             }
             Action::Priority { device, level } => {
                 let id = self.drive(*device)?.to_string();
-                let p = match level {
-                    PriorityLevel::Low => Priority::Low,
-                    PriorityLevel::Medium => Priority::Medium,
-                    PriorityLevel::High => Priority::High,
-                };
-                self.rt.set_priority(&id, p).map_err(|e| e.to_string())
+                self.rt
+                    .set_priority(&id, device_priority(*level))
+                    .map_err(|e| e.to_string())
             }
             Action::RateLimit { device, level } => {
                 let id = self.drive(*device)?.to_string();
