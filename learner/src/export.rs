@@ -50,6 +50,7 @@ pub fn card(
         trained_on,
         evaluation: Evaluation::default(),
         forecast: None,
+        start: None,
         schema: Some(Schema::spec()),
     }
 }

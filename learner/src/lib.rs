@@ -8,6 +8,8 @@
 //! - [`dqn`]: DQN with a target network, Double DQN targets, Huber loss and Adam.
 //! - [`export`]: ONNX bytes, the model card, and the check through tract that the
 //!   exported model computes the trainer's Q-values.
+//! - [`start`]: the start configuration in the card: where the trained network takes an
+//!   idle guest.
 //! - [`train`]: offline training from a state repository to `NAME.onnx` +
 //!   `NAME.card.json` (the `vmm train` command).
 //! - [`online`]: [`online::OnlineLearner`], fed one transition at a time, for the
@@ -27,6 +29,7 @@ pub mod export;
 pub mod net;
 pub mod online;
 pub mod replay;
+pub mod start;
 pub mod train;
 pub mod valid_actions;
 

@@ -134,6 +134,8 @@ pub struct TrainReport {
     pub training_time: Duration,
     /// Greedy action per data state, by name (nonzero counts).
     pub greedy: BTreeMap<String, u64>,
+    /// The start configuration written into the card (see [`crate::start`]).
+    pub start: Option<tuner::policy::StartConfig>,
 }
 
 impl TrainReport {
@@ -147,6 +149,26 @@ impl TrainReport {
             self.final_loss,
             self.agreement.max_abs
         )
+    }
+
+    /// The line `vmm train` prints about the start configuration.
+    pub fn start_line(&self) -> String {
+        match &self.start {
+            Some(s) => {
+                let drives: Vec<String> = s
+                    .drives
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| format!("blk{i} level {} {}", d.rate_level, d.priority.name()))
+                    .collect();
+                format!(
+                    "train: start configuration {} vCPU(s), {}",
+                    s.active_vcpus,
+                    drives.join(", ")
+                )
+            }
+            None => "train: no start configuration (the tuner starts from the VM's own)".into(),
+        }
     }
 }
 
@@ -209,6 +231,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         .pop()
         .unwrap_or_default();
 
+    // Where the network takes an idle guest: the card's start configuration.
+    let all: Vec<&[f32]> = data
+        .transitions
+        .iter()
+        .map(|t| t.state.as_slice())
+        .collect();
+    let start = match crate::start::idle_start(&space, data.max_vcpus, &all, |batch| {
+        dqn.q_values(batch)
+    })? {
+        crate::start::StartChoice::Chosen(s) => Some(s),
+        crate::start::StartChoice::None(why) => {
+            log::info!("no start configuration: {why}");
+            None
+        }
+    };
+
     let bytes = dqn.export_onnx()?;
     let name = opts.name.clone().unwrap_or_else(|| {
         opts.out
@@ -229,6 +267,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         weights,
         data.summary.describe(),
     );
+    card.start = start.clone();
     card.evaluation.reference_input = reference_input;
     card.evaluation.reference_q = reference_q;
     let extra = json!({
@@ -262,5 +301,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         model_bytes: bytes.len(),
         training_time: stats.elapsed,
         greedy,
+        start,
     })
 }

@@ -53,6 +53,34 @@ pub fn knobs_of(space: &ActionSpace, vector: &[f32]) -> KnobState {
     state
 }
 
+/// Writes `state`'s knobs into a normalised `vector` (the inverse of [`knobs_of`]):
+/// active vCPUs, each drive slot's rate level and priority, the network QoS level.
+pub fn set_knobs(space: &ActionSpace, vector: &mut [f32], state: &KnobState) {
+    let mut put = |id: FeatureId, raw: f64| {
+        if let Some(x) = vector.get_mut(id.index()) {
+            *x = id.feature().normalisation.apply(raw);
+        }
+    };
+    put(FeatureId::ActiveVcpus, f64::from(state.vcpus));
+    for (i, d) in space.devices().iter().enumerate() {
+        if d.kind != DeviceKind::Drive {
+            continue;
+        }
+        let Some([_, rate, prio]) = FeatureId::drive_slot(i) else {
+            continue;
+        };
+        if let Some(Some(level)) = state.rate_level.get(i) {
+            put(rate, *level as f64);
+        }
+        if let Some(p) = state.priority.get(i) {
+            put(prio, f64::from(p.code()));
+        }
+    }
+    if let Some(level) = state.net_qos {
+        put(FeatureId::NetQosLevel, level as f64);
+    }
+}
+
 /// Per action of `space`: whether the manager's bounds (1..=`max_vcpus` vCPUs, every
 /// device, the whole ladders) allow it in the state `vector` reports and it changes
 /// something. `noop` is always valid. With `max_vcpus` 0 (unknown) every action is valid.
@@ -100,5 +128,19 @@ mod tests {
         assert!(ok("prio:blk1:high"));
         assert!(!ok("rl:blk1:0"));
         assert!(valid_actions(&space, 0, &v).iter().all(|x| *x));
+    }
+
+    #[test]
+    fn set_knobs_writes_back_what_knobs_of_reads() {
+        let space = ActionSpace::new(2, 1, 4);
+        let mut v = vec![0.5f32; Schema::len()];
+        let mut k = KnobState::initial(&space, 3);
+        k.rate_level[0] = Some(4);
+        k.rate_level[1] = Some(1);
+        k.priority[1] = PriorityLevel::Low;
+        k.net_qos = Some(2);
+        set_knobs(&space, &mut v, &k);
+        assert_eq!(knobs_of(&space, &v), k);
+        assert_eq!(v[FeatureId::CpuUtilisation.index()], 0.5, "load left alone");
     }
 }

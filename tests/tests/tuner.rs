@@ -699,3 +699,108 @@ fn a_policy_raises_a_drive_priority_and_the_guest_feels_it() {
     eprintln!("foreground reads/s: static low/high {before:.0}, after prio:blk0:high {after:.0}");
     assert!(after > 1.5 * before, "{after:.0} vs {before:.0}");
 }
+
+/// A policy's start configuration (the card's `start`): the knobs are set before the
+/// guest's first interval, so the first sample already reports them and the guest's second
+/// vCPU is parked from the start; knobs given on the command line stay as given.
+/// `models/test-policy-prio.onnx` then only raises blk0's priority and does nothing else.
+#[test]
+fn a_policy_s_start_configuration_is_in_force_from_the_first_interval() {
+    let _machine = shared();
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-start");
+    let fixture = repo_dir().join("models/test-policy-prio.onnx");
+    let model_path = dir.path("start.onnx");
+    std::fs::copy(&fixture, &model_path).unwrap();
+    let card_path = tuner::policy::ModelCard::path_for(&fixture);
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(card_path).unwrap()).unwrap();
+    card["start"] = serde_json::json!({
+        "active_vcpus": 1,
+        "drives": [
+            {"rate_level": 4, "priority": "low"},
+            {"rate_level": 4, "priority": "medium"}
+        ],
+        "basis": "set by the test"
+    });
+    std::fs::write(
+        tuner::policy::ModelCard::path_for(&model_path),
+        card.to_string(),
+    )
+    .unwrap();
+    let (fg, bg) = (disk(&dir), dir.path("bg.img"));
+    std::fs::write(&bg, vec![0u8; 1 << 20]).unwrap();
+    let bg = bg.to_str().unwrap().to_string();
+    let feature = |name: &str| tuner::schema::Schema::index_of(name).unwrap();
+    let run = |db: &std::path::Path, drives: [String; 2], extra: &[&str]| {
+        let mut args = vec![
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "ms=1500 ctl_ms=5",
+            "--metrics-interval-ms",
+            "100",
+            "--drive",
+            &drives[0],
+            "--drive",
+            &drives[1],
+            "--policy",
+            model_path.to_str().unwrap(),
+            "--state-db",
+            db.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = run_kernel("cpu-burn", &args, LIMIT);
+        out.expect_status(0);
+        let repo = tuner::state_repo::StateRepo::open(db, Default::default()).unwrap();
+        let first = repo.rows("vm0", 0).unwrap().remove(0).raw;
+        let events: Vec<String> = repo
+            .events(Some("vm0"), 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "policy_start")
+            .map(|e| e.detail)
+            .collect();
+        (out, first, events)
+    };
+    let (out, first, events) = run(
+        &dir.path("a.db"),
+        [format!("path={fg}"), format!("path={bg}")],
+        &[],
+    );
+    assert_eq!(events, vec!["vcpu-1, rl:blk0:4, rl:blk1:4, prio:blk0:low"]);
+    let knobs = |raw: &[f64]| {
+        [
+            "active_vcpus",
+            "drive0_rate_level",
+            "drive0_priority",
+            "drive1_rate_level",
+            "drive1_priority",
+        ]
+        .map(|f| raw[feature(f)])
+    };
+    assert_eq!(knobs(&first), [1.0, 4.0, 1.0, 4.0, 2.0]);
+    // The guest saw one vCPU from the start: vCPU 1 burned far less than vCPU 0.
+    let iters = |cpu: &str| -> u64 {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cpu {cpu} iterations ")))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("iterations line")
+    };
+    assert!(iters("1") < iters("0") / 2, "{}", out.stdout);
+
+    // Pinned on the command line: vCPUs, blk0's priority and blk1's level stay as given.
+    let (_, first, events) = run(
+        &dir.path("b.db"),
+        [
+            format!("path={fg},priority=high"),
+            format!("path={bg},level=0"),
+        ],
+        &["--active-vcpus", "2"],
+    );
+    assert_eq!(events, vec!["rl:blk0:4"]);
+    assert_eq!(knobs(&first), [2.0, 4.0, 3.0, 0.0, 2.0]);
+}

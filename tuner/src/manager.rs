@@ -780,6 +780,60 @@ impl ConfigManager {
         }
     }
 
+    /// Moves the knobs to `target` before the guest's first interval (a policy's start
+    /// configuration, see [`crate::policy::StartConfig`]): every knob that differs is set
+    /// through `knobs`, vCPUs in steps the action space has; a step the bounds do not
+    /// allow is skipped. No cooldown, watch or rollback follows, and the static
+    /// configuration (what the watchdog restores) stays the VM's own. Returns the names
+    /// of the actions applied; an error says which one the monitor refused (the knobs set
+    /// before it stay set).
+    pub fn start_in(
+        &mut self,
+        target: &KnobState,
+        knobs: &mut dyn Knobs,
+    ) -> Result<Vec<String>, String> {
+        let mut steps = Vec::new();
+        let mut vcpus = i64::from(self.state.vcpus);
+        let want = i64::from(target.vcpus);
+        while vcpus != want {
+            let d = (want - vcpus).clamp(-2, 2);
+            // In -2..=2 by the clamp.
+            steps.push(Action::VcpuDelta(d as i8));
+            vcpus += d;
+        }
+        for (device, level) in target.rate_level.iter().enumerate() {
+            if let Some(level) = *level {
+                if self.state.rate_level.get(device) != Some(&Some(level)) {
+                    steps.push(Action::RateLimit { device, level });
+                }
+            }
+        }
+        for (device, level) in target.priority.iter().enumerate() {
+            if self.state.priority.get(device) != Some(level) {
+                steps.push(Action::Priority {
+                    device,
+                    level: *level,
+                });
+            }
+        }
+        let mut applied = Vec::new();
+        for action in steps {
+            let name = self.space.name_of(&action);
+            if let Err(why) = self.space.allowed(&action, &self.state, &self.bounds) {
+                log::info!("start configuration: {name} skipped ({why})");
+                continue;
+            }
+            let next = self
+                .state
+                .after(&action)
+                .map_err(|e| format!("{name}: {e}"))?;
+            knobs.apply(&action).map_err(|e| format!("{name}: {e}"))?;
+            self.state = next;
+            applied.push(name);
+        }
+        Ok(applied)
+    }
+
     /// Restores the static configuration through `knobs` and forgets the reward history.
     pub fn restore_static(&mut self, knobs: &mut dyn Knobs, reason: &str) -> Decision {
         knobs.restore_static();
@@ -1061,6 +1115,65 @@ pub(crate) mod tests {
             Decision::Refused { .. }
         ));
         assert_eq!(k.entries(), vec!["VcpuDelta(2)"]);
+    }
+
+    #[test]
+    fn start_in_sets_each_differing_knob_without_cooldown_or_watch() {
+        let space = ActionSpace::new(1, 0, 1);
+        let bounds = Bounds::for_space(&space, 1, 8);
+        let static_state = KnobState::initial(&space, 8);
+        let mut m = ConfigManager::new(
+            space,
+            bounds,
+            static_state.clone(),
+            ManagerConfig::default(),
+        )
+        .expect("valid manager");
+        let mut k = FakeKnobs::default();
+        let mut target = static_state.clone();
+        target.vcpus = 3;
+        target.rate_level[0] = Some(4);
+        target.priority[0] = PriorityLevel::High;
+        let applied = m.start_in(&target, &mut k).expect("applies");
+        assert_eq!(
+            applied,
+            vec!["vcpu-2", "vcpu-2", "vcpu-1", "rl:blk0:4", "prio:blk0:high"]
+        );
+        assert_eq!(m.state(), &target);
+        assert_eq!(
+            m.static_state(),
+            &static_state,
+            "the watchdog still restores the VM's own"
+        );
+        assert_eq!(m.pending(), None, "nothing watched");
+        // No cooldown: the policy may change a knob in the first interval.
+        let d = m.apply(
+            Action::RateLimit {
+                device: 0,
+                level: 0,
+            },
+            &mut k,
+        );
+        assert!(matches!(d, Decision::Applied { .. }), "{d}");
+        // Already there: nothing to do.
+        let mut m2 = manager(ManagerConfig::default());
+        let same = m2.state().clone();
+        assert!(m2.start_in(&same, &mut k).expect("nothing").is_empty());
+        // Outside the bounds: skipped, not an error.
+        let mut low = same.clone();
+        low.vcpus = 0;
+        assert!(m2.start_in(&low, &mut k).expect("skips").is_empty());
+        assert_eq!(m2.state().vcpus, 2);
+        // The monitor refusing a knob stops the start and says which.
+        *k.fail.lock().unwrap() = Some("no such drive".into());
+        let mut tight = same.clone();
+        tight.rate_level[0] = Some(2);
+        let e = m2.start_in(&tight, &mut k).unwrap_err();
+        assert!(
+            e.contains("rl:blk0:2") && e.contains("no such drive"),
+            "{e}"
+        );
+        assert_eq!(m2.state(), &same);
     }
 
     #[test]

@@ -238,6 +238,11 @@ pub trait Policy: Send {
     fn forecast_config(&self) -> Option<ForecastConfig> {
         None
     }
+
+    /// The configuration the policy starts a VM in, when its model card names one.
+    fn start_config(&self) -> Option<StartConfig> {
+        None
+    }
 }
 
 /// The reference evaluation recorded in a model card.
@@ -289,6 +294,113 @@ pub struct ModelCard {
     /// The full schema description ([`Schema::to_json`]), checked when present.
     #[serde(default)]
     pub schema: Option<SchemaSpec>,
+    /// The configuration the policy starts a VM in (absent: the VM's own configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartConfig>,
+}
+
+/// The knobs a policy sets before the guest's first interval: the configuration it holds
+/// on an idle guest, found by the trainer (see `learner::start`). Starting there instead
+/// of walking one knob per interval from the VM's configuration saves the first
+/// intervals of every run. Knobs the user sets explicitly are left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartConfig {
+    /// vCPUs the guest starts with (clamped to the VM's bounds).
+    pub active_vcpus: u32,
+    /// Per drive of the action space, in order.
+    pub drives: Vec<DriveStart>,
+    /// How the trainer chose it (for people reading the card).
+    #[serde(default)]
+    pub basis: String,
+}
+
+/// One drive's start setting in a [`StartConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveStart {
+    /// Level of [`crate::actions::RATE_LADDER`] (0 unlimited .. 4 tightest).
+    pub rate_level: usize,
+    /// I/O priority.
+    pub priority: PriorityLevel,
+}
+
+impl StartConfig {
+    /// The knob state `base` takes under this start configuration within `bounds`, for
+    /// the knobs `pinned` does not hold (the user set them explicitly): vCPUs clamped to
+    /// the bounds, each drive's rate level and priority.
+    pub fn apply_to(
+        &self,
+        base: &KnobState,
+        bounds: &crate::manager::Bounds,
+        pinned: &Pinned,
+    ) -> KnobState {
+        let mut s = base.clone();
+        if !pinned.vcpus {
+            s.vcpus = self.active_vcpus.clamp(bounds.min_vcpus, bounds.max_vcpus);
+        }
+        for (i, d) in self.drives.iter().enumerate() {
+            let pin = pinned.drives.get(i).copied().unwrap_or_default();
+            if let (false, Some(Some(level))) = (pin.rate_level, s.rate_level.get_mut(i)) {
+                *level = d.rate_level;
+            }
+            if let (false, Some(p)) = (pin.priority, s.priority.get_mut(i)) {
+                *p = d.priority;
+            }
+        }
+        s
+    }
+
+    fn validate(&self, space: &ActionSpace) -> Result<(), CardError> {
+        if self.active_vcpus == 0 {
+            return Err(CardError::new(
+                "start.active_vcpus",
+                "at least 1",
+                self.active_vcpus,
+            ));
+        }
+        let drives = space
+            .devices()
+            .iter()
+            .filter(|d| d.kind == crate::actions::DeviceKind::Drive)
+            .count();
+        if self.drives.len() != drives {
+            return Err(CardError::new(
+                "start.drives",
+                format!("{drives} entries (drives of this VM)"),
+                format!("{} entries", self.drives.len()),
+            ));
+        }
+        let top = crate::actions::RATE_LADDER.len() - 1;
+        for (i, d) in self.drives.iter().enumerate() {
+            if d.rate_level > top {
+                return Err(CardError::new(
+                    format!("start.drives[{i}].rate_level"),
+                    format!("a level in 0..={top}"),
+                    d.rate_level,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Knobs the user set explicitly, which a policy's [`StartConfig`] leaves alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pinned {
+    /// `active_vcpus` was given.
+    pub vcpus: bool,
+    /// Per drive of the action space.
+    pub drives: Vec<PinnedDrive>,
+}
+
+/// One drive's explicitly set knobs (see [`Pinned`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinnedDrive {
+    /// A rate limit or level was given.
+    pub rate_level: bool,
+    /// A priority was given.
+    pub priority: bool,
 }
 
 impl ModelCard {
@@ -375,6 +487,9 @@ impl ModelCard {
         if let Some(f) = &self.forecast {
             f.validate()
                 .map_err(|e| CardError::new("forecast", "valid Holt factors", e))?;
+        }
+        if let Some(start) = &self.start {
+            start.validate(space)?;
         }
         let ev = &self.evaluation;
         if !ev.reference_input.is_empty() || !ev.reference_q.is_empty() {
@@ -667,6 +782,10 @@ impl Policy for OnnxPolicy {
 
     fn forecast_config(&self) -> Option<ForecastConfig> {
         self.card.forecast
+    }
+
+    fn start_config(&self) -> Option<StartConfig> {
+        self.card.start.clone()
     }
 }
 
@@ -1041,6 +1160,7 @@ pub fn select_explained(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::Bounds;
 
     fn input_with_util(util: f32) -> Vec<f32> {
         let mut v = vec![0.0; Schema::len()];
@@ -1262,6 +1382,7 @@ mod tests {
             trained_on: String::new(),
             evaluation: Evaluation::default(),
             forecast: None,
+            start: None,
             schema: Some(Schema::spec()),
         }
     }
@@ -1326,6 +1447,38 @@ mod tests {
             beta: 0.1,
         });
         assert_eq!(field(&c), "forecast");
+        let start = StartConfig {
+            active_vcpus: 1,
+            drives: vec![DriveStart {
+                rate_level: 4,
+                priority: PriorityLevel::High,
+            }],
+            basis: String::new(),
+        };
+        let mut c = good.clone();
+        c.start = Some(start.clone());
+        c.validate(&space, None).expect("a valid start");
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains(r#""start":{"active_vcpus":1"#), "{text}");
+        assert_eq!(
+            ModelCard::from_json(&text).unwrap().start,
+            Some(start.clone())
+        );
+        c.start = Some(StartConfig {
+            active_vcpus: 0,
+            ..start.clone()
+        });
+        assert_eq!(field(&c), "start.active_vcpus");
+        c.start = Some(StartConfig {
+            drives: vec![],
+            ..start.clone()
+        });
+        assert_eq!(field(&c), "start.drives");
+        let mut bad = start.clone();
+        bad.drives[0].rate_level = 5;
+        c.start = Some(bad);
+        assert_eq!(field(&c), "start.drives[0].rate_level");
+        assert!(ModelCard::from_json(&text.replace("rate_level", "level")).is_err());
         // Missing required fields are JSON errors.
         assert!(ModelCard::from_json(r#"{"schema_version": 1}"#).is_err());
         let json = serde_json::to_string(&good).unwrap();
@@ -1334,6 +1487,48 @@ mod tests {
         assert_eq!(
             ModelCard::path_for(Path::new("models/x.onnx")),
             PathBuf::from("models/x.card.json")
+        );
+    }
+
+    #[test]
+    fn a_start_configuration_leaves_pinned_knobs_and_the_bounds_alone() {
+        let space = ActionSpace::new(2, 0, 2);
+        let bounds = Bounds::for_space(&space, 2, 4);
+        let base = KnobState::initial(&space, 4);
+        let start = StartConfig {
+            active_vcpus: 1,
+            drives: vec![
+                DriveStart {
+                    rate_level: 4,
+                    priority: PriorityLevel::Low,
+                };
+                2
+            ],
+            basis: String::new(),
+        };
+        let free = start.apply_to(&base, &bounds, &Pinned::default());
+        assert_eq!(free.vcpus, 2, "clamped to min_vcpus");
+        assert_eq!(free.rate_level, vec![Some(4), Some(4)]);
+        assert_eq!(free.priority, vec![PriorityLevel::Low; 2]);
+        let pinned = Pinned {
+            vcpus: true,
+            drives: vec![
+                PinnedDrive {
+                    rate_level: true,
+                    priority: false,
+                },
+                PinnedDrive {
+                    rate_level: false,
+                    priority: true,
+                },
+            ],
+        };
+        let kept = start.apply_to(&base, &bounds, &pinned);
+        assert_eq!(kept.vcpus, 4);
+        assert_eq!(kept.rate_level, vec![Some(0), Some(4)]);
+        assert_eq!(
+            kept.priority,
+            vec![PriorityLevel::Low, PriorityLevel::Medium]
         );
     }
 

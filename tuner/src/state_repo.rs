@@ -68,6 +68,8 @@ pub mod event_kind {
     pub const ROLLBACK: &str = "rollback";
     /// The tuner fell back to the static configuration.
     pub const FALLBACK: &str = "fallback";
+    /// The knobs were set to the policy's start configuration before the first interval.
+    pub const POLICY_START: &str = "policy_start";
 }
 
 /// Errors of the state repository.

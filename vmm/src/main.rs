@@ -284,6 +284,7 @@ fn run_train(args: TrainArgs) -> ExitCode {
     match learner::train(&opts) {
         Ok(report) => {
             println!("{}", report.summary_line());
+            println!("{}", report.start_line());
             ExitCode::SUCCESS
         }
         Err(e) if e.is_input_error() => usage_error(&ConfigError::new(e.option(), e.to_string())),

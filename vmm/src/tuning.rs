@@ -17,7 +17,8 @@ use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
 };
 use tuner::policy::{
-    load_or_static, EpsilonSchedule, Policy, StaticPolicy, ThresholdConfig, ThresholdPolicy,
+    load_or_static, EpsilonSchedule, Pinned, PinnedDrive, Policy, StaticPolicy, ThresholdConfig,
+    ThresholdPolicy,
 };
 use tuner::state_repo::{event_kind, Event, RepoWriter};
 
@@ -285,6 +286,22 @@ pub struct TunerParts {
     pub watchdog: WatchdogHandle,
 }
 
+/// The knobs `cfg` sets explicitly (`active_vcpus`, a drive's rate limit, level or
+/// priority), which a policy's start configuration leaves alone.
+fn pinned_knobs(cfg: &VmConfig) -> Pinned {
+    Pinned {
+        vcpus: cfg.active_vcpus.is_some(),
+        drives: cfg
+            .drives
+            .iter()
+            .map(|d| PinnedDrive {
+                rate_level: d.rate_level.is_some() || d.rate_limiter.is_some(),
+                priority: d.priority.is_some(),
+            })
+            .collect(),
+    }
+}
+
 /// Builds the tuner `cfg` asks for (`--policy` or `--tuner`), or `None`.
 pub fn build(
     cfg: &VmConfig,
@@ -310,10 +327,10 @@ pub fn build(
             }
         }
     }
-    let manager = ConfigManager::new(
+    let mut manager = ConfigManager::new(
         space.clone(),
-        bounds,
-        static_state,
+        bounds.clone(),
+        static_state.clone(),
         ManagerConfig::default(),
     )
     .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
@@ -375,7 +392,32 @@ pub fn build(
         }
         (None, None) => return Ok(None),
     };
-    let knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg)?;
+    let mut knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg)?;
+    // A policy's start configuration (a single loaded model, not A/B or learning from
+    // scratch), for the knobs the user did not set.
+    if let (Some(start), false) = (policy.start_config(), ab_mode) {
+        let target = start.apply_to(&static_state, &bounds, &pinned_knobs(cfg));
+        let (detail, failed) = match manager.start_in(&target, &mut knobs) {
+            Ok(applied) if applied.is_empty() => (None, false),
+            Ok(applied) => (Some(applied.join(", ")), false),
+            Err(e) => (Some(format!("stopped: {e}")), true),
+        };
+        if let Some(detail) = detail {
+            if failed {
+                log::warn!("policy start configuration: {detail}");
+            } else {
+                log::info!("policy start configuration: {detail}");
+            }
+            if let Some(w) = &repo {
+                let _ = w.record_event(Event {
+                    ts_ns: 0,
+                    vm_id: cfg.vm_id.clone(),
+                    kind: event_kind::POLICY_START.to_string(),
+                    detail,
+                });
+            }
+        }
+    }
     let mut watchdog_knobs = RuntimeKnobs::new(rt.clone(), space, cfg)?;
     let interval = Duration::from_millis(cfg.metrics_interval_ms);
     let watchdog =

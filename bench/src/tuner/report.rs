@@ -75,6 +75,13 @@ pub fn render(r: &TunerReport) -> String {
     );
     let _ = writeln!(
         md,
+        "Start: each static configuration from its own settings; threshold, random and online \
+         from the VM's (2 vCPUs, unlimited drives, medium priorities); learned from its model \
+         card's `start` configuration when the card has one (where the network takes an idle \
+         guest; `models/README.md`), else from the VM's.\n"
+    );
+    let _ = writeln!(
+        md,
         "Per run: mean reward (the rows' `reward` column), throughput (mean guest ops/s), p99 of \
          the per-interval guest mean latency over io intervals (us), resources (mean active vCPUs, \
          mean drive allocation `1 - level/4` over both drives, and the reward's cost term \

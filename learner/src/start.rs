@@ -1,0 +1,263 @@
+//! The configuration a trained policy starts a VM in (the card's `start`).
+//!
+//! A guest shows no load before it runs, and the tuner changes one knob per interval:
+//! from the VM's configuration (all vCPUs, unlimited drives, medium priorities) a policy
+//! that scales an idle guest down spends its first intervals walking there, paying for
+//! resources it does not want, in every run. So the trainer asks the trained network
+//! where it takes an idle guest: from idle states of the data (no guest operations, no
+//! I/O or network requests, CPU under 5%) with the knobs reset to the VM's configuration,
+//! it follows the greedy valid action, writing each action's knob change into the
+//! vector, until the network picks `noop`. The configuration most walks end in becomes
+//! the card's [`StartConfig`] when at least half of them end there; the tuner sets it
+//! before the guest's first interval (see `ConfigManager::start_in`).
+
+use tuner::actions::{ActionSpace, DeviceKind};
+use tuner::manager::KnobState;
+use tuner::policy::{DriveStart, StartConfig};
+use tuner::schema::FeatureId;
+
+use crate::error::LearnError;
+use crate::valid_actions::{knobs_of, set_knobs, valid_actions};
+
+/// Fewest idle states the data must hold for a start configuration.
+pub const MIN_IDLE_STATES: usize = 20;
+/// Most idle states walked (evenly spaced over the data's).
+pub const MAX_IDLE_STATES: usize = 2000;
+/// CPU utilisation (the vector's value) below which a state with no requests is idle.
+pub const IDLE_CPU: f32 = 0.05;
+
+/// Whether a normalised vector shows an idle guest: no guest operations, no I/O or
+/// network requests, CPU utilisation under [`IDLE_CPU`].
+pub fn is_idle(vector: &[f32]) -> bool {
+    let at = |id: FeatureId| vector.get(id.index()).copied().unwrap_or(f32::NAN);
+    at(FeatureId::GuestOpsRate) == 0.0
+        && at(FeatureId::IoRequestRate) == 0.0
+        && at(FeatureId::NetPacketRate) == 0.0
+        && at(FeatureId::CpuUtilisation) < IDLE_CPU
+}
+
+/// Why no start configuration was chosen, or the one chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartChoice {
+    /// The configuration most walks end in, with how many did of how many.
+    Chosen(StartConfig),
+    /// No start configuration (the tuner starts from the VM's own), and why.
+    None(String),
+}
+
+/// Walks the idle ones of `states` as the module documentation says, with `q` giving the
+/// trained network's Q-values for a batch of vectors and `max_vcpus` the VMs' vCPUs.
+pub fn idle_start(
+    space: &ActionSpace,
+    max_vcpus: u32,
+    states: &[&[f32]],
+    mut q: impl FnMut(&[&[f32]]) -> Result<Vec<Vec<f32>>, LearnError>,
+) -> Result<StartChoice, LearnError> {
+    if max_vcpus == 0 {
+        return Ok(StartChoice::None(
+            "the data does not record the VMs' vCPUs".into(),
+        ));
+    }
+    let idle: Vec<&[f32]> = states.iter().copied().filter(|v| is_idle(v)).collect();
+    if idle.len() < MIN_IDLE_STATES {
+        return Ok(StartChoice::None(format!(
+            "{} idle states in the data, fewer than {MIN_IDLE_STATES}",
+            idle.len()
+        )));
+    }
+    let take = idle.len().min(MAX_IDLE_STATES);
+    let from = KnobState::initial(space, max_vcpus);
+    let mut walks: Vec<Vec<f32>> = (0..take)
+        .map(|i| {
+            let mut v = idle[i * idle.len() / take].to_vec();
+            set_knobs(space, &mut v, &from);
+            v
+        })
+        .collect();
+    // Enough steps to move every knob from one end to the other; a walk still moving
+    // after that goes round in circles and counts for nothing.
+    let drives = space
+        .devices()
+        .iter()
+        .filter(|d| d.kind == DeviceKind::Drive)
+        .count();
+    let max_steps = max_vcpus as usize + 2 * drives + 4;
+    let mut active: Vec<usize> = (0..walks.len()).collect();
+    let mut ends: Vec<(KnobState, usize)> = Vec::new();
+    for _ in 0..max_steps {
+        if active.is_empty() {
+            break;
+        }
+        let batch: Vec<&[f32]> = active.iter().map(|&i| walks[i].as_slice()).collect();
+        let qs = q(&batch)?;
+        let mut still = Vec::new();
+        for (&i, qv) in active.iter().zip(&qs) {
+            let mask = valid_actions(space, max_vcpus, &walks[i]);
+            let best = qv
+                .iter()
+                .zip(&mask)
+                .enumerate()
+                .filter(|(_, (_, ok))| **ok)
+                .max_by(|a, b| a.1 .0.total_cmp(b.1 .0))
+                .map(|(k, _)| k)
+                .unwrap_or(0);
+            let state = knobs_of(space, &walks[i]);
+            let next = match space.action(best) {
+                Some(a) if best != 0 => state.after(&a).ok(),
+                _ => None,
+            };
+            match next {
+                Some(next) => {
+                    set_knobs(space, &mut walks[i], &next);
+                    still.push(i);
+                }
+                None => match ends.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, n)) => *n += 1,
+                    None => ends.push((state, 1)),
+                },
+            }
+        }
+        active = still;
+    }
+    let Some((best, count)) = ends.iter().max_by_key(|(_, n)| *n).cloned() else {
+        return Ok(StartChoice::None(format!(
+            "none of {take} walks from idle states settled"
+        )));
+    };
+    if 2 * count < take {
+        return Ok(StartChoice::None(format!(
+            "no configuration holds half the walks from idle states ({count} of {take} at most)"
+        )));
+    }
+    let drives = space
+        .devices()
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.kind == DeviceKind::Drive)
+        .map(|(i, _)| DriveStart {
+            rate_level: best.rate_level.get(i).copied().flatten().unwrap_or(0),
+            priority: best.priority.get(i).copied().unwrap_or_default(),
+        })
+        .collect();
+    Ok(StartChoice::Chosen(StartConfig {
+        active_vcpus: best.vcpus,
+        drives,
+        basis: format!(
+            "where the network takes an idle guest from the VM's own configuration ({max_vcpus} \
+             vCPUs, unlimited drives, medium priorities): {count} of {take} walks from idle \
+             states of the data end here"
+        ),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuner::actions::PriorityLevel;
+    use tuner::schema::Schema;
+
+    fn idle_vector() -> Vec<f32> {
+        let mut v = vec![0.0; Schema::len()];
+        v[FeatureId::CpuUtilisation.index()] = 0.02;
+        v
+    }
+
+    /// A stand-in network: prefers fewer vCPUs and tighter limits (as the cost term of
+    /// the reward would teach on an idle guest), and noop once there.
+    fn frugal(space: &ActionSpace) -> impl FnMut(&[&[f32]]) -> Result<Vec<Vec<f32>>, LearnError> {
+        let space = space.clone();
+        move |batch| {
+            Ok(batch
+                .iter()
+                .map(|_| {
+                    space
+                        .names()
+                        .iter()
+                        .map(|n| match n.as_str() {
+                            "noop" => 0.0,
+                            "vcpu-1" => 3.0,
+                            "rl:blk0:4" => 2.0,
+                            "rl:blk1:4" => 1.0,
+                            _ => -1.0,
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn an_idle_guest_starts_where_the_network_takes_it() {
+        let space = ActionSpace::new(2, 0, 4);
+        let states: Vec<Vec<f32>> = (0..30).map(|_| idle_vector()).collect();
+        let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
+        let StartChoice::Chosen(start) = idle_start(&space, 2, &refs, frugal(&space)).unwrap()
+        else {
+            panic!("expected a start configuration");
+        };
+        assert_eq!(start.active_vcpus, 1);
+        assert_eq!(
+            start.drives,
+            vec![
+                DriveStart {
+                    rate_level: 4,
+                    priority: PriorityLevel::Medium
+                };
+                2
+            ]
+        );
+        assert!(start.basis.contains("30 of 30"), "{}", start.basis);
+    }
+
+    #[test]
+    fn busy_states_do_not_count_and_too_few_idle_ones_give_none() {
+        let space = ActionSpace::new(2, 0, 4);
+        let mut busy = idle_vector();
+        busy[FeatureId::GuestOpsRate.index()] = 0.5;
+        assert!(!is_idle(&busy));
+        let states: Vec<Vec<f32>> = (0..100)
+            .map(|i| if i < 5 { idle_vector() } else { busy.clone() })
+            .collect();
+        let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
+        let got = idle_start(&space, 2, &refs, frugal(&space)).unwrap();
+        assert!(matches!(got, StartChoice::None(ref why) if why.contains("5 idle states")));
+        let got = idle_start(&space, 0, &refs, frugal(&space)).unwrap();
+        assert!(matches!(got, StartChoice::None(_)));
+    }
+
+    #[test]
+    fn a_network_that_never_settles_gives_none() {
+        let space = ActionSpace::new(1, 0, 4);
+        let states: Vec<Vec<f32>> = (0..30).map(|_| idle_vector()).collect();
+        let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
+        // noop is always the worst: the walk alternates forever.
+        let restless = |batch: &[&[f32]]| -> Result<Vec<Vec<f32>>, LearnError> {
+            Ok(batch
+                .iter()
+                .map(|v| {
+                    let mut q = vec![0.0; space_len()];
+                    q[0] = -10.0;
+                    let level = v[FeatureId::Drive0RateLevel.index()];
+                    // rl:blk0:0 and rl:blk0:4 by turns.
+                    let names = ActionSpace::new(1, 0, 4);
+                    let want = if level > 0.5 {
+                        "rl:blk0:0"
+                    } else {
+                        "rl:blk0:4"
+                    };
+                    let k = names.names().iter().position(|n| n == want).unwrap();
+                    q[k] = 5.0;
+                    q
+                })
+                .collect())
+        };
+        fn space_len() -> usize {
+            ActionSpace::new(1, 0, 4).len()
+        }
+        let got = idle_start(&space, 2, &refs, restless).unwrap();
+        assert!(
+            matches!(got, StartChoice::None(ref why) if why.contains("settled")),
+            "{got:?}"
+        );
+    }
+}
