@@ -131,6 +131,46 @@ pub fn welch(a: &MeanCi, b: &MeanCi) -> Option<Welch> {
     })
 }
 
+/// A paired comparison: the mean of per-pair differences `a - b` (e.g. two policies run
+/// on the same seed, so the same workload schedule) with its 95% interval and t-test.
+/// Pairing removes the spread the seeds' schedules put into both arms alike.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    /// Pairs.
+    pub n: usize,
+    /// Mean difference.
+    pub mean_diff: f64,
+    /// Half-width of the 95% interval of the mean difference.
+    pub ci95: f64,
+    /// The paired t statistic (`mean / (sd / sqrt(n))`; infinite when every difference
+    /// is the same non-zero value).
+    pub t: f64,
+    /// The interval excludes 0.
+    pub significant: bool,
+}
+
+/// Paired t-test over `diffs` (one difference per pair); `None` with fewer than two
+/// finite differences.
+pub fn paired(diffs: &[f64]) -> Option<Paired> {
+    let m = mean_ci(diffs)?;
+    let ci95 = m.ci95?;
+    let se = (m.var / m.n as f64).sqrt();
+    let t = if se > 0.0 {
+        m.mean / se
+    } else if m.mean == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY.copysign(m.mean)
+    };
+    Some(Paired {
+        n: m.n,
+        mean_diff: m.mean,
+        ci95,
+        t,
+        significant: m.mean.abs() > ci95,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +194,31 @@ mod tests {
         let close = mean_ci(&[3.1, 2.0, 4.0, 1.2, 5.0]).expect("ci");
         assert!(!welch(&close, &m).expect("welch").significant);
         assert_eq!(welch(&mean_ci(&[1.0]).expect("ci"), &m), None);
+    }
+
+    #[test]
+    fn paired_differences_remove_the_shared_spread() {
+        // Two arms whose seeds spread widely but differ by ~0.3 on every seed: Welch sees
+        // no difference, the paired test does.
+        let a = [1.3, 2.4, 0.2, 3.35, 1.8];
+        let b = [1.0, 2.1, -0.1, 3.0, 1.5];
+        let w = welch(&mean_ci(&a).expect("ci"), &mean_ci(&b).expect("ci")).expect("welch");
+        assert!(!w.significant, "{w:?}");
+        let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let p = paired(&d).expect("paired");
+        assert_eq!(p.n, 5);
+        assert!((p.mean_diff - 0.31).abs() < 1e-9, "{p:?}");
+        assert!(p.significant && p.t > 10.0, "{p:?}");
+        // Differences of both signs around 0: not significant.
+        let p = paired(&[0.3, -0.2, 0.1, -0.25, 0.05]).expect("paired");
+        assert!(!p.significant, "{p:?}");
+        assert_eq!(paired(&[0.5]), None);
+        let same = paired(&[0.25, 0.25, 0.25]).expect("paired");
+        assert!(same.significant && same.t.is_infinite(), "{same:?}");
+        assert_eq!(
+            paired(&[0.0, 0.0]).map(|p| (p.t, p.significant)),
+            Some((0.0, false))
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tuner::state_repo::{RepoConfig, Row, StateRepo};
 use crate::child;
 use crate::error::BenchError;
 use crate::report::Meta;
-use crate::stats::{mean_ci, welch, MeanCi, Welch};
+use crate::stats::{mean_ci, paired, welch, MeanCi, Paired, Welch};
 
 /// Every scenario of the suite, training ones first.
 pub const SCENARIOS: [&str; 4] = ["cpu-idle", "io-contention", "mixed", "bursty"];
@@ -563,7 +563,15 @@ pub struct Comparison {
     pub improvement_pct: Option<f64>,
     /// Welch's t-test over the per-seed mean rewards.
     pub welch: Option<Welch>,
+    /// Paired test over the seeds both ran (learned - baseline, seed by seed: the same
+    /// workload schedule on both sides).
+    #[serde(default)]
+    pub paired: Option<Paired>,
 }
+
+/// Mean reward of each run by scenario, policy and seed (best-static: the chosen
+/// configuration's runs), for paired comparisons.
+pub type SeedRewards = BTreeMap<(String, PolicyKind, u64), f64>;
 
 /// The goal check of one scenario.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -578,7 +586,11 @@ pub struct GoalCheck {
 
 /// Compares learned against best-static and threshold on one scenario, and checks the
 /// goal: learned >= best-static + 15% of |best-static| and above threshold.
-pub fn compare(scenario: &str, aggs: &[Aggregate]) -> (Vec<Comparison>, GoalCheck) {
+pub fn compare(
+    scenario: &str,
+    aggs: &[Aggregate],
+    per_seed: &SeedRewards,
+) -> (Vec<Comparison>, GoalCheck) {
     let get = |p: PolicyKind| {
         aggs.iter()
             .find(|a| a.scenario == scenario && a.policy == p)
@@ -603,6 +615,12 @@ pub fn compare(scenario: &str, aggs: &[Aggregate]) -> (Vec<Comparison>, GoalChec
                 (Some(l), Some(b)) => welch(&l, &b),
                 _ => None,
             },
+            paired: paired(&seed_differences(
+                scenario,
+                PolicyKind::Learned,
+                kind,
+                per_seed,
+            )),
         });
     }
     let goal = match (learned, best, thr) {
@@ -630,6 +648,24 @@ pub fn compare(scenario: &str, aggs: &[Aggregate]) -> (Vec<Comparison>, GoalChec
         },
     };
     (comps, goal)
+}
+
+/// `a - b` on every seed of `scenario` that both policies have a reward for.
+fn seed_differences(
+    scenario: &str,
+    a: PolicyKind,
+    b: PolicyKind,
+    per_seed: &SeedRewards,
+) -> Vec<f64> {
+    per_seed
+        .iter()
+        .filter(|((sc, p, _), _)| sc == scenario && *p == a)
+        .filter_map(|((_, _, seed), ra)| {
+            per_seed
+                .get(&(scenario.to_string(), b, *seed))
+                .map(|rb| ra - rb)
+        })
+        .collect()
 }
 
 /// Settings of the benchmark.
@@ -1179,6 +1215,7 @@ pub fn analyse(
     let mut aggregates = Vec::new();
     let mut comparisons = Vec::new();
     let mut goal = Vec::new();
+    let mut per_seed = SeedRewards::new();
     for sc in scenarios {
         for p in PolicyKind::ALL {
             let mine: Vec<&RunRecord> = runs
@@ -1189,9 +1226,14 @@ pub fn analyse(
             if p != PolicyKind::BestStatic && !arms.contains(&p) {
                 continue;
             }
+            for r in &mine {
+                if let Some(m) = r.metrics {
+                    per_seed.insert((sc.clone(), p, r.seed), m.mean_reward);
+                }
+            }
             aggregates.push(aggregate(sc, p, &mine));
         }
-        let (c, g) = compare(sc, &aggregates);
+        let (c, g) = compare(sc, &aggregates, &per_seed);
         comparisons.extend(c);
         goal.push(g);
     }
@@ -1404,6 +1446,10 @@ mod tests {
         // and learned is 1.0 above it on every seed.
         assert!((pct - 100.0 / 1.035).abs() < 1e-6, "{pct}");
         assert!(c.welch.expect("welch").significant);
+        let p = c.paired.expect("paired over the three seeds");
+        assert_eq!(p.n, 3);
+        assert!((p.mean_diff - 1.0).abs() < 1e-6, "{p:?}");
+        assert!(p.significant, "{p:?}");
         let calibration = vec![Calibration {
             config: best,
             per_kind: reward_per_kind(&runs[0].intervals),

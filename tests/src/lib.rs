@@ -170,8 +170,13 @@ pub fn api(sock: &str, request: &str) -> serde_json::Value {
         .args(["api", "--sock", sock, request])
         .output()
         .expect("vmm api");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Waits (up to 10 s) for `path` to appear, e.g. a monitor's control socket.

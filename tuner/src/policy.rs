@@ -559,6 +559,17 @@ fn read(path: &Path, missing: impl FnOnce(PathBuf) -> PolicyError) -> Result<Vec
     })
 }
 
+/// Runs the inference library's one-time, process-wide set-up now: its probe of the CPU's
+/// instruction sets, which on a CPU with AMX also asks the kernel for the AMX register
+/// state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`). The monitor calls this before it installs
+/// its seccomp filters, so that a policy first loaded later (`PUT /policy` on the
+/// filtered event-loop thread) does not make a system call the filter kills the process
+/// for. Cheap, and idempotent.
+pub fn prepare_inference() {
+    let isa = tract_onnx::prelude::tract_linalg::isa::native();
+    log::debug!("inference instruction sets: {isa:?}");
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -631,6 +631,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     }
     log::info!("VM set up in {:?}", started.elapsed());
     if let Some(f) = &main_filter {
+        if cfg.tuner_on() {
+            // A policy may be (re)loaded later on this thread, under the filter.
+            tuner::policy::prepare_inference();
+        }
         seccomp::install("main", f)?;
     }
 

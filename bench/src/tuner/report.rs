@@ -158,7 +158,22 @@ pub fn render(r: &TunerReport) -> String {
                     ),
                     None => "no test (fewer than two seeds or no variance)".into(),
                 };
-                let _ = writeln!(md, "- learned vs {}: {pct}; {sig}", c.baseline.name());
+                let pair = match c.paired {
+                    Some(p) => format!(
+                        "; paired over {} seeds: {:+.4} ± {:.4}, t = {:.2}: {}",
+                        p.n,
+                        p.mean_diff,
+                        p.ci95,
+                        p.t,
+                        if p.significant {
+                            "significant (95%)"
+                        } else {
+                            "not significant"
+                        }
+                    ),
+                    None => String::new(),
+                };
+                let _ = writeln!(md, "- learned vs {}: {pct}; {sig}{pair}", c.baseline.name());
             }
             md.push('\n');
         }
