@@ -344,16 +344,31 @@ pub fn intervals_from_rows(
             ops_rate: raw(FeatureId::GuestOpsRate).unwrap_or(0.0),
             latency_us: raw(FeatureId::GuestLatencyMean).unwrap_or(0.0),
             active_vcpus: raw(FeatureId::ActiveVcpus).unwrap_or(0.0),
-            levels,
+            levels: levels_in_force(&raw).unwrap_or(levels),
             action: r.action.clone(),
             phase: phase_at(phases, t_ms).map(|p| p.kind.clone()),
         });
         prev_reward = r.reward;
+        if let Some(in_force) = levels_in_force(&raw) {
+            levels = in_force;
+        }
         if let Some(a) = &r.action {
             apply_label(a, &mut levels, &start.levels);
         }
     }
     out
+}
+
+/// The drives' rate levels a row's vector reports (schema v2 carries the knobs in force,
+/// so a policy's start configuration, set before the first interval, shows too); `None`
+/// when a row lacks them.
+fn levels_in_force(raw: &dyn Fn(FeatureId) -> Option<f64>) -> Option<[usize; 2]> {
+    let level =
+        |f: FeatureId| raw(f).map(|v| (v.round().max(0.0) as usize).min(RATE_LADDER.len() - 1));
+    Some([
+        level(FeatureId::Drive0RateLevel)?,
+        level(FeatureId::Drive1RateLevel)?,
+    ])
 }
 
 /// Updates drive rate levels for a stored action label (`rl:blk1:3`,
@@ -1303,6 +1318,49 @@ mod tests {
         assert_eq!(l, [0, 1]);
         apply_label("static", &mut l, &[2, 2]);
         assert_eq!(l, [2, 2]);
+    }
+
+    #[test]
+    fn intervals_take_the_levels_the_rows_report() {
+        let row = |ts_ms: u64, levels: Option<[f64; 2]>, action: Option<&str>| {
+            let mut raw = vec![0.0; tuner::schema::Schema::len()];
+            match levels {
+                Some([a, b]) => {
+                    raw[FeatureId::Drive0RateLevel.index()] = a;
+                    raw[FeatureId::Drive1RateLevel.index()] = b;
+                }
+                None => {
+                    raw[FeatureId::Drive0RateLevel.index()] = f64::NAN;
+                    raw[FeatureId::Drive1RateLevel.index()] = f64::NAN;
+                }
+            }
+            Row {
+                vm_id: "vm0".into(),
+                ts_ns: ts_ms * 1_000_000,
+                interval_ns: 100_000_000,
+                schema_version: tuner::schema::SCHEMA_VERSION,
+                vector: Vec::new(),
+                raw,
+                action: action.map(str::to_string),
+                reward: Some(0.0),
+                policy_id: "p".into(),
+                config: String::new(),
+                anomaly: None,
+                anomaly_score: None,
+            }
+        };
+        // A start configuration (both drives at 4) set before the first interval: the
+        // rows say so although the run's static configuration is [0, 0].
+        let rows = vec![
+            row(100, Some([4.0, 4.0]), Some("rl:blk0:0")),
+            row(200, Some([0.0, 4.0]), None),
+            // A row without the knobs falls back to replaying the labels.
+            row(300, None, Some("rl:blk1:2")),
+            row(400, None, None),
+        ];
+        let iv = intervals_from_rows(&rows, &StaticConfig::DEFAULT, &[]);
+        let levels: Vec<[usize; 2]> = iv.iter().map(|i| i.levels).collect();
+        assert_eq!(levels, vec![[4, 4], [0, 4], [0, 4], [0, 2]]);
     }
 
     #[test]
