@@ -242,3 +242,32 @@ fn wrong_cards_are_refused_with_the_field() {
         "{e}"
     );
 }
+
+/// The shipped general policy (`models/general.onnx`, trained by `vmm train`, see
+/// `scripts/train-general.sh`): it loads for the VM shape it was trained on (two drives,
+/// no network device), tract reproduces the Q-values its card recorded from the trainer,
+/// and its start configuration is valid for that shape.
+#[test]
+fn the_shipped_general_policy_loads_and_matches_its_card() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/general.onnx");
+    let text = fs::read_to_string(ModelCard::path_for(&path)).expect("general card");
+    let c = ModelCard::from_json(&text).expect("general card parses");
+    let space = ActionSpace::new(2, 0, 4);
+    assert_eq!(c.actions, space.names());
+    let mut p = OnnxPolicy::load(&path, &space, Some(&c.reward_weights)).expect("loads");
+    assert_eq!(p.input_size(), Schema::len());
+    assert_eq!(c.evaluation.reference_input.len(), Schema::len());
+    let q = p
+        .q_values(&c.evaluation.reference_input)
+        .expect("inference");
+    assert_eq!(q.len(), c.evaluation.reference_q.len());
+    for (i, (got, want)) in q.iter().zip(&c.evaluation.reference_q).enumerate() {
+        let tol = 1e-4 * want.abs().max(1.0);
+        assert!((got - want).abs() <= tol, "q[{i}] = {got}, trainer {want}");
+    }
+    let start = p
+        .start_config()
+        .expect("the card names a start configuration");
+    assert!((1..=2).contains(&start.active_vcpus), "{start:?}");
+    assert_eq!(start.drives.len(), 2, "{start:?}");
+}
