@@ -338,20 +338,20 @@ pub fn intervals_from_rows(
     for r in rows {
         let raw = |f: FeatureId| r.raw.get(idx(f)).copied().filter(|v| v.is_finite());
         let t_ms = (r.ts_ns.saturating_sub(t0) as f64 - r.interval_ns as f64 / 2.0) / 1e6;
+        if let Some(in_force) = levels_in_force(&raw) {
+            levels = in_force;
+        }
         out.push(Interval {
             t_ms,
             reward: prev_reward,
             ops_rate: raw(FeatureId::GuestOpsRate).unwrap_or(0.0),
             latency_us: raw(FeatureId::GuestLatencyMean).unwrap_or(0.0),
             active_vcpus: raw(FeatureId::ActiveVcpus).unwrap_or(0.0),
-            levels: levels_in_force(&raw).unwrap_or(levels),
+            levels,
             action: r.action.clone(),
             phase: phase_at(phases, t_ms).map(|p| p.kind.clone()),
         });
         prev_reward = r.reward;
-        if let Some(in_force) = levels_in_force(&raw) {
-            levels = in_force;
-        }
         if let Some(a) = &r.action {
             apply_label(a, &mut levels, &start.levels);
         }

@@ -27,6 +27,15 @@ fn secs(s: f64) -> String {
     }
 }
 
+/// How a test's verdict reads in the report.
+fn significance(significant: bool) -> &'static str {
+    if significant {
+        "significant (95%)"
+    } else {
+        "not significant"
+    }
+}
+
 /// The report as Markdown.
 pub fn render(r: &TunerReport) -> String {
     let s = &r.settings;
@@ -150,11 +159,7 @@ pub fn render(r: &TunerReport) -> String {
                         "Welch t = {:.2}, df = {:.1}: {}",
                         w.t,
                         w.df,
-                        if w.significant {
-                            "significant (95%)"
-                        } else {
-                            "not significant"
-                        }
+                        significance(w.significant)
                     ),
                     None => "no test (fewer than two seeds or no variance)".into(),
                 };
@@ -165,11 +170,7 @@ pub fn render(r: &TunerReport) -> String {
                         p.mean_diff,
                         p.ci95,
                         p.t,
-                        if p.significant {
-                            "significant (95%)"
-                        } else {
-                            "not significant"
-                        }
+                        significance(p.significant)
                     ),
                     None => String::new(),
                 };
