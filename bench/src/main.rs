@@ -243,6 +243,13 @@ struct TunerArgs {
     /// The kernel [default: the `phased` test kernel].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Run no VM: re-read DIR/results.json of an earlier run and rewrite its analysis,
+    /// plots and report.md with this build.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "quick", "out", "seeds", "scenarios", "policy", "phase_ms", "phases", "calib_ms",
+        "top_k", "kernel",
+    ])]
+    reanalyse: Option<PathBuf>,
 }
 
 /// Paths and programs every benchmark uses.
@@ -250,6 +257,16 @@ struct Env {
     vmm: PathBuf,
     out_dir: PathBuf,
     qemu: Result<qemu::Qemu, String>,
+}
+
+/// Prints the tuner benchmark's goal checks on stderr.
+fn report_goals(r: &tuner::TunerReport) {
+    for g in &r.goal {
+        eprintln!(
+            "vmm-bench tuner: goal {}: {} ({})",
+            g.scenario, g.verdict, g.detail
+        );
+    }
 }
 
 fn existing(what: &'static str, path: PathBuf, hint: &'static str) -> Result<PathBuf, BenchError> {
@@ -385,6 +402,17 @@ impl Env {
     }
 
     fn tuner(&self, a: &TunerArgs) -> Result<(), BenchError> {
+        if let Some(dir) = &a.reanalyse {
+            let r = tuner::reanalyse(dir)?;
+            report_goals(&r);
+            eprintln!(
+                "vmm-bench tuner: re-analysed {} runs; wrote {}/report.md, results.json and {} plots",
+                r.runs.len(),
+                dir.display(),
+                r.plots.len()
+            );
+            return Ok(());
+        }
         let scenarios = match &a.scenarios {
             Some(v) => v.clone(),
             None if a.quick => vec!["mixed".into(), "bursty".into()],
@@ -441,12 +469,7 @@ impl Env {
             quick: a.quick,
         };
         let r = tuner::run(&settings)?;
-        for g in &r.goal {
-            eprintln!(
-                "vmm-bench tuner: goal {}: {} ({})",
-                g.scenario, g.verdict, g.detail
-            );
-        }
+        report_goals(&r);
         eprintln!(
             "vmm-bench tuner: done in {:.0} s (a full run: ~{:.0} s); wrote {}/report.md, results.json and {} plots",
             r.total_s,

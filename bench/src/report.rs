@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
 
 /// When and where a benchmark ran.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
     /// Which benchmark (`boot`, `pio`, `memory`).
     pub benchmark: String,
@@ -26,7 +26,7 @@ pub struct Meta {
 }
 
 /// The host's facts that matter to the figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Host {
     /// `uname -r`.
     pub kernel_release: String,
