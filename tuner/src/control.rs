@@ -886,20 +886,22 @@ mod tests {
         t.step(&sample(2, 0.5, 1e6));
         handle.swap(Box::new(Scripted::prefer(&space, "rl:blk0:4")));
         assert_eq!(t.step(&sample(3, 0.5, 1e6)).label, "rl:blk0:4");
+        // A tightening: its first interval settles, the next three judge it.
         t.step(&sample(4, 0.5, 1e1));
         t.step(&sample(5, 0.5, 1e1));
-        let report = t.step(&sample(6, 0.5, 1e1));
+        t.step(&sample(6, 0.5, 1e1));
+        let report = t.step(&sample(7, 0.5, 1e1));
         assert_eq!(report.label, "rollback:rl:blk0:0", "{report:?}");
         assert_eq!(t.stats().rollbacks, 1);
         assert_eq!(t.manager().state().rate_level[0], Some(0));
         // Cooling down: the policy's favourite is masked now.
-        assert_eq!(t.step(&sample(7, 0.5, 1e1)).label, "noop");
+        assert_eq!(t.step(&sample(8, 0.5, 1e1)).label, "noop");
         repo.flush().unwrap();
         let events = repo.events(Some("vm1"), 0).unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, vec![POLICY_SWAP, event_kind::ROLLBACK], "{events:?}");
         assert!(events[1].detail.contains("stayed below baseline"));
-        assert_eq!(events[1].ts_ns, 600_000_000);
+        assert_eq!(events[1].ts_ns, 700_000_000);
         drop(t);
         repo.close().unwrap();
     }

@@ -20,6 +20,13 @@
 //!   ends early, the change kept, at the first reward at or above the threshold (it could
 //!   no longer be rolled back). A change
 //!   made with no reward history yet has no baseline and is kept.
+//! - **Tightened limits settle first** ([`ManagerConfig::settle_after_tightening`]): the
+//!   first interval after a drive's rate limit or the network QoS moves to a tighter
+//!   level still runs on tokens banked under the looser one and scores as if nothing had
+//!   changed, so it neither keeps nor judges the change; the watch is that much longer.
+//! - **No retrying a rolled-back change** ([`ManagerConfig::retry_after_rollback`]):
+//!   the same action is refused for a while after its rollback, unless the workload
+//!   shifts first.
 //! - **Workload shifts** ([`ConfigManager::workload_shifted`], called by the tuner when
 //!   the kind of work the guest reports changes, e.g. from computing to idle): rewards
 //!   before a shift are no baseline for the rewards after it (an idle phase scores below
@@ -282,6 +289,16 @@ pub struct ManagerConfig {
     /// Whether [`ConfigManager::workload_shifted`] re-baselines (default true; false
     /// judges every change against the rewards before it, across shifts too).
     pub rebaseline_on_shift: bool,
+    /// Intervals after a tightened limit (a drive's rate limit or the network QoS moved
+    /// to a tighter level) whose rewards do not judge it (default 1): the limiter's
+    /// buckets still hold tokens banked under the looser limit, so the first interval
+    /// scores as if nothing had changed and would keep the change at once. The watch of
+    /// a tightening lasts this much longer.
+    pub settle_after_tightening: u32,
+    /// Intervals during which a change that was rolled back is refused again (default
+    /// 20), unless the workload shifts first: under the same workload it would fail the
+    /// same way, and retrying it every cooldown costs the guest each time. 0: no memory.
+    pub retry_after_rollback: u64,
 }
 
 impl Default for ManagerConfig {
@@ -292,6 +309,8 @@ impl Default for ManagerConfig {
             baseline_window: 5,
             rollback_tolerance: 0.01,
             rebaseline_on_shift: true,
+            settle_after_tightening: 1,
+            retry_after_rollback: 20,
         }
     }
 }
@@ -327,6 +346,14 @@ pub enum Refusal {
         knob: String,
         /// Intervals left.
         remaining: u64,
+    },
+    /// The same change was rolled back a short while ago, under the same workload.
+    #[error("{name} was rolled back {since} interval(s) ago under the same workload")]
+    RolledBackRecently {
+        /// The change.
+        name: String,
+        /// Intervals since the rollback.
+        since: u64,
     },
     /// Another change is being watched for rollback.
     #[error("{pending} is being evaluated for {remaining} more interval(s)")]
@@ -489,6 +516,15 @@ struct Pending {
     before: KnobState,
     baseline: f64,
     rewards: Vec<f64>,
+    /// Leading rewards that do not judge the change (a tightened limit's bucket draining).
+    settle: usize,
+}
+
+impl Pending {
+    /// The rewards that judge the change.
+    fn judged(&self) -> &[f64] {
+        &self.rewards[self.settle.min(self.rewards.len())..]
+    }
 }
 
 /// Applies actions with the safeguards described in the module documentation.
@@ -504,6 +540,8 @@ pub struct ConfigManager {
     changed_this_interval: bool,
     history: VecDeque<f64>,
     pending: Option<Pending>,
+    /// Changes rolled back, with the interval of the rollback; cleared on a workload shift.
+    rolled_back: HashMap<Action, u64>,
 }
 
 impl ConfigManager {
@@ -535,6 +573,7 @@ impl ConfigManager {
             changed_this_interval: false,
             history: VecDeque::new(),
             pending: None,
+            rolled_back: HashMap::new(),
         })
     }
 
@@ -599,11 +638,12 @@ impl ConfigManager {
         if let (Some(r), Some(p)) = (reward, self.pending.as_mut()) {
             p.rewards.push(r);
             let threshold = p.baseline - self.config.rollback_tolerance;
-            // One reward at or above the threshold decides it: the change can no longer
-            // be rolled back, so the watch ends now and frees the next change.
-            let decided = r >= threshold;
-            if decided || p.rewards.len() >= self.config.rollback_after as usize {
-                let all_below = p.rewards.iter().all(|x| *x < threshold);
+            let judged = p.judged();
+            // One judging reward at or above the threshold decides it: the change can no
+            // longer be rolled back, so the watch ends now and frees the next change.
+            let decided = !judged.is_empty() && r >= threshold;
+            if decided || judged.len() >= self.config.rollback_after as usize {
+                let all_below = judged.iter().all(|x| *x < threshold);
                 if let Some(p) = self.pending.take() {
                     decision = Some(if all_below {
                         self.roll_back(p, knobs)
@@ -640,6 +680,7 @@ impl ConfigManager {
         }
         self.history.clear();
         self.last_change.clear();
+        self.rolled_back.clear();
         self.pending.take().map(|p| Decision::Kept {
             mean: if p.rewards.is_empty() {
                 p.baseline
@@ -660,6 +701,7 @@ impl ConfigManager {
                     self.last_change.insert(k, self.interval);
                 }
                 self.changed_this_interval = true;
+                self.rolled_back.insert(p.action, self.interval);
                 // Rewards seen under the undone change are no baseline for the next one.
                 self.history.clear();
                 Decision::RolledBack {
@@ -698,9 +740,18 @@ impl ConfigManager {
         if let Some(p) = &self.pending {
             return Err(Refusal::Evaluating {
                 pending: p.name.clone(),
-                remaining: (self.config.rollback_after as usize).saturating_sub(p.rewards.len())
-                    as u32,
+                remaining: (self.config.rollback_after as usize + p.settle)
+                    .saturating_sub(p.rewards.len()) as u32,
             });
+        }
+        if let Some(at) = self.rolled_back.get(action) {
+            let since = self.interval.saturating_sub(*at);
+            if since < self.config.retry_after_rollback {
+                return Err(Refusal::RolledBackRecently {
+                    name: self.space.name_of(action),
+                    since,
+                });
+            }
         }
         if let Some(knob) = action.knob() {
             if let Some(at) = self.last_change.get(&knob) {
@@ -764,6 +815,11 @@ impl ConfigManager {
         self.changed_this_interval = true;
         let baseline = self.baseline();
         if let (Some(baseline), true) = (baseline, self.config.rollback_after > 0) {
+            let settle = if tightens(&before, &action) {
+                self.config.settle_after_tightening as usize
+            } else {
+                0
+            };
             self.pending = Some(Pending {
                 action,
                 name: name.clone(),
@@ -771,6 +827,7 @@ impl ConfigManager {
                 before,
                 baseline,
                 rewards: Vec::new(),
+                settle,
             });
         }
         Decision::Applied {
@@ -849,6 +906,7 @@ impl ConfigManager {
     pub fn reset_to_static(&mut self) {
         self.state = self.static_state.clone();
         self.pending = None;
+        self.rolled_back.clear();
         self.history.clear();
         self.changed_this_interval = true;
         let knobs: Vec<Knob> = self
@@ -860,6 +918,20 @@ impl ConfigManager {
         for k in knobs {
             self.last_change.insert(k, self.interval);
         }
+    }
+}
+
+/// Whether `action` moves a limit of `before` to a tighter level (higher on its ladder).
+fn tightens(before: &KnobState, action: &Action) -> bool {
+    match *action {
+        Action::RateLimit { device, level } => before
+            .rate_level
+            .get(device)
+            .copied()
+            .flatten()
+            .is_some_and(|old| level > old),
+        Action::NetQos { level } => before.net_qos.is_some_and(|old| level > old),
+        Action::NoOp | Action::VcpuDelta(_) | Action::Priority { .. } => false,
     }
 }
 
@@ -1225,6 +1297,10 @@ pub(crate) mod tests {
             baseline_window: 4,
             rollback_tolerance: 0.0,
             rebaseline_on_shift: true,
+            // The plain watch: every reward judges, and a rolled-back change may come
+            // again after its cooldown (both have tests of their own).
+            settle_after_tightening: 0,
+            retry_after_rollback: 0,
         };
         let mut m = manager(config);
         let mut k = FakeKnobs::default();
@@ -1283,6 +1359,102 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_tightened_limit_is_judged_after_its_bucket_drains_and_not_retried_soon() {
+        let config = ManagerConfig {
+            cooldown_intervals: 2,
+            rollback_after: 2,
+            rollback_tolerance: 0.0,
+            settle_after_tightening: 1,
+            retry_after_rollback: 6,
+            ..ManagerConfig::default()
+        };
+        let mut m = manager(config);
+        let mut k = FakeKnobs::default();
+        for _ in 0..5 {
+            m.next_interval(Some(2.0), &mut k);
+        }
+        let tighten = Action::RateLimit {
+            device: 0,
+            level: 3,
+        };
+        assert!(matches!(m.apply(tighten, &mut k), Decision::Applied { .. }));
+        // The first interval still runs on banked tokens and scores above the baseline:
+        // it neither keeps the change nor counts against it.
+        assert_eq!(m.next_interval(Some(2.5), &mut k), None);
+        assert_eq!(m.pending(), Some("rl:blk0:3"));
+        assert!(matches!(
+            m.check(&Action::VcpuDelta(1)),
+            Err(Refusal::Evaluating { remaining: 2, .. })
+        ));
+        assert_eq!(m.next_interval(Some(1.0), &mut k), None);
+        let d = m.next_interval(Some(1.2), &mut k).expect("judged");
+        assert!(
+            matches!(&d, Decision::RolledBack { rewards, .. } if rewards == &vec![2.5, 1.0, 1.2]),
+            "{d:?}"
+        );
+        assert_eq!(m.state().rate_level[0], Some(0));
+        // Past its cooldown the knob may move again, but not to the step just undone.
+        for _ in 0..2 {
+            m.next_interval(Some(2.0), &mut k);
+        }
+        let other = Action::RateLimit {
+            device: 0,
+            level: 1,
+        };
+        assert_eq!(m.check(&other), Ok(()));
+        assert!(
+            matches!(m.check(&tighten), Err(Refusal::RolledBackRecently { ref name, since: 2 }) if name == "rl:blk0:3"),
+            "{:?}",
+            m.check(&tighten)
+        );
+        assert!(!m.mask()[m.space().index_of(&tighten).unwrap()]);
+        // Until the memory runs out...
+        for _ in 0..4 {
+            m.next_interval(Some(2.0), &mut k);
+        }
+        assert_eq!(m.check(&tighten), Ok(()));
+        // ... or the workload shifts.
+        assert!(matches!(m.apply(tighten, &mut k), Decision::Applied { .. }));
+        for r in [2.5, 1.0, 1.0] {
+            m.next_interval(Some(r), &mut k);
+        }
+        assert_eq!(m.state().rate_level[0], Some(0), "rolled back again");
+        m.next_interval(Some(2.0), &mut k);
+        assert!(matches!(
+            m.check(&tighten),
+            Err(Refusal::RolledBackRecently { .. })
+        ));
+        let _ = m.workload_shifted();
+        assert_eq!(m.check(&tighten), Ok(()));
+
+        // A tightening whose reward holds after the bucket drained is kept; a loosening
+        // is judged from its first interval.
+        let mut m = manager(config);
+        let mut k = FakeKnobs::default();
+        for _ in 0..5 {
+            m.next_interval(Some(2.0), &mut k);
+        }
+        assert!(matches!(m.apply(tighten, &mut k), Decision::Applied { .. }));
+        assert_eq!(m.next_interval(Some(1.0), &mut k), None, "settling");
+        assert!(matches!(
+            m.next_interval(Some(2.1), &mut k),
+            Some(Decision::Kept { .. })
+        ));
+        for _ in 0..2 {
+            m.next_interval(Some(2.0), &mut k);
+        }
+        let loosen = Action::RateLimit {
+            device: 0,
+            level: 0,
+        };
+        assert!(matches!(m.apply(loosen, &mut k), Decision::Applied { .. }));
+        assert!(matches!(
+            m.next_interval(Some(2.5), &mut k),
+            Some(Decision::Kept { .. })
+        ));
+    }
+
+    #[test]
     fn a_workload_shift_keeps_the_watched_change_and_restarts_the_baseline() {
         let config = ManagerConfig {
             rollback_tolerance: 0.0,
@@ -1335,6 +1507,8 @@ pub(crate) mod tests {
         m.next_interval(Some(-1.0), &mut k);
         assert_eq!(m.workload_shifted(), None);
         assert!(matches!(m.check(&lift), Err(Refusal::Evaluating { .. })));
+        // A tightening: its first interval settles, the next three judge it.
+        m.next_interval(Some(-1.0), &mut k);
         m.next_interval(Some(-1.0), &mut k);
         let d = m.next_interval(Some(-1.0), &mut k);
         assert!(matches!(d, Some(Decision::RolledBack { .. })), "{d:?}");
