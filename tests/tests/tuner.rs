@@ -804,3 +804,106 @@ fn a_policy_s_start_configuration_is_in_force_from_the_first_interval() {
     assert_eq!(events, vec!["rl:blk0:4"]);
     assert_eq!(knobs(&first), [2.0, 4.0, 3.0, 0.0, 2.0]);
 }
+
+/// The `Seccomp:` mode (0 off, 2 filter) of every thread of process `pid`, by name.
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|m| m.trim().to_string())
+            .unwrap_or_default();
+        out.push((comm.trim().to_string(), mode));
+    }
+    out.sort();
+    out
+}
+
+/// Starts a VM with every helper thread (tuner, state repository, watchdog, metrics
+/// server, online learner) and returns its threads' seccomp modes once they all run.
+fn helper_threads(dir: &Scratch, extra: &[&str]) -> Vec<(String, String)> {
+    let kernel = kernel_path("cpu-burn");
+    let spec = format!("path={}", disk(dir));
+    let db = dir.path("t.db");
+    let mut child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "ms=3000",
+            "--drive",
+            &spec,
+            "--learn",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--state-db",
+            db.to_str().unwrap(),
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let want = ["tuner-agent", "tuner-metrics", "tuner-watchdog", "learner"];
+    let start = std::time::Instant::now();
+    let mut threads = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        threads = thread_seccomp(child.id());
+        if want.iter().all(|w| threads.iter().any(|(n, _)| n == w)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A thread installs its filter as its first step: give the last one that moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let threads_now = thread_seccomp(child.id());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    for w in want {
+        assert!(
+            threads_now.iter().any(|(n, _)| n == w),
+            "no {w} thread: {threads_now:?} (first look {threads:?})"
+        );
+    }
+    threads_now
+}
+
+#[test]
+fn every_thread_of_a_tuned_vm_runs_under_a_seccomp_filter() {
+    let _machine = shared();
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("tuner-seccomp");
+    let threads = helper_threads(&dir, &[]);
+    eprintln!("threads: {threads:?}");
+    for (name, mode) in &threads {
+        assert_eq!(
+            mode, "2",
+            "thread {name} runs without a filter: {threads:?}"
+        );
+    }
+    for name in ["tuner-state-rep", "tuner-sink-tun", "vcpu0"] {
+        assert!(
+            threads.iter().any(|(n, _)| n.starts_with(name)),
+            "no {name}: {threads:?}"
+        );
+    }
+    // The check can tell: without filters no thread has one.
+    let dir = Scratch::new("tuner-seccomp-off");
+    let threads = helper_threads(&dir, &["--no-seccomp"]);
+    assert!(threads.iter().all(|(_, m)| m == "0"), "{threads:?}");
+}

@@ -572,9 +572,11 @@ impl Agent {
             let (tx, rx) = mpsc::sync_channel::<Arc<Sample>>(config.sink_queue);
             let name = format!("tuner-sink-{}", sink.name());
             let shared = Arc::clone(&shared);
+            let thread_name = name.clone();
             let handle = thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
+                    crate::sandbox::enter_thread(&thread_name);
                     for sample in rx {
                         sink.accept(&sample);
                         if let Some(c) = shared.sinks.get(i) {
@@ -598,6 +600,7 @@ impl Agent {
         let handle = thread::Builder::new()
             .name("tuner-agent".to_string())
             .spawn(move || {
+                crate::sandbox::enter_thread("tuner-agent");
                 let mut sampler = Sampler::new();
                 let mut next = Instant::now();
                 loop {

@@ -19,6 +19,8 @@
 //! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
 //!   watchdog) and the [`manager::Knobs`] trait the monitor implements.
 //! - [`control`]: the tuner loop tying them together as an agent sink, with hot reload.
+//! - [`sandbox`]: the hook each of the tuner's threads runs first (the monitor confines
+//!   them there).
 //!
 //! The monitor reaches the tuner only through narrow traits, so everything here can be
 //! tested against a fake monitor.
@@ -36,5 +38,6 @@ pub mod manager;
 pub mod policy;
 pub mod prometheus;
 pub mod reward;
+pub mod sandbox;
 pub mod schema;
 pub mod state_repo;

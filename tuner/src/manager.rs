@@ -1052,6 +1052,7 @@ impl Watchdog {
         let thread = thread::Builder::new()
             .name("tuner-watchdog".to_string())
             .spawn(move || {
+                crate::sandbox::enter_thread("tuner-watchdog");
                 // Until stopped (or the handle dropped), poll every half interval.
                 while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(period) {
                     if let Some(silent) = self.poll() {

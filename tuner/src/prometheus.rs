@@ -602,6 +602,7 @@ impl MetricsServer {
         let handle = thread::Builder::new()
             .name("tuner-metrics".to_string())
             .spawn(move || {
+                crate::sandbox::enter_thread("tuner-metrics");
                 let conn = Conn {
                     source: source.as_ref(),
                     latest: latest.as_ref(),

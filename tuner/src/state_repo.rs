@@ -618,6 +618,7 @@ impl StateRepo {
         let handle = thread::Builder::new()
             .name("tuner-state-repo".to_string())
             .spawn(move || {
+                crate::sandbox::enter_thread("tuner-state-repo");
                 let mut w = WriterThread::new(conn, config, thread_counters);
                 w.run(rx);
             })

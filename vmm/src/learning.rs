@@ -89,7 +89,10 @@ pub fn start(
     let (sender, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
     let thread = std::thread::Builder::new()
         .name("learner".into())
-        .spawn(move || run(learner, rx, settings, handle))?;
+        .spawn(move || {
+            tuner::sandbox::enter_thread("learner");
+            run(learner, rx, settings, handle)
+        })?;
     log::info!(
         "online learning on: refresh every {} transitions, {} DQN steps each",
         settings.every,

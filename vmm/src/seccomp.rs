@@ -1,9 +1,18 @@
 //! seccomp filters for the monitor's threads, built with seccompiler.
 //!
-//! Two filters: one for the vCPU threads (KVM_RUN and the few calls devices make from an
-//! exit), one for the main thread's event loop. A syscall outside a filter kills the
-//! process with SIGSYS: an attacker who took over a device emulation path cannot open
-//! files, sockets or new processes.
+//! One filter for the vCPU threads (KVM_RUN and the few calls devices make from an exit),
+//! one for the main thread's event loop: a syscall outside them kills the process with
+//! SIGSYS, so an attacker who took over a device emulation path cannot open files,
+//! sockets or new processes.
+//!
+//! The helper threads (the tuner's sampler, sinks, state repository writer, watchdog and
+//! metrics server, and the online learner) each get a filter of their role
+//! ([`HelperRole`], installed through [`tuner::sandbox`] as each thread starts). A call
+//! outside a helper's list fails with `EPERM` instead of killing the VM: these threads
+//! never touch guest memory, every failure of theirs is already handled (a knob that
+//! cannot be set is refused and logged, the tuner falls back to the static
+//! configuration), and the guest should not die for a rare library path of the tuner's
+//! (SQLite, tract, burn). The confinement is the same: the call does not happen.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +53,8 @@ const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TIOCGWINSZ: u64 = 0x5413;
 const FIONBIO: u64 = 0x5421;
+/// _IOW(KVMIO, 0x42, struct kvm_dirty_log): the sampler's dirty-page count.
+const KVM_GET_DIRTY_LOG: u64 = 0x4010_ae42;
 
 /// Calls every thread of the monitor may make (memory, locks, signals, time, logging).
 const COMMON_SYSCALLS: &[i64] = &[
@@ -99,22 +110,36 @@ fn build(
     ioctls: &[u64],
     conditional: Option<ConditionalRule>,
 ) -> Result<BpfProgram, SeccompError> {
+    build_with(
+        thread,
+        extra,
+        ioctls,
+        conditional,
+        SeccompAction::KillProcess,
+    )
+}
+
+fn build_with(
+    thread: &'static str,
+    extra: &[i64],
+    ioctls: &[u64],
+    conditional: Option<ConditionalRule>,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
     let err = |source| SeccompError::Build { thread, source };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in COMMON_SYSCALLS.iter().chain(extra) {
         rules.insert(nr, vec![]);
     }
-    rules.insert(libc::SYS_ioctl, ioctl_rule(ioctls).map_err(err)?);
+    // An empty rule list would allow every ioctl: a thread with none gets no entry.
+    if !ioctls.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctl_rule(ioctls).map_err(err)?);
+    }
     if let Some((nr, conditioned)) = conditional {
         rules.insert(nr, vec![conditioned().map_err(err)?]);
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(err)?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(err)?;
     BpfProgram::try_from(filter).map_err(err)
 }
 
@@ -172,6 +197,138 @@ fn read_only_open() -> Result<SeccompRule, seccompiler::BackendError> {
         SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
         libc::O_RDONLY as u64,
     )?])
+}
+
+/// The roles of the helper threads, each with a filter of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HelperRole {
+    /// `tuner-agent`: reads the counters every interval (KVM stats fds, the dirty log).
+    Sampler,
+    /// `tuner-metrics`: the Prometheus endpoint; reads the counters and serves HTTP on
+    /// the socket bound before it started.
+    Metrics,
+    /// `tuner-sink-*` and `tuner-watchdog`: the tuner loop (inference, the knobs: rate
+    /// limiter timers, vCPU affinity and cgroup quota writes) and the fallback.
+    Tuner,
+    /// `tuner-state-repo`: SQLite writes to the state repository opened before it.
+    StateRepo,
+    /// `learner`: online training (burn); reads configuration files read-only.
+    Learner,
+}
+
+impl HelperRole {
+    /// Every role.
+    pub const ALL: [HelperRole; 5] = [
+        HelperRole::Sampler,
+        HelperRole::Metrics,
+        HelperRole::Tuner,
+        HelperRole::StateRepo,
+        HelperRole::Learner,
+    ];
+
+    /// The role of a thread by its name; names this monitor does not know get the
+    /// tightest role, [`HelperRole::Tuner`].
+    pub fn of_thread(name: &str) -> HelperRole {
+        match name {
+            "tuner-agent" => HelperRole::Sampler,
+            "tuner-metrics" => HelperRole::Metrics,
+            "tuner-state-repo" => HelperRole::StateRepo,
+            "learner" => HelperRole::Learner,
+            _ => HelperRole::Tuner,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            HelperRole::Sampler => "sampler",
+            HelperRole::Metrics => "metrics",
+            HelperRole::Tuner => "tuner",
+            HelperRole::StateRepo => "state-repo",
+            HelperRole::Learner => "learner",
+        }
+    }
+}
+
+/// The filter of a helper thread of `role` (mismatch: `EPERM`).
+pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
+    // Beyond COMMON_SYSCALLS: std asks for the CPU set and SQLite for the pid.
+    let mut extra = vec![libc::SYS_getpid, libc::SYS_sched_getaffinity];
+    let mut ioctls: Vec<u64> = Vec::new();
+    let mut conditional: Option<ConditionalRule> = None;
+    match role {
+        HelperRole::Sampler => {
+            extra.push(libc::SYS_pread64);
+            ioctls.push(KVM_GET_DIRTY_LOG);
+        }
+        HelperRole::Metrics => {
+            extra.extend([
+                libc::SYS_pread64,
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_setsockopt,
+                libc::SYS_shutdown,
+                libc::SYS_poll,
+            ]);
+            ioctls.push(KVM_GET_DIRTY_LOG);
+        }
+        HelperRole::Tuner => extra.extend([
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+            libc::SYS_sched_setaffinity,
+        ]),
+        HelperRole::StateRepo => extra.extend([
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_lseek,
+            libc::SYS_ftruncate,
+            // The WAL and shared-memory files go when the repository closes.
+            libc::SYS_unlink,
+        ]),
+        HelperRole::Learner => {
+            extra.extend([libc::SYS_getcwd, libc::SYS_newfstatat, libc::SYS_statx]);
+            // burn looks for its configuration file; read-only opens only.
+            conditional = Some((libc::SYS_openat, read_only_open));
+        }
+    }
+    build_with(
+        role.name(),
+        &extra,
+        &ioctls,
+        conditional,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
+/// The helper filters, built once before the helper threads start.
+#[derive(Debug)]
+pub struct HelperFilters(BTreeMap<HelperRole, BpfProgram>);
+
+impl HelperFilters {
+    /// Builds the filter of every role.
+    pub fn build() -> Result<HelperFilters, SeccompError> {
+        HelperRole::ALL
+            .into_iter()
+            .map(|r| Ok((r, helper_filter(r)?)))
+            .collect::<Result<_, _>>()
+            .map(HelperFilters)
+    }
+
+    /// Installs the filter of thread `name`'s role on the calling thread. A failure is
+    /// logged: the kernel took the main and vCPU filters, so it does not happen short
+    /// of a bug, and the helper's work is not worth the guest's life.
+    pub fn install_for(&self, name: &str) {
+        let role = HelperRole::of_thread(name);
+        if let Some(filter) = self.0.get(&role) {
+            match seccompiler::apply_filter(filter) {
+                Ok(()) => log::debug!("seccomp filter {} installed on {name}", role.name()),
+                Err(e) => log::error!("cannot install the seccomp filter of {name}: {e}"),
+            }
+        }
+    }
 }
 
 /// Installs `filter` on the calling thread.
@@ -249,6 +406,105 @@ mod tests {
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
     }
 
+    /// Runs `body` in a child under `filter`; the child exits with `body`'s result.
+    fn child_exit(filter: &BpfProgram, body: fn() -> bool) -> bool {
+        // SAFETY: the child only makes raw syscalls before `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if seccompiler::apply_filter(filter).is_err() {
+                90
+            } else if body() {
+                0
+            } else {
+                1
+            };
+            // SAFETY: leaving the child without running destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+        libc::WEXITSTATUS(status) == 0
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn helper_threads_get_eperm_outside_their_role_and_keep_running() {
+        let sampler = helper_filter(HelperRole::Sampler).unwrap();
+        // A socket is no sampler's business: EPERM, and the process lives on.
+        assert!(child_exit(&sampler, || {
+            // SAFETY: plain syscall; refused by the filter.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            fd == -1 && errno() == libc::EPERM
+        }));
+        // Neither is opening a file, even read-only.
+        assert!(child_exit(&sampler, || {
+            // SAFETY: NUL-terminated path; refused by the filter.
+            let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+            fd == -1 && errno() == libc::EPERM
+        }));
+        // What it needs passes: pread on a stats fd (here: an invalid one, EBADF, not EPERM).
+        assert!(child_exit(&sampler, || {
+            let mut b = [0u8; 8];
+            // SAFETY: fd -1 is invalid; the kernel answers EBADF without touching `b`.
+            let n = unsafe { libc::pread(-1, b.as_mut_ptr().cast(), 8, 0) };
+            n == -1 && errno() == libc::EBADF
+        }));
+        // The state repository may not spawn a process or open files; the learner may
+        // open read-only but not for writing.
+        let repo = helper_filter(HelperRole::StateRepo).unwrap();
+        assert!(child_exit(&repo, || {
+            // SAFETY: NUL-terminated path; refused by the filter.
+            let fd = unsafe { libc::open(c"/tmp/vmm-seccomp-test".as_ptr(), libc::O_RDONLY) };
+            fd == -1 && errno() == libc::EPERM
+        }));
+        let learner = helper_filter(HelperRole::Learner).unwrap();
+        assert!(child_exit(&learner, || {
+            // SAFETY: NUL-terminated path, read-only: allowed (then closed).
+            let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+            // SAFETY: closing the fd just opened.
+            fd >= 0 && unsafe { libc::close(fd) } == 0
+        }));
+        assert!(child_exit(&learner, || {
+            // SAFETY: NUL-terminated path; the write open is refused by the filter.
+            let fd = unsafe {
+                libc::open(
+                    c"/tmp/vmm-seccomp-test-w".as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT,
+                    0o600,
+                )
+            };
+            fd == -1 && errno() == libc::EPERM
+        }));
+        // The tuner may move vCPU threads between cores but not ask for KVM ioctls.
+        let tuner = helper_filter(HelperRole::Tuner).unwrap();
+        assert!(child_exit(&tuner, || {
+            // SAFETY: KVM_GET_API_VERSION on stdin: refused by the filter before it runs.
+            let r = unsafe { libc::ioctl(0, 0xae00) };
+            r == -1 && errno() == libc::EPERM
+        }));
+    }
+
+    #[test]
+    fn thread_names_map_to_roles() {
+        assert_eq!(HelperRole::of_thread("tuner-agent"), HelperRole::Sampler);
+        assert_eq!(HelperRole::of_thread("tuner-metrics"), HelperRole::Metrics);
+        assert_eq!(
+            HelperRole::of_thread("tuner-state-repo"),
+            HelperRole::StateRepo
+        );
+        assert_eq!(HelperRole::of_thread("learner"), HelperRole::Learner);
+        for n in ["tuner-sink-tuner", "tuner-watchdog", "anything"] {
+            assert_eq!(HelperRole::of_thread(n), HelperRole::Tuner, "{n}");
+        }
+        assert_eq!(HelperFilters::build().unwrap().0.len(), 5);
+    }
+
     #[test]
     fn ioctl_numbers_match_the_kernel_encoding() {
         // _IOR(type, nr, size) = (2 << 30) | (size << 16) | (type << 8) | nr.
@@ -260,6 +516,12 @@ mod tests {
         assert_eq!(
             KVM_GET_SREGS,
             ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
+        );
+        // _IOW: direction 1.
+        let iow = |nr: u64, size: usize| (1u64 << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        assert_eq!(
+            KVM_GET_DIRTY_LOG,
+            iow(0x42, std::mem::size_of::<kvm_bindings::kvm_dirty_log>())
         );
     }
 }

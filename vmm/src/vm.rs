@@ -569,6 +569,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .map_err(|e| ConfigError::new("api_sock", e.to_string()))?;
         subscribers.push(Arc::new(Mutex::new(server)));
     }
+    if cfg.seccomp {
+        // Before the helper threads start: each installs its role's filter first thing.
+        let helpers = seccomp::HelperFilters::build()?;
+        if !tuner::sandbox::set_thread_hook(Box::new(move |name| helpers.install_for(name))) {
+            log::debug!("the helper threads' seccomp hook was set by an earlier VM");
+        }
+    }
     let telemetry = Telemetry::start(cfg, runtime.clone())?;
 
     let vcpu_filter = if cfg.seccomp {
