@@ -570,6 +570,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         subscribers.push(Arc::new(Mutex::new(server)));
     }
     if cfg.seccomp {
+        if cfg.tuner_on() {
+            // tract's one-time CPU probe (on an AMX host it calls `arch_prctl`, which no
+            // filter allows) runs now, before any filtered thread may be the first to
+            // infer: the tuner and learner threads below, or a policy (re)loaded later
+            // on this thread under the main filter.
+            tuner::policy::prepare_inference();
+        }
         // Before the helper threads start: each installs its role's filter first thing.
         let helpers = seccomp::HelperFilters::build()?;
         if !tuner::sandbox::set_thread_hook(Box::new(move |name| helpers.install_for(name))) {
@@ -638,10 +645,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     }
     log::info!("VM set up in {:?}", started.elapsed());
     if let Some(f) = &main_filter {
-        if cfg.tuner_on() {
-            // A policy may be (re)loaded later on this thread, under the filter.
-            tuner::policy::prepare_inference();
-        }
         seccomp::install("main", f)?;
     }
 
