@@ -130,7 +130,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LearnError + '_ {
     }
 }
 
-fn card_json(card: &ModelCard) -> Result<Vec<u8>, LearnError> {
+/// A card as the trainer writes it (pretty JSON, newline at the end).
+pub(crate) fn card_json(card: &ModelCard) -> Result<Vec<u8>, LearnError> {
     let mut text = serde_json::to_vec_pretty(card)
         .map_err(|e| LearnError::Export(format!("model card: {e}")))?;
     text.push(b'\n');

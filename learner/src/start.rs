@@ -10,6 +10,14 @@
 //! vector, until the network picks `noop`. The configuration most walks end in becomes
 //! the card's [`StartConfig`] when at least half of them end there; the tuner sets it
 //! before the guest's first interval (see `ConfigManager::start_in`).
+//!
+//! The walks start from idle states the data recorded under the VM's own configuration
+//! when it holds at least [`MIN_IDLE_STATES`] of them: their other features (exits,
+//! halts, interrupts of every active vCPU) agree with the knobs. Only without enough of
+//! them are the knobs of other idle states reset, and such a vector mixes two
+//! configurations: one recorded at 1 vCPU but saying 2 shows one idle vCPU's exits, and
+//! the shipped policy walked 90% of those to 2 vCPUs where all 40 consistent ones went to
+//! 1 (it leaves an idle guest at 1 vCPU when it runs).
 
 use tuner::actions::{ActionSpace, DeviceKind};
 use tuner::manager::KnobState;
@@ -65,8 +73,24 @@ pub fn idle_start(
             idle.len()
         )));
     }
-    let take = idle.len().min(MAX_IDLE_STATES);
     let from = KnobState::initial(space, max_vcpus);
+    let consistent: Vec<&[f32]> = idle
+        .iter()
+        .copied()
+        .filter(|v| knobs_of(space, v) == from)
+        .collect();
+    let (idle, kind) = if consistent.len() >= MIN_IDLE_STATES {
+        (
+            consistent,
+            "idle states the data recorded under that configuration",
+        )
+    } else {
+        (
+            idle,
+            "idle states of the data with their knobs reset to it (too few were recorded under it)",
+        )
+    };
+    let take = idle.len().min(MAX_IDLE_STATES);
     let mut walks: Vec<Vec<f32>> = (0..take)
         .map(|i| {
             let mut v = idle[i * idle.len() / take].to_vec();
@@ -144,8 +168,8 @@ pub fn idle_start(
         drives,
         basis: format!(
             "where the network takes an idle guest from the VM's own configuration ({max_vcpus} \
-             vCPUs, unlimited drives, medium priorities): {count} of {take} walks from idle \
-             states of the data end here"
+             vCPUs, unlimited drives, medium priorities): {count} of {take} walks from {kind} \
+             end here"
         ),
     }))
 }
@@ -207,6 +231,64 @@ mod tests {
             ]
         );
         assert!(start.basis.contains("30 of 30"), "{}", start.basis);
+    }
+
+    #[test]
+    fn walks_start_from_idle_states_recorded_under_the_vms_configuration() {
+        use crate::valid_actions::set_knobs;
+        let space = ActionSpace::new(2, 0, 4);
+        let own = KnobState::initial(&space, 2);
+        let mut scaled_down = own.clone();
+        scaled_down.vcpus = 1;
+        scaled_down.rate_level = vec![Some(4), Some(4)];
+        // 25 idle states recorded under the VM's own configuration (2 idle vCPUs: two
+        // vCPUs' worth of exits) and 100 recorded at 1 vCPU (one vCPU's worth).
+        let exits = FeatureId::ExitRateHlt.index();
+        let mut states = Vec::new();
+        for (n, knobs, rate) in [(25, &own, 0.2f32), (100, &scaled_down, 0.1)] {
+            for _ in 0..n {
+                let mut v = idle_vector();
+                v[exits] = rate;
+                set_knobs(&space, &mut v, knobs);
+                states.push(v);
+            }
+        }
+        let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
+        // A network that scales down only where the exits say two vCPUs idle; the reset
+        // vectors of the 1-vCPU states say 2 vCPUs but show one vCPU's exits.
+        let space2 = space.clone();
+        let by_exits = move |batch: &[&[f32]]| -> Result<Vec<Vec<f32>>, LearnError> {
+            let mut frugal = frugal(&space2);
+            let scaled: Vec<Vec<f32>> = frugal(batch)?;
+            Ok(batch
+                .iter()
+                .zip(scaled)
+                .map(|(v, q)| {
+                    if v[exits] > 0.15 {
+                        q
+                    } else {
+                        let mut q = vec![-1.0; q.len()];
+                        q[0] = 1.0;
+                        q
+                    }
+                })
+                .collect())
+        };
+        let StartChoice::Chosen(start) = idle_start(&space, 2, &refs, by_exits.clone()).unwrap()
+        else {
+            panic!("expected a start configuration");
+        };
+        assert_eq!(start.active_vcpus, 1, "{start:?}");
+        assert!(start.basis.contains("25 of 25"), "{}", start.basis);
+        assert!(start.basis.contains("recorded under"), "{}", start.basis);
+        // With too few consistent states, the knobs of every idle state are reset; here
+        // most of those walks stop at once, at the VM's own configuration.
+        let few: Vec<&[f32]> = refs[15..].to_vec();
+        let StartChoice::Chosen(start) = idle_start(&space, 2, &few, by_exits).unwrap() else {
+            panic!("expected a start configuration");
+        };
+        assert_eq!(start.active_vcpus, 2, "{start:?}");
+        assert!(start.basis.contains("reset"), "{}", start.basis);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
+use tuner::policy::{ModelCard, OnnxPolicy, Policy, PolicyError, StartConfig};
 use tuner::reward::RewardWeights;
 
 use crate::dataset::{self, DatasetOptions};
@@ -135,7 +136,7 @@ pub struct TrainReport {
     /// Greedy action per data state, by name (nonzero counts).
     pub greedy: BTreeMap<String, u64>,
     /// The start configuration written into the card (see [`crate::start`]).
-    pub start: Option<tuner::policy::StartConfig>,
+    pub start: Option<StartConfig>,
 }
 
 impl TrainReport {
@@ -153,29 +154,33 @@ impl TrainReport {
 
     /// The line `vmm train` prints about the start configuration.
     pub fn start_line(&self) -> String {
-        match &self.start {
-            Some(s) => {
-                let drives: Vec<String> = s
-                    .drives
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| format!("blk{i} level {} {}", d.rate_level, d.priority.name()))
-                    .collect();
-                format!(
-                    "train: start configuration {} vCPU(s), {}",
-                    s.active_vcpus,
-                    drives.join(", ")
-                )
-            }
-            None => "train: no start configuration (the tuner starts from the VM's own)".into(),
-        }
+        start_line(self.start.as_ref())
     }
 }
 
-/// Reads the data, trains, exports and checks (see the module documentation).
-pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
-    opts.validate()?;
-    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+/// The line `vmm train` prints about a start configuration (`None`: none chosen).
+pub fn start_line(start: Option<&StartConfig>) -> String {
+    match start {
+        Some(s) => {
+            let drives: Vec<String> = s
+                .drives
+                .iter()
+                .enumerate()
+                .map(|(i, d)| format!("blk{i} level {} {}", d.rate_level, d.priority.name()))
+                .collect();
+            format!(
+                "train: start configuration {} vCPU(s), {}",
+                s.active_vcpus,
+                drives.join(", ")
+            )
+        }
+        None => "train: no start configuration (the tuner starts from the VM's own)".into(),
+    }
+}
+
+/// The reward weights a card for `data` records: the data's, or the given ones when the
+/// data does not record any (given ones that differ from recorded ones are an error).
+fn card_weights(opts: &TrainOptions, data: &dataset::Dataset) -> Result<RewardWeights, LearnError> {
     let weights = match (&opts.reward_weights, data.summary.weights_recorded) {
         (Some(given), true) if *given != data.reward_weights => {
             return Err(LearnError::RewardWeightsMismatch {
@@ -197,6 +202,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
             weights.cost
         );
     }
+    Ok(weights)
+}
+
+/// Reads the data, trains, exports and checks (see the module documentation).
+pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
+    opts.validate()?;
+    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+    let weights = card_weights(opts, &data)?;
     let space = data.space();
     let mut dqn = Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?
         .with_valid_actions(space.clone(), data.max_vcpus);
@@ -303,4 +316,54 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         greedy,
         start,
     })
+}
+
+/// Re-derives the start configuration ([`crate::start`]) of the model already at
+/// `opts.out` from the data of `opts.state_db`, without training: the model's own
+/// Q-values (through tract) walk the data's idle states, and only the card's `start`
+/// changes (removed when no configuration is chosen). The card is rewritten in place
+/// after the model and new card load together; on failure the old card is put back. For
+/// cards made before a change to the derivation, or to use more data.
+pub fn refresh_start(opts: &TrainOptions) -> Result<Option<StartConfig>, LearnError> {
+    opts.validate()?;
+    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+    let weights = card_weights(opts, &data)?;
+    let space = data.space();
+    let bad_model =
+        |e: PolicyError| LearnError::bad_option("out", format!("{}: {e}", opts.out.display()));
+    let mut policy = OnnxPolicy::load(&opts.out, &space, Some(&weights)).map_err(bad_model)?;
+    let states: Vec<&[f32]> = data
+        .transitions
+        .iter()
+        .map(|t| t.state.as_slice())
+        .collect();
+    let choice = crate::start::idle_start(&space, data.max_vcpus, &states, |batch| {
+        batch
+            .iter()
+            .map(|v| policy.q_values(v).map_err(LearnError::Policy))
+            .collect()
+    })?;
+    let start = match choice {
+        crate::start::StartChoice::Chosen(s) => Some(s),
+        crate::start::StartChoice::None(why) => {
+            log::info!("no start configuration: {why}");
+            None
+        }
+    };
+    let card_path = ModelCard::path_for(&opts.out);
+    let io = |source| LearnError::Io {
+        path: card_path.clone(),
+        source,
+    };
+    let old = std::fs::read(&card_path).map_err(io)?;
+    let mut card: ModelCard = serde_json::from_slice(&old)
+        .map_err(|e| LearnError::bad_option("out", format!("{}: {e}", card_path.display())))?;
+    card.start = start.clone();
+    let text = export::card_json(&card)?;
+    std::fs::write(&card_path, &text).map_err(io)?;
+    if let Err(e) = OnnxPolicy::load(&opts.out, &space, Some(&weights)) {
+        std::fs::write(&card_path, &old).map_err(io)?;
+        return Err(LearnError::Reload(e));
+    }
+    Ok(start)
 }

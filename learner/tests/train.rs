@@ -113,6 +113,29 @@ fn trains_exports_and_tract_agrees_and_prefers_the_paying_action() {
     // Misses sit near the boundary (utilisation close to one half); 181 to 192 of 200
     // over seeds 1 to 4 and 7.
     assert!(hits >= trials * 85 / 100, "{hits}/{trials}");
+
+    // Refreshing the start from the same data rewrites the card as training wrote it
+    // (tract's Q-values walk where the trainer's did); a card whose start was changed
+    // gets it back, and nothing else of the card moves.
+    let written = std::fs::read(&card_path).unwrap();
+    assert_eq!(learner::train::refresh_start(&opts).unwrap(), report.start);
+    assert_eq!(std::fs::read(&card_path).unwrap(), written);
+    let mut card: serde_json::Value = serde_json::from_slice(&written).unwrap();
+    card["start"] = serde_json::json!({
+        "active_vcpus": 3,
+        "drives": [{"rate_level": 1, "priority": "high"}],
+        "basis": "edited by hand"
+    });
+    std::fs::write(&card_path, serde_json::to_vec(&card).unwrap()).unwrap();
+    assert_eq!(learner::train::refresh_start(&opts).unwrap(), report.start);
+    assert_eq!(std::fs::read(&card_path).unwrap(), written);
+    // No model at --out: an error that names it, and no card written.
+    let mut missing = opts.clone();
+    missing.out = dir.path().join("nowhere.onnx");
+    let e = learner::train::refresh_start(&missing).unwrap_err();
+    assert_eq!(e.option(), "out", "{e}");
+    assert!(e.to_string().contains("nowhere.onnx"), "{e}");
+    assert!(!ModelCard::path_for(&missing.out).exists());
 }
 
 #[test]

@@ -223,6 +223,11 @@ struct TrainArgs {
     /// does; THROUGHPUT_REF defaults to 2e6 ops/s).
     #[arg(long, value_name = "T,L,U,C[,REF]")]
     reward_weights: Option<String>,
+    /// Do not train: re-derive the start configuration of the model already at --out
+    /// from the data (its own Q-values walk the data's idle states) and rewrite only its
+    /// card's `start`.
+    #[arg(long)]
+    refresh_start: bool,
 }
 
 fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> {
@@ -277,10 +282,26 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
 }
 
 fn run_train(args: TrainArgs) -> ExitCode {
+    let refresh = args.refresh_start;
     let opts = match train_options(args) {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };
+    if refresh {
+        return match learner::train::refresh_start(&opts) {
+            Ok(start) => {
+                println!("{}", learner::train::start_line(start.as_ref()));
+                ExitCode::SUCCESS
+            }
+            Err(e) if e.is_input_error() => {
+                usage_error(&ConfigError::new(e.option(), e.to_string()))
+            }
+            Err(e) => {
+                eprintln!("vmm: error: train: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match learner::train(&opts) {
         Ok(report) => {
             println!("{}", report.summary_line());
