@@ -139,6 +139,18 @@ pub fn run_kernel(kernel: &str, extra: &[&str], limit: Duration) -> Run {
     vmm(&args, limit)
 }
 
+/// `vmm run --kernel <test kernel> <extra...>` with stdin closed, for a test that talks to
+/// the running monitor; the caller sets stdout and stderr and spawns it.
+pub fn kernel_command(kernel: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(kernel_path(kernel))
+        .args(extra)
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// A scratch directory unique to this process and `name`, removed when dropped.
 pub struct Scratch(pub PathBuf);
 

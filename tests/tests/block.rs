@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{api, kvm_available, run_kernel, vmm_bin, wait_for, Run, Scratch};
+use integration_tests::{api, kernel_command, kvm_available, run_kernel, wait_for, Run, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -222,15 +222,7 @@ fn limit_changed_mid_run_takes_effect_within_one_refill_period() {
     let d = disk(&dir, "d.img", 64);
     let sock = dir.path("api.sock");
     let sock = sock.to_str().unwrap();
-    let kernel = integration_tests::kernel_path("blk-io");
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--mem-mib",
-            "64",
-        ])
+    let child = kernel_command("blk-io", &["--mem-mib", "64"])
         .args(["--drive", &format!("path={d},bw=1000000")])
         .args([
             "--api-sock",
@@ -238,7 +230,6 @@ fn limit_changed_mid_run_takes_effect_within_one_refill_period() {
             "--cmdline",
             "mode=seqread ms=5000 depth=4 bs=16384",
         ])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -287,17 +278,8 @@ fn control_socket_rejects_bad_requests() {
     let d = disk(&dir, "d.img", 1);
     let sock = dir.path("api.sock");
     let sock = sock.to_str().unwrap();
-    let kernel = integration_tests::kernel_path("bad-loop");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--timeout-ms",
-            "20000",
-        ])
+    let mut child = kernel_command("bad-loop", &["--timeout-ms", "20000"])
         .args(["--drive", &format!("path={d}"), "--api-sock", sock])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -4,10 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use integration_tests::{kernel_path, kvm_available, run_kernel, vmm_bin, Scratch};
+use integration_tests::{kernel_command, kvm_available, run_kernel, Scratch};
 use tuner::schema::Schema;
 use tuner::state_repo::{RepoConfig, StateRepo};
 
@@ -94,22 +94,13 @@ fn kill_9_loses_at_most_the_last_second_and_never_corrupts() {
     }
     let dir = Scratch::new("tel-kill");
     let db = dir.path("state.db");
-    let kernel = kernel_path("cpu-burn");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "ms=20000",
-        ])
+    let mut child = kernel_command("cpu-burn", &["--cmdline", "ms=20000"])
         .args([
             "--state-db",
             db.to_str().unwrap(),
             "--metrics-interval-ms",
             "50",
         ])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -159,17 +150,8 @@ fn prometheus_counters_rise_while_the_guest_runs() {
     }
     let port = 20000 + (std::process::id() % 20000) as u16;
     let addr = format!("127.0.0.1:{port}");
-    let kernel = kernel_path("cpu-burn");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "ms=4000 report_ms=20",
-        ])
+    let mut child = kernel_command("cpu-burn", &["--cmdline", "ms=4000 report_ms=20"])
         .args(["--metrics-addr", &addr])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -5,7 +5,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{api, kernel_path, kvm_available, run_kernel, vmm_bin, wait_for, Scratch};
+use integration_tests::{
+    api, kernel_command, kvm_available, run_kernel, vmm_bin, wait_for, Scratch,
+};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -260,16 +262,8 @@ fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
     std::fs::copy(model(), &other).unwrap();
     let card = std::fs::read_to_string(repo_dir().join("models/test-policy.card.json")).unwrap();
     std::fs::write(dir.path("other.card.json"), card).unwrap();
-    let kernel = kernel_path("cpu-burn");
     let spec = format!("path={}", disk(&dir));
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "ms=4000",
-        ])
+    let child = kernel_command("cpu-burn", &["--cmdline", "ms=4000"])
         .args(["--drive", &spec])
         .args([
             "--tuner",
@@ -279,7 +273,6 @@ fn hot_reload_switches_policies_and_keeps_the_old_one_on_failure() {
             "--state-db",
             db.to_str().unwrap(),
         ])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -487,14 +480,12 @@ fn ab_report_splits_several_vms_between_the_arms() {
             std::fs::write(&p, vec![0u8; 16 << 20]).unwrap();
             p.to_str().unwrap().to_string()
         });
-        Command::new(vmm_bin())
-            .args(["run", "--kernel", kernel_path("blk-io").to_str().unwrap()])
+        kernel_command("blk-io", &[])
             .args(["--drive", &spec, "--mem-mib", "64", "--timeout-ms", "60000"])
             .args(["--cmdline", "mode=randread ms=2500 depth=4"])
             .args(["--vm-id", vm, "--state-db", db.to_str().unwrap()])
             .args(["--metrics-interval-ms", "100"])
             .args(arm)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -828,26 +819,12 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
 /// Starts a VM with every helper thread (tuner, state repository, watchdog, metrics
 /// server, online learner) and returns its threads' seccomp modes once they all run.
 fn helper_threads(dir: &Scratch, extra: &[&str]) -> Vec<(String, String)> {
-    let kernel = kernel_path("cpu-burn");
     let spec = format!("path={}", disk(dir));
     let db = dir.path("t.db");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "ms=3000",
-            "--drive",
-            &spec,
-            "--learn",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--state-db",
-            db.to_str().unwrap(),
-        ])
+    let mut child = kernel_command("cpu-burn", &["--cmdline", "ms=3000", "--drive", &spec])
+        .args(["--learn", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--state-db", db.to_str().unwrap()])
         .args(extra)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
