@@ -643,6 +643,18 @@ impl VmConfig {
                 "online learning swaps the policy, which an A/B test cannot share".to_string(),
             ));
         }
+        if self.learn && self.policy.is_some() {
+            // The learner starts from fresh weights and its first network (after
+            // `learn_every` transitions) would replace the model: a trained policy would
+            // be thrown away for one that saw a few seconds of data.
+            return Err(ConfigError::new(
+                "learn",
+                "online learning trains a network from scratch and would replace the \
+                 --policy model at its first refresh (starting from a model's weights is not \
+                 supported): give one of them"
+                    .to_string(),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.epsilon) {
             return Err(ConfigError::new(
                 "epsilon",
@@ -852,6 +864,14 @@ mod tests {
         c.mem_mib = 64;
         c.cmdline = "a\nb".into();
         assert_eq!(c.validate(8, 1024).unwrap_err().field, "cmdline");
+        c.cmdline = String::new();
+        c.learn = true;
+        c.policy = Some("models/general.onnx".into());
+        let e = c.validate(8, 1024).unwrap_err();
+        assert_eq!(e.field, "learn");
+        assert!(e.problem.contains("from scratch"), "{e}");
+        c.policy = None;
+        assert!(c.validate(8, 1024).is_ok());
     }
 
     #[test]
