@@ -821,7 +821,7 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
 fn helper_threads(dir: &Scratch, extra: &[&str]) -> Vec<(String, String)> {
     let spec = format!("path={}", disk(dir));
     let db = dir.path("t.db");
-    let mut child = kernel_command("cpu-burn", &["--cmdline", "ms=3000", "--drive", &spec])
+    let child = kernel_command("cpu-burn", &["--cmdline", "ms=3000", "--drive", &spec])
         .args(["--learn", "--metrics-addr", "127.0.0.1:0"])
         .args(["--state-db", db.to_str().unwrap()])
         .args(extra)
@@ -842,13 +842,13 @@ fn helper_threads(dir: &Scratch, extra: &[&str]) -> Vec<(String, String)> {
     // A thread installs its filter as its first step: give the last one that moment.
     std::thread::sleep(Duration::from_millis(200));
     let threads_now = thread_seccomp(child.id());
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for w in want {
         assert!(
             threads_now.iter().any(|(n, _)| n == w),

@@ -287,25 +287,19 @@ fn run_train(args: TrainArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };
-    if refresh {
-        return match learner::train::refresh_start(&opts) {
-            Ok(start) => {
-                println!("{}", learner::train::start_line(start.as_ref()));
-                ExitCode::SUCCESS
+    // What to print on success: the summary and start lines of a training run, or the
+    // start line alone when only the start configuration is refreshed.
+    let lines = if refresh {
+        learner::train::refresh_start(&opts)
+            .map(|start| vec![learner::train::start_line(start.as_ref())])
+    } else {
+        learner::train(&opts).map(|report| vec![report.summary_line(), report.start_line()])
+    };
+    match lines {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
             }
-            Err(e) if e.is_input_error() => {
-                usage_error(&ConfigError::new(e.option(), e.to_string()))
-            }
-            Err(e) => {
-                eprintln!("vmm: error: train: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match learner::train(&opts) {
-        Ok(report) => {
-            println!("{}", report.summary_line());
-            println!("{}", report.start_line());
             ExitCode::SUCCESS
         }
         Err(e) if e.is_input_error() => usage_error(&ConfigError::new(e.option(), e.to_string())),

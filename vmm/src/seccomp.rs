@@ -109,21 +109,6 @@ fn build(
     extra: &[i64],
     ioctls: &[u64],
     conditional: Option<ConditionalRule>,
-) -> Result<BpfProgram, SeccompError> {
-    build_with(
-        thread,
-        extra,
-        ioctls,
-        conditional,
-        SeccompAction::KillProcess,
-    )
-}
-
-fn build_with(
-    thread: &'static str,
-    extra: &[i64],
-    ioctls: &[u64],
-    conditional: Option<ConditionalRule>,
     mismatch: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
     let err = |source| SeccompError::Build { thread, source };
@@ -145,7 +130,13 @@ fn build_with(
 
 /// The filter of a vCPU thread.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    build("vCPU", &[], &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS], None)
+    build(
+        "vCPU",
+        &[],
+        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
+        None,
+        SeccompAction::KillProcess,
+    )
 }
 
 /// The filter of the main (event-loop) thread.
@@ -185,6 +176,7 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
         Some((libc::SYS_openat, read_only_open)),
+        SeccompAction::KillProcess,
     )
 }
 
@@ -226,8 +218,8 @@ impl HelperRole {
         HelperRole::Learner,
     ];
 
-    /// The role of a thread by its name; names this monitor does not know get the
-    /// tightest role, [`HelperRole::Tuner`].
+    /// The role of a thread by its name; names this monitor does not know get
+    /// [`HelperRole::Tuner`] (no files, sockets or ioctls).
     pub fn of_thread(name: &str) -> HelperRole {
         match name {
             "tuner-agent" => HelperRole::Sampler,
@@ -294,7 +286,7 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
             conditional = Some((libc::SYS_openat, read_only_open));
         }
     }
-    build_with(
+    build(
         role.name(),
         &extra,
         &ioctls,

@@ -287,7 +287,7 @@ pub fn render(r: &TunerReport) -> String {
             .iter()
             .find(|g| &g.scenario == sc)
             .and_then(|g| g.ceiling);
-        let target = measured.map(|b| b + super::GOAL_IMPROVEMENT * b.abs());
+        let target = measured.map(super::goal_target);
         let _ = writeln!(
             md,
             "| {sc} | {} | {} | {} | {} | {} | {} | {} |",
