@@ -23,5 +23,12 @@ bash scripts/fetch-debian-kernel.sh target/debian-kernel
 echo "== build (also builds the test kernels into target/test-kernels/)"
 cargo build --workspace --all-targets
 
+echo "== style (rustfmt, clippy with warnings as errors)"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
 echo "== tests"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
