@@ -54,6 +54,21 @@ fn smp_every_vcpu_reports_its_apic_id() {
 }
 
 #[test]
+fn the_mp_table_lists_every_vcpu_where_linux_looks_for_it() {
+    if !kvm_available() {
+        return;
+    }
+    // The guest scans low memory as Linux does and checks both checksums.
+    for n in [1, 4] {
+        run_kernel("mptable", &["--vcpus", &n.to_string()], LIMIT)
+            .expect_status(0)
+            .expect_line(&format!(
+                "mptable: at 0x9fc00 cpus={n} boot=0 ioapic=0xfec00000 lines=24"
+            ));
+    }
+}
+
+#[test]
 fn cpu_burn_reports_iterations_on_every_vcpu() {
     if !kvm_available() {
         return;

@@ -441,6 +441,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .map_err(setup("create the in-kernel PIT"))?;
     }
     long_mode::write_boot_tables(&mem).map_err(|e| VmError::Boot(e.to_string()))?;
+    // The MP table lists the vCPUs that run: all of a test kernel's, the boot vCPU of a
+    // Linux guest (its application processors are not started yet). Linux finds it at
+    // once instead of scanning the BIOS area with emulated code (seconds on this KVM).
+    let listed = if boot_info.multi_entry { cfg.vcpus } else { 1 };
+    if listed <= boot::mptable::MAX_CPUS {
+        boot::mptable::write(&mem, listed).map_err(|e| VmError::Boot(e.to_string()))?;
+    } else {
+        log::info!("no MP table: {listed} vCPUs are more than one can list");
+    }
     log::info!(
         "kernel {} loaded: entry {:#x}, end {:#x}, {}",
         cfg.kernel.display(),

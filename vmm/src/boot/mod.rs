@@ -8,6 +8,7 @@
 
 pub mod elf_note;
 pub mod long_mode;
+pub mod mptable;
 
 use std::fs::File;
 use std::path::Path;
