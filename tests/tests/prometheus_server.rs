@@ -132,7 +132,10 @@ fn prometheus_scrapes_two_monitors_and_answers_queries() {
             {
                 break b;
             }
-            assert!(start.elapsed() < LIMIT, "monitor on {port} never served metrics");
+            assert!(
+                start.elapsed() < LIMIT,
+                "monitor on {port} never served metrics"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         let mut lint = Command::new("/usr/bin/promtool")
