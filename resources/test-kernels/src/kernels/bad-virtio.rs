@@ -110,8 +110,8 @@ fn publish(avail: u64) {
     fence(Ordering::SeqCst);
 }
 
-/// A hand-built queue at the given layout with one read request in it, then DRIVER_OK
-/// and a notify; waits for NEEDS_RESET or a completion and prints the outcome.
+/// A hand-built queue at the given layout, DRIVER_OK, then one read request and a
+/// notify; waits for NEEDS_RESET or a completion and prints the outcome.
 fn hostile_layout(name: &str, dev: usize, timeout_ms: u64, layout: Layout) -> ! {
     let mut d = find(dev);
     if let Err(e) = d.negotiate(BLK_F_RO | BLK_F_FLUSH) {
@@ -132,6 +132,10 @@ fn hostile_layout(name: &str, dev: usize, timeout_ms: u64, layout: Layout) -> ! 
         4096
     };
     let status_addr = read_request(desc, data, len);
+    d.setup_queue_raw(0, QSIZE, desc, avail, used);
+    d.add_status(status::DRIVER_OK);
+    // The request goes in after DRIVER_OK, so that the event loop (not the activation)
+    // meets the bad ring.
     if avail == 0 {
         poke(4u64, 0u16);
         fence(Ordering::SeqCst);
@@ -139,8 +143,6 @@ fn hostile_layout(name: &str, dev: usize, timeout_ms: u64, layout: Layout) -> ! 
     } else {
         publish(avail);
     }
-    d.setup_queue_raw(0, QSIZE, desc, avail, used);
-    d.add_status(status::DRIVER_OK);
     d.write(reg::QUEUE_NOTIFY, 0);
     let start = rt::time::now_ns();
     let (mut needs_reset, mut used_idx);
