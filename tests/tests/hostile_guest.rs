@@ -134,6 +134,24 @@ fn endless_writes_to_a_read_only_drive_log_a_few_lines() {
 }
 
 #[test]
+fn odd_width_accesses_and_bad_notifies_log_a_few_lines() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("hostile-mmio");
+    let d = drive(&dir, 0);
+    let run = bad_virtio(&format!("path={d}"), "mode=mmio ms=2000", &[]);
+    run.expect_status(0);
+    let accesses: u64 = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("bad-virtio: mmio accesses="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no result line\n{}\n{}", run.stdout, run.stderr));
+    assert!(accesses >= 1000, "the abuse was real: {accesses} accesses");
+}
+
+#[test]
 fn a_serial_output_that_fails_every_write_logs_a_few_lines() {
     if !kvm_available() {
         return;

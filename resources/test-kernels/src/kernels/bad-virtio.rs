@@ -3,7 +3,7 @@
 //! one result line and exits; the monitor must stay responsive and quiet throughout.
 //!
 //! Parameters (`key=value`): `mode` (`early`, `avail0`, `overlap`, `runaway`, `flood`,
-//! `print`),
+//! `mmio`, `print`),
 //! `dev=0` (index among the virtio-blk devices), `ms=2000` (`flood`), `depth=16`
 //! (`flood`), `timeout_ms=5000` (longest wait for the device).
 //!
@@ -20,6 +20,9 @@
 //!   device set DEVICE_NEEDS_RESET, completed the request, or `timeout_ms` passed; exit 0.
 //! - `flood`: `depth` writes kept in flight for `ms` ms (on a read-only drive every one
 //!   fails). Prints `bad-virtio: flood requests=<n> errors=<e>`; exit 0.
+//! - `mmio`: for `ms` ms, 1-byte reads of the device's registers, 2-byte writes and
+//!   notifies of a queue that does not exist (each one a warning once). Prints
+//!   `bad-virtio: mmio accesses=<n>`; exit 0.
 //! - `print`: no device; prints `count` (2000) lines `bad-virtio: line <i> ...` of 40
 //!   bytes each (for a serial output that fails every write), then
 //!   `bad-virtio: printed <count>`; exit 0.
@@ -245,6 +248,25 @@ fn flood(dev: usize, ms: u64, depth: usize, timeout_ms: u64) -> ! {
     rt::exit(0)
 }
 
+fn mmio_abuse(dev: usize, ms: u64) -> ! {
+    let d = find(dev);
+    let base = d.base();
+    let start = rt::time::now_ns();
+    let mut n = 0u64;
+    while rt::time::now_ns().wrapping_sub(start) < ms * 1_000_000 {
+        // SAFETY: the device's register window (MMIO, not RAM); the monitor ignores
+        // accesses of the wrong width.
+        unsafe {
+            let _ = read_volatile((base + 1) as usize as *const u8);
+            write_volatile((base + reg::STATUS) as usize as *mut u16, 0x55);
+        }
+        d.write(reg::QUEUE_NOTIFY, 7);
+        n += 3;
+    }
+    println!("bad-virtio: mmio accesses={}", n);
+    rt::exit(0)
+}
+
 fn kmain(cpu: usize) -> ! {
     if cpu != 0 {
         rt::park();
@@ -263,6 +285,7 @@ fn kmain(cpu: usize) -> ! {
             rt::cmdline::arg_u64("depth", 16) as usize,
             timeout_ms,
         ),
+        b"mmio" => mmio_abuse(dev, rt::cmdline::arg_u64("ms", 2000)),
         b"print" => {
             let count = rt::cmdline::arg_u64("count", 2000);
             for i in 0..count {
