@@ -1,8 +1,9 @@
 //! A hostile guest against the monitor, seccomp on (the default): the `bad-virtio` test
 //! kernel breaks the virtio protocol in the ways that once hung the event loop (available
 //! ring at address 0, overlapping rings, the device's own write moving the available
-//! index), killed the monitor with SIGSYS (a request queued before DRIVER_OK, served on
-//! the vCPU thread) or flooded its log (writes to a read-only drive, a serial output that
+//! index), killed the monitor with SIGSYS or blocked it (a request queued before
+//! DRIVER_OK, or a ring another vCPU keeps full, served on the vCPU thread that sets
+//! DRIVER_OK, under the device lock) or flooded its log (writes to a read-only drive, a serial output that
 //! fails every write). Every run must end with the guest's own exit status well within
 //! its `--timeout-ms`, and the monitor's stderr must stay short.
 
@@ -97,6 +98,27 @@ fn an_available_index_moved_mid_batch_needs_a_reset() {
     bad_virtio(&format!("path={d}"), "mode=runaway", &[])
         .expect_status(0)
         .expect_line("bad-virtio: runaway needs_reset=1 used=1");
+}
+
+#[test]
+fn a_ring_kept_full_by_another_vcpu_blocks_neither_activation_nor_the_loop() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("hostile-busy");
+    let d = drive(&dir, 0);
+    let run = bad_virtio(&format!("path={d}"), "mode=busy ms=1000", &["--vcpus", "2"]);
+    run.expect_status(0);
+    let served: u64 = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("bad-virtio: busy served="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no result line\n{}\n{}", run.stdout, run.stderr));
+    assert!(
+        served >= 100,
+        "the event loop kept serving: {served} requests"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! one result line and exits; the monitor must stay responsive and quiet throughout.
 //!
 //! Parameters (`key=value`): `mode` (`early`, `avail0`, `overlap`, `runaway`, `flood`,
-//! `mmio`, `print`),
+//! `mmio`, `busy`, `print`),
 //! `dev=0` (index among the virtio-blk devices), `ms=2000` (`flood`), `depth=16`
 //! (`flood`), `timeout_ms=5000` (longest wait for the device).
 //!
@@ -23,6 +23,9 @@
 //! - `mmio`: for `ms` ms, 1-byte reads of the device's registers, 2-byte writes and
 //!   notifies of a queue that does not exist (each one a warning once). Prints
 //!   `bad-virtio: mmio accesses=<n>`; exit 0.
+//! - `busy` (2 vCPUs): vCPU 1 keeps the 16-entry ring full of reads (before and after
+//!   DRIVER_OK) while vCPU 0 sets DRIVER_OK; after `ms` ms vCPU 1 stops, vCPU 0 waits for
+//!   the device to drain and prints `bad-virtio: busy served=<n>`; exit 0.
 //! - `print`: no device; prints `count` (2000) lines `bad-virtio: line <i> ...` of 40
 //!   bytes each (for a serial output that fails every write), then
 //!   `bad-virtio: printed <count>`; exit 0.
@@ -36,7 +39,7 @@
 mod rt;
 
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use rt::virtio::{
     self, dma_alloc, reg, status, Blk, MmioDevice, BLK_F_FLUSH, BLK_F_RO, BLK_S_OK, BLK_T_IN,
@@ -267,7 +270,101 @@ fn mmio_abuse(dev: usize, ms: u64) -> ! {
     rt::exit(0)
 }
 
+/// `busy`: the used ring's address once the queue is set up (0 before).
+static BUSY_USED: AtomicU64 = AtomicU64::new(0);
+/// `busy`: the available ring's address.
+static BUSY_AVAIL: AtomicU64 = AtomicU64::new(0);
+/// `busy`: the device's QueueNotify register.
+static BUSY_NOTIFY: AtomicU64 = AtomicU64::new(0);
+/// `busy`: vCPU 0 asks vCPU 1 to stop refilling.
+static BUSY_STOP: AtomicBool = AtomicBool::new(false);
+/// `busy`: requests vCPU 1 saw completed, and 1 << 63 once it stopped.
+static BUSY_SERVED: AtomicU64 = AtomicU64::new(0);
+const BUSY_STOPPED: u64 = 1 << 63;
+
+/// vCPU 1 of `busy`: keeps every ring slot filled with chain 0 until told to stop.
+fn busy_refill() -> ! {
+    let (avail, used) = loop {
+        let u = BUSY_USED.load(Ordering::Acquire);
+        if u != 0 {
+            break (BUSY_AVAIL.load(Ordering::Acquire), u);
+        }
+        core::hint::spin_loop();
+    };
+    let (mut idx, mut last_used, mut served) = (0u16, 0u16, 0u64);
+    while !BUSY_STOP.load(Ordering::Acquire) {
+        let now_used = peek::<u16>(used + 2);
+        served += u64::from(now_used.wrapping_sub(last_used));
+        last_used = now_used;
+        if idx.wrapping_sub(now_used) < QSIZE {
+            while idx.wrapping_sub(now_used) < QSIZE {
+                poke(avail + 4 + 2 * u64::from(idx % QSIZE), 0u16);
+                idx = idx.wrapping_add(1);
+            }
+            fence(Ordering::SeqCst);
+            poke(avail + 2, idx);
+            fence(Ordering::SeqCst);
+            // SAFETY: the device's QueueNotify register (an ioeventfd in KVM).
+            unsafe { rt::mmio_write32(BUSY_NOTIFY.load(Ordering::Relaxed), 0) };
+        }
+        core::hint::spin_loop();
+    }
+    // Wait for the device to finish what is queued.
+    let start = rt::time::now_ns();
+    while peek::<u16>(used + 2) != idx && rt::time::now_ns().wrapping_sub(start) < 5_000_000_000 {
+        core::hint::spin_loop();
+    }
+    served += u64::from(peek::<u16>(used + 2).wrapping_sub(last_used));
+    BUSY_SERVED.store(served | BUSY_STOPPED, Ordering::Release);
+    rt::park()
+}
+
+fn delay_ns(ns: u64) {
+    let start = rt::time::now_ns();
+    while rt::time::now_ns().wrapping_sub(start) < ns {
+        core::hint::spin_loop();
+    }
+}
+
+/// vCPU 0 of `busy`.
+fn busy(dev: usize, ms: u64) -> ! {
+    if rt::cpu_count() < 2 {
+        die!(2, "bad parameter mode=busy (needs --vcpus 2)");
+    }
+    let mut d = find(dev);
+    if let Err(e) = d.negotiate(BLK_F_RO | BLK_F_FLUSH) {
+        die!(1, "negotiate: {}", e);
+    }
+    let desc = alloc(16 * u64::from(QSIZE), 4096);
+    let avail = alloc(4096, 4096);
+    let used = alloc(4096, 4096);
+    let data = alloc(4096, 4096);
+    read_request(desc, data, 512);
+    d.setup_queue_raw(0, QSIZE, desc, avail, used);
+    BUSY_NOTIFY.store(d.base() + reg::QUEUE_NOTIFY, Ordering::Release);
+    BUSY_AVAIL.store(avail, Ordering::Release);
+    BUSY_USED.store(used, Ordering::Release);
+    // Let vCPU 1 fill the ring, then activate the device under its feet.
+    delay_ns(20_000_000);
+    d.add_status(status::DRIVER_OK);
+    d.write(reg::QUEUE_NOTIFY, 0);
+    delay_ns(ms * 1_000_000);
+    BUSY_STOP.store(true, Ordering::Release);
+    let served = loop {
+        let s = BUSY_SERVED.load(Ordering::Acquire);
+        if s & BUSY_STOPPED != 0 {
+            break s & !BUSY_STOPPED;
+        }
+        core::hint::spin_loop();
+    };
+    println!("bad-virtio: busy served={}", served);
+    rt::exit(0)
+}
+
 fn kmain(cpu: usize) -> ! {
+    if cpu == 1 && rt::cmdline::arg("mode") == Some(b"busy") {
+        busy_refill();
+    }
     if cpu != 0 {
         rt::park();
     }
@@ -285,6 +382,7 @@ fn kmain(cpu: usize) -> ! {
             rt::cmdline::arg_u64("depth", 16) as usize,
             timeout_ms,
         ),
+        b"busy" => busy(dev, rt::cmdline::arg_u64("ms", 1000)),
         b"mmio" => mmio_abuse(dev, rt::cmdline::arg_u64("ms", 2000)),
         b"print" => {
             let count = rt::cmdline::arg_u64("count", 2000);
