@@ -28,12 +28,13 @@ pub const MAX_REQUESTS_PER_WAKE: usize = 256;
 /// so one wake moves at most this plus one request's worth).
 pub const MAX_BYTES_PER_WAKE: u64 = 16 << 20;
 
-/// Most scheduler steps one [`IoEngine::serve`] takes: every step serves a request, idles
-/// a queue or refreshes the ready set, and a queue can only be idled again after it was
-/// found pending, so honest work never needs more than this.
+/// Most scheduler steps one [`IoEngine::serve`] takes. A step serves a request, idles a
+/// queue or refreshes the ready set; the costliest honest pattern (a depth-1 guest that
+/// refills at once) takes three per request: serve it, find the queue empty, look again.
+/// Hitting the cap only ends the wake early (the queues still pending are re-armed).
 pub fn steps_cap(budget: usize, queues: usize) -> usize {
     budget
-        .saturating_mul(2)
+        .saturating_mul(3)
         .saturating_add(queues.saturating_mul(4))
         .saturating_add(16)
 }
@@ -281,6 +282,20 @@ mod tests {
             }
         }
         total
+    }
+
+    #[test]
+    fn a_wake_says_whether_its_budget_ended_it() {
+        let d = backlogged("engine-budget", 12);
+        let mut engine = IoEngine::new(vec![d.block.clone()]).unwrap();
+        let first = engine.serve_bounded(4, u64::MAX);
+        assert_eq!((first.per_queue, first.budget_exhausted), (vec![4], true));
+        // 4 KiB each: a 10 KiB byte budget stops after the third.
+        let second = engine.serve_bounded(256, 10 << 10);
+        assert_eq!((second.per_queue, second.budget_exhausted), (vec![3], true));
+        let rest = engine.serve_bounded(256, u64::MAX);
+        assert_eq!((rest.per_queue, rest.budget_exhausted), (vec![5], false));
+        assert!(rest.steps <= steps_cap(256, 1));
     }
 
     #[test]
