@@ -6,6 +6,8 @@
 //! one line through per [`LOG_INTERVAL`]; the next line that gets through carries the
 //! number of lines suppressed in between. A guest that triggers one message in a tight
 //! loop therefore produces about one line per second and call site, however fast it loops.
+//! The limiter is per call site, not per device: with several drives, a flood on one can
+//! hide another's line of the same kind for that second (its count is in the next line).
 //!
 //! Suppressed lines are counted in a process-wide total ([`suppressed_total`]) for the
 //! monitor's metrics.
