@@ -8,6 +8,7 @@ pub mod exit_signal;
 pub mod guest_metrics;
 pub mod io_scheduler;
 pub mod legacy;
+pub mod log_limit;
 pub mod rate_limiter;
 pub mod vcpu_control;
 pub mod virtio;

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, warn};
+use log::debug;
 use vmm_sys_util::errno;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -341,7 +341,7 @@ impl TokenBucket {
             self.one_time_burst -= from_burst;
             self.budget -= needed;
             let ratio = (rest - self.size) as f64 / self.size as f64;
-            warn!(
+            crate::guest_warn!(
                 "request of {tokens} tokens exceeds the bucket size {}: admitted, bucket in debt",
                 self.size
             );
@@ -601,7 +601,10 @@ impl<C: Clock> RateLimiter<C> {
                     Err(e) => {
                         // Without a timer nothing would wake the queue: let the request
                         // through (charged, possibly into debt) rather than stall it.
-                        error!("rate limiter cannot arm its timer, not throttling: {e}");
+                        crate::guest_log!(
+                            log::Level::Error,
+                            "rate limiter cannot arm its timer, not throttling: {e}"
+                        );
                         bucket.force_reduce(tokens, now);
                         true
                     }

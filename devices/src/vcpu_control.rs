@@ -150,7 +150,8 @@ impl VcpuControl {
         *a = n;
         self.active_now.store(n, Ordering::Release);
         self.wake.notify_all();
-        log::info!(
+        crate::guest_log!(
+            log::Level::Info,
             "vCPU control: guest asked to use {n} of {} vCPUs",
             self.total
         );
@@ -167,7 +168,7 @@ impl VcpuControl {
     fn park(&self, index: u32) {
         let me = CURRENT_VCPU.with(|c| c.get());
         if me != Some(index) || index >= self.total {
-            log::debug!("vCPU control: ignored park request for {index} from {me:?}");
+            crate::guest_debug!("vCPU control: ignored park request for {index} from {me:?}");
             return;
         }
         let mut a = match self.active.lock() {

@@ -31,7 +31,7 @@ impl MutDevicePio for DebugExit {
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if offset != 0 || data.is_empty() {
-            log::warn!(
+            crate::guest_warn!(
                 "debug-exit: ignored {}-byte write at offset {offset}",
                 data.len()
             );

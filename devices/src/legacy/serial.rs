@@ -103,7 +103,7 @@ impl MutDevicePio for SerialConsole {
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if let Some(off) = self.offset(offset, data.len()) {
             if let Err(e) = self.uart.write(off, data[0]) {
-                log::warn!("serial: write failed: {e:?}");
+                crate::guest_warn!("serial: write failed: {e:?}");
             }
         }
     }

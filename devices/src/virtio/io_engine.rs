@@ -5,8 +5,11 @@
 //! A notification (or a rate limiter's timer) marks a queue ready; the engine then serves
 //! one request at a time from the queue the scheduler names, charging its bytes. A queue
 //! that is empty or throttled goes idle until its next event. To keep the event loop
-//! responsive, one wake-up serves at most [`MAX_REQUESTS_PER_WAKE`] requests; queues still
-//! ready then re-arm their own eventfd so the loop comes straight back.
+//! responsive, one wake-up serves at most [`MAX_REQUESTS_PER_WAKE`] requests and about
+//! [`MAX_BYTES_PER_WAKE`] bytes; queues still ready then re-arm their own eventfd so the
+//! loop comes straight back. The loop itself is also capped in steps
+//! ([`steps_cap`]), a bound no guest state can move: a queue whose state turns invalid
+//! is stopped by the device (needs reset) rather than offered again.
 
 use crate::lock;
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,21 @@ use crate::io_scheduler::{IoScheduler, Priority, QueueId, SchedulerError, Shared
 
 /// Requests served per event-loop wake-up before yielding to other events.
 pub const MAX_REQUESTS_PER_WAKE: usize = 256;
+
+/// Data bytes served per event-loop wake-up before yielding (checked after each request,
+/// so one wake moves at most this plus one request's worth).
+pub const MAX_BYTES_PER_WAKE: u64 = 16 << 20;
+
+/// Most scheduler steps one [`IoEngine::serve`] takes. A step serves a request, idles a
+/// queue or refreshes the ready set; the costliest honest pattern (a depth-1 guest that
+/// refills at once) takes three per request: serve it, find the queue empty, look again.
+/// Hitting the cap only ends the wake early (the queues still pending are re-armed).
+pub fn steps_cap(budget: usize, queues: usize) -> usize {
+    budget
+        .saturating_mul(3)
+        .saturating_add(queues.saturating_mul(4))
+        .saturating_add(16)
+}
 
 /// Requests served between two looks at every queue for new requests. A queue that went
 /// idle (its guest had one request in flight) and was refilled meanwhile rejoins the
@@ -73,17 +91,14 @@ impl IoEngine {
     }
 
     fn drain(&mut self) {
-        let per_queue = self.serve(MAX_REQUESTS_PER_WAKE);
-        let served: u32 = per_queue.iter().sum();
-        log::trace!("io engine: served {per_queue:?} this wake");
+        let report = self.serve_bounded(MAX_REQUESTS_PER_WAKE, MAX_BYTES_PER_WAKE);
+        log::trace!("io engine: served {:?} this wake", report.per_queue);
         // Budget used up: come back through the event loop for the queues still ready.
-        if served as usize >= MAX_REQUESTS_PER_WAKE {
-            let sched = lock(&self.scheduler);
-            for id in sched.queue_ids() {
-                if sched.stats(id).map(|s| s.ready).unwrap_or(false) {
-                    if let Some(evt) = lock(&self.blocks[id.0 as usize]).queue_events().first() {
-                        let _ = evt.write(1);
-                    }
+        if report.budget_exhausted {
+            for block in &self.blocks {
+                let b = lock(block);
+                if b.has_pending() {
+                    b.kick_event_loop();
                 }
             }
         }
@@ -92,11 +107,26 @@ impl IoEngine {
     /// Serves up to `budget` requests across the drives in the scheduler's order; returns
     /// how many each drive got.
     pub fn serve(&mut self, budget: usize) -> Vec<u32> {
+        self.serve_bounded(budget, u64::MAX).per_queue
+    }
+
+    /// Serves up to `budget` requests and about `byte_budget` data bytes across the
+    /// drives in the scheduler's order, in at most [`steps_cap`] steps.
+    pub fn serve_bounded(&mut self, budget: usize, byte_budget: u64) -> ServeReport {
         let mut sched = lock(&self.scheduler);
         let mut touched = vec![false; self.blocks.len()];
         let mut served = 0usize;
+        let mut bytes = 0u64;
         let mut per_queue = vec![0u32; self.blocks.len()];
+        let max_steps = steps_cap(budget, self.blocks.len());
+        let mut steps = 0usize;
+        let mut budget_exhausted = false;
         while served < budget {
+            if bytes >= byte_budget || steps >= max_steps {
+                budget_exhausted = true;
+                break;
+            }
+            steps += 1;
             let id = match sched.next() {
                 Some(id) => id,
                 None => {
@@ -122,10 +152,11 @@ impl IoEngine {
                 }
             }
             let recheck = match b.process_one() {
-                Step::Served(bytes) => {
+                Step::Served(n) => {
                     served += 1;
+                    bytes = bytes.saturating_add(n);
                     per_queue[id.0 as usize] += 1;
-                    let _ = sched.charge(id, bytes);
+                    let _ = sched.charge(id, n);
                     served.is_multiple_of(RECHECK_EVERY)
                 }
                 Step::Empty | Step::Throttled | Step::Stopped => {
@@ -143,8 +174,24 @@ impl IoEngine {
                 lock(&self.blocks[i]).finish_batch();
             }
         }
-        per_queue
+        ServeReport {
+            per_queue,
+            budget_exhausted: budget_exhausted || served >= budget,
+            steps,
+        }
     }
+}
+
+/// What one [`IoEngine::serve_bounded`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeReport {
+    /// Requests each drive got.
+    pub per_queue: Vec<u32>,
+    /// Whether a budget (requests, bytes or steps) ended the service rather than empty
+    /// queues: the queues still ready must be looked at again.
+    pub budget_exhausted: bool,
+    /// Scheduler steps taken (at most [`steps_cap`]).
+    pub steps: usize,
 }
 
 impl MutEventSubscriber for IoEngine {
@@ -152,7 +199,7 @@ impl MutEventSubscriber for IoEngine {
         let data = events.data();
         let index = (data / 2) as usize;
         let Some(block) = self.blocks.get(index) else {
-            log::warn!("io engine: event for unknown device {index}");
+            crate::guest_warn!("io engine: event for unknown device {index}");
             return;
         };
         let runnable = {
@@ -235,6 +282,20 @@ mod tests {
             }
         }
         total
+    }
+
+    #[test]
+    fn a_wake_says_whether_its_budget_ended_it() {
+        let d = backlogged("engine-budget", 12);
+        let mut engine = IoEngine::new(vec![d.block.clone()]).unwrap();
+        let first = engine.serve_bounded(4, u64::MAX);
+        assert_eq!((first.per_queue, first.budget_exhausted), (vec![4], true));
+        // 4 KiB each: a 10 KiB byte budget stops after the third.
+        let second = engine.serve_bounded(256, 10 << 10);
+        assert_eq!((second.per_queue, second.budget_exhausted), (vec![3], true));
+        let rest = engine.serve_bounded(256, u64::MAX);
+        assert_eq!((rest.per_queue, rest.budget_exhausted), (vec![5], false));
+        assert!(rest.steps <= steps_cap(256, 1));
     }
 
     #[test]

@@ -17,9 +17,23 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{ring_check, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+
+/// `old` with the half that register `offset` holds replaced by `v` (the `_LOW` registers
+/// hold bits 0-31, the `_HIGH` ones bits 32-63).
+fn with_half(old: u64, offset: u32, v: u32) -> GuestAddress {
+    let high = matches!(
+        offset,
+        VIRTIO_MMIO_QUEUE_DESC_HIGH | VIRTIO_MMIO_QUEUE_AVAIL_HIGH | VIRTIO_MMIO_QUEUE_USED_HIGH
+    );
+    GuestAddress(if high {
+        (old & 0xffff_ffff) | (u64::from(v) << 32)
+    } else {
+        (old & !0xffff_ffff) | u64::from(v)
+    })
+}
 
 /// "virt" in little endian.
 const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -87,7 +101,7 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, why: &str) {
-        log::warn!("virtio-mmio {}: {why}; device needs reset", self.name);
+        crate::guest_warn!("virtio-mmio {}: {why}; device needs reset", self.name);
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.interrupt.signal_config_change();
     }
@@ -131,7 +145,7 @@ impl MmioTransport {
             if self.driver_features & (1u64 << VIRTIO_F_VERSION_1) == 0 {
                 // Legacy drivers are not supported: leave FEATURES_OK unset, as the
                 // specification says, so the driver sees the refusal.
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio {}: driver did not accept VIRTIO_F_VERSION_1",
                     self.name
                 );
@@ -145,7 +159,8 @@ impl MmioTransport {
             self.activate();
         }
         if new & VIRTIO_CONFIG_S_FAILED != 0 {
-            log::info!(
+            crate::guest_log!(
+                log::Level::Info,
                 "virtio-mmio {}: driver gave up on the device (FAILED)",
                 self.name
             );
@@ -157,8 +172,10 @@ impl MmioTransport {
             return;
         }
         for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                self.fail(&format!("queue {i} is not valid"));
+            // Our own check: stricter than `Queue::is_valid` (no ring at 0, no overlap)
+            // and it does not log through `virtio-queue` on every refusal.
+            if let Err(e) = ring_check::check_layout(q, &self.mem) {
+                self.fail(&format!("queue {i} is not valid: {e}"));
                 return;
             }
         }
@@ -207,7 +224,7 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
-                log::debug!(
+                crate::guest_debug!(
                     "virtio-mmio {}: read of unknown register {offset:#x}",
                     self.name
                 );
@@ -254,11 +271,13 @@ impl MmioTransport {
                 }
                 let name = self.name.clone();
                 let Some(q) = self.selected_queue() else {
-                    log::warn!("virtio-mmio {name}: set-up of a queue that does not exist");
+                    crate::guest_warn!("virtio-mmio {name}: set-up of a queue that does not exist");
                     return;
                 };
                 if q.ready() && offset != VIRTIO_MMIO_QUEUE_READY {
-                    log::warn!("virtio-mmio {name}: set-up of a queue that is already ready");
+                    crate::guest_warn!(
+                        "virtio-mmio {name}: set-up of a queue that is already ready"
+                    );
                     return;
                 }
                 match offset {
@@ -267,16 +286,37 @@ impl MmioTransport {
                             .map(|s| q.try_set_size(s).is_err())
                             .unwrap_or(true)
                         {
-                            log::warn!("virtio-mmio {name}: invalid queue size {v}");
+                            crate::guest_warn!("virtio-mmio {name}: invalid queue size {v}");
                         }
                     }
                     VIRTIO_MMIO_QUEUE_READY => q.set_ready(v == 1),
-                    VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
-                    VIRTIO_MMIO_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
-                    VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(v), None),
-                    VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(v)),
-                    VIRTIO_MMIO_QUEUE_USED_LOW => q.set_used_ring_address(Some(v), None),
-                    _ => q.set_used_ring_address(None, Some(v)),
+                    VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                        let a = with_half(q.desc_table(), offset, v);
+                        if q.try_set_desc_table_address(a).is_err() {
+                            crate::guest_warn!(
+                                "virtio-mmio {name}: misaligned descriptor table {:#x}",
+                                a.0
+                            );
+                        }
+                    }
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                        let a = with_half(q.avail_ring(), offset, v);
+                        if q.try_set_avail_ring_address(a).is_err() {
+                            crate::guest_warn!(
+                                "virtio-mmio {name}: misaligned available ring {:#x}",
+                                a.0
+                            );
+                        }
+                    }
+                    _ => {
+                        let a = with_half(q.used_ring(), offset, v);
+                        if q.try_set_used_ring_address(a).is_err() {
+                            crate::guest_warn!(
+                                "virtio-mmio {name}: misaligned used ring {:#x}",
+                                a.0
+                            );
+                        }
+                    }
                 }
             }
             VIRTIO_MMIO_QUEUE_NOTIFY => {
@@ -285,15 +325,21 @@ impl MmioTransport {
                 match dev.queue_events().get(v as usize) {
                     Some(evt) => {
                         if let Err(e) = evt.write(1) {
-                            log::warn!("virtio-mmio {}: cannot forward notify: {e}", self.name);
+                            crate::guest_warn!(
+                                "virtio-mmio {}: cannot forward notify: {e}",
+                                self.name
+                            );
                         }
                     }
-                    None => log::warn!("virtio-mmio {}: notify for unknown queue {v}", self.name),
+                    None => crate::guest_warn!(
+                        "virtio-mmio {}: notify for unknown queue {v}",
+                        self.name
+                    ),
                 }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.set_status(v),
-            _ => log::debug!(
+            _ => crate::guest_debug!(
                 "virtio-mmio {}: write to unknown register {offset:#x}",
                 self.name
             ),
@@ -308,7 +354,7 @@ impl MutDeviceMmio for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio {}: {}-byte read at {offset:#x} ignored",
                 self.name,
                 data.len()
@@ -327,7 +373,7 @@ impl MutDeviceMmio for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio {}: {}-byte write at {offset:#x} ignored",
                 self.name,
                 data.len()

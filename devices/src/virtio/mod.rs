@@ -4,6 +4,7 @@
 //! - [`block`]: virtio-blk backed by a raw file.
 //! - [`net`]: virtio-net backed by a TAP interface.
 //! - [`io_engine`]: serves every drive's queue in priority order on the event loop.
+//! - [`ring_check`]: ring layout and available-index checks `virtio-queue` leaves to us.
 //! - [`queue_metrics`]: per-queue counters (requests, bytes, errors, throttling, depth,
 //!   latency) read by the monitor's telemetry.
 //!
@@ -15,6 +16,7 @@ pub mod io_engine;
 pub mod mmio;
 pub mod net;
 pub mod queue_metrics;
+pub mod ring_check;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -111,7 +113,7 @@ impl VirtioInterrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            log::warn!("virtio: cannot inject interrupt: {e}");
+            crate::guest_warn!("virtio: cannot inject interrupt: {e}");
         }
     }
 

@@ -17,6 +17,8 @@ use super::{QUEUE_SIZE, SECTOR_SIZE};
 use crate::rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
 };
+use crate::virtio::io_engine::{MAX_BYTES_PER_WAKE, MAX_REQUESTS_PER_WAKE};
+use crate::virtio::ring_check;
 use crate::virtio::{
     ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -113,7 +115,7 @@ impl Block {
             });
         }
         if meta.len() % SECTOR_SIZE != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "{}: size is not a multiple of 512; the last {} bytes are not visible to the guest",
                 config.path.display(),
                 meta.len() % SECTOR_SIZE
@@ -159,7 +161,8 @@ impl Block {
         };
         self.limiter
             .update_buckets(update(config.bandwidth), update(config.ops))?;
-        log::info!(
+        crate::guest_log!(
+            log::Level::Info,
             "virtio-blk {}: rate limit set to {config:?}",
             self.config.id
         );
@@ -179,7 +182,7 @@ impl Block {
             Ok(()) => true,
             Err(RateLimiterError::SpuriousEvent) => false,
             Err(e) => {
-                log::warn!("virtio-blk {}: rate limiter timer: {e}", self.config.id);
+                crate::guest_warn!("virtio-blk {}: rate limiter timer: {e}", self.config.id);
                 false
             }
         }
@@ -200,13 +203,18 @@ impl Block {
         self.metrics.clone()
     }
 
+    /// Bytes the bounce buffer holds now (at most [`super::BOUNCE_CHUNK`]).
+    pub fn bounce_buffer_len(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// Whether the device stopped because the guest broke the protocol.
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
     }
 
     fn mark_broken(&mut self, why: &str) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio-blk {}: {why}; device stopped until the driver resets it",
             self.config.id
         );
@@ -220,12 +228,40 @@ impl Block {
     /// several devices the [`crate::virtio::io_engine::IoEngine`] interleaves them by
     /// priority through [`Block::begin_batch`], [`Block::process_one`] and
     /// [`Block::finish_batch`]).
+    ///
+    /// Serves at most [`MAX_REQUESTS_PER_WAKE`] requests and [`MAX_BYTES_PER_WAKE`] bytes;
+    /// if requests remain, the queue's eventfd is raised so the event loop comes back
+    /// after its other work.
     pub fn process_queue(&mut self) {
         if !self.begin_batch() {
             return;
         }
-        while let Step::Served(_) = self.process_one() {}
+        let (mut requests, mut bytes) = (0usize, 0u64);
+        let mut more = false;
+        while let Step::Served(b) = self.process_one() {
+            requests += 1;
+            bytes = bytes.saturating_add(b);
+            if requests >= MAX_REQUESTS_PER_WAKE || bytes >= MAX_BYTES_PER_WAKE {
+                more = self.has_pending();
+                break;
+            }
+        }
         self.finish_batch();
+        if more {
+            self.kick_event_loop();
+        }
+    }
+
+    /// Raises the queue's eventfd: the event loop (never a vCPU) serves what waits.
+    pub fn kick_event_loop(&self) {
+        if let Some(evt) = self.queue_events.first() {
+            if let Err(e) = evt.write(1) {
+                crate::guest_warn!(
+                    "virtio-blk {}: cannot signal the event loop: {e}",
+                    self.config.id
+                );
+            }
+        }
     }
 
     /// Starts a batch after a notification: samples the queue depth and checks the
@@ -239,30 +275,21 @@ impl Block {
         };
         self.batch_start = Instant::now();
         // Queue depth: requests the driver made available and the device has not taken.
-        match active
-            .queue
-            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-        {
-            Ok(avail) => {
-                let depth = avail.0.wrapping_sub(active.queue.next_avail());
-                if depth > active.queue.size() {
-                    let size = active.queue.size();
-                    self.mark_broken(&format!(
-                        "available index runs {depth} entries ahead of a {size}-entry queue"
-                    ));
-                    return false;
-                }
+        match ring_check::pending(&active.queue, &active.mem) {
+            Ok(depth) => {
                 self.metrics.sample_depth(u64::from(depth));
                 true
             }
             Err(e) => {
-                self.mark_broken(&format!("cannot read the available ring: {e}"));
+                self.mark_broken(&e.to_string());
                 false
             }
         }
     }
 
-    /// Whether requests wait in the queue and the rate limiter would let one through.
+    /// Whether [`Block::process_one`] has work: requests wait in the queue (or its state
+    /// is invalid, which `process_one` turns into a stopped device) and the rate limiter
+    /// would let one through. Both use [`ring_check::pending`], so they always agree.
     pub fn has_pending(&self) -> bool {
         if self.is_broken() || self.limiter.is_blocked() {
             return false;
@@ -270,13 +297,7 @@ impl Block {
         let Some(active) = self.active.as_ref() else {
             return false;
         };
-        match active
-            .queue
-            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-        {
-            Ok(avail) => avail.0 != active.queue.next_avail(),
-            Err(_) => false,
-        }
+        !matches!(ring_check::pending(&active.queue, &active.mem), Ok(0))
     }
 
     /// Serves at most one request.
@@ -288,8 +309,15 @@ impl Block {
             return Step::Stopped;
         };
         let mem = active.mem.clone();
-        let Some(chain) = active.queue.pop_descriptor_chain(&mem) else {
-            return Step::Empty;
+        // An invalid queue stops the device: answering "empty" while `has_pending` says
+        // "requests wait" made callers ask again forever.
+        let chain = match ring_check::pop(&mut active.queue, &mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return Step::Empty,
+            Err(e) => {
+                self.mark_broken(&e.to_string());
+                return Step::Stopped;
+            }
         };
         let head = chain.head_index();
         // Throttled requests wait in the queue (never fail) until the timer fires. The
@@ -322,7 +350,7 @@ impl Block {
         };
         let outcome = request::handle(chain, &mem, &mut disk);
         if let Some(e) = &outcome.error {
-            log::warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
+            crate::guest_warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
         }
         self.metrics.record_request(
             outcome.data_bytes,
@@ -348,7 +376,9 @@ impl Block {
         match active.queue.needs_notification(&active.mem) {
             Ok(true) => active.interrupt.signal_used_queue(),
             Ok(false) => {}
-            Err(e) => log::warn!("virtio-blk {}: cannot read used event: {e}", self.config.id),
+            Err(e) => {
+                crate::guest_warn!("virtio-blk {}: cannot read used event: {e}", self.config.id)
+            }
         }
     }
 }
@@ -408,7 +438,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::guest_debug!(
             "virtio-blk {}: ignored {}-byte config write at {offset:#x}",
             self.config.id,
             data.len()
@@ -428,10 +458,12 @@ impl VirtioDevice for Block {
             });
         }
         let queue = queues.remove(0);
-        if !queue.ready() {
+        if let Err(e) = ring_check::check_layout(&queue, &mem) {
+            crate::guest_warn!("virtio-blk {}: queue refused: {e}", self.config.id);
             return Err(ActivateError::InvalidQueue(0));
         }
-        log::info!(
+        crate::guest_log!(
+            log::Level::Info,
             "virtio-blk {}: activated ({} sectors, {})",
             self.config.id,
             self.capacity,
@@ -447,8 +479,11 @@ impl VirtioDevice for Block {
             queue,
             interrupt,
         });
-        // Requests made available before activation are served now.
-        self.process_queue();
+        // Requests made available before activation are served by the event loop, never
+        // here: activation runs on a vCPU thread (inside the MMIO exit), whose seccomp
+        // filter has no file I/O, and must not hold the device while a guest keeps the
+        // ring full.
+        self.kick_event_loop();
         Ok(())
     }
 

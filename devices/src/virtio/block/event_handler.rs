@@ -15,7 +15,7 @@ const LIMITER_EVENT: u32 = 1;
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.event_set() != EventSet::IN {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-blk {}: unexpected event {:?}",
                 self.config().id,
                 events.event_set()
@@ -30,7 +30,7 @@ impl MutEventSubscriber for Block {
                 self.process_queue();
             }
             LIMITER_EVENT => self.on_rate_limiter_event(),
-            other => log::warn!(
+            other => crate::guest_warn!(
                 "virtio-blk {}: unknown event data {other}",
                 self.config().id
             ),

@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::{MAX_REQUEST_BYTES, SECTOR_SIZE};
+use super::{BOUNCE_CHUNK, MAX_REQUEST_BYTES, SECTOR_SIZE};
 
 /// The 16-byte request header (virtio 1.x, 5.2.6).
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,7 +99,8 @@ pub struct Disk<'a> {
     pub read_only: bool,
     /// Serial number returned by GET_ID.
     pub id: &'a [u8],
-    /// Reusable bounce buffer.
+    /// Reusable bounce buffer (requests larger than [`BOUNCE_CHUNK`] go through it in
+    /// chunks, so it never holds more than that).
     pub buffer: &'a mut Vec<u8>,
 }
 
@@ -189,6 +190,15 @@ fn check_range(sector: u64, len: usize, capacity: u64) -> Result<u64, RequestErr
     Ok(sector * SECTOR_SIZE)
 }
 
+/// The first `n` bytes (at most [`BOUNCE_CHUNK`]) of the bounce buffer, which grows to
+/// the largest chunk used and never beyond [`BOUNCE_CHUNK`].
+fn bounce(buffer: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buffer.len() < n {
+        buffer.resize(n, 0);
+    }
+    &mut buffer[..n]
+}
+
 /// Runs the request; returns the data bytes moved.
 fn execute(
     reader: &mut Reader<'_>,
@@ -203,13 +213,18 @@ fn execute(
                 return Err(RequestError::WrongDirection("read"));
             }
             let offset = check_range(header.sector, len, disk.capacity)?;
-            disk.buffer.resize(len, 0);
-            disk.file
-                .read_exact_at(&mut disk.buffer[..len], offset)
-                .map_err(|e| RequestError::Io(e.to_string()))?;
-            writer
-                .write_all(&disk.buffer[..len])
-                .map_err(|e| RequestError::InvalidChain(e.to_string()))?;
+            let mut done = 0usize;
+            while done < len {
+                let n = (len - done).min(BOUNCE_CHUNK);
+                let chunk = bounce(disk.buffer, n);
+                disk.file
+                    .read_exact_at(chunk, offset + done as u64)
+                    .map_err(|e| RequestError::Io(e.to_string()))?;
+                writer
+                    .write_all(chunk)
+                    .map_err(|e| RequestError::InvalidChain(e.to_string()))?;
+                done += n;
+            }
             Ok(len as u64)
         }
         VIRTIO_BLK_T_OUT => {
@@ -221,13 +236,18 @@ fn execute(
                 return Err(RequestError::WrongDirection("write"));
             }
             let offset = check_range(header.sector, len, disk.capacity)?;
-            disk.buffer.resize(len, 0);
-            reader
-                .read_exact(&mut disk.buffer[..len])
-                .map_err(|e| RequestError::InvalidChain(e.to_string()))?;
-            disk.file
-                .write_all_at(&disk.buffer[..len], offset)
-                .map_err(|e| RequestError::Io(e.to_string()))?;
+            let mut done = 0usize;
+            while done < len {
+                let n = (len - done).min(BOUNCE_CHUNK);
+                let chunk = bounce(disk.buffer, n);
+                reader
+                    .read_exact(chunk)
+                    .map_err(|e| RequestError::InvalidChain(e.to_string()))?;
+                disk.file
+                    .write_all_at(chunk, offset + done as u64)
+                    .map_err(|e| RequestError::Io(e.to_string()))?;
+                done += n;
+            }
             Ok(len as u64)
         }
         VIRTIO_BLK_T_FLUSH => {

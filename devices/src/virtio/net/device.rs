@@ -24,10 +24,14 @@ use super::tap::{Tap, TapError};
 /// worth: large enough to keep per-wakeup costs small, small enough that the device lock
 /// is never held for more than a fraction of a millisecond).
 pub const TX_BUDGET: usize = QUEUE_SIZE as usize;
+
+/// Frames moved from the TAP per call of [`Net::process_rx`] (same reasoning).
+pub const RX_BUDGET: usize = QUEUE_SIZE as usize;
 use super::{MAX_FRAME_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
 };
+use crate::virtio::ring_check;
 use crate::virtio::{
     ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -87,6 +91,11 @@ impl Net {
     /// Opens the TAP and creates the device.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
         let tap = Tap::open(&config.tap)?;
+        Self::with_tap(config, tap)
+    }
+
+    /// Creates the device on an already open TAP (or a stand-in, see [`Tap::from_file`]).
+    pub fn with_tap(config: NetConfig, tap: Tap) -> Result<Self, NetError> {
         let tx_limiter = RateLimiter::new(&config.rate_limiter)?;
         let rx_limiter = RateLimiter::new(&config.rate_limiter)?;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
@@ -128,7 +137,8 @@ impl Net {
             .update_buckets(update(config.bandwidth), update(config.ops))?;
         self.rx_limiter
             .update_buckets(update(config.bandwidth), update(config.ops))?;
-        log::info!(
+        crate::guest_log!(
+            log::Level::Info,
             "virtio-net {}: rate limit set to {config:?}",
             self.config.id
         );
@@ -176,7 +186,7 @@ impl Net {
     }
 
     fn mark_broken(&mut self, why: &str) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio-net {}: {why}; device stopped until the driver resets it",
             self.config.id
         );
@@ -203,7 +213,15 @@ impl Net {
         let mut failure = None;
         let mut sent = 0usize;
         let mut more = false;
-        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+        loop {
+            let chain = match ring_check::pop(&mut active.tx, &mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(format!("transmit queue: {e}"));
+                    break;
+                }
+            };
             if sent == TX_BUDGET {
                 active.tx.go_to_previous_position();
                 more = true;
@@ -234,7 +252,7 @@ impl Net {
                 Ok(mut reader) => {
                     let total = reader.available_bytes();
                     if total < NET_HDR_LEN || total - NET_HDR_LEN > MAX_FRAME_LEN {
-                        log::warn!(
+                        crate::guest_warn!(
                             "virtio-net {}: transmit chain of {total} bytes refused",
                             self.config.id
                         );
@@ -250,7 +268,10 @@ impl Net {
                             match self.tap.write_frame(&self.tx_frame) {
                                 Ok(_) => bytes = self.tx_frame.len() as u64,
                                 Err(e) => {
-                                    log::debug!("virtio-net {}: TAP write: {e}", self.config.id);
+                                    crate::guest_debug!(
+                                        "virtio-net {}: TAP write: {e}",
+                                        self.config.id
+                                    );
                                     error = true;
                                 }
                             }
@@ -258,7 +279,10 @@ impl Net {
                     }
                 }
                 Err(e) => {
-                    log::warn!("virtio-net {}: invalid transmit chain: {e}", self.config.id);
+                    crate::guest_warn!(
+                        "virtio-net {}: invalid transmit chain: {e}",
+                        self.config.id
+                    );
                     error = true;
                 }
             }
@@ -282,7 +306,10 @@ impl Net {
         if more {
             if let Some(e) = self.queue_events.get(TX_QUEUE) {
                 if let Err(e) = e.write(1) {
-                    log::warn!("virtio-net {}: cannot re-arm transmit: {e}", self.config.id);
+                    crate::guest_warn!(
+                        "virtio-net {}: cannot re-arm transmit: {e}",
+                        self.config.id
+                    );
                 }
             }
         }
@@ -297,21 +324,32 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             // Not started: drop what arrives so the TAP does not stay readable.
             let mut scratch = [0u8; MAX_FRAME_LEN];
-            while self.tap.read_frame(&mut scratch).is_ok() {}
+            for _ in 0..RX_BUDGET {
+                if self.tap.read_frame(&mut scratch).is_err() {
+                    break;
+                }
+            }
             return false;
         };
         let start = Instant::now();
         let mem = active.mem.clone();
         let mut used = false;
         let mut failure = None;
+        let mut received = 0usize;
         loop {
+            // A bound the guest cannot move: the TAP stays readable, so the event loop
+            // comes back for the rest after its other work.
+            if received == RX_BUDGET {
+                break;
+            }
+            received += 1;
             let len = match self.rx_pending {
                 Some(l) => l,
                 None => match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(l) => l,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        log::warn!("virtio-net {}: TAP read: {e}", self.config.id);
+                        crate::guest_warn!("virtio-net {}: TAP read: {e}", self.config.id);
                         break;
                     }
                 },
@@ -325,7 +363,15 @@ impl Net {
                 self.rx_pending = Some(len);
                 break;
             }
-            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+            let popped = match ring_check::pop(&mut active.rx, &mem) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.rx_pending = Some(len);
+                    failure = Some(format!("receive queue: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = popped else {
                 // No buffer: give the tokens back, the frame waits.
                 self.rx_limiter.manual_replenish(1, TokenType::Ops);
                 self.rx_limiter
@@ -348,7 +394,7 @@ impl Net {
                     }
                 }
                 Ok(w) => {
-                    log::warn!(
+                    crate::guest_warn!(
                         "virtio-net {}: receive buffer of {} bytes too small for a {len}-byte frame",
                         self.config.id,
                         w.available_bytes()
@@ -356,7 +402,7 @@ impl Net {
                     error = true;
                 }
                 Err(e) => {
-                    log::warn!("virtio-net {}: invalid receive chain: {e}", self.config.id);
+                    crate::guest_warn!("virtio-net {}: invalid receive chain: {e}", self.config.id);
                     error = true;
                 }
             }
@@ -389,7 +435,7 @@ fn clear(limiter: &mut RateLimiter, id: &str) -> bool {
         Ok(()) => true,
         Err(RateLimiterError::SpuriousEvent) => false,
         Err(e) => {
-            log::warn!("virtio-net {id}: rate limiter timer: {e}");
+            crate::guest_warn!("virtio-net {id}: rate limiter timer: {e}");
             false
         }
     }
@@ -422,7 +468,7 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::guest_debug!(
             "virtio-net {}: ignored {}-byte config write at {offset:#x}",
             self.config.id,
             data.len()
@@ -449,11 +495,13 @@ impl VirtioDevice for Net {
             });
         };
         for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
-            if !q.ready() {
+            if let Err(e) = ring_check::check_layout(q, &mem) {
+                crate::guest_warn!("virtio-net {}: queue {i} refused: {e}", self.config.id);
                 return Err(ActivateError::InvalidQueue(i));
             }
         }
-        log::info!(
+        crate::guest_log!(
+            log::Level::Info,
             "virtio-net {}: activated on TAP {}",
             self.config.id,
             self.tap.name()
@@ -466,8 +514,16 @@ impl VirtioDevice for Net {
             tx,
             interrupt,
         });
-        self.process_tx();
-        self.process_rx();
+        // Frames and buffers the driver queued before DRIVER_OK are handled by the event
+        // loop, never here on the vCPU thread (its seccomp filter and the device lock).
+        for (q, evt) in self.queue_events.iter().enumerate() {
+            if let Err(e) = evt.write(1) {
+                crate::guest_warn!(
+                    "virtio-net {}: cannot signal queue {q}: {e}",
+                    self.config.id
+                );
+            }
+        }
         Ok(())
     }
 

@@ -21,7 +21,7 @@ impl Net {
         let ev = Events::with_data(self.tap(), TAP_EVENT, EventSet::IN);
         let r = if on { ops.add(ev) } else { ops.remove(ev) };
         if let Err(e) = r {
-            log::debug!("virtio-net {}: TAP watch {on}: {e}", self.config().id);
+            crate::guest_debug!("virtio-net {}: TAP watch {on}: {e}", self.config().id);
         }
     }
 }
@@ -50,7 +50,7 @@ impl MutEventSubscriber for Net {
             RX_LIMITER_EVENT => {
                 self.clear_rx_limiter_event();
             }
-            other => log::warn!(
+            other => crate::guest_warn!(
                 "virtio-net {}: unknown event data {other}",
                 self.config().id
             ),

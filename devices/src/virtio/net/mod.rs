@@ -21,3 +21,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Transmit queue index.
 pub const TX_QUEUE: usize = 1;
+
+#[cfg(test)]
+mod tests;

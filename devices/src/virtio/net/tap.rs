@@ -86,6 +86,16 @@ impl Tap {
         })
     }
 
+    /// Wraps an already open file descriptor that reads and writes whole frames without
+    /// blocking (for tests and fuzzing: one end of a non-blocking datagram socket pair
+    /// behaves like a TAP). `name` is only used in logs.
+    pub fn from_file(name: &str, file: File) -> Self {
+        Self {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -466,6 +466,22 @@ impl MmioDevice {
         Ok(vq)
     }
 
+    /// Sets up virtqueue `index` with `size` entries at the given guest-physical addresses,
+    /// unchecked (for hostile-driver tests: rings at 0, overlapping rings) and marks it
+    /// ready. Call between [`MmioDevice::negotiate`] and [`MmioDevice::driver_ok`].
+    pub fn setup_queue_raw(&self, index: u32, size: u16, desc: u64, avail: u64, used: u64) {
+        self.write(reg::QUEUE_SEL, index);
+        self.write(reg::QUEUE_NUM, u32::from(size));
+        self.write(reg::QUEUE_DESC_LOW, desc as u32);
+        self.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        self.write(reg::QUEUE_DRIVER_LOW, avail as u32);
+        self.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        self.write(reg::QUEUE_DEVICE_LOW, used as u32);
+        self.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        fence(Ordering::SeqCst);
+        self.write(reg::QUEUE_READY, 1);
+    }
+
     /// Final step of the initialisation: sets DRIVER_OK; checks DEVICE_NEEDS_RESET.
     pub fn driver_ok(&self) -> Result<(), Error> {
         self.add_status(status::DRIVER_OK);
@@ -841,7 +857,17 @@ impl Blk {
 
     /// Initialises a probed block device: features (VERSION_1, RO and FLUSH if offered),
     /// capacity, queue 0 (up to [`MAX_QUEUE_SIZE`] entries), request memory, DRIVER_OK.
-    pub fn init(mut dev: MmioDevice) -> Result<Blk, Error> {
+    pub fn init(dev: MmioDevice) -> Result<Blk, Error> {
+        let blk = Blk::init_without_driver_ok(dev)?;
+        blk.dev.driver_ok()?;
+        Ok(blk)
+    }
+
+    /// [`Blk::init`] without its last step: the queue is set up but DRIVER_OK is not
+    /// set, so requests submitted now wait in the ring until the caller sets it with
+    /// `device().driver_ok()` (a hostile-driver test: the device must not serve them on
+    /// the vCPU thread that sets DRIVER_OK).
+    pub fn init_without_driver_ok(mut dev: MmioDevice) -> Result<Blk, Error> {
         dev.negotiate(BLK_F_RO | BLK_F_FLUSH)?;
         let capacity = dev.config_read64(0);
         let vq = dev.setup_queue(0, MAX_QUEUE_SIZE)?;
@@ -849,7 +875,6 @@ impl Blk {
             dev.fail();
             return Err(Error::OutOfMemory);
         };
-        dev.driver_ok()?;
         Ok(Blk {
             dev,
             vq,
