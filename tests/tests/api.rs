@@ -175,6 +175,23 @@ fn every_route_answers_over_curl_with_telemetry_and_a_policy_under_seccomp() {
             .is_some_and(|s| s.contains("previous one stays")),
         "{e}"
     );
+    // A FIFO as the model would block the thread that opens it: refused up front.
+    let fifo = dir.path("fifo.onnx");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let (code, e) = curl(
+        sock,
+        "PUT",
+        "/policy",
+        Some(&format!(r#"{{"path":"{}"}}"#, fifo.display())),
+    );
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .is_some_and(|s| s.contains("not a regular file")),
+        "{e}"
+    );
     // Refusals with their status and a JSON error.
     for (method, path, body, want) in [
         ("GET", "/nothing", None, 404),

@@ -78,13 +78,26 @@ pub fn execute(rt: &VmRuntime, cmd: Command) -> Reply {
             Some(h) => Reply::ok(json!({"policy": h.current_id()})),
             None => Reply::error(404, "no tuner is running"),
         },
-        Command::PutPolicy { path } => match crate::tuning::reload(rt, &path) {
-            Ok(id) => Reply::ok(json!({"policy": id})),
-            Err(e) => Reply::error(
-                400,
-                format!("policy not loaded, the previous one stays: {e}"),
-            ),
-        },
+        Command::PutPolicy { path } => put_policy(rt, &path),
+    }
+}
+
+/// `PUT /policy`: a regular file only (a FIFO would block the API thread in `open`,
+/// `/dev/zero` would never end), then loaded and swapped in by the tuner's handle.
+fn put_policy(rt: &VmRuntime, path: &std::path::Path) -> Reply {
+    let refused = |e: String| {
+        Reply::error(
+            400,
+            format!("policy not loaded, the previous one stays: {e}"),
+        )
+    };
+    // A path that does not exist goes on to the loader, which reports (and records) it.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return refused(format!("{} is not a regular file", path.display()));
+    }
+    match crate::tuning::reload(rt, path) {
+        Ok(id) => Reply::ok(json!({"policy": id})),
+        Err(e) => refused(e),
     }
 }
 
