@@ -279,7 +279,7 @@ fn garbage_oversized_and_idle_clients_do_not_hurt_the_vm() {
     let dir = Scratch::new("api-hostile");
     let sock = dir.path("api.sock");
     let sock = sock.to_str().unwrap();
-    let child = kernel_command("cpu-burn", &["--cmdline", "ms=5000"])
+    let child = kernel_command("cpu-burn", &["--cmdline", "ms=9000"])
         .args(["--api-sock", sock])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -300,6 +300,9 @@ fn garbage_oversized_and_idle_clients_do_not_hurt_the_vm() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     let answer = raw(sock, &vec![b'A'; 20_000]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    // A client that never finishes its request is told after 5 s and closed.
+    let answer = raw(sock, b"GET /vm HTTP/1.1\r\nHost: x\r\n");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     // 50 idle connections (beyond the cap of 16) do not stop a later request.
     let idle: Vec<UnixStream> = (0..50)
         .map(|_| UnixStream::connect(sock).expect("connect"))

@@ -575,7 +575,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             // tract's one-time CPU probe (on an AMX host it calls `arch_prctl`, which no
             // filter allows) runs now, before any filtered thread may be the first to
             // infer: the tuner and learner threads below, or a policy (re)loaded later
-            // on this thread under the main filter.
+            // on the API thread (`PUT /policy`) under its filter.
             tuner::policy::prepare_inference();
         }
         // Before the helper threads start: each installs its role's filter first thing.

@@ -19,8 +19,9 @@
 //!   "reason", "cores" (null: unlimited), "path", "error" (last failed write)}`.
 //!
 //! Answers: 200 with the JSON body, or 400 (bad body), 404 (unknown resource or drive),
-//! 405 (method), 413 (request larger than 64 KiB of body or 8 KiB of headers), 503 (the
-//! event loop did not answer in time) with `{"error": "..."}`.
+//! 405 (method), 408 (request not complete within 5 s), 413 (request larger than 64 KiB
+//! of body or 8 KiB of headers), 503 (the event loop did not answer in time) with
+//! `{"error": "..."}`.
 //!
 //! The parts: [`framing`] cuts an HTTP request out of a connection's bytes, [`request`] parses a request into a typed command (pure), [`handler`] runs
 //! it, [`server`] is the `vmm-api` thread and its socket, [`client`] is `vmm api`.

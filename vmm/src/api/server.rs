@@ -280,6 +280,16 @@ impl Server {
         let mut poll_log = LogLimit::default();
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
+            for c in self.conns.iter_mut() {
+                if c.deadline <= now && c.out.is_empty() && !c.buf.is_empty() {
+                    // Best effort: a client too slow to send its request hears why.
+                    let msg = format!(
+                        "request not complete within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    );
+                    let _ = c.stream.write(&http_response(&Reply::error(408, msg)));
+                }
+            }
             self.conns.retain(|c| c.deadline > now);
             if self.backoff_until.is_some_and(|t| now >= t) {
                 self.backoff_until = None;
