@@ -48,6 +48,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const EVENT_LOOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before accepting again after `accept` failed (EMFILE and the like).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// On EMFILE, a connection that has sent nothing for this long may be closed for room.
+const IDLE_EVICT_AGE: Duration = Duration::from_millis(250);
 /// At most one log line per this interval for a repeated failure.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -230,6 +232,7 @@ struct Conn {
     out: Vec<u8>,
     sent: usize,
     deadline: Instant,
+    accepted: Instant,
     continued: bool,
 }
 
@@ -357,9 +360,6 @@ impl Server {
 
     /// Accepts what is waiting, closing the oldest connections beyond the cap.
     fn accept(&mut self) {
-        // Connections accepted before this call; only those may be closed for room on
-        // EMFILE (which `accept` also returns once the queue is empty).
-        let earlier = Instant::now() + REQUEST_TIMEOUT;
         for _ in 0..MAX_CONNECTIONS {
             match self.listener.accept() {
                 Ok((stream, _)) => {
@@ -367,7 +367,7 @@ impl Server {
                         continue;
                     }
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        self.close_oldest(None);
+                        self.close_oldest();
                     }
                     self.conns.push(Conn {
                         stream,
@@ -375,6 +375,7 @@ impl Server {
                         out: Vec::new(),
                         sent: 0,
                         deadline: Instant::now() + REQUEST_TIMEOUT,
+                        accepted: Instant::now(),
                         continued: false,
                     });
                 }
@@ -384,12 +385,12 @@ impl Server {
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays queued; try
                     // again after a pause instead of spinning on a ready listener, and
-                    // free a descriptor by closing the oldest connection still sending
-                    // its request (idle or slow).
+                    // free a descriptor by closing the oldest connection that has sent
+                    // nothing (the others end at their deadline).
                     self.accept_log
                         .warn(format_args!("control API: accept failed: {e}; pausing"));
                     self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    self.close_oldest(Some(earlier));
+                    self.close_oldest_idle();
                     return;
                 }
             }
@@ -397,17 +398,32 @@ impl Server {
     }
 
     /// Closes the connection that has waited longest for its request (idle or slow),
-    /// or, if all are being answered, the oldest one; with `before`, only one whose
-    /// request deadline is earlier.
-    fn close_oldest(&mut self, before: Option<Instant>) {
+    /// or, if all are being answered, the oldest one.
+    fn close_oldest(&mut self) {
         let reading = self.conns.iter().any(|c| c.out.is_empty());
         if let Some(oldest) = self
             .conns
             .iter()
             .enumerate()
             .filter(|(_, c)| !reading || c.out.is_empty())
-            .filter(|(_, c)| before.is_none_or(|t| c.deadline < t))
-            .min_by_key(|(_, c)| c.deadline)
+            .min_by_key(|(_, c)| c.accepted)
+            .map(|(i, _)| i)
+        {
+            self.conns.swap_remove(oldest);
+        }
+    }
+
+    /// On EMFILE (which `accept` also returns once the queue is empty): closes the
+    /// oldest connection that has sent nothing for [`IDLE_EVICT_AGE`], so a descriptor
+    /// frees up without dropping a client that has just connected and is sending.
+    fn close_oldest_idle(&mut self) {
+        let now = Instant::now();
+        if let Some(oldest) = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.buf.is_empty() && now.duration_since(c.accepted) >= IDLE_EVICT_AGE)
+            .min_by_key(|(_, c)| c.accepted)
             .map(|(i, _)| i)
         {
             self.conns.swap_remove(oldest);
