@@ -6,13 +6,16 @@ cd "$(dirname "$0")/.."
 
 echo "== set-up"
 # Debian packages the set-up needs: lz4 unpacks the cloud kernel's payload, gcc builds
-# SQLite for rusqlite (bundled), prometheus is scraped by a test. Installed only when missing.
+# SQLite for rusqlite (bundled), curl speaks HTTP to the control socket, prlimit fills
+# the monitor's descriptor table in the API tests, prometheus (server and promtool) scrapes
+# two monitors in a test. Installed only when missing.
 missing=()
 command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
-# A real Prometheus server and promtool for tests/tests/prometheus_server.rs.
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi

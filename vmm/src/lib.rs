@@ -1,6 +1,6 @@
 //! The `vmm` monitor: boots guests directly on KVM with the rust-vmm crates.
 //!
-//! - [`api`]: the control socket (JSON lines) for turning knobs by hand.
+//! - [`api`]: the control socket (HTTP/1.1 on a Unix socket) for turning knobs by hand.
 //! - [`config`]: the VM's settings and their validation.
 //! - [`memory`]: guest memory layout and allocation.
 //! - [`boot`]: kernel loading (ELF, bzImage), zero page, long-mode entry state.

@@ -461,12 +461,30 @@ impl VmRuntime {
 
 impl CounterSource for VmRuntime {
     fn snapshot(&self) -> CounterSnapshot {
+        self.counters(true)
+    }
+}
+
+impl VmRuntime {
+    /// The counters for the control API: neither KVM's dirty log (read and cleared by
+    /// the sampler thread only; its ioctl is outside the API thread's filter, and a
+    /// read here would take pages from the sampler's count) nor the KVM stats fds; the
+    /// dirty-page figure is the sampler's latest total.
+    pub fn api_snapshot(&self) -> CounterSnapshot {
+        self.counters(false)
+    }
+
+    /// Every counter; `live` also reads KVM's dirty log and binary stats now.
+    fn counters(&self, live: bool) -> CounterSnapshot {
         let vcpus = self
             .vcpus
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let mut c = s.snapshot(i as u32);
+                if !live {
+                    return c;
+                }
                 if let Some(Some(stats)) = self
                     .kvm_stats
                     .get(i)
@@ -506,7 +524,11 @@ impl CounterSource for VmRuntime {
                 guest_bytes: self.mem_bytes,
                 resident_bytes: resident_bytes(self.statm.as_ref()),
                 page_faults: page_faults(),
-                dirty_pages: self.dirty_pages(),
+                dirty_pages: if live {
+                    self.dirty_pages()
+                } else {
+                    self.dirty.as_ref().map_or(0, |d| *lock(&d.total))
+                },
             },
             guest: GuestMetrics {
                 ops: g.ops,

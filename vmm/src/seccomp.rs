@@ -6,7 +6,7 @@
 //! sockets or new processes.
 //!
 //! The helper threads (the tuner's sampler, sinks, state repository writer, watchdog and
-//! metrics server, and the online learner) each get a filter of their role
+//! metrics server, the online learner, and the control API's `vmm-api`) each get a filter of their role
 //! ([`HelperRole`], installed through [`tuner::sandbox`] as each thread starts). A call
 //! outside a helper's list fails with `EPERM` instead of killing the VM: these threads
 //! never touch guest memory, every failure of theirs is already handled (a knob that
@@ -153,11 +153,8 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             libc::SYS_fdatasync,
             libc::SYS_timerfd_settime,
             libc::SYS_timerfd_gettime,
-            // The control API socket.
-            libc::SYS_accept4,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_setsockopt,
+            // Removing the control API socket at the end of the run (the API itself is
+            // served by the `vmm-api` thread, [`HelperRole::Api`]).
             libc::SYS_unlink,
             // Closing the state repository (SQLite) at the end of the run.
             libc::SYS_newfstatat,
@@ -171,7 +168,7 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             // are plain `write`s; only removing the cgroup at the end of the run needs a
             // path call. No mkdir, no writable open.
             libc::SYS_rmdir,
-            // Reading a policy file for hot reload.
+            // Checking the API socket file is still this monitor's before removing it.
             libc::SYS_statx,
         ],
         &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO],
@@ -206,16 +203,19 @@ pub enum HelperRole {
     StateRepo,
     /// `learner`: online training (burn); reads configuration files read-only.
     Learner,
+    /// `vmm-api`: the control API's HTTP server; reads model files for `PUT /policy`.
+    Api,
 }
 
 impl HelperRole {
     /// Every role.
-    pub const ALL: [HelperRole; 5] = [
+    pub const ALL: [HelperRole; 6] = [
         HelperRole::Sampler,
         HelperRole::Metrics,
         HelperRole::Tuner,
         HelperRole::StateRepo,
         HelperRole::Learner,
+        HelperRole::Api,
     ];
 
     /// The role of a thread by its name; names this monitor does not know get
@@ -226,6 +226,7 @@ impl HelperRole {
             "tuner-metrics" => HelperRole::Metrics,
             "tuner-state-repo" => HelperRole::StateRepo,
             "learner" => HelperRole::Learner,
+            "vmm-api" => HelperRole::Api,
             _ => HelperRole::Tuner,
         }
     }
@@ -237,6 +238,7 @@ impl HelperRole {
             HelperRole::Tuner => "tuner",
             HelperRole::StateRepo => "state-repo",
             HelperRole::Learner => "learner",
+            HelperRole::Api => "api",
         }
     }
 }
@@ -280,6 +282,24 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
             // The WAL and shared-memory files go when the repository closes.
             libc::SYS_unlink,
         ]),
+        HelperRole::Api => {
+            extra.extend([
+                // Connections: accept, non-blocking reads and writes, poll.
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_shutdown,
+                libc::SYS_poll,
+                // PUT /policy: the model and its card, read-only.
+                libc::SYS_newfstatat,
+                libc::SYS_statx,
+                libc::SYS_fstat,
+                libc::SYS_lseek,
+                libc::SYS_pread64,
+            ]);
+            ioctls.push(FIONBIO);
+            conditional = Some((libc::SYS_openat, read_only_open));
+        }
         HelperRole::Learner => {
             extra.extend([libc::SYS_getcwd, libc::SYS_newfstatat, libc::SYS_statx]);
             // burn looks for its configuration file; read-only opens only.
@@ -491,10 +511,11 @@ mod tests {
             HelperRole::StateRepo
         );
         assert_eq!(HelperRole::of_thread("learner"), HelperRole::Learner);
+        assert_eq!(HelperRole::of_thread("vmm-api"), HelperRole::Api);
         for n in ["tuner-sink-tuner", "tuner-watchdog", "anything"] {
             assert_eq!(HelperRole::of_thread(n), HelperRole::Tuner, "{n}");
         }
-        assert_eq!(HelperFilters::build().unwrap().0.len(), 5);
+        assert_eq!(HelperFilters::build().unwrap().0.len(), 6);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
-use crate::api::ApiServer;
+use crate::api::ApiSocket;
 use crate::boot::{self, long_mode, BootError};
 use crate::config::{host_mem_mib, ConfigError, VmConfig};
 use crate::cpuid::{self, VcpuTopology};
@@ -573,17 +573,18 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             total: Mutex::new(0),
         }),
     }));
-    if let Some(path) = &cfg.api_sock {
-        let server = ApiServer::bind(path, runtime.clone())
-            .map_err(|e| ConfigError::new("api_sock", e.to_string()))?;
-        subscribers.push(Arc::new(Mutex::new(server)));
-    }
+    let api_socket = match &cfg.api_sock {
+        Some(path) => {
+            Some(ApiSocket::bind(path).map_err(|e| ConfigError::new("api_sock", e.to_string()))?)
+        }
+        None => None,
+    };
     if cfg.seccomp {
         if cfg.tuner_on() {
             // tract's one-time CPU probe (on an AMX host it calls `arch_prctl`, which no
             // filter allows) runs now, before any filtered thread may be the first to
             // infer: the tuner and learner threads below, or a policy (re)loaded later
-            // on this thread under the main filter.
+            // on the API thread (`PUT /policy`) under its filter.
             tuner::policy::prepare_inference();
         }
         // Before the helper threads start: each installs its role's filter first thing.
@@ -592,6 +593,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             log::debug!("the helper threads' seccomp hook was set by an earlier VM");
         }
     }
+    // The API thread installs its filter through the hook set above.
+    let _api_guard = match api_socket {
+        Some(socket) => {
+            let (bridge, guard) = crate::api::server::spawn(socket, runtime.clone())
+                .map_err(|e| VmError::EventLoop(e.to_string()))?;
+            subscribers.push(Arc::new(Mutex::new(bridge)));
+            Some(guard)
+        }
+        None => None,
+    };
     let telemetry = Telemetry::start(cfg, runtime.clone())?;
 
     let vcpu_filter = if cfg.seccomp {

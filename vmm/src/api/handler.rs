@@ -1,0 +1,175 @@
+//! Executing a parsed [`Command`] against the running VM: the answer's status and JSON.
+
+use serde_json::{json, Value};
+
+use super::request::{Command, DrivePatch, RateLimitBody, VmPatch};
+use crate::config::{BucketSpec, RateLimitSpec};
+use crate::runtime::{ControlError, VmRuntime};
+
+/// An answer: an HTTP status and its JSON body (`{"error": "..."}` for a refusal).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// HTTP status code.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Value,
+}
+
+impl Reply {
+    /// 200 with `body`.
+    pub fn ok(body: Value) -> Self {
+        Self { status: 200, body }
+    }
+
+    /// A refusal: `status` with `{"error": msg}`.
+    pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({"error": msg.into()}),
+        }
+    }
+}
+
+fn status_of(e: &ControlError) -> u16 {
+    match e {
+        ControlError::UnknownDrive(_) => 404,
+        ControlError::Refused(_) => 400,
+    }
+}
+
+fn cpu_quota_json(rt: &VmRuntime) -> Value {
+    let q = rt.cpu_quota_status();
+    json!({"mode": q.mode.as_str(), "reason": q.reason, "cores": q.cores,
+           "path": q.path.map(|p| p.display().to_string()), "error": q.last_error})
+}
+
+fn drive_json(rt: &VmRuntime, id: &str) -> Value {
+    let limits = rt.rate_limit(id).map(RateLimitSpec::from_limiter).ok();
+    let priority = rt.priority(id).map(|p| p.to_string()).ok();
+    json!({"id": id, "rate_limiter": limits, "priority": priority})
+}
+
+fn rate_limit_spec(body: RateLimitBody) -> RateLimitSpec {
+    let conv = |b: Option<super::request::BucketBody>| {
+        b.map(|b| BucketSpec {
+            size: b.size,
+            refill_time_ms: b.refill_time_ms,
+            one_time_burst: b.one_time_burst,
+        })
+    };
+    RateLimitSpec {
+        bandwidth: conv(body.bandwidth),
+        ops: conv(body.ops),
+    }
+}
+
+/// Runs `cmd` on the calling thread. [`Command::on_event_loop`] says which thread that
+/// must be.
+pub fn execute(rt: &VmRuntime, cmd: Command) -> Reply {
+    match cmd {
+        Command::GetVm => get_vm(rt),
+        Command::GetDrives => {
+            let drives: Vec<Value> = rt.drive_ids().iter().map(|id| drive_json(rt, id)).collect();
+            Reply::ok(json!(drives))
+        }
+        Command::PatchVm(patch) => patch_vm(rt, patch),
+        Command::PatchDrive { id, patch } => patch_drive(rt, &id, patch),
+        Command::GetPolicy => match rt.policy_handle() {
+            Some(h) => Reply::ok(json!({"policy": h.current_id()})),
+            None => Reply::error(404, "no tuner is running"),
+        },
+        Command::PutPolicy { path } => put_policy(rt, &path),
+    }
+}
+
+/// `PUT /policy`: a regular file only (a FIFO would block the API thread in `open`,
+/// `/dev/zero` would never end), then loaded and swapped in by the tuner's handle.
+fn put_policy(rt: &VmRuntime, path: &std::path::Path) -> Reply {
+    let refused = |e: String| {
+        Reply::error(
+            400,
+            format!("policy not loaded, the previous one stays: {e}"),
+        )
+    };
+    // A path that does not exist goes on to the loader, which reports (and records) it.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return refused(format!("{} is not a regular file", path.display()));
+    }
+    match crate::tuning::reload(rt, path) {
+        Ok(id) => Reply::ok(json!({"policy": id})),
+        Err(e) => refused(e),
+    }
+}
+
+/// `GET /vm`, from the counters alone: KVM's dirty log is read by the sampler thread
+/// only (its ioctl is outside this thread's filter).
+fn get_vm(rt: &VmRuntime) -> Reply {
+    let snap = rt.api_snapshot();
+    let g = rt.guest_report();
+    let drives: Vec<Value> = snap
+        .queues
+        .iter()
+        .map(|q| {
+            json!({"id": q.device, "requests": q.requests, "bytes": q.bytes,
+                   "errors": q.errors, "throttled_ns": q.throttled_ns})
+        })
+        .collect();
+    Reply::ok(json!({
+        "uptime_ns": snap.at_ns,
+        "vcpus": snap.vcpus.len(),
+        "active_vcpus": snap.active_vcpus,
+        "parked_vcpus": rt.parked_vcpus(),
+        "vcpu_guest_ns": snap.vcpus.iter().map(|v| v.guest_ns).collect::<Vec<_>>(),
+        "host_cores": snap.host_cores,
+        "cpu_quota": cpu_quota_json(rt),
+        "guest": {"ops": g.ops, "bytes": g.bytes, "latency_ns_sum": g.latency_ns_sum,
+                  "latency_samples": g.latency_samples},
+        "drives": drives,
+    }))
+}
+
+fn patch_vm(rt: &VmRuntime, patch: VmPatch) -> Reply {
+    if let Some(n) = patch.vcpus {
+        if let Err(e) = rt.set_vcpus(n) {
+            return Reply::error(400, format!("vcpus: {e}"));
+        }
+    }
+    if let Some(n) = patch.host_cores {
+        if let Err(e) = rt.set_host_cores(n) {
+            return Reply::error(400, format!("host_cores: {e}"));
+        }
+    }
+    if let Some(c) = patch.cpu_quota {
+        if let Err(e) = rt.set_cpu_quota(c) {
+            return Reply::error(400, format!("cpu_quota: {e}"));
+        }
+    }
+    Reply::ok(json!({"active_vcpus": rt.active_vcpus(),
+                     "host_cores": rt.host_cores_given(),
+                     "cpu_quota": cpu_quota_json(rt)}))
+}
+
+fn patch_drive(rt: &VmRuntime, id: &str, patch: DrivePatch) -> Reply {
+    if !rt.drive_ids().iter().any(|d| d == id) {
+        return Reply::error(404, format!("no drive with id {id:?}"));
+    }
+    if let Some(p) = &patch.priority {
+        let prio = match p.parse::<devices::io_scheduler::Priority>() {
+            Ok(p) => p,
+            Err(e) => return Reply::error(400, format!("priority: {e}")),
+        };
+        if let Err(e) = rt.set_priority(id, prio) {
+            return Reply::error(status_of(&e), format!("priority: {e}"));
+        }
+    }
+    if let Some(body) = patch.rate_limiter {
+        let cfg = match rate_limit_spec(body).to_limiter("rate_limiter") {
+            Ok(c) => c,
+            Err(e) => return Reply::error(400, e.to_string()),
+        };
+        if let Err(e) = rt.set_rate_limit(id, cfg) {
+            return Reply::error(status_of(&e), format!("rate_limiter: {e}"));
+        }
+    }
+    Reply::ok(drive_json(rt, id))
+}
