@@ -22,6 +22,8 @@ bash scripts/fetch-debian-kernel.sh target/debian-kernel
 
 echo "== build (also builds the test kernels into target/test-kernels/)"
 cargo build --workspace --all-targets
+# The binary that ships: tests/tests/shipped.rs runs it (panic = "unwind", seccomp on).
+cargo build --release -p vmm
 
 echo "== tests"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -397,10 +397,15 @@ fn open(path: &Path) -> Result<Connection, LearnError> {
             path: path.to_path_buf(),
         });
     }
-    if path.is_dir() {
+    // A regular file only: SQLite's own open would block on a FIFO (issue 14).
+    if let Err(e) = tuner::files::open_regular(path) {
+        let message = match e {
+            tuner::files::FileError::NotRegular { kind, .. } => format!("it is {kind}"),
+            other => other.to_string(),
+        };
         return Err(LearnError::NotADatabase {
             path: path.to_path_buf(),
-            message: "it is a directory".into(),
+            message,
         });
     }
     let conn = Connection::open_with_flags(
