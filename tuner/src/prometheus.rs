@@ -608,7 +608,7 @@ impl Poller {
                 Err(e) => {
                     // E.g. out of fds: one line per 1000 failures, and a pause instead of
                     // spinning.
-                    if self.accept_errors % 1000 == 0 {
+                    if self.accept_errors.is_multiple_of(1000) {
                         log::warn!(
                             "metrics: accept failed ({} times so far): {e}",
                             self.accept_errors + 1
