@@ -46,7 +46,40 @@ fn ints(name: &str, values: &[i64]) -> TensorProto {
     }
 }
 
+fn floats(name: &str, values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: vec![values.len() as i64],
+        data_type: DataType::Float as i32,
+        float_data: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
 fn model(node: NodeProto, initializer: Vec<TensorProto>) -> Vec<u8> {
+    graph(vec![node], initializer)
+}
+
+fn graph(node: Vec<NodeProto>, initializer: Vec<TensorProto>) -> Vec<u8> {
     ModelProto {
         ir_version: 7,
         opset_import: vec![OperatorSetIdProto {
@@ -56,7 +89,7 @@ fn model(node: NodeProto, initializer: Vec<TensorProto>) -> Vec<u8> {
         producer_name: "vmm hostile test".into(),
         graph: Some(GraphProto {
             name: "hostile".into(),
-            node: vec![node],
+            node,
             initializer,
             input: vec![value("input", INPUT)],
             output: vec![value("q", OUTPUT)],
@@ -84,6 +117,38 @@ pub fn gather_out_of_range() -> Vec<u8> {
             ..Default::default()
         },
         vec![ints("idx", &[1000; OUTPUT as usize])],
+    )
+}
+
+/// A network that answers an all-zero input (the probe at load) and panics on any
+/// other: `q = Gather([0.0], Cast<int64>(Slice(input, 0..13) * 1e6), axis=0)`: every
+/// index but 0 is outside the one-element table. It makes tract panic on the tuner's
+/// thread, under its seccomp filter, at the first real decision.
+pub fn gather_out_of_range_later() -> Vec<u8> {
+    graph(
+        vec![
+            node(
+                "Slice",
+                &["input", "starts", "ends", "axes"],
+                "head",
+                vec![],
+            ),
+            node("Mul", &["head", "scale"], "scaled", vec![]),
+            node(
+                "Cast",
+                &["scaled"],
+                "idx",
+                vec![int_attr("to", DataType::Int64 as i64)],
+            ),
+            node("Gather", &["table", "idx"], "q", vec![int_attr("axis", 0)]),
+        ],
+        vec![
+            ints("starts", &[0]),
+            ints("ends", &[OUTPUT]),
+            ints("axes", &[1]),
+            floats("scale", &[1e6]),
+            floats("table", &[0.0]),
+        ],
     )
 }
 
@@ -115,6 +180,9 @@ pub fn write_with_card(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
         .expect("the shipped test card");
     let mut card: serde_json::Value = serde_json::from_str(&card).expect("card JSON");
     card["name"] = serde_json::Value::String(name.to_string());
+    // No reference evaluation: a network that panics on the reference input only would
+    // be refused at load (this file's models are probed with zeros, then run).
+    card["evaluation"] = serde_json::json!({});
     let path = dir.join(format!("{name}.onnx"));
     std::fs::write(&path, bytes).expect("write model");
     std::fs::write(

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::hostile_onnx::{gather_out_of_range, slice_step_zero, write_with_card};
+use integration_tests::hostile_onnx::{
+    gather_out_of_range, gather_out_of_range_later, slice_step_zero, write_with_card,
+};
 use integration_tests::{kernel_path, kvm_available, vmm_release_bin, wait_for, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -165,6 +167,53 @@ fn a_model_that_makes_tract_panic_over_the_api_is_refused_and_the_vm_runs_on() {
     assert_eq!(v["body"]["policy"], "static", "{v}");
     let (status, _, stderr) = finish(child, LIMIT);
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
+}
+
+#[test]
+fn a_model_that_makes_tract_panic_on_the_tuner_thread_ends_in_the_static_configuration() {
+    let Some(bin) = release() else {
+        return;
+    };
+    let dir = Scratch::new("shipped-later");
+    let sock = dir.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    let drive = format!("path={}", disk(&dir));
+    let model = write_with_card(&dir.0, "later", &gather_out_of_range_later());
+    let child = spawn(
+        &bin,
+        "cpu-burn",
+        &[
+            "--cmdline",
+            "ms=3000",
+            "--drive",
+            &drive,
+            "--policy",
+            model.to_str().unwrap(),
+            "--api-sock",
+            sock,
+        ],
+    );
+    wait_for(sock);
+    // The first decisions panic inside tract, on the tuner's thread, under its filter
+    // (was: an abort looping on rt_sigaction with the policy's lock held: a frozen VM).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut policy = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        policy = api(&bin, sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"].clone();
+        if policy == "static" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, stderr) = finish(child, LIMIT);
+    assert_eq!(policy, "static", "stderr:\n{stderr}");
+    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("tract panicked while running"), "{stderr}");
+    // On the tuner's thread, after the model loaded (the probe with zeros passes).
+    assert!(
+        stderr.contains("thread 'tuner-sink-tuner' panicked"),
+        "{stderr}"
+    );
 }
 
 /// The vCPU cgroup directories the monitor `pid` may have made (v1 `cpu` hierarchy or
