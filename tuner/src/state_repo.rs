@@ -576,6 +576,34 @@ fn configure(conn: &Connection) -> Result<(), RepoError> {
     Ok(())
 }
 
+/// Opens the SQLite database at `path` for reading only, leaving no file behind: with no
+/// `-wal` file beside it no writer has it open (SQLite removes that file when the last
+/// writer closes), so it is opened `immutable` (no `-shm`/`-wal` files created, no
+/// locks); otherwise read-only through the live writer's WAL. Never writes the database.
+pub fn open_sqlite_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if Path::new(&wal).exists() {
+        Connection::open_with_flags(path, flags)?
+    } else {
+        // A URI: `%`, `?` and `#` in the path are escaped.
+        let mut uri = String::from("file:");
+        for c in path.to_string_lossy().chars() {
+            match c {
+                '%' => uri.push_str("%25"),
+                '?' => uri.push_str("%3f"),
+                '#' => uri.push_str("%23"),
+                c => uri.push(c),
+            }
+        }
+        uri.push_str("?immutable=1");
+        Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)?
+    };
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl StateRepo {
     /// Opens (creating if needed) the repository at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>, config: RepoConfig) -> Result<StateRepo, RepoError> {
@@ -649,11 +677,7 @@ impl StateRepo {
         let not_repo =
             |why: String| RepoError::NotARepository(format!("{}: {why}", path.display()));
         crate::files::open_regular(&path).map_err(|e| not_repo(e.to_string()))?;
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = open_sqlite_read_only(&path)?;
         // The first read is where SQLite notices a file that is not a database.
         let layout: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -1423,6 +1447,20 @@ mod tests {
         assert!(r.writer().insert(row("vm", 2, 0.5)).is_err());
         drop(r);
         assert_eq!(std::fs::read(&good).unwrap(), before);
+        // Nothing left beside it either (no -wal or -shm file of the reader's).
+        for suffix in ["-wal", "-shm"] {
+            let mut p = good.clone().into_os_string();
+            p.push(suffix);
+            assert!(!Path::new(&p).exists(), "{suffix} left behind");
+        }
+        // While a writer has it open, a reader sees its committed rows.
+        let live = StateRepo::open(&good, quick()).unwrap();
+        live.writer().insert_blocking(row("vm", 3, 0.5)).unwrap();
+        live.flush().unwrap();
+        let r = StateRepo::open_read_only(&good).unwrap();
+        assert_eq!(r.rows("vm", 0).unwrap().len(), 2);
+        drop(r);
+        live.close().unwrap();
     }
 
     fn quick() -> RepoConfig {
