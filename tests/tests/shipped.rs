@@ -364,3 +364,54 @@ fn host_cores_are_the_first_cpus_of_the_allowed_set() {
     assert_eq!(got, vec!["1".to_string(); 2], "stderr:\n{stderr}");
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
 }
+
+#[test]
+fn idle_metrics_clients_do_not_delay_a_scrape_under_the_filters() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let Some(bin) = release() else {
+        return;
+    };
+    let dir = Scratch::new("shipped-metrics");
+    let db = dir.path("t.db");
+    // A free port (the monitor binds it a moment later).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn(
+        &bin,
+        "cpu-burn",
+        &[
+            "--cmdline",
+            "ms=4000",
+            "--metrics-addr",
+            &addr,
+            "--state-db",
+            db.to_str().unwrap(),
+        ],
+    );
+    let start = Instant::now();
+    let mut idle = Vec::new();
+    while idle.len() < 20 && start.elapsed() < Duration::from_secs(10) {
+        match TcpStream::connect(&addr) {
+            Ok(s) => idle.push(s),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    assert_eq!(idle.len(), 20, "the endpoint never came up");
+    let t = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    // Was 40 s: one connection at a time, 2 s each. Generous bound (hang detection).
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("vmm_guest_ops_total"), "{body}");
+    drop(idle);
+    let (status, _, stderr) = finish(child, LIMIT);
+    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+}
