@@ -20,7 +20,7 @@ pub const TEXT_CAP: u64 = 1 << 20;
 #[derive(Debug, Error)]
 pub enum FileError {
     /// The open failed (missing, no permission, ...).
-    #[error("{}: {source}", path.display())]
+    #[error("cannot read {}: {source}", path.display())]
     Open {
         /// The file.
         path: PathBuf,
