@@ -827,6 +827,28 @@ pub fn host_mem_mib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serial_out_takes_regular_files_and_character_devices_only() {
+        let dir = std::env::temp_dir().join(format!("vmm-serial-out-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for bad in [&fifo, &dir] {
+            let e = check_serial_out(bad).unwrap_err();
+            assert_eq!(e.field, "serial_out");
+        }
+        assert!(check_serial_out(&fifo)
+            .unwrap_err()
+            .problem
+            .contains("a FIFO"));
+        assert!(check_serial_out(Path::new("/dev/null")).is_ok());
+        assert!(check_serial_out(&dir.join("new.log")).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use std::io::Write;
 
     fn elf_file() -> tempfile_lite::TempFile {
