@@ -27,6 +27,8 @@ bash scripts/fetch-debian-kernel.sh target/debian-kernel
 
 echo "== build (also builds the test kernels into target/test-kernels/)"
 cargo build --workspace --all-targets
+# The binary that ships: tests/tests/shipped.rs runs it (panic = "unwind", seccomp on).
+cargo build --release -p vmm
 
 echo "== style (rustfmt, clippy with warnings as errors)"
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

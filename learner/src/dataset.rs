@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{Connection, ErrorCode};
 use serde::Serialize;
 use tuner::actions::ActionSpace;
 use tuner::reward::RewardWeights;
@@ -397,19 +397,18 @@ fn open(path: &Path) -> Result<Connection, LearnError> {
             path: path.to_path_buf(),
         });
     }
-    if path.is_dir() {
+    // A regular file only: SQLite's own open would block on a FIFO (issue 14).
+    if let Err(e) = tuner::files::open_regular(path) {
+        let message = match e {
+            tuner::files::FileError::NotRegular { kind, .. } => format!("it is {kind}"),
+            other => other.to_string(),
+        };
         return Err(LearnError::NotADatabase {
             path: path.to_path_buf(),
-            message: "it is a directory".into(),
+            message,
         });
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| sqlite_error(path, e))?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(|e| sqlite_error(path, e))?;
+    let conn = tuner::state_repo::open_sqlite_read_only(path).map_err(|e| sqlite_error(path, e))?;
     // The first read of the schema is where SQLite notices a file that is not a database.
     let tables: i64 = conn
         .query_row(

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 pub use test_kernels::kernel_path;
 
+pub mod hostile_onnx;
+
 /// The cargo target directory (`target/`), found from this test executable's path.
 pub fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
@@ -31,6 +33,32 @@ pub fn vmm_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The release-profile `vmm` (target/release/vmm: the binary that ships, panic =
+/// "unwind", seccomp on), or `None` when it is not built: under CI (`CI=true`) the test
+/// fails loudly; elsewhere it prints `skipped: ...` and the caller returns early.
+/// `scripts/test.sh` builds it (`cargo build --release -p vmm`); `VMM_RELEASE_BIN`
+/// overrides the path.
+pub fn vmm_release_bin() -> Option<PathBuf> {
+    // `VMM_RELEASE_BIN` names another binary (e.g. an installed one).
+    let bin = std::env::var_os("VMM_RELEASE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/vmm"));
+    if bin.exists() {
+        return Some(bin);
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!(
+            "{} is missing and CI=true: build it first (cargo build --release -p vmm)",
+            bin.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is missing (cargo build --release -p vmm)",
+        bin.display()
+    );
+    None
 }
 
 /// Whether KVM is usable. Without it: under CI (`CI=true`) the test fails loudly;

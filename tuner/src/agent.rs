@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -395,6 +396,10 @@ pub trait Sink: Send {
     fn accept(&mut self, sample: &Arc<Sample>);
     /// Called once when the agent stops, after the last sample.
     fn finish(&mut self) {}
+    /// Called once, on the sink's thread, after [`Sink::accept`] panicked (`message`:
+    /// the panic's); the sink gets no more samples. The tuner returns to the static
+    /// configuration here.
+    fn panicked(&mut self, _message: &str) {}
 }
 
 /// A sink calling a closure for every sample.
@@ -576,14 +581,24 @@ impl Agent {
             let handle = thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
-                    crate::sandbox::enter_thread(&thread_name);
-                    for sample in rx {
-                        sink.accept(&sample);
-                        if let Some(c) = shared.sinks.get(i) {
-                            c.consumed.fetch_add(1, Ordering::Relaxed);
+                    crate::sandbox::run_helper(&thread_name, || {
+                        for sample in rx {
+                            let accepted =
+                                panic::catch_unwind(AssertUnwindSafe(|| sink.accept(&sample)));
+                            if let Err(p) = accepted {
+                                // The sink stops here (its queue closes: the sampler
+                                // counts what it can no longer hand over as dropped).
+                                let message = crate::sandbox::panic_message(&*p);
+                                log::error!("sink {thread_name} panicked: {message}; it stops");
+                                sink.panicked(&message);
+                                return;
+                            }
+                            if let Some(c) = shared.sinks.get(i) {
+                                c.consumed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                    }
-                    sink.finish();
+                        sink.finish();
+                    });
                 })
                 .map_err(|source| AgentError::Spawn {
                     name: name.clone(),
@@ -600,56 +615,57 @@ impl Agent {
         let handle = thread::Builder::new()
             .name("tuner-agent".to_string())
             .spawn(move || {
-                crate::sandbox::enter_thread("tuner-agent");
-                let mut sampler = Sampler::new();
-                let mut next = Instant::now();
-                loop {
-                    let snapshot = source.snapshot();
-                    shared.snapshots.fetch_add(1, Ordering::Relaxed);
-                    if let Some(sample) = sampler.observe(snapshot) {
-                        *shared
-                            .sampler
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = sampler.stats();
-                        let sample = Arc::new(sample);
-                        latest.set(Arc::clone(&sample));
-                        for (i, tx) in senders.iter().enumerate() {
-                            let Some(c) = shared.sinks.get(i) else {
-                                continue;
-                            };
-                            match tx.try_send(Arc::clone(&sample)) {
-                                Ok(()) => {
-                                    c.queued.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(TrySendError::Full(_)) => {
-                                    if c.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                                        log::warn!(
-                                            "sink {} is falling behind; dropping samples",
-                                            c.name
-                                        );
+                crate::sandbox::run_helper("tuner-agent", move || {
+                    let mut sampler = Sampler::new();
+                    let mut next = Instant::now();
+                    loop {
+                        let snapshot = source.snapshot();
+                        shared.snapshots.fetch_add(1, Ordering::Relaxed);
+                        if let Some(sample) = sampler.observe(snapshot) {
+                            *shared
+                                .sampler
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner) = sampler.stats();
+                            let sample = Arc::new(sample);
+                            latest.set(Arc::clone(&sample));
+                            for (i, tx) in senders.iter().enumerate() {
+                                let Some(c) = shared.sinks.get(i) else {
+                                    continue;
+                                };
+                                match tx.try_send(Arc::clone(&sample)) {
+                                    Ok(()) => {
+                                        c.queued.fetch_add(1, Ordering::Relaxed);
                                     }
-                                }
-                                Err(TrySendError::Disconnected(_)) => {
-                                    if c.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                                        log::error!("sink {} has died", c.name);
+                                    Err(TrySendError::Full(_)) => {
+                                        if c.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                                            log::warn!(
+                                                "sink {} is falling behind; dropping samples",
+                                                c.name
+                                            );
+                                        }
+                                    }
+                                    Err(TrySendError::Disconnected(_)) => {
+                                        if c.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                                            log::error!("sink {} has died", c.name);
+                                        }
                                     }
                                 }
                             }
                         }
+                        next += interval;
+                        let now = Instant::now();
+                        if next <= now {
+                            // Behind schedule: skip the missed ticks instead of sampling in a burst.
+                            shared.overruns.fetch_add(1, Ordering::Relaxed);
+                            next = now + interval;
+                        }
+                        match stop_rx.recv_timeout(next - now) {
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                        }
                     }
-                    next += interval;
-                    let now = Instant::now();
-                    if next <= now {
-                        // Behind schedule: skip the missed ticks instead of sampling in a burst.
-                        shared.overruns.fetch_add(1, Ordering::Relaxed);
-                        next = now + interval;
-                    }
-                    match stop_rx.recv_timeout(next - now) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                // `senders` drop here: the sink threads drain their queues and finish.
+                    // `senders` drop here: the sink threads drain their queues and finish.
+                });
             })
             .map_err(|source| AgentError::Spawn {
                 name: "tuner-agent".to_string(),

@@ -676,6 +676,14 @@ impl Sink for Tuner {
         self.step(sample);
     }
 
+    fn panicked(&mut self, message: &str) {
+        // The step that panicked may have left a change half-made: back to the static
+        // configuration, with the static policy in charge (what `GET /policy` reports).
+        let d = self.fall_back(format!("the tuner panicked: {message}"));
+        lock(&self.shared.stats).fallbacks += 1;
+        self.record(self.shared.last_ts.load(Ordering::Relaxed), &d);
+    }
+
     fn finish(&mut self) {
         // The last decision's reward is never observed; store its action alone.
         if let Some((ts, label)) = self.last.take() {
@@ -1215,6 +1223,64 @@ mod tests {
         let s = handle.stats();
         assert!(s.decisions >= 5, "{s:?}");
         assert_eq!(s.last_action.as_deref(), Some("noop"));
+    }
+
+    #[test]
+    fn a_panicking_policy_ends_in_the_static_configuration() {
+        use crate::agent::{Agent, AgentConfig};
+        use crate::counters::{CounterSnapshot, CounterSource};
+        struct Source(AtomicU64);
+        impl CounterSource for Source {
+            fn snapshot(&self) -> CounterSnapshot {
+                let t = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+                CounterSnapshot {
+                    at_ns: t * 5_000_000,
+                    active_vcpus: 2,
+                    ..CounterSnapshot::default()
+                }
+            }
+        }
+        struct Panics;
+        impl Policy for Panics {
+            fn id(&self) -> &str {
+                "panics"
+            }
+            fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, PolicyError> {
+                panic!("index out of range in a hostile model");
+            }
+        }
+        let knobs = FakeKnobs::default();
+        let t = Tuner::new(
+            TunerConfig::default(),
+            manager(ManagerConfig::default()),
+            Box::new(knobs.clone()),
+            Box::new(Panics),
+        )
+        .unwrap();
+        let handle = t.policy_handle();
+        let agent = Agent::start(
+            Arc::new(Source(AtomicU64::new(0))),
+            AgentConfig {
+                interval: Duration::from_millis(5),
+                sink_queue: 4,
+            },
+            vec![Box::new(t)],
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.current_id() != "static" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The policy's lock was held by the panicking inference: poisoned, not fatal.
+        assert_eq!(handle.current_id(), "static");
+        assert_eq!(handle.stats().fallbacks, 1);
+        assert!(
+            knobs.entries().iter().any(|e| e == "static"),
+            "{:?}",
+            knobs.entries()
+        );
+        // The agent stops cleanly (the dead sink's samples count as dropped).
+        agent.stop().unwrap();
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
 //!   watchdog) and the [`manager::Knobs`] trait the monitor implements.
 //! - [`control`]: the tuner loop tying them together as an agent sink, with hot reload.
+//! - [`files`]: opening user-named files safely (regular files only, size caps).
 //! - [`sandbox`]: the hook each of the tuner's threads runs first (the monitor confines
 //!   them there).
 //!
@@ -33,6 +34,7 @@ pub mod agent;
 pub mod anomaly;
 pub mod control;
 pub mod counters;
+pub mod files;
 pub mod forecast;
 pub mod manager;
 pub mod policy;

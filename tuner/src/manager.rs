@@ -1052,16 +1052,17 @@ impl Watchdog {
         let thread = thread::Builder::new()
             .name("tuner-watchdog".to_string())
             .spawn(move || {
-                crate::sandbox::enter_thread("tuner-watchdog");
-                // Until stopped (or the handle dropped), poll every half interval.
-                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(period) {
-                    if let Some(silent) = self.poll() {
-                        log::error!(
-                            "tuner watchdog: no heartbeat for {silent:?}; restoring the static configuration"
-                        );
-                        on_stall(silent);
+                crate::sandbox::run_helper("tuner-watchdog", move || {
+                    // Until stopped (or the handle dropped), poll every half interval.
+                    while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(period) {
+                        if let Some(silent) = self.poll() {
+                            log::error!(
+                                "tuner watchdog: no heartbeat for {silent:?}; restoring the static configuration"
+                            );
+                            on_stall(silent);
+                        }
                     }
-                }
+                });
             })
             .map_err(ManagerError::Spawn)?;
         Ok(WatchdogHandle {

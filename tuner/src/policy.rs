@@ -33,7 +33,6 @@
 //! caught where the build unwinds).
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -52,6 +51,7 @@ use crate::actions::{Action, ActionSpace, PriorityLevel, ACTIONS_VERSION};
 use crate::forecast::ForecastConfig;
 use crate::manager::KnobState;
 use crate::reward::RewardWeights;
+use crate::sandbox::panic_message;
 use crate::schema::{FeatureId, Schema, SchemaSpec, SCHEMA_VERSION};
 
 /// Largest difference between a model's output and the card's reference Q-values,
@@ -104,6 +104,9 @@ pub enum PolicyError {
         #[source]
         source: io::Error,
     },
+    /// A model or card file was refused (not a regular file, too large).
+    #[error("policy file refused: {0}")]
+    File(#[source] crate::files::FileError),
     /// The model card is not valid JSON of the card's shape.
     #[error("model card {path} is malformed: {source}")]
     CardJson {
@@ -546,15 +549,18 @@ impl fmt::Debug for OnnxPolicy {
     }
 }
 
-fn read(path: &Path, missing: impl FnOnce(PathBuf) -> PolicyError) -> Result<Vec<u8>, PolicyError> {
-    fs::read(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
+/// Reads a model or card file: a regular file only (a FIFO or `/dev/zero` is refused
+/// without blocking), at most `cap` bytes.
+fn read(
+    path: &Path,
+    cap: u64,
+    missing: impl FnOnce(PathBuf) -> PolicyError,
+) -> Result<Vec<u8>, PolicyError> {
+    crate::files::read_capped(path, cap).map_err(|e| {
+        if e.is_not_found() {
             missing(path.to_path_buf())
         } else {
-            PolicyError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+            PolicyError::File(e)
         }
     })
 }
@@ -570,13 +576,6 @@ pub fn prepare_inference() {
     log::debug!("inference instruction sets: {isa:?}");
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 impl OnnxPolicy {
     /// Loads `path` (an `.onnx` file) and its card (`NAME.card.json` beside it), validates
     /// both against `space`, the running schema and, when given, the VM's reward
@@ -588,7 +587,9 @@ impl OnnxPolicy {
     ) -> Result<OnnxPolicy, PolicyError> {
         let path = path.as_ref();
         let card_path = ModelCard::path_for(path);
-        let card_text = read(&card_path, |path| PolicyError::CardMissing { path })?;
+        let card_text = read(&card_path, crate::files::TEXT_CAP, |path| {
+            PolicyError::CardMissing { path }
+        })?;
         let card: ModelCard =
             serde_json::from_slice(&card_text).map_err(|source| PolicyError::CardJson {
                 path: card_path.clone(),
@@ -599,7 +600,9 @@ impl OnnxPolicy {
                 path: card_path.clone(),
                 source,
             })?;
-        let bytes = read(path, |path| PolicyError::ModelMissing { path })?;
+        let bytes = read(path, crate::files::MODEL_CAP, |path| {
+            PolicyError::ModelMissing { path }
+        })?;
         let mut card = card;
         if card.name.is_empty() {
             card.name = path

@@ -10,16 +10,20 @@
 //! The server is written by hand on a std [`TcpListener`]: it serves one read-only
 //! endpoint to a scraper every few seconds, which needs a request line and a header
 //! terminator, not an HTTP library. A dependency (and its async runtime or thread pool)
-//! would outweigh the ~150 lines here. It handles one connection at a time with a total
-//! deadline per request, caps the request head at [`ServerLimits::max_request_bytes`],
+//! would outweigh the ~300 lines here. One thread polls the listener and every connection
+//! whose request is still arriving (at most [`ServerLimits::max_connections`], each with
+//! its own deadline), so idle clients never delay a scrape; a few worker threads answer
+//! complete requests. It caps the request head at [`ServerLimits::max_request_bytes`],
 //! answers `Connection: close`, and never panics on malformed input.
 
 use std::fmt::{Display, Write as _};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -353,12 +357,18 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
 /// Limits that keep one bad client from hurting the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
-    /// Total time a client gets to send its request head.
+    /// Total time a client gets to send its request head (per connection; the others
+    /// are served meanwhile).
     pub read_timeout: Duration,
     /// Time allowed for writing the response.
     pub write_timeout: Duration,
     /// Largest request head accepted (request line and headers).
     pub max_request_bytes: usize,
+    /// Connections whose request is still arriving, at most; one more is refused at once
+    /// (`503`).
+    pub max_connections: usize,
+    /// Threads answering complete requests (rendering and writing the response).
+    pub workers: usize,
 }
 
 impl Default for ServerLimits {
@@ -367,6 +377,8 @@ impl Default for ServerLimits {
             read_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(5),
             max_request_bytes: 8192,
+            max_connections: 64,
+            workers: 2,
         }
     }
 }
@@ -392,6 +404,7 @@ pub struct MetricsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     counters: Arc<Counters>,
 }
 
@@ -403,18 +416,36 @@ impl std::fmt::Debug for MetricsServer {
     }
 }
 
-struct Conn<'a> {
-    source: &'a dyn CounterSource,
-    latest: Option<&'a LatestSample>,
-    limits: ServerLimits,
+/// The name of every thread of the server (the monitor confines threads by name).
+const THREAD_NAME: &str = "tuner-metrics";
+/// How often the polling thread looks at the stop flag.
+const POLL_TICK: Duration = Duration::from_millis(100);
+/// Write timeout of the short error answers the polling thread sends itself.
+const QUICK_WRITE: Duration = Duration::from_millis(100);
+/// Connections accepted per wake, at most (the rest wait in the kernel's backlog).
+const ACCEPT_BATCH: usize = 64;
+
+/// What the polling thread hands to a worker.
+enum Job {
+    /// A complete request head.
+    Request(TcpStream, Vec<u8>),
+    /// A head over [`ServerLimits::max_request_bytes`].
+    TooLarge(TcpStream),
 }
 
-/// Outcome of reading a request head.
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    TimedOut,
-    Closed,
+/// A connection whose request head is still arriving.
+struct Pending {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// Answers complete requests (shared by the workers).
+struct Responder {
+    source: Arc<dyn CounterSource>,
+    latest: Option<LatestSample>,
+    limits: ServerLimits,
+    counters: Arc<Counters>,
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -424,37 +455,198 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
         .or_else(|| buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2))
 }
 
-impl Conn<'_> {
-    fn read_head(&self, stream: &mut TcpStream) -> io::Result<Head> {
-        let deadline = Instant::now() + self.limits.read_timeout;
-        let mut buf = Vec::with_capacity(1024);
+impl Counters {
+    fn count(&self, scrape: bool) {
+        let c = if scrape {
+            &self.scrapes
+        } else {
+            &self.rejected
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The polling thread: accepts connections and reads every request head concurrently
+/// (`poll(2)` on the listener and the pending connections, each with its own deadline),
+/// so idle or slow clients never delay a scrape; complete requests go to the workers.
+/// Hand-written on `poll` (not an async runtime): one listener and a few dozen sockets.
+struct Poller {
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    jobs: SyncSender<Job>,
+    limits: ServerLimits,
+    counters: Arc<Counters>,
+    pending: Vec<Pending>,
+    accept_errors: u64,
+}
+
+impl Poller {
+    fn run(mut self) {
         let mut chunk = [0u8; 1024];
-        loop {
-            if let Some(end) = find_head_end(&buf) {
-                buf.truncate(end);
-                return Ok(Head::Complete(buf));
-            }
-            if buf.len() > self.limits.max_request_bytes {
-                return Ok(Head::TooLarge);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(Head::TimedOut);
-            }
-            stream.set_read_timeout(Some(left))?;
-            match stream.read(&mut chunk) {
-                Ok(0) => return Ok(Head::Closed),
-                Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut =>
-                {
-                    return Ok(Head::TimedOut)
+        while !self.stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let wait = self
+                .pending
+                .iter()
+                .map(|p| p.deadline.saturating_duration_since(now))
+                .min()
+                .unwrap_or(POLL_TICK)
+                .min(POLL_TICK);
+            let mut fds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
+                .chain(self.pending.iter().map(|p| p.stream.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // Rounded up so that a deadline a fraction of a millisecond away is reached.
+            let wait_ms = wait.as_millis().min(i32::MAX as u128) as i32 + 1;
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("metrics: poll failed: {e}");
+                    thread::sleep(POLL_TICK);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                continue;
+            }
+            // From the end, so that `swap_remove` only moves connections already seen.
+            for i in (0..self.pending.len()).rev() {
+                let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
+                self.service(i, ready, &mut chunk);
+            }
+            if fds.first().is_some_and(|f| f.revents != 0) {
+                self.accept();
             }
         }
+    }
+
+    /// Reads what connection `i` sent (when `ready`) and hands it on when its head is
+    /// complete, too large, closed or out of time.
+    fn service(&mut self, i: usize, ready: bool, chunk: &mut [u8]) {
+        let Some(p) = self.pending.get_mut(i) else {
+            return;
+        };
+        if ready {
+            // One read after poll said readable: it does not block.
+            match p.stream.read(chunk) {
+                Ok(0) => {
+                    self.pending.swap_remove(i);
+                    self.counters.count(false);
+                    return;
+                }
+                Ok(n) => p.buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    log::debug!("metrics: connection error: {e}");
+                    self.pending.swap_remove(i);
+                    self.counters.count(false);
+                    return;
+                }
+            }
+        }
+        if let Some(end) = find_head_end(&p.buf) {
+            let mut p = self.pending.swap_remove(i);
+            p.buf.truncate(end);
+            self.hand_over(Job::Request(p.stream, p.buf));
+        } else if p.buf.len() > self.limits.max_request_bytes {
+            let p = self.pending.swap_remove(i);
+            self.hand_over(Job::TooLarge(p.stream));
+        } else if Instant::now() >= p.deadline {
+            let mut p = self.pending.swap_remove(i);
+            self.counters.count(false);
+            let _ = respond(&mut p.stream, 408, "Request Timeout", "", b"");
+        }
+    }
+
+    fn hand_over(&mut self, job: Job) {
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Job::Request(mut s, _) | Job::TooLarge(mut s))) => {
+                self.counters.count(false);
+                let _ = respond(&mut s, 503, "Service Unavailable", "", b"busy\n");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                log::error!("metrics: no worker left; stopping");
+                self.stop.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        for _ in 0..ACCEPT_BATCH {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    // The polling thread's own writes (408, 503) and the reads after a
+                    // readable poll never wait long.
+                    let quick = stream
+                        .set_write_timeout(Some(QUICK_WRITE))
+                        .and_then(|()| stream.set_read_timeout(Some(QUICK_WRITE)));
+                    if quick.is_err() {
+                        self.counters.count(false);
+                    } else if self.pending.len() >= self.limits.max_connections {
+                        self.counters.count(false);
+                        let _ = respond(&mut stream, 503, "Service Unavailable", "", b"busy\n");
+                    } else {
+                        self.pending.push(Pending {
+                            stream,
+                            buf: Vec::new(),
+                            deadline: Instant::now() + self.limits.read_timeout,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // E.g. out of fds: one line per 1000 failures, and a pause instead of
+                    // spinning.
+                    if self.accept_errors.is_multiple_of(1000) {
+                        log::warn!(
+                            "metrics: accept failed ({} times so far): {e}",
+                            self.accept_errors + 1
+                        );
+                    }
+                    self.accept_errors += 1;
+                    thread::sleep(Duration::from_millis(10));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Responder {
+    fn work(&self, jobs: &Mutex<Receiver<Job>>) {
+        loop {
+            let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+            let Ok(job) = job else {
+                return;
+            };
+            // Each answer is counted (as a scrape or a rejection) before it is written.
+            let written = match job {
+                Job::Request(mut stream, head) => self.answer(&mut stream, &head),
+                Job::TooLarge(mut stream) => self.too_large(&mut stream),
+            };
+            if let Err(e) = written {
+                log::debug!("metrics: connection error: {e}");
+            }
+        }
+    }
+
+    fn too_large(&self, stream: &mut TcpStream) -> io::Result<()> {
+        self.counters.count(false);
+        stream.set_write_timeout(Some(self.limits.write_timeout))?;
+        respond(stream, 431, "Request Header Fields Too Large", "", b"")?;
+        self.drain(stream);
+        Ok(())
     }
 
     /// Discards what the client is still sending (briefly, up to a bound) before the
@@ -477,74 +669,92 @@ impl Conn<'_> {
         }
     }
 
-    /// Serves one connection; returns whether it was a successful scrape.
-    fn serve(&self, stream: &mut TcpStream) -> io::Result<bool> {
+    /// Answers one complete request head. The answer is counted before it is written,
+    /// so a client that has read it sees it in [`MetricsServer::stats`].
+    fn answer(&self, stream: &mut TcpStream, head: &[u8]) -> io::Result<()> {
         stream.set_write_timeout(Some(self.limits.write_timeout))?;
-        let head = match self.read_head(stream)? {
-            Head::Complete(h) => h,
-            Head::TooLarge => {
-                respond(stream, 431, "Request Header Fields Too Large", "", b"")?;
-                self.drain(stream);
-                return Ok(false);
+        let reply = self.reply(head);
+        self.counters.count(reply.code == 200);
+        match reply.code {
+            200 => {
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    reply.body.len()
+                );
+                stream.write_all(header.as_bytes())?;
+                if !reply.head_only {
+                    stream.write_all(reply.body.as_bytes())?;
+                }
+                stream.flush()
             }
-            Head::TimedOut => {
-                respond(stream, 408, "Request Timeout", "", b"")?;
-                return Ok(false);
-            }
-            Head::Closed => return Ok(false),
+            code => respond(
+                stream,
+                code,
+                reply.reason,
+                reply.extra_headers,
+                reply.body.as_bytes(),
+            ),
+        }
+    }
+
+    /// The answer to a request head.
+    fn reply(&self, head: &[u8]) -> Reply {
+        let error = |code, reason, body: &str| Reply {
+            code,
+            reason,
+            extra_headers: "",
+            body: body.to_string(),
+            head_only: false,
         };
-        let Ok(text) = std::str::from_utf8(&head) else {
-            respond(stream, 400, "Bad Request", "", b"bad request\n")?;
-            return Ok(false);
+        let Ok(text) = std::str::from_utf8(head) else {
+            return error(400, "Bad Request", "bad request\n");
         };
         let mut parts = text.lines().next().unwrap_or("").split_whitespace();
         let (Some(method), Some(target), Some(version), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            respond(stream, 400, "Bad Request", "", b"bad request\n")?;
-            return Ok(false);
+            return error(400, "Bad Request", "bad request\n");
         };
         if !version.starts_with("HTTP/1.") {
-            respond(stream, 505, "HTTP Version Not Supported", "", b"")?;
-            return Ok(false);
+            return error(505, "HTTP Version Not Supported", "");
         }
         let path = target.split('?').next().unwrap_or("");
         if path != "/metrics" {
-            respond(stream, 404, "Not Found", "", b"not found\n")?;
-            return Ok(false);
+            return error(404, "Not Found", "not found\n");
         }
         if method != "GET" && method != "HEAD" {
-            respond(
-                stream,
-                405,
-                "Method Not Allowed",
-                "Allow: GET, HEAD\r\n",
-                b"",
-            )?;
-            return Ok(false);
+            return Reply {
+                extra_headers: "Allow: GET, HEAD\r\n",
+                ..error(405, "Method Not Allowed", "")
+            };
         }
         let body = catch_unwind(AssertUnwindSafe(|| {
             let snapshot = self.source.snapshot();
-            let sample = self.latest.and_then(|l| l.get());
+            let sample = self.latest.as_ref().and_then(|l| l.get());
             render(&snapshot, sample.as_deref())
         }));
         let Ok(body) = body else {
             log::error!("metrics: reading the counters panicked");
-            respond(stream, 500, "Internal Server Error", "", b"")?;
-            return Ok(false);
+            return error(500, "Internal Server Error", "");
         };
-        let header = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(header.as_bytes())?;
-        if method == "GET" {
-            stream.write_all(body.as_bytes())?;
+        Reply {
+            code: 200,
+            reason: "OK",
+            extra_headers: "",
+            body,
+            head_only: method == "HEAD",
         }
-        stream.flush()?;
-        Ok(true)
     }
+}
+
+/// An answer before it is written.
+struct Reply {
+    code: u16,
+    reason: &'static str,
+    extra_headers: &'static str,
+    body: String,
+    head_only: bool,
 }
 
 fn respond(
@@ -575,7 +785,9 @@ impl MetricsServer {
     }
 
     /// Like [`MetricsServer::start`], also exporting the latest sample held in `latest`
-    /// (see [`crate::agent::Agent::latest_handle`]), with the given limits.
+    /// (see [`crate::agent::Agent::latest_handle`]), with the given limits. Every thread
+    /// (the polling thread and `limits.workers` workers) starts here, none later: the
+    /// monitor confines them and they could not create threads.
     pub fn start_with(
         addr: impl ToSocketAddrs + std::fmt::Debug,
         source: Arc<dyn CounterSource>,
@@ -595,53 +807,52 @@ impl MetricsServer {
             addr: shown.clone(),
             source,
         })?;
+        listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let (t_stop, t_counters) = (Arc::clone(&stop), Arc::clone(&counters));
-        let handle = thread::Builder::new()
-            .name("tuner-metrics".to_string())
-            .spawn(move || {
-                crate::sandbox::enter_thread("tuner-metrics");
-                let conn = Conn {
-                    source: source.as_ref(),
-                    latest: latest.as_ref(),
-                    limits,
-                };
-                for stream in listener.incoming() {
-                    if t_stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    let mut stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::warn!("metrics: accept failed: {e}");
-                            // Avoid spinning on persistent errors (e.g. out of fds).
-                            thread::sleep(Duration::from_millis(10));
-                            continue;
-                        }
-                    };
-                    match conn.serve(&mut stream) {
-                        Ok(true) => {
-                            t_counters.scrapes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(false) => {
-                            t_counters.rejected.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            log::debug!("metrics: connection error: {e}");
-                            t_counters.rejected.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })?;
-        log::info!("metrics server listening on http://{local}/metrics");
-        Ok(MetricsServer {
+        let (tx, rx) = mpsc::sync_channel::<Job>(limits.max_connections.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let responder = Arc::new(Responder {
+            source,
+            latest,
+            limits,
+            counters: Arc::clone(&counters),
+        });
+        let mut server = MetricsServer {
             addr: local,
+            stop: Arc::clone(&stop),
+            handle: None,
+            workers: Vec::new(),
+            counters: Arc::clone(&counters),
+        };
+        for _ in 0..limits.workers.max(1) {
+            let (responder, rx) = (Arc::clone(&responder), Arc::clone(&rx));
+            let worker = thread::Builder::new()
+                .name(THREAD_NAME.to_string())
+                .spawn(move || {
+                    crate::sandbox::run_helper(THREAD_NAME, || responder.work(&rx));
+                })?;
+            server.workers.push(worker);
+        }
+        let poller = Poller {
+            listener,
             stop,
-            handle: Some(handle),
+            jobs: tx,
+            limits,
             counters,
-        })
+            pending: Vec::new(),
+            accept_errors: 0,
+        };
+        // On error the workers end: the channel's sender drops with `poller`.
+        let handle = thread::Builder::new()
+            .name(THREAD_NAME.to_string())
+            .spawn(move || {
+                crate::sandbox::run_helper(THREAD_NAME, || poller.run());
+            })?;
+        server.handle = Some(handle);
+        log::info!("metrics server listening on http://{local}/metrics");
+        Ok(server)
     }
 
     /// The address the server listens on (with the actual port when 0 was asked for).
@@ -657,33 +868,25 @@ impl MetricsServer {
         }
     }
 
-    /// Stops the server and joins its thread.
+    /// Stops the server and joins its threads (the polling thread sees the stop within
+    /// a tenth of a second; a worker finishes the answer it is writing).
     pub fn stop(mut self) -> Result<(), MetricsError> {
         self.shutdown()
     }
 
     fn shutdown(&mut self) -> Result<(), MetricsError> {
-        let Some(handle) = self.handle.take() else {
-            return Ok(());
-        };
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept with a connection of our own.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            });
+        let mut panicked = false;
+        if let Some(handle) = self.handle.take() {
+            panicked |= handle.join().is_err();
         }
-        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
-            Ok(_) => handle.join().map_err(|_| MetricsError::Panicked),
-            Err(e) => {
-                // Cannot wake it: leave the thread to exit at its next connection rather
-                // than hang here.
-                log::warn!("metrics: cannot wake the server thread ({e}); detaching it");
-                Ok(())
-            }
+        for w in self.workers.drain(..) {
+            panicked |= w.join().is_err();
         }
+        if panicked {
+            return Err(MetricsError::Panicked);
+        }
+        Ok(())
     }
 }
 
@@ -827,6 +1030,48 @@ mod tests {
             Some(5000.0)
         );
         assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(2.0));
+    }
+
+    #[test]
+    fn idle_connections_do_not_delay_a_scrape() {
+        // Issue 14: 20 idle clients held the one-at-a-time server 2 s each (40 s).
+        let source = Arc::new(Rising(AtomicU64::new(0)));
+        let server = MetricsServer::start("127.0.0.1:0", source).expect("start");
+        let addr = server.local_addr();
+        let idle: Vec<TcpStream> = (0..20)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let t = Instant::now();
+        let body = request(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        // Generous bound for hang detection: the idle ones each have 2 s to speak.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        // Past the connection cap, a client is refused at once rather than queued.
+        let limits = ServerLimits {
+            max_connections: 2,
+            ..ServerLimits::default()
+        };
+        let small = MetricsServer::start_with(
+            "127.0.0.1:0",
+            Arc::new(Rising(AtomicU64::new(0))),
+            None,
+            limits,
+        )
+        .expect("start");
+        let a = small.local_addr();
+        let _held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(a).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // (Read without sending: the refusal comes on accept.)
+        let mut third = TcpStream::connect(a).expect("connect");
+        third
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut refused = String::new();
+        third.read_to_string(&mut refused).expect("read");
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        drop(idle);
+        server.stop().expect("stop");
+        small.stop().expect("stop");
     }
 
     #[test]

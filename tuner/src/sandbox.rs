@@ -25,10 +25,49 @@ pub fn enter_thread(name: &str) {
     }
 }
 
+/// The message of a panic payload (`&str` or `String`), for logs.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Runs `body` as the whole life of helper thread `name`: enters the thread's sandbox
+/// ([`enter_thread`]), then runs `body`, catching a panic. A panic is logged ("helper
+/// thread NAME panicked: ...; it stops") and gives `None`: the thread ends cleanly, the
+/// locks it held are released (poisoned; every lock of the tuner is taken through
+/// `PoisonError::into_inner`), and the VM runs on without it.
+pub fn run_helper<T>(name: &str, body: impl FnOnce() -> T) -> Option<T> {
+    enter_thread(name);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(v) => Some(v),
+        Err(p) => {
+            log::error!(
+                "helper thread {name} panicked: {}; it stops",
+                panic_message(&*p)
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_panicking_helper_ends_cleanly_with_none() {
+        let got =
+            std::thread::spawn(|| run_helper("tuner-test-panic", || -> u32 { panic!("boom") }))
+                .join()
+                .expect("the thread itself does not panic");
+        assert_eq!(got, None);
+        assert_eq!(run_helper("tuner-test-ok", || 7), Some(7));
+        assert_eq!(panic_message(&"x"), "x");
+    }
 
     #[test]
     fn the_first_hook_runs_for_every_thread_and_a_second_is_refused() {

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
 use crate::agent::{Sample, Sink};
@@ -119,6 +119,10 @@ pub enum RepoError {
     /// The Parquet writer failed.
     #[error("parquet: {0}")]
     Parquet(String),
+    /// The file is not a state repository (empty, another SQLite database, not SQLite,
+    /// not a regular file); it was left as it was.
+    #[error("not a state repository: {0}")]
+    NotARepository(String),
 }
 
 /// Configuration of the repository.
@@ -572,6 +576,34 @@ fn configure(conn: &Connection) -> Result<(), RepoError> {
     Ok(())
 }
 
+/// Opens the SQLite database at `path` for reading only, leaving no file behind: with no
+/// `-wal` file beside it no writer has it open (SQLite removes that file when the last
+/// writer closes), so it is opened `immutable` (no `-shm`/`-wal` files created, no
+/// locks); otherwise read-only through the live writer's WAL. Never writes the database.
+pub fn open_sqlite_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if Path::new(&wal).exists() {
+        Connection::open_with_flags(path, flags)?
+    } else {
+        // A URI: `%`, `?` and `#` in the path are escaped.
+        let mut uri = String::from("file:");
+        for c in path.to_string_lossy().chars() {
+            match c {
+                '%' => uri.push_str("%25"),
+                '?' => uri.push_str("%3f"),
+                '#' => uri.push_str("%23"),
+                c => uri.push(c),
+            }
+        }
+        uri.push_str("?immutable=1");
+        Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)?
+    };
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl StateRepo {
     /// Opens (creating if needed) the repository at `path` and starts its writer thread.
     pub fn open(path: impl AsRef<Path>, config: RepoConfig) -> Result<StateRepo, RepoError> {
@@ -592,6 +624,9 @@ impl StateRepo {
         detector_check.map_err(|e| RepoError::InvalidConfig(e.to_string()))?;
 
         let path = path.as_ref().to_path_buf();
+        // SQLite's own open would block on a FIFO: a regular file (or a new one) only.
+        crate::files::check_regular_if_exists(&path)
+            .map_err(|e| RepoError::NotARepository(e.to_string()))?;
         let conn = Connection::open(&path)?;
         configure(&conn)?;
         let layout: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -618,9 +653,10 @@ impl StateRepo {
         let handle = thread::Builder::new()
             .name("tuner-state-repo".to_string())
             .spawn(move || {
-                crate::sandbox::enter_thread("tuner-state-repo");
-                let mut w = WriterThread::new(conn, config, thread_counters);
-                w.run(rx);
+                crate::sandbox::run_helper("tuner-state-repo", move || {
+                    let mut w = WriterThread::new(conn, config, thread_counters);
+                    w.run(rx);
+                });
             })
             .map_err(RepoError::Spawn)?;
         log::info!("state repository opened at {}", path.display());
@@ -630,6 +666,60 @@ impl StateRepo {
             handle: Some(handle),
             reader: Mutex::new(reader),
         })
+    }
+
+    /// Opens an existing repository for reading only (`vmm state export`, `vmm ab
+    /// report`): SQLite's read-only mode, no journal-mode change, no tables created, no
+    /// writer thread. A file that is not a regular file, not SQLite, or a SQLite database
+    /// without the repository's layout is refused and left untouched.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<StateRepo, RepoError> {
+        let path = path.as_ref().to_path_buf();
+        let not_repo =
+            |why: String| RepoError::NotARepository(format!("{}: {why}", path.display()));
+        crate::files::open_regular(&path).map_err(|e| not_repo(e.to_string()))?;
+        let conn = open_sqlite_read_only(&path)?;
+        // The first read is where SQLite notices a file that is not a database.
+        let layout: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| not_repo(e.to_string()))?;
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                 AND name IN ('samples', 'events', 'meta')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| not_repo(e.to_string()))?;
+        if layout == 0 || tables != 3 {
+            return Err(not_repo(
+                "no samples, events and meta tables of a state repository".into(),
+            ));
+        }
+        if layout > DB_LAYOUT_VERSION {
+            return Err(RepoError::UnsupportedLayout {
+                found: layout,
+                supported: DB_LAYOUT_VERSION,
+            });
+        }
+        // No writer: a channel whose receiving end is gone (every write is `Closed`).
+        let (tx, _) = mpsc::sync_channel(1);
+        Ok(StateRepo {
+            path,
+            writer: RepoWriter {
+                tx,
+                counters: Arc::new(Counters::default()),
+            },
+            handle: None,
+            reader: Mutex::new(conn),
+        })
+    }
+
+    /// Commits what is queued, unless the repository was opened read-only.
+    fn flush_if_writing(&self) -> Result<(), RepoError> {
+        if self.handle.is_some() {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Path of the database file.
@@ -751,7 +841,7 @@ impl StateRepo {
     /// storage columns, then `v_<feature>` (normalised) and `raw_<feature>` columns in
     /// schema order. Returns the number of rows written.
     pub fn export_csv(&self, path: impl AsRef<Path>) -> Result<u64, RepoError> {
-        self.flush()?;
+        self.flush_if_writing()?;
         let mut out = BufWriter::new(File::create(path.as_ref())?);
         let header: Vec<String> = export_columns();
         writeln!(out, "{}", header.join(","))?;
@@ -793,7 +883,7 @@ impl StateRepo {
     pub fn export_parquet(&self, path: impl AsRef<Path>) -> Result<u64, RepoError> {
         #[cfg(feature = "parquet")]
         {
-            self.flush()?;
+            self.flush_if_writing()?;
             let mut out = parquet_export::ParquetOut::create(path.as_ref())?;
             let n = self.for_each_chunk(65_536, |rows| out.write_group(rows))?;
             out.close()?;
@@ -1312,6 +1402,65 @@ mod tests {
             anomaly: None,
             anomaly_score: None,
         }
+    }
+
+    #[test]
+    fn readers_refuse_what_is_not_a_repository_and_leave_it_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let text = dir.path().join("text.db");
+        std::fs::write(
+            &text,
+            b"hello, not sqlite at all; just some bytes in a file\n".repeat(100),
+        )
+        .unwrap();
+        let foreign = dir.path().join("foreign.db");
+        {
+            let c = Connection::open(&foreign).unwrap();
+            c.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")
+                .unwrap();
+        }
+        for path in [&empty, &text, &foreign] {
+            let before = std::fs::read(path).unwrap();
+            let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+            let e = StateRepo::open_read_only(path).unwrap_err();
+            assert!(
+                matches!(e, RepoError::NotARepository(_)),
+                "{}: {e}",
+                path.display()
+            );
+            assert_eq!(std::fs::read(path).unwrap(), before, "{}", path.display());
+            assert_eq!(std::fs::metadata(path).unwrap().modified().unwrap(), mtime);
+        }
+        let e = StateRepo::open_read_only(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        // A real repository reads back, without a byte of it changing.
+        let good = dir.path().join("good.db");
+        let repo = StateRepo::open(&good, quick()).unwrap();
+        repo.writer().insert_blocking(row("vm", 1, 0.5)).unwrap();
+        repo.close().unwrap();
+        let before = std::fs::read(&good).unwrap();
+        let r = StateRepo::open_read_only(&good).unwrap();
+        assert_eq!(r.rows("vm", 0).unwrap().len(), 1);
+        assert_eq!(r.export_csv(dir.path().join("out.csv")).unwrap(), 1);
+        assert!(r.writer().insert(row("vm", 2, 0.5)).is_err());
+        drop(r);
+        assert_eq!(std::fs::read(&good).unwrap(), before);
+        // Nothing left beside it either (no -wal or -shm file of the reader's).
+        for suffix in ["-wal", "-shm"] {
+            let mut p = good.clone().into_os_string();
+            p.push(suffix);
+            assert!(!Path::new(&p).exists(), "{suffix} left behind");
+        }
+        // While a writer has it open, a reader sees its committed rows.
+        let live = StateRepo::open(&good, quick()).unwrap();
+        live.writer().insert_blocking(row("vm", 3, 0.5)).unwrap();
+        live.flush().unwrap();
+        let r = StateRepo::open_read_only(&good).unwrap();
+        assert_eq!(r.rows("vm", 0).unwrap().len(), 2);
+        drop(r);
+        live.close().unwrap();
     }
 
     fn quick() -> RepoConfig {

@@ -3,8 +3,8 @@
 //! Every problem is reported as a [`ConfigError`] naming the field and what is wrong, so
 //! the `vmm` binary can print one line and exit with status 2.
 
-use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -490,9 +490,9 @@ impl VmConfig {
 
     /// Reads and parses a JSON configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
-        })?;
+        // A regular file of at most 1 MiB: a FIFO or /dev/zero is refused, never read.
+        let text = tuner::files::read_text_capped(path, tuner::files::TEXT_CAP)
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
         Self::from_json(&text)
     }
 
@@ -561,12 +561,7 @@ impl VmConfig {
             }
         }
         if let Some(out) = &self.serial_out {
-            if out.is_dir() {
-                return Err(ConfigError::new(
-                    "serial_out",
-                    format!("{} is a directory", out.display()),
-                ));
-            }
+            check_serial_out(out)?;
         }
         if self.drives.len() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::new(
@@ -708,7 +703,25 @@ impl VmConfig {
         if self.vm_id.is_empty() || self.vm_id.len() > 64 {
             return Err(ConfigError::new("vm_id", "must be 1-64 characters"));
         }
-        detect_kernel_format(&self.kernel)
+        let format = detect_kernel_format(&self.kernel)?;
+        // Kernel and initrd go into guest memory: neither can be larger.
+        let mem_bytes = self.mem_mib.saturating_mul(1 << 20);
+        for (field, path) in std::iter::once(("kernel", &self.kernel))
+            .chain(self.initrd.as_ref().map(|p| ("initrd", p)))
+        {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if len > mem_bytes {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} ({len} bytes) is larger than guest memory ({} MiB)",
+                        path.display(),
+                        self.mem_mib
+                    ),
+                ));
+            }
+        }
+        Ok(format)
     }
 
     /// vCPUs the guest is asked to use at start: `active_vcpus`, or all `vcpus`.
@@ -738,16 +751,35 @@ impl VmConfig {
     }
 }
 
-/// Looks at a kernel file's magic numbers: ELF64 x86-64 or bzImage ("HdrS" at 0x202).
-pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
-    let mut file = File::open(path)
-        .map_err(|e| ConfigError::new("kernel", format!("{}: {e}", path.display())))?;
-    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
-        return Err(ConfigError::new(
-            "kernel",
-            format!("{} is not a file", path.display()),
-        ));
+/// Checks `--serial-out`: a regular file (created or truncated at start) or an existing
+/// character device (`/dev/null`, `/dev/full`, a terminal: opening one never blocks and
+/// writing to one never grows anything). A FIFO (whose open blocks until a reader comes,
+/// and whose writes block when it stops reading), a directory, a socket or a block device
+/// is refused.
+pub fn check_serial_out(out: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(out) {
+        Ok(m) if m.file_type().is_file() || m.file_type().is_char_device() => Ok(()),
+        Ok(m) => Err(ConfigError::new(
+            "serial_out",
+            format!(
+                "{} is {}; give a regular file or a character device such as /dev/null",
+                out.display(),
+                tuner::files::kind_of(m.file_type())
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ConfigError::new(
+            "serial_out",
+            format!("{}: {e}", out.display()),
+        )),
     }
+}
+
+/// Looks at a kernel file's magic numbers: ELF64 x86-64 or bzImage ("HdrS" at 0x202).
+/// A regular file only (opened without blocking: a FIFO is refused, not waited on).
+pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let mut file =
+        tuner::files::open_regular(path).map_err(|e| ConfigError::new("kernel", e.to_string()))?;
     let mut head = vec![0u8; 0x210];
     let mut got = 0;
     while got < head.len() {
@@ -795,6 +827,28 @@ pub fn host_mem_mib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serial_out_takes_regular_files_and_character_devices_only() {
+        let dir = std::env::temp_dir().join(format!("vmm-serial-out-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for bad in [&fifo, &dir] {
+            let e = check_serial_out(bad).unwrap_err();
+            assert_eq!(e.field, "serial_out");
+        }
+        assert!(check_serial_out(&fifo)
+            .unwrap_err()
+            .problem
+            .contains("a FIFO"));
+        assert!(check_serial_out(Path::new("/dev/null")).is_ok());
+        assert!(check_serial_out(&dir.join("new.log")).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use std::io::Write;
 
     fn elf_file() -> tempfile_lite::TempFile {

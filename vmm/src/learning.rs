@@ -90,8 +90,8 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("learner".into())
         .spawn(move || {
-            tuner::sandbox::enter_thread("learner");
-            run(learner, rx, settings, handle)
+            // A panic of the learner stops online learning; the served policy stays.
+            tuner::sandbox::run_helper("learner", || run(learner, rx, settings, handle));
         })?;
     log::info!(
         "online learning on: refresh every {} transitions, {} DQN steps each",

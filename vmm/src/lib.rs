@@ -13,6 +13,8 @@
 //! - [`learning`]: online learning (`--learn`): the learner thread and its hot swaps.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
+//! - [`signals`]: SIGTERM and SIGINT stop the VM gracefully.
+//! - [`panics`]: what a panic does (the hook; which threads recover).
 
 pub mod api;
 pub mod boot;
@@ -22,8 +24,10 @@ pub mod cpuid;
 pub mod kvm_stats;
 pub mod learning;
 pub mod memory;
+pub mod panics;
 pub mod runtime;
 pub mod seccomp;
+pub mod signals;
 pub mod telemetry;
 pub mod tuning;
 pub mod vcpu;

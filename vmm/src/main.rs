@@ -432,6 +432,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
+    vmm::panics::install_hook();
     let cli = Cli::parse();
     match cli.command {
         Command::Schema { json } => {
@@ -450,13 +451,14 @@ fn main() -> ExitCode {
                     out,
                 },
         } => {
-            if !state_db.is_file() {
+            if !state_db.exists() {
                 return usage_error(&ConfigError::new(
                     "state_db",
                     format!("{} does not exist", state_db.display()),
                 ));
             }
-            let repo = match tuner::state_repo::StateRepo::open(&state_db, Default::default()) {
+            // Read-only: the export never changes the file it reads (issue 14).
+            let repo = match tuner::state_repo::StateRepo::open_read_only(&state_db) {
                 Ok(r) => r,
                 Err(e) => {
                     return usage_error(&ConfigError::new(
@@ -483,19 +485,19 @@ fn main() -> ExitCode {
         Command::Ab {
             command: AbCommand::Report { state_db, vm_id },
         } => {
-            if !state_db.is_file() {
+            if !state_db.exists() {
                 return usage_error(&ConfigError::new(
                     "state_db",
                     format!("{} does not exist", state_db.display()),
                 ));
             }
             let rows =
-                tuner::state_repo::StateRepo::open(&state_db, Default::default()).and_then(|r| {
-                    match &vm_id {
+                tuner::state_repo::StateRepo::open_read_only(&state_db).and_then(
+                    |r| match &vm_id {
                         Some(vm) => r.rows(vm, 0),
                         None => r.rows_of_all_vms(0),
-                    }
-                });
+                    },
+                );
             match rows {
                 Ok(rows) => match tuner::ab::report(&rows) {
                     Ok(r) => {
@@ -534,7 +536,16 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return usage_error(&e),
             };
-            match vmm::run(&cfg) {
+            // A panic that reaches here (the main thread's, outside any guard) ends the
+            // process with exit status 1; vCPU threads may be inside KVM_RUN.
+            let result = std::panic::catch_unwind(|| vmm::run(&cfg)).unwrap_or_else(|p| {
+                eprintln!(
+                    "vmm: error: the monitor panicked: {}",
+                    tuner::sandbox::panic_message(&*p)
+                );
+                std::process::exit(1)
+            });
+            match result {
                 Ok(outcome) => {
                     match &outcome {
                         RunOutcome::Stopped(devices::ExitReason::Crash(report)) => {
@@ -544,6 +555,7 @@ fn main() -> ExitCode {
                             eprintln!("vmm: error: {e}")
                         }
                         RunOutcome::TimedOut(ms) => eprintln!("vmm: timeout after {ms} ms"),
+                        RunOutcome::Signalled(sig) => eprintln!("vmm: stopped by signal {sig}"),
                         RunOutcome::Stopped(reason) => log::info!("guest stopped: {reason:?}"),
                     }
                     // Exit the process directly: vCPU threads may still be inside KVM_RUN.

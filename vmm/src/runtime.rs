@@ -71,6 +71,8 @@ pub struct VmRuntime {
     guest: Arc<GuestMetricsDevice>,
     statm: Option<std::fs::File>,
     host_cores: u32,
+    /// The CPUs the process was allowed at start; `host_cores = n` gives the first n.
+    allowed_cpus: Vec<usize>,
     dirty: Option<DirtyLog>,
     vcpu_control: Arc<VcpuControl>,
     vcpu_tids: Arc<Vec<AtomicI32>>,
@@ -126,11 +128,40 @@ fn page_faults() -> u64 {
     (usage.ru_minflt.max(0) + usage.ru_majflt.max(0)) as u64
 }
 
-/// Host cores the process may run on.
-fn host_cores() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
+/// The host CPUs the process may run on at start (its affinity mask: `taskset`, a
+/// cpuset), in increasing order; all online CPUs when the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid set and size; pid 0 is the calling thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let cpus: Vec<usize> = if rc == 0 {
+        // SAFETY: reading bits of a valid set below CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..n).collect();
+    }
+    cpus
+}
+
+/// The affinity mask of the first `n` CPUs of `allowed` (host_cores = n).
+fn first_cpus(allowed: &[usize], n: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in allowed.iter().take(n) {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: c < CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    set
 }
 
 /// What a [`VmRuntime`] is assembled from.
@@ -172,7 +203,8 @@ impl VmRuntime {
             vcpu_tids,
             dirty,
         } = parts;
-        let host_cores = host_cores();
+        let allowed_cpus = allowed_cpus();
+        let host_cores = allowed_cpus.len() as u32;
         let cpu_quota = CpuQuota::probe(
             &ProbeRoots::host(),
             &crate::cpu_quota::default_name(),
@@ -224,6 +256,7 @@ impl VmRuntime {
             guest,
             statm: std::fs::File::open("/proc/self/statm").ok(),
             host_cores,
+            allowed_cpus,
             dirty,
             vcpu_control,
             vcpu_tids,
@@ -281,7 +314,9 @@ impl VmRuntime {
         self.cores_given.load(Ordering::Acquire)
     }
 
-    /// Lets the vCPU threads run on host cores 0..n only (CPU affinity) and, where a cgroup
+    /// Lets the vCPU threads run on the first n of the host cores the process was allowed
+    /// at start only (CPU affinity: under `taskset -c 4-7`, n = 2 means cores 4 and 5)
+    /// and, where a cgroup
     /// allows it ([`crate::cpu_quota`]: v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), caps
     /// them at n cores of CPU time together (n = all host cores lifts the cap). A failure
     /// to write the quota is logged and kept in [`Self::cpu_quota_status`]; the affinity
@@ -293,12 +328,7 @@ impl VmRuntime {
                 self.host_cores
             )));
         }
-        // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for c in 0..n as usize {
-            // SAFETY: c < n <= host cores < CPU_SETSIZE.
-            unsafe { libc::CPU_SET(c, &mut set) };
-        }
+        let set = first_cpus(&self.allowed_cpus, n as usize);
         for (i, tid) in self.vcpu_tids.iter().enumerate() {
             let tid = tid.load(Ordering::Acquire);
             if tid == 0 {
@@ -552,5 +582,28 @@ impl VmRuntime {
             net_qos_level: (!self.nets.is_empty())
                 .then(|| self.net_qos_level.load(Ordering::Relaxed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(set: &libc::cpu_set_t) -> Vec<usize> {
+        // SAFETY: reading bits below CPU_SETSIZE of a valid set.
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+            .collect()
+    }
+
+    #[test]
+    fn host_cores_take_the_first_allowed_cpus_not_cpu_zero() {
+        // Issue 14: under `taskset -c 4-7`, one host core was CPU 0.
+        assert_eq!(members(&first_cpus(&[4, 5, 6, 7], 2)), vec![4, 5]);
+        assert_eq!(members(&first_cpus(&[1], 1)), vec![1]);
+        assert_eq!(members(&first_cpus(&[0, 3], 5)), vec![0, 3]);
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
     }
 }

@@ -245,8 +245,14 @@ impl HelperRole {
 
 /// The filter of a helper thread of `role` (mismatch: `EPERM`).
 pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
-    // Beyond COMMON_SYSCALLS: std asks for the CPU set and SQLite for the pid.
-    let mut extra = vec![libc::SYS_getpid, libc::SYS_sched_getaffinity];
+    // Beyond COMMON_SYSCALLS: std asks for the CPU set and SQLite for the pid. An abort
+    // (a panic while unwinding) ends in Rust's SIGSEGV handler, which must be able to
+    // reset the signal to its default: refused, it looped forever (issue 14).
+    let mut extra = vec![
+        libc::SYS_getpid,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_rt_sigaction,
+    ];
     let mut ioctls: Vec<u64> = Vec::new();
     let mut conditional: Option<ConditionalRule> = None;
     match role {
@@ -500,6 +506,30 @@ mod tests {
             let r = unsafe { libc::ioctl(0, 0xae00) };
             r == -1 && errno() == libc::EPERM
         }));
+    }
+
+    #[test]
+    fn an_abort_under_a_helper_filter_ends_the_process_instead_of_hanging() {
+        let filter = helper_filter(HelperRole::Tuner).unwrap();
+        // SAFETY: the child only makes raw syscalls before it dies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // A hang shows as SIGALRM (alarm is set before the filter forbids it).
+            // SAFETY: plain syscalls.
+            unsafe { libc::alarm(20) };
+            if seccompiler::apply_filter(&filter).is_err() {
+                // SAFETY: leaving the child without running destructors.
+                unsafe { libc::_exit(90) };
+            }
+            // SAFETY: ending the child.
+            unsafe { libc::abort() };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_ne!(libc::WTERMSIG(status), libc::SIGALRM, "the abort hung");
     }
 
     #[test]

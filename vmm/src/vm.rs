@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ pub enum RunOutcome {
     Stopped(ExitReason),
     /// `timeout_ms` passed first.
     TimedOut(u64),
+    /// SIGTERM or SIGINT (the number) stopped the run.
+    Signalled(i32),
 }
 
 impl RunOutcome {
@@ -67,6 +70,8 @@ impl RunOutcome {
             RunOutcome::Stopped(ExitReason::Crash(_)) => EXIT_GUEST_CRASH,
             RunOutcome::Stopped(ExitReason::MonitorError(_)) => 1,
             RunOutcome::TimedOut(_) => EXIT_TIMEOUT,
+            // As a shell reports a process a signal ended: 143 for SIGTERM, 130 for SIGINT.
+            RunOutcome::Signalled(sig) => 128 + sig,
         }
     }
 }
@@ -209,12 +214,26 @@ fn register_pio(
 fn serial_writer(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
     match &cfg.serial_out {
         Some(path) => {
+            // Never blocks (a FIFO without a reader fails with ENXIO); checked on the open
+            // file: a regular file (truncated now) or a character device, as
+            // `config::check_serial_out` says.
+            let err =
+                |e: String| ConfigError::new("serial_out", format!("{}: {e}", path.display()));
             let f = OpenOptions::new()
                 .create(true)
                 .write(true)
-                .truncate(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                 .open(path)
-                .map_err(|e| ConfigError::new("serial_out", format!("{}: {e}", path.display())))?;
+                .map_err(|e| err(e.to_string()))?;
+            let kind = f.metadata().map_err(|e| err(e.to_string()))?.file_type();
+            if kind.is_file() {
+                f.set_len(0).map_err(|e| err(e.to_string()))?;
+            } else if !std::os::unix::fs::FileTypeExt::is_char_device(&kind) {
+                return Err(err(format!("is {}", tuner::files::kind_of(kind))).into());
+            }
+            // Back to blocking writes (a terminal would otherwise drop output).
+            // SAFETY: F_SETFL on an fd this function owns.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
             Ok(Box::new(f))
         }
         // Unbuffered: every byte the guest prints is visible at once.
@@ -291,12 +310,30 @@ fn attach_virtio<D: VirtioDevice + 'static>(
     Ok(())
 }
 
+/// Removes the control socket at the end of the run, if `api_sock` is (still) a socket.
+fn remove_api_socket(cfg: &VmConfig) {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(path) = &cfg.api_sock else {
+        return;
+    };
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("cannot remove the control socket {}: {e}", path.display());
+        }
+    }
+}
+
 /// Creates the VM and its vCPUs from `cfg`, runs it, and returns how it ended.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     let format = cfg.validate(max_vcpus, host_mem_mib())?;
     let started = Instant::now();
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    let stop_signals = crate::signals::StopSignals::block()
+        .map_err(|e| VmError::EventLoop(format!("cannot set up SIGTERM/SIGINT: {e}")))?;
+    let signalled = stop_signals.received();
 
     let vm: Arc<VmFd> = Arc::new(kvm.create_vm().map_err(|source| VmError::KvmSetup {
         what: "create a VM",
@@ -620,6 +657,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    events.add_subscriber(Arc::new(Mutex::new(stop_signals)));
     for s in subscribers {
         events.add_subscriber(s);
     }
@@ -658,7 +696,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                         return;
                     }
                 }
-                vcpu.run();
+                // A panic here ends the run with a message and exit status 1 (the
+                // main thread stops the VM), rather than leaving the guest half-alive.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                if let Err(p) = ran {
+                    exit.request(ExitReason::MonitorError(format!(
+                        "vCPU {index} panicked: {}",
+                        tuner::sandbox::panic_message(&*p)
+                    )));
+                }
             })
             .map_err(VmError::Thread)?;
         threads.push(handle);
@@ -674,6 +720,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let outcome = loop {
         if let Some(reason) = exit.reason() {
             break RunOutcome::Stopped(reason);
+        }
+        let sig = signalled.load(std::sync::atomic::Ordering::Acquire);
+        if sig != 0 {
+            break RunOutcome::Signalled(sig);
         }
         let wait_ms = match deadline {
             Some((ms, at)) => {
@@ -695,6 +745,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     telemetry.stop();
     // The vCPU threads leave their cgroup (which is removed) before the process exits.
     runtime.release_cpu_quota();
+    remove_api_socket(cfg);
     // vCPU threads still inside KVM_RUN end with the process; the caller exits next.
     drop(threads);
     Ok(outcome)

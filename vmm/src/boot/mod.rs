@@ -10,7 +10,6 @@ pub mod elf_note;
 pub mod long_mode;
 pub mod mptable;
 
-use std::fs::File;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
@@ -68,7 +67,7 @@ pub fn load(
     let mem_bytes = cfg.mem_mib << 20;
     let low_end = low_ram_end(mem_bytes);
     let open = |p: &Path, field: &str| {
-        File::open(p).map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))
+        tuner::files::open_regular(p).map_err(|e| ConfigError::new(field, e.to_string()))
     };
     let mut file = open(&cfg.kernel, "kernel")?;
     let too_small = |needed: u64| {
