@@ -8,7 +8,8 @@ echo "== set-up"
 # Debian packages the set-up needs: lz4 unpacks the cloud kernel's payload, gcc builds
 # SQLite for rusqlite (bundled), curl speaks HTTP to the control socket, prlimit fills
 # the monitor's descriptor table in the API tests, prometheus (server and promtool) scrapes
-# two monitors in a test. Installed only when missing.
+# two monitors in a test, strace watches the shipped binary for refused system calls,
+# iproute2 makes the network tests' namespaces. Installed only when missing.
 missing=()
 command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
@@ -16,6 +17,8 @@ command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi

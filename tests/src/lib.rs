@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 pub use test_kernels::kernel_path;
 
 pub mod hostile_onnx;
+pub mod netns;
 
 /// The cargo target directory (`target/`), found from this test executable's path.
 pub fn target_dir() -> PathBuf {

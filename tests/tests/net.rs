@@ -1,9 +1,10 @@
 //! virtio-net end to end: a TAP inside a network namespace the test makes, the `net-echo`
 //! test kernel on the guest side, and real UDP packets from the host side of the TAP.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use integration_tests::netns::Netns;
 use integration_tests::{kernel_path, kvm_available, vmm_bin};
 
 /// Tests that measure a rate run one at a time: the harness runs two tests at once, and on
@@ -14,60 +15,6 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
     MACHINE
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A network namespace with a TAP at 10.0.0.1/24, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create(tag: &str) -> Option<Self> {
-        let name = format!("vmmit{}{tag}", std::process::id());
-        let ok = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if !ok(&["netns", "add", &name]) {
-            let msg = "network namespaces need root and iproute2 (`ip netns add` failed)";
-            if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-                panic!("{msg}");
-            }
-            eprintln!("skipped: {msg}");
-            return None;
-        }
-        let ns = Netns { name };
-        for cmd in [
-            vec!["tuntap", "add", "dev", "tap0", "mode", "tap"],
-            vec!["addr", "add", "10.0.0.1/24", "dev", "tap0"],
-            vec!["link", "set", "tap0", "up"],
-            vec!["link", "set", "lo", "up"],
-        ] {
-            let mut full = vec!["netns", "exec", ns.name.as_str(), "ip"];
-            full.extend(cmd.iter().copied());
-            assert!(ok(&full), "ip {full:?} failed");
-        }
-        Some(ns)
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 fn spawn_guest(ns: &Netns, cmdline: &str) -> std::process::Child {

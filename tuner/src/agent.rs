@@ -817,6 +817,7 @@ pub(crate) mod tests {
                 priority: crate::actions::PriorityLevel::High,
             }],
             net_qos_level: Some(1),
+            log_lines_suppressed: 7 * t,
         }
     }
 

@@ -167,6 +167,8 @@ pub struct CounterSnapshot {
     /// [`crate::actions::NET_QOS_LADDER`] level in force on the network devices (`None`
     /// without one).
     pub net_qos_level: Option<u8>,
+    /// Log lines a guest triggered that the monitor's rate limits held back (cumulative).
+    pub log_lines_suppressed: u64,
 }
 
 /// The knobs in force on one drive, in the terms of the tuner's actions.

@@ -270,6 +270,16 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
         "Guest pages dirtied (KVM dirty log).",
     );
     o.sample("vmm_memory_dirty_pages_total", &[], m.dirty_pages);
+    o.family(
+        "vmm_log_lines_suppressed_total",
+        "counter",
+        "Guest-triggered log lines held back by the monitor's rate limits.",
+    );
+    o.sample(
+        "vmm_log_lines_suppressed_total",
+        &[],
+        snap.log_lines_suppressed,
+    );
 
     let g = &snap.guest;
     o.family(
@@ -1007,6 +1017,10 @@ mod tests {
             Some((1u64 << 28) as f64)
         );
         assert_eq!(value_of(&text, "vmm_guest_ops_total"), Some(10000.0));
+        assert_eq!(
+            value_of(&text, "vmm_log_lines_suppressed_total"),
+            Some(14.0)
+        );
         assert!(text.contains("device=\"blk\\\"odd\\\\name\\n\""));
         assert!(!text.contains("vmm_tuner_feature"));
         // Every non-comment line is `name{labels} value` with a parseable value.

@@ -581,6 +581,7 @@ impl VmRuntime {
                 .collect(),
             net_qos_level: (!self.nets.is_empty())
                 .then(|| self.net_qos_level.load(Ordering::Relaxed)),
+            log_lines_suppressed: devices::log_limit::suppressed_total(),
         }
     }
 }

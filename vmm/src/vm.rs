@@ -310,18 +310,14 @@ fn attach_virtio<D: VirtioDevice + 'static>(
     Ok(())
 }
 
-/// Removes the control socket at the end of the run, if `api_sock` is (still) a socket.
-fn remove_api_socket(cfg: &VmConfig) {
+/// Whether epoll can watch `f`: a terminal, a pipe or a socket.
+fn stdin_is_pollable(f: &File) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    let Some(path) = &cfg.api_sock else {
-        return;
+    let Ok(kind) = f.metadata().map(|m| m.file_type()) else {
+        return false;
     };
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    if is_socket {
-        if let Err(e) = std::fs::remove_file(path) {
-            log::warn!("cannot remove the control socket {}: {e}", path.display());
-        }
-    }
+    // SAFETY: isatty only inspects the descriptor.
+    kind.is_fifo() || kind.is_socket() || unsafe { libc::isatty(f.as_raw_fd()) } == 1
 }
 
 /// Creates the VM and its vCPUs from `cfg`, runs it, and returns how it ended.
@@ -662,10 +658,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         events.add_subscriber(s);
     }
     let stdin = io::stdin();
+    // Guest console input from stdin, when stdin can be watched with epoll (a terminal,
+    // pipe or socket; not /dev/null or a regular file, which epoll refuses with EPERM).
     let stdin_file = {
         // SAFETY: dup of fd 0; the File owns the new fd.
         let dup = unsafe { libc::dup(stdin.as_raw_fd()) };
-        (dup >= 0).then(|| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+        (dup >= 0)
+            .then(|| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+            .filter(stdin_is_pollable)
     };
     if let Some(f) = stdin_file {
         events.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
@@ -745,7 +745,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     telemetry.stop();
     // The vCPU threads leave their cgroup (which is removed) before the process exits.
     runtime.release_cpu_quota();
-    remove_api_socket(cfg);
+    // `_api_guard` stops the API thread and removes the socket (if still ours) on return.
     // vCPU threads still inside KVM_RUN end with the process; the caller exits next.
     drop(threads);
     Ok(outcome)

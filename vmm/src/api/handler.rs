@@ -125,6 +125,7 @@ fn get_vm(rt: &VmRuntime) -> Reply {
         "guest": {"ops": g.ops, "bytes": g.bytes, "latency_ns_sum": g.latency_ns_sum,
                   "latency_samples": g.latency_samples},
         "drives": drives,
+        "log_lines_suppressed": snap.log_lines_suppressed,
     }))
 }
 
