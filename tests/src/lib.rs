@@ -207,7 +207,12 @@ impl Drop for Scratch {
 /// Sends one request to a running monitor's control socket with `vmm api` and parses the
 /// JSON answer.
 pub fn api(sock: &str, request: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin())
+    api_with(&vmm_bin(), sock, request)
+}
+
+/// [`api`] with the `vmm api` client of binary `bin` (e.g. the release binary).
+pub fn api_with(bin: &Path, sock: &str, request: &str) -> serde_json::Value {
+    let out = Command::new(bin)
         .args(["api", "--sock", sock, request])
         .output()
         .expect("vmm api");

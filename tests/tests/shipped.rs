@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use integration_tests::hostile_onnx::{
     gather_out_of_range, gather_out_of_range_later, slice_step_zero, write_with_card,
 };
-use integration_tests::{kernel_path, kvm_available, vmm_release_bin, wait_for, Scratch};
+use integration_tests::{api_with, kernel_path, kvm_available, vmm_release_bin, wait_for, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -65,21 +65,6 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// One request through the release binary's `vmm api`.
-fn api(bin: &Path, sock: &str, request: &str) -> serde_json::Value {
-    let out = Command::new(bin)
-        .args(["api", "--sock", sock, request])
-        .output()
-        .expect("vmm api");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {:?}, stderr {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 #[test]
@@ -145,7 +130,7 @@ fn a_model_that_makes_tract_panic_over_the_api_is_refused_and_the_vm_runs_on() {
         ("slice", slice_step_zero()),
     ] {
         let model = write_with_card(&dir.0, name, &bytes);
-        let v = api(
+        let v = api_with(
             &bin,
             sock,
             &format!(
@@ -157,13 +142,13 @@ fn a_model_that_makes_tract_panic_over_the_api_is_refused_and_the_vm_runs_on() {
         assert_eq!(v["status"], 400, "{name}: {v}");
     }
     // A device instead of a model: refused at once (was: read until the OOM killer).
-    let v = api(
+    let v = api_with(
         &bin,
         sock,
         r#"{"method":"PUT","path":"/policy","body":{"path":"/dev/zero"}}"#,
     );
     assert_eq!(v["status"], 400, "{v}");
-    let v = api(&bin, sock, r#"{"method":"GET","path":"/policy"}"#);
+    let v = api_with(&bin, sock, r#"{"method":"GET","path":"/policy"}"#);
     assert_eq!(v["body"]["policy"], "static", "{v}");
     let (status, _, stderr) = finish(child, LIMIT);
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
@@ -199,7 +184,8 @@ fn a_model_that_makes_tract_panic_on_the_tuner_thread_ends_in_the_static_configu
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut policy = serde_json::Value::Null;
     while Instant::now() < deadline {
-        policy = api(&bin, sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"].clone();
+        policy =
+            api_with(&bin, sock, r#"{"method":"GET","path":"/policy"}"#)["body"]["policy"].clone();
         if policy == "static" {
             break;
         }
@@ -352,7 +338,7 @@ fn host_cores_are_the_first_cpus_of_the_allowed_set() {
         .spawn()
         .expect("taskset vmm");
     wait_for(sock);
-    let v = api(
+    let v = api_with(
         &bin,
         sock,
         r#"{"method":"PATCH","path":"/vm","body":{"host_cores":1}}"#,

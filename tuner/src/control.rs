@@ -1181,21 +1181,23 @@ mod tests {
         assert_eq!(t.stats().fallbacks, 1);
     }
 
+    /// A counter source whose clock moves 5 ms per snapshot, with 2 vCPUs in use.
+    struct Source(AtomicU64);
+
+    impl crate::counters::CounterSource for Source {
+        fn snapshot(&self) -> crate::counters::CounterSnapshot {
+            let t = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::counters::CounterSnapshot {
+                at_ns: t * 5_000_000,
+                active_vcpus: 2,
+                ..Default::default()
+            }
+        }
+    }
+
     #[test]
     fn tuner_runs_as_an_agent_sink() {
         use crate::agent::{Agent, AgentConfig};
-        use crate::counters::{CounterSnapshot, CounterSource};
-        struct Source(AtomicU64);
-        impl CounterSource for Source {
-            fn snapshot(&self) -> CounterSnapshot {
-                let t = self.0.fetch_add(1, Ordering::Relaxed) + 1;
-                CounterSnapshot {
-                    at_ns: t * 5_000_000,
-                    active_vcpus: 2,
-                    ..CounterSnapshot::default()
-                }
-            }
-        }
         let m = manager(ManagerConfig::default());
         let space = m.space().clone();
         let t = Tuner::new(
@@ -1228,18 +1230,6 @@ mod tests {
     #[test]
     fn a_panicking_policy_ends_in_the_static_configuration() {
         use crate::agent::{Agent, AgentConfig};
-        use crate::counters::{CounterSnapshot, CounterSource};
-        struct Source(AtomicU64);
-        impl CounterSource for Source {
-            fn snapshot(&self) -> CounterSnapshot {
-                let t = self.0.fetch_add(1, Ordering::Relaxed) + 1;
-                CounterSnapshot {
-                    at_ns: t * 5_000_000,
-                    active_vcpus: 2,
-                    ..CounterSnapshot::default()
-                }
-            }
-        }
         struct Panics;
         impl Policy for Panics {
             fn id(&self) -> &str {
