@@ -232,3 +232,45 @@ pub fn wait_for(path: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `curl --unix-socket sock -X method [-d body] http://localhost<path>`: (HTTP status,
+/// JSON body); panics when the answer is not JSON.
+pub fn curl(sock: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "15",
+        "--unix-socket",
+        sock,
+        "-X",
+        method,
+    ])
+    .args(["-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = cmd
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    let code: u16 = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "curl {method} {path}: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("curl {method} {path}: body {json:?} is not JSON: {e}"));
+    (code, value)
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a loopback port")
+}

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::{
-    api, kernel_command, kernel_path, kvm_available, run_kernel, vmm_bin, wait_for, Scratch,
+    api, curl, kernel_command, kernel_path, kvm_available, run_kernel, vmm_bin, wait_for, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -27,39 +27,6 @@ fn disk(dir: &Scratch) -> String {
     let p = dir.path("d.img");
     std::fs::write(&p, vec![0u8; 16 << 20]).unwrap();
     p.to_str().unwrap().to_string()
-}
-
-/// `curl --unix-socket sock -X method [-d body] http://localhost<path>`: (status, body).
-fn curl(sock: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "15",
-        "--unix-socket",
-        sock,
-        "-X",
-        method,
-    ])
-    .args(["-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    let out = cmd
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("curl (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    let code: u16 = code.trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "curl {method} {path}: {text:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("curl {method} {path}: body {json:?} is not JSON: {e}"));
-    (code, value)
 }
 
 /// Writes `bytes` on a fresh connection and returns what the server answers.

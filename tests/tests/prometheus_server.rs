@@ -8,12 +8,12 @@
 //! under `CI=true`.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{kernel_command, kvm_available, Scratch};
+use integration_tests::{free_port, kernel_command, kvm_available, Scratch};
 use serde_json::Value;
 
 /// How long Prometheus may take to start and report both VMs.
@@ -41,14 +41,6 @@ fn prometheus_available() -> bool {
         eprintln!("skipped: no prometheus (apt-get install prometheus)");
     }
     ok
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a loopback port")
 }
 
 /// `GET path` on 127.0.0.1:`port`; the body, or None if nothing answers yet.

@@ -13,13 +13,15 @@
 //! them it prints `skipped: ...`, and fails under CI=true.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::Netns;
-use integration_tests::{kernel_path, kvm_available, vmm_release_bin, wait_for, Scratch};
+use integration_tests::{
+    curl, free_port, kernel_path, kvm_available, vmm_release_bin, wait_for, Scratch,
+};
 
 /// How long a run may take under strace.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -40,29 +42,6 @@ fn tools() -> Option<PathBuf> {
         }
     }
     Some(bin)
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a loopback port")
-}
-
-/// `curl` on the control socket: (HTTP status, body).
-fn curl(sock: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut cmd = Command::new("/usr/bin/curl");
-    cmd.args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}"])
-        .args(["--unix-socket", sock, "-X", method])
-        .arg(format!("http://localhost{path}"));
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
-    }
-    let out = cmd.output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// One scrape of the Prometheus endpoint; the body.

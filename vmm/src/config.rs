@@ -758,21 +758,29 @@ impl VmConfig {
 /// is refused.
 pub fn check_serial_out(out: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(out) {
-        Ok(m) if m.file_type().is_file() || m.file_type().is_char_device() => Ok(()),
-        Ok(m) => Err(ConfigError::new(
-            "serial_out",
-            format!(
-                "{} is {}; give a regular file or a character device such as /dev/null",
-                out.display(),
-                tuner::files::kind_of(m.file_type())
-            ),
-        )),
+        Ok(m) => serial_out_kind(out, m.file_type()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ConfigError::new(
             "serial_out",
             format!("{}: {e}", out.display()),
         )),
     }
+}
+
+/// The rule of [`check_serial_out`] for a file of `kind` (also applied to the opened file,
+/// so a path swapped after the check is caught).
+pub fn serial_out_kind(out: &Path, kind: std::fs::FileType) -> Result<(), ConfigError> {
+    if kind.is_file() || kind.is_char_device() {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "serial_out",
+        format!(
+            "{} is {}; give a regular file or a character device such as /dev/null",
+            out.display(),
+            tuner::files::kind_of(kind)
+        ),
+    ))
 }
 
 /// Looks at a kernel file's magic numbers: ELF64 x86-64 or bzImage ("HdrS" at 0x202).

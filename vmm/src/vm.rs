@@ -214,9 +214,8 @@ fn register_pio(
 fn serial_writer(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
     match &cfg.serial_out {
         Some(path) => {
-            // Never blocks (a FIFO without a reader fails with ENXIO); checked on the open
-            // file: a regular file (truncated now) or a character device, as
-            // `config::check_serial_out` says.
+            // Never blocks (a FIFO without a reader fails with ENXIO); the kind is checked
+            // again on the open file: a regular file (truncated now) or a character device.
             let err =
                 |e: String| ConfigError::new("serial_out", format!("{}: {e}", path.display()));
             let f = OpenOptions::new()
@@ -226,10 +225,9 @@ fn serial_writer(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
                 .open(path)
                 .map_err(|e| err(e.to_string()))?;
             let kind = f.metadata().map_err(|e| err(e.to_string()))?.file_type();
+            crate::config::serial_out_kind(path, kind)?;
             if kind.is_file() {
                 f.set_len(0).map_err(|e| err(e.to_string()))?;
-            } else if !std::os::unix::fs::FileTypeExt::is_char_device(&kind) {
-                return Err(err(format!("is {}", tuner::files::kind_of(kind))).into());
             }
             // Back to blocking writes (a terminal would otherwise drop output).
             // SAFETY: F_SETFL on an fd this function owns.
