@@ -527,6 +527,9 @@ impl Tuner {
             inference_ns: 0,
             label: "noop".to_string(),
         };
+        // The host arbiter's grant is part of the mask.
+        let grant = self.knobs.vcpu_grant();
+        self.manager.set_vcpu_grant(grant);
         // A rollback or fallback already changed the knobs in this interval.
         if !decisions.iter().any(Decision::changed) {
             let device_load = self.device_load(sample.at_ns);

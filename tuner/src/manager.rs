@@ -270,6 +270,10 @@ pub trait Knobs: Send {
     fn device_activity(&self) -> Vec<u64> {
         Vec::new()
     }
+    /// The most vCPUs the host's arbiter grants (`vmm host`); `None` without one.
+    fn vcpu_grant(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Tunables of the safeguards.
@@ -366,6 +370,14 @@ pub enum Refusal {
     /// A change was made in this interval already.
     #[error("one change per interval: already changed in this one")]
     OncePerInterval,
+    /// More vCPUs than the host's arbiter grants.
+    #[error("{name} would take more than the {granted} host core(s) the host grants")]
+    NotGranted {
+        /// The change.
+        name: String,
+        /// Host cores granted.
+        granted: u32,
+    },
 }
 
 /// What the manager did with an action or an interval: returned so the caller logs and
@@ -542,6 +554,9 @@ pub struct ConfigManager {
     pending: Option<Pending>,
     /// Changes rolled back, with the interval of the rollback; cleared on a workload shift.
     rolled_back: HashMap<Action, u64>,
+    /// The most vCPUs (host cores) the host's arbiter grants this VM (`vmm host`); a
+    /// step above it is refused and masked. `None`: no arbiter.
+    vcpu_grant: Option<u32>,
 }
 
 impl ConfigManager {
@@ -574,7 +589,15 @@ impl ConfigManager {
             history: VecDeque::new(),
             pending: None,
             rolled_back: HashMap::new(),
+            vcpu_grant: None,
         })
+    }
+
+    /// Sets the host arbiter's grant: the most vCPUs (host cores) this VM may take.
+    /// Steps above it are refused ([`Refusal::NotGranted`]) and so masked; steps down
+    /// stay allowed. `None` lifts it.
+    pub fn set_vcpu_grant(&mut self, grant: Option<u32>) {
+        self.vcpu_grant = grant;
     }
 
     /// The action space.
@@ -734,6 +757,14 @@ impl ConfigManager {
             )));
         }
         self.space.allowed(action, &self.state, &self.bounds)?;
+        if let (Action::VcpuDelta(d), Some(granted)) = (action, self.vcpu_grant) {
+            if *d > 0 && i64::from(self.state.vcpus) + i64::from(*d) > i64::from(granted) {
+                return Err(Refusal::NotGranted {
+                    name: self.space.name_of(action),
+                    granted,
+                });
+            }
+        }
         if self.changed_this_interval {
             return Err(Refusal::OncePerInterval);
         }
@@ -1189,6 +1220,31 @@ pub(crate) mod tests {
             Decision::Refused { .. }
         ));
         assert_eq!(k.entries(), vec!["VcpuDelta(2)"]);
+    }
+
+    #[test]
+    fn the_host_grant_masks_steps_above_it() {
+        let mut m = manager(ManagerConfig::default());
+        let mut k = FakeKnobs::default();
+        let idx = |m: &ConfigManager, a: Action| m.space().index_of(&a).expect("in space");
+        // 2 vCPUs; no grant: up steps allowed.
+        assert!(m.mask()[idx(&m, Action::VcpuDelta(1))]);
+        m.set_vcpu_grant(Some(2));
+        let mask = m.mask();
+        assert!(!mask[idx(&m, Action::VcpuDelta(1))]);
+        assert!(!mask[idx(&m, Action::VcpuDelta(2))]);
+        assert!(mask[idx(&m, Action::VcpuDelta(-1))]);
+        let d = m.apply(Action::VcpuDelta(1), &mut k);
+        assert!(
+            matches!(d, Decision::Refused { reason: Refusal::NotGranted { granted: 2, .. }, .. }),
+            "{d}"
+        );
+        assert!(k.entries().is_empty());
+        m.set_vcpu_grant(Some(3));
+        assert!(m.mask()[idx(&m, Action::VcpuDelta(1))]);
+        assert!(!m.mask()[idx(&m, Action::VcpuDelta(2))]);
+        m.set_vcpu_grant(None);
+        assert!(m.mask()[idx(&m, Action::VcpuDelta(2))]);
     }
 
     #[test]

@@ -43,6 +43,13 @@ enum Command {
     /// Train a Q-network policy with DQN on a state repository and export it to ONNX
     /// (NAME.onnx and NAME.card.json, checked through tract).
     Train(Box<TrainArgs>),
+    /// Run several VMs on this host, each its own `vmm run` process, under one arbiter
+    /// of the host's cores and bandwidth (host.json: the budget and the VMs).
+    Host {
+        /// The host configuration (see resources/host-example.json).
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
     /// Send one request to a running monitor's control socket and print the answer.
     Api {
         /// The monitor's --api-sock.
@@ -516,6 +523,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Train(args) => run_train(*args),
+        Command::Host { config } => match vmm::host::run(&config) {
+            Ok(status) => std::process::exit(status),
+            Err(vmm::host::HostError::Config(e)) => {
+                eprintln!(
+                    "vmm: error: {} (in {}): {}",
+                    e.field,
+                    config.display(),
+                    e.problem
+                );
+                ExitCode::from(EXIT_USAGE)
+            }
+            Err(e) => {
+                eprintln!("vmm: error: host: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Api { sock, request } => match vmm::api::call(&sock, &request) {
             Ok(answer) => {
                 println!("{answer}");

@@ -21,6 +21,7 @@ use tuner::counters::{
 };
 
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
+use crate::grant::Grant;
 use crate::kvm_stats::KvmStats;
 use crate::tuning::{nearest_ladder_level, nearest_priority_level};
 use crate::vcpu_stats::VcpuStats;
@@ -79,6 +80,18 @@ pub struct VmRuntime {
     cores_given: AtomicU32,
     cpu_quota: CpuQuota,
     policy: Mutex<Option<tuner::control::PolicyHandle>>,
+    /// The host arbiter's grant (a cap on the knobs) and what was asked below it.
+    grant: Mutex<GrantState>,
+}
+
+/// The grant in force and the settings asked for, before the cap (given back when a
+/// larger grant arrives).
+#[derive(Debug, Default)]
+struct GrantState {
+    grant: Grant,
+    cores_asked: Option<u32>,
+    quota_asked: Option<f64>,
+    limits_asked: std::collections::BTreeMap<String, RateLimiterConfig>,
 }
 
 /// A drive's knobs in force, as the performance vector reports them.
@@ -263,6 +276,7 @@ impl VmRuntime {
             cores_given: AtomicU32::new(host_cores),
             cpu_quota,
             policy: Mutex::new(None),
+            grant: Mutex::new(GrantState::default()),
         }
     }
 
@@ -321,6 +335,10 @@ impl VmRuntime {
     /// them at n cores of CPU time together (n = all host cores lifts the cap). A failure
     /// to write the quota is logged and kept in [`Self::cpu_quota_status`]; the affinity
     /// still applies. Without any usable cgroup only the affinity applies.
+    ///
+    /// The host arbiter's grant caps it ([`Self::set_grant`]): n above the grant gives
+    /// the grant (rounded up, its fraction as CPU quota), and n is given back when a
+    /// larger grant arrives.
     pub fn set_host_cores(&self, n: u32) -> Result<(), ControlError> {
         if n == 0 || n > self.host_cores {
             return Err(ControlError::Refused(format!(
@@ -328,6 +346,14 @@ impl VmRuntime {
                 self.host_cores
             )));
         }
+        let (n, quota) = {
+            let mut g = lock(&self.grant);
+            g.cores_asked = Some(n);
+            (
+                g.grant.cap_cores(n, self.host_cores),
+                g.grant.cap_quota(f64::from(n)),
+            )
+        };
         let set = first_cpus(&self.allowed_cpus, n as usize);
         for (i, tid) in self.vcpu_tids.iter().enumerate() {
             let tid = tid.load(Ordering::Acquire);
@@ -348,7 +374,7 @@ impl VmRuntime {
         self.cores_given.store(n, Ordering::Release);
         log::info!("vCPU threads confined to {n} host core(s)");
         if self.cpu_quota.mode() != crate::cpu_quota::Mode::None {
-            if let Err(e) = self.cpu_quota.set_quota(f64::from(n), &self.tids()) {
+            if let Err(e) = self.cpu_quota.set_quota(quota, &self.tids()) {
                 log::warn!("CPU quota of {n} core(s) not applied: {e}");
             }
         }
@@ -364,7 +390,13 @@ impl VmRuntime {
 
     /// Caps the vCPU threads at `cores` (fractional) host cores of CPU time together,
     /// without changing their affinity; `cores` >= the host's cores lifts the cap.
+    /// The grant caps it as it caps [`Self::set_host_cores`].
     pub fn set_cpu_quota(&self, cores: f64) -> Result<(), ControlError> {
+        let cores = {
+            let mut g = lock(&self.grant);
+            g.quota_asked = Some(cores);
+            g.grant.cap_quota(cores)
+        };
         self.cpu_quota
             .set_quota(cores, &self.tids())
             .map_err(|e| ControlError::Refused(e.to_string()))
@@ -378,6 +410,58 @@ impl VmRuntime {
     /// Moves the vCPU threads out of their cgroup and removes it (at the end of the run).
     pub fn release_cpu_quota(&self) {
         self.cpu_quota.release();
+    }
+
+    /// The host arbiter's grant in force.
+    pub fn grant(&self) -> Grant {
+        lock(&self.grant).grant.clone()
+    }
+
+    /// Most host cores the grant leaves the vCPU threads (all of them without a grant).
+    pub fn granted_core_cap(&self) -> u32 {
+        lock(&self.grant).grant.core_cap(self.host_cores)
+    }
+
+    /// Takes the host arbiter's grant and applies it at once: host cores, CPU quota and
+    /// drive bandwidth above it are lowered to it; what was asked before a tighter grant
+    /// is given back (up to the new one) when it grows.
+    pub fn set_grant(&self, grant: Grant) -> Result<(), ControlError> {
+        grant
+            .validate(&self.drive_ids())
+            .map_err(|e| ControlError::Refused(e.to_string()))?;
+        let (cores, quota, limits) = {
+            let mut g = lock(&self.grant);
+            g.grant = grant;
+            let limits: Vec<(String, RateLimiterConfig)> = self
+                .drives
+                .iter()
+                .map(|d| {
+                    let asked = g
+                        .limits_asked
+                        .get(&d.id)
+                        .copied()
+                        .unwrap_or_else(|| lock(&d.block).rate_limit());
+                    (d.id.clone(), asked)
+                })
+                .collect();
+            (
+                g.cores_asked.unwrap_or_else(|| self.host_cores_given()),
+                g.quota_asked,
+                limits,
+            )
+        };
+        log::info!("host grant: {:?}", self.grant());
+        self.set_host_cores(cores.clamp(1, self.host_cores))?;
+        if let Some(q) = quota {
+            // A quota asked alone (PATCH /vm cpu_quota) stays capped by the new grant.
+            if let Err(e) = self.set_cpu_quota(q) {
+                log::warn!("CPU quota under the grant: {e}");
+            }
+        }
+        for (id, asked) in limits {
+            self.set_rate_limit(&id, asked)?;
+        }
+        Ok(())
     }
 
     /// Cumulative dirty pages, reading (and clearing) KVM's log now.
@@ -433,8 +517,15 @@ impl VmRuntime {
     }
 
     /// Changes a drive's rate limits while the guest runs (tokens already spent stay spent).
+    /// A bandwidth above the host arbiter's grant for the drive is lowered to it.
     pub fn set_rate_limit(&self, id: &str, config: RateLimiterConfig) -> Result<(), ControlError> {
         let (index, d) = self.drive(id)?;
+        let config = {
+            let mut g = lock(&self.grant);
+            let capped = g.grant.cap_limits(id, config);
+            g.limits_asked.insert(id.to_string(), config);
+            capped
+        };
         lock(&d.block)
             .set_rate_limit(config)
             .map_err(|e| ControlError::Refused(e.to_string()))?;

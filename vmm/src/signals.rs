@@ -69,8 +69,10 @@ impl StopSignals {
     }
 }
 
-impl MutEventSubscriber for StopSignals {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+impl StopSignals {
+    /// Reads what the signalfd holds (without blocking); returns the first stop signal
+    /// received so far (also kept in [`StopSignals::received`]), if any.
+    pub fn take(&mut self) -> Option<i32> {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         // A bounded drain: the fd is non-blocking and holds at most one of each signal.
         for _ in 0..STOP_SIGNALS.len() {
@@ -79,7 +81,7 @@ impl MutEventSubscriber for StopSignals {
                     // ssi_signo is the first field (u32, native endian).
                     let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
                     let signo = i32::try_from(signo).unwrap_or(libc::SIGTERM);
-                    log::info!("signal {signo} received: stopping the VM");
+                    log::info!("signal {signo} received: stopping");
                     let _ = self.received.compare_exchange(
                         0,
                         signo,
@@ -90,6 +92,13 @@ impl MutEventSubscriber for StopSignals {
                 _ => break,
             }
         }
+        Some(self.received.load(Ordering::Acquire)).filter(|s| *s != 0)
+    }
+}
+
+impl MutEventSubscriber for StopSignals {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.take();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

@@ -276,6 +276,10 @@ impl Knobs for RuntimeKnobs {
     fn device_activity(&self) -> Vec<u64> {
         self.rt.drive_requests()
     }
+
+    fn vcpu_grant(&self) -> Option<u32> {
+        self.rt.grant().cores.map(|_| self.rt.granted_core_cap())
+    }
 }
 
 /// The pieces the telemetry start-up adds when a tuner is configured.

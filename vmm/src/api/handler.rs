@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::request::{Command, DrivePatch, RateLimitBody, VmPatch};
+use super::request::{Command, DrivePatch, GrantBody, RateLimitBody, VmPatch};
 use crate::config::{BucketSpec, RateLimitSpec};
 use crate::runtime::{ControlError, VmRuntime};
 
@@ -79,6 +79,37 @@ pub fn execute(rt: &VmRuntime, cmd: Command) -> Reply {
             None => Reply::error(404, "no tuner is running"),
         },
         Command::PutPolicy { path } => put_policy(rt, &path),
+        Command::GetGrant => Reply::ok(grant_json(rt)),
+        Command::PutGrant(body) => put_grant(rt, body),
+    }
+}
+
+/// The grant in force and what the VM holds under it.
+fn grant_json(rt: &VmRuntime) -> Value {
+    let g = rt.grant();
+    let drives: serde_json::Map<String, Value> = g
+        .drive_bps
+        .iter()
+        .map(|(id, bps)| (id.clone(), json!({"bandwidth_bps": bps})))
+        .collect();
+    json!({"cores": g.cores, "drives": drives,
+           "host_cores": rt.host_cores_given(), "core_cap": rt.granted_core_cap(),
+           "cpu_quota": cpu_quota_json(rt)})
+}
+
+/// `PUT /grant`: the host arbiter's caps, applied at once (on the event loop).
+fn put_grant(rt: &VmRuntime, body: GrantBody) -> Reply {
+    let grant = crate::grant::Grant {
+        cores: body.cores,
+        drive_bps: body
+            .drives
+            .into_iter()
+            .map(|(id, d)| (id, d.bandwidth_bps))
+            .collect(),
+    };
+    match rt.set_grant(grant) {
+        Ok(()) => Reply::ok(grant_json(rt)),
+        Err(e) => Reply::error(status_of(&e), format!("grant: {e}")),
     }
 }
 

@@ -17,6 +17,9 @@
 //!   host cores (fractional, e.g. 0.25; all host cores lifts it) alone, affinity
 //!   unchanged. The answer and `GET /vm` show `"cpu_quota": {"mode": "v2"|"v1"|"none",
 //!   "reason", "cores" (null: unlimited), "path", "error" (last failed write)}`.
+//! - `PUT /grant` with body `{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": N}}}`:
+//!   the host arbiter's caps (from `vmm host`), applied at once and to every later
+//!   setting of the knobs; `GET /grant` shows them (`vmm::grant`).
 //!
 //! Answers: 200 with the JSON body, or 400 (bad body), 404 (unknown resource or drive),
 //! 405 (method), 408 (request not complete within 5 s), 413 (request larger than 64 KiB

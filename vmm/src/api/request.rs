@@ -30,6 +30,10 @@ pub enum Command {
         /// The ONNX model (its card beside it).
         path: PathBuf,
     },
+    /// `GET /grant`: the host arbiter's grant in force.
+    GetGrant,
+    /// `PUT /grant`: the host arbiter's new grant (replaces the old one).
+    PutGrant(GrantBody),
 }
 
 impl Command {
@@ -38,7 +42,10 @@ impl Command {
     pub fn on_event_loop(&self) -> bool {
         matches!(
             self,
-            Command::GetDrives | Command::PatchVm(_) | Command::PatchDrive { .. }
+            Command::GetDrives
+                | Command::PatchVm(_)
+                | Command::PatchDrive { .. }
+                | Command::PutGrant(_)
         )
     }
 }
@@ -93,6 +100,27 @@ pub struct DrivePatch {
     /// New I/O priority (`low`, `medium`, `high` or a number).
     #[serde(default)]
     pub priority: Option<String>,
+}
+
+/// The body of `PUT /grant` (from `vmm host`'s arbiter): caps on what the VM may take;
+/// a field left out is no cap.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    /// Host cores of CPU time (fractional, e.g. 1.5).
+    #[serde(default)]
+    pub cores: Option<f64>,
+    /// Per drive id, its bandwidth cap.
+    #[serde(default)]
+    pub drives: std::collections::BTreeMap<String, DriveGrantBody>,
+}
+
+/// One drive's part of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveGrantBody {
+    /// Most bytes per second.
+    pub bandwidth_bps: u64,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +216,11 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Command, RequestEr
             }
             _ => Err(not_allowed("GET, PUT")),
         },
+        ["grant"] => match method {
+            "GET" => Ok(Command::GetGrant),
+            "PUT" => Ok(Command::PutGrant(body_of("PUT /grant", body)?)),
+            _ => Err(not_allowed("GET, PUT")),
+        },
         _ => Err(RequestError::NotFound(target.chars().take(256).collect())),
     }
 }
@@ -237,6 +270,38 @@ mod tests {
                 path: PathBuf::from("m.onnx")
             })
         );
+    }
+
+    #[test]
+    fn the_grant_route_parses_its_body() {
+        assert_eq!(parse("GET", "/grant", b""), Ok(Command::GetGrant));
+        let mut drives = std::collections::BTreeMap::new();
+        drives.insert(
+            "blk0".to_string(),
+            DriveGrantBody {
+                bandwidth_bps: 1000,
+            },
+        );
+        assert_eq!(
+            parse(
+                "PUT",
+                "/grant",
+                br#"{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": 1000}}}"#
+            ),
+            Ok(Command::PutGrant(GrantBody {
+                cores: Some(1.5),
+                drives
+            }))
+        );
+        assert_eq!(
+            parse("PUT", "/grant", b"{}"),
+            Ok(Command::PutGrant(GrantBody::default()))
+        );
+        let status = |b: &[u8]| parse("PUT", "/grant", b).unwrap_err().status();
+        assert_eq!(status(b""), 400);
+        assert_eq!(status(br#"{"core": 1}"#), 400);
+        assert_eq!(status(br#"{"drives": {"blk0": {"bandwidth_bps": -1}}}"#), 400);
+        assert_eq!(parse("PATCH", "/grant", b"{}").unwrap_err().status(), 405);
     }
 
     #[test]

@@ -107,6 +107,19 @@ impl ApiSocket {
     }
 }
 
+impl ApiSocket {
+    /// The bound listener and a guard that removes the socket file when dropped, for a
+    /// server other than the VM's (`vmm host`'s API).
+    pub(crate) fn into_listener(self) -> (UnixListener, ApiGuard) {
+        let guard = ApiGuard {
+            stop: Arc::new(AtomicBool::new(false)),
+            path: self.path,
+            inode: self.inode,
+        };
+        (self.listener, guard)
+    }
+}
+
 /// A command for the event loop and where its answer goes.
 struct Job {
     cmd: Command,
@@ -252,7 +265,7 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// The bytes of an HTTP/1.1 answer; the connection closes after it.
-fn http_response(reply: &Reply) -> Vec<u8> {
+pub(crate) fn http_response(reply: &Reply) -> Vec<u8> {
     let body = if reply.status == 204 {
         String::new()
     } else {

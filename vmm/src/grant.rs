@@ -1,0 +1,189 @@
+//! The host arbiter's grant to this VM (`PUT /grant`, from `vmm host`): the most host
+//! cores of CPU time and, per drive, the most bytes per second the VM may take. The
+//! grant is a cap applied where the knobs are set ([`crate::runtime::VmRuntime`]): host
+//! cores and CPU quota above it are lowered to it, a drive's bandwidth limit above it
+//! (or none) is tightened to it, whoever asks (the tuner, `PATCH /vm`, `PATCH /drives`).
+//! What was asked is remembered, so a larger grant later gives it back.
+
+use std::collections::BTreeMap;
+
+use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
+
+/// Smallest core grant accepted (a CPU quota below this starves the guest).
+pub const MIN_GRANT_CORES: f64 = 0.05;
+
+/// Problems with a grant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// The core grant is not a number in range.
+    #[error("cores: {0} is not a number of host cores >= {MIN_GRANT_CORES}")]
+    Cores(String),
+    /// A drive's bandwidth grant is zero.
+    #[error("drives.{0}.bandwidth_bps: must be at least 1 byte per second")]
+    Bandwidth(String),
+    /// No drive with this id.
+    #[error("drives.{0}: no drive with this id")]
+    UnknownDrive(String),
+}
+
+/// What the arbiter grants; `None` / absent drive: no cap.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grant {
+    /// Host cores of CPU time (fractional).
+    pub cores: Option<f64>,
+    /// Per drive id, the most bytes per second.
+    pub drive_bps: BTreeMap<String, u64>,
+}
+
+impl Grant {
+    /// Checks the values against the VM's drives.
+    pub fn validate(&self, drive_ids: &[String]) -> Result<(), GrantError> {
+        if let Some(c) = self.cores {
+            if !c.is_finite() || c < MIN_GRANT_CORES {
+                return Err(GrantError::Cores(c.to_string()));
+            }
+        }
+        for (id, bps) in &self.drive_bps {
+            if !drive_ids.iter().any(|d| d == id) {
+                return Err(GrantError::UnknownDrive(id.chars().take(64).collect()));
+            }
+            if *bps == 0 {
+                return Err(GrantError::Bandwidth(id.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The most host cores (affinity) the vCPU threads may have, out of `total`: the
+    /// grant rounded up (its fraction is enforced by the CPU quota), at least 1.
+    pub fn core_cap(&self, total: u32) -> u32 {
+        match self.cores {
+            // Finite and >= MIN_GRANT_CORES (validated); the cast saturates anyway.
+            Some(c) => (c.ceil() as u32).clamp(1, total.max(1)),
+            None => total.max(1),
+        }
+    }
+
+    /// `want` host cores, capped by the grant.
+    pub fn cap_cores(&self, want: u32, total: u32) -> u32 {
+        want.min(self.core_cap(total))
+    }
+
+    /// A CPU quota of `want` cores, capped by the grant.
+    pub fn cap_quota(&self, want: f64) -> f64 {
+        match self.cores {
+            Some(c) => want.min(c),
+            None => want,
+        }
+    }
+
+    /// `want` for drive `id` with its bandwidth capped by the grant (the operations
+    /// bucket is kept).
+    pub fn cap_limits(&self, id: &str, want: RateLimiterConfig) -> RateLimiterConfig {
+        let Some(&cap) = self.drive_bps.get(id) else {
+            return want;
+        };
+        let over = match want.bandwidth {
+            Some(b) if !b.is_unlimited() => bucket_rate(&b) > cap as f64,
+            _ => true,
+        };
+        if !over {
+            return want;
+        }
+        RateLimiterConfig {
+            bandwidth: Some(bucket_of_rate(cap)),
+            ops: want.ops,
+        }
+    }
+}
+
+/// Tokens per second of a (limited) bucket.
+fn bucket_rate(b: &BucketConfig) -> f64 {
+    b.size as f64 * 1000.0 / b.refill_time_ms.max(1) as f64
+}
+
+/// A bucket of `per_sec` tokens per second, refilled every 100 ms (every second for
+/// rates below 10/s), no burst.
+fn bucket_of_rate(per_sec: u64) -> BucketConfig {
+    if per_sec >= 10 {
+        BucketConfig {
+            size: per_sec / 10,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        }
+    } else {
+        BucketConfig {
+            size: per_sec.max(1),
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(cores: Option<f64>, drives: &[(&str, u64)]) -> Grant {
+        Grant {
+            cores,
+            drive_bps: drives.iter().map(|(i, b)| (i.to_string(), *b)).collect(),
+        }
+    }
+
+    #[test]
+    fn cores_are_capped_by_the_grant_rounded_up() {
+        let g = grant(Some(1.5), &[]);
+        assert_eq!(g.core_cap(4), 2);
+        assert_eq!(g.cap_cores(4, 4), 2);
+        assert_eq!(g.cap_cores(1, 4), 1);
+        assert_eq!(g.cap_quota(4.0), 1.5);
+        assert_eq!(g.cap_quota(1.0), 1.0);
+        assert_eq!(grant(Some(0.25), &[]).cap_cores(2, 2), 1);
+        assert_eq!(grant(Some(8.0), &[]).cap_cores(2, 2), 2);
+        assert_eq!(Grant::default().cap_cores(3, 4), 3);
+        assert_eq!(Grant::default().cap_quota(3.5), 3.5);
+    }
+
+    #[test]
+    fn a_drive_bandwidth_above_the_grant_is_tightened_to_it() {
+        let g = grant(None, &[("blk0", 1_000_000)]);
+        let unlimited = RateLimiterConfig::default();
+        let capped = g.cap_limits("blk0", unlimited);
+        let b = capped.bandwidth.unwrap();
+        assert_eq!(bucket_rate(&b), 1_000_000.0);
+        // Below the grant: kept as asked, operations bucket untouched.
+        let low = RateLimiterConfig {
+            bandwidth: Some(bucket_of_rate(500_000)),
+            ops: Some(bucket_of_rate(100)),
+        };
+        assert_eq!(g.cap_limits("blk0", low), low);
+        let high = RateLimiterConfig {
+            bandwidth: Some(bucket_of_rate(5_000_000)),
+            ops: Some(bucket_of_rate(100)),
+        };
+        let c = g.cap_limits("blk0", high);
+        assert_eq!(bucket_rate(&c.bandwidth.unwrap()), 1_000_000.0);
+        assert_eq!(c.ops, high.ops);
+        // Another drive: no cap.
+        assert_eq!(g.cap_limits("blk1", unlimited), unlimited);
+        assert!(c.validate().is_ok());
+        assert!(g.cap_limits("blk0", RateLimiterConfig::default()).validate().is_ok());
+        let tiny = grant(None, &[("blk0", 3)]).cap_limits("blk0", unlimited);
+        assert!(tiny.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_grants_are_refused_with_the_field() {
+        let ids = vec!["blk0".to_string()];
+        assert!(grant(Some(0.5), &[("blk0", 1)]).validate(&ids).is_ok());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.01] {
+            let e = grant(Some(bad), &[]).validate(&ids).unwrap_err();
+            assert!(e.to_string().starts_with("cores:"), "{e}");
+        }
+        let e = grant(None, &[("blk9", 1)]).validate(&ids).unwrap_err();
+        assert_eq!(e.to_string(), "drives.blk9: no drive with this id");
+        let e = grant(None, &[("blk0", 0)]).validate(&ids).unwrap_err();
+        assert!(e.to_string().contains("bandwidth_bps"), "{e}");
+    }
+}

@@ -1,0 +1,601 @@
+//! The arbiter: owns the host's budget (the cores of a cpuset, a bandwidth budget per
+//! backing device) and, every interval, reads each running VM's `GET /vm`, judges its
+//! SLO, decides every VM's grant and pushes it (`PUT /grant`). A VM's tuner can take
+//! only what it is granted (the grant is a cap in the monitor and part of its action
+//! mask).
+//!
+//! The decision ([`allocate`]) is pure: every VM first gets its floor; then the classes
+//! are served in order, critical, standard, batch, each VM up to what it wants (what it
+//! used last interval plus headroom, or everything it can use while its SLO is missed or
+//! not yet known); what is left goes, in the same order, up to what each VM can use.
+//! So when a critical VM's SLO is at risk, its larger want is taken from batch VMs
+//! first, then from standard ones, never from another class above.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::config::Class;
+use super::status::{GrantView, SharedStatus, SloState};
+use super::validate::Plan;
+use devices::lock;
+
+/// Headroom over the last interval's use in what a VM wants (cores and bandwidth).
+const HEADROOM: f64 = 1.25;
+/// Added to the last interval's use of cores in what a VM wants.
+const CORE_SLACK: f64 = 0.1;
+/// Grants are multiples of this many cores (rounded down, so they never exceed the
+/// budget).
+const CORE_STEP: f64 = 0.01;
+
+/// Errors talking to a VM's control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ArbiterError {
+    /// The request did not reach the VM or its answer was not understood.
+    #[error("{0}")]
+    Api(#[from] crate::api::ApiError),
+    /// The VM refused.
+    #[error("{method} {path}: status {status}: {error}")]
+    Refused {
+        /// The method.
+        method: &'static str,
+        /// The route.
+        path: &'static str,
+        /// HTTP status.
+        status: u64,
+        /// The VM's message.
+        error: String,
+    },
+}
+
+/// What one VM claims in one allocation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Claim {
+    /// Its class.
+    pub class: Class,
+    /// What it always gets.
+    pub floor: f64,
+    /// What it wants now (at least the floor).
+    pub want: f64,
+    /// The most it can use (at least the floor).
+    pub cap: f64,
+}
+
+/// Raises each of `grants` toward `targets` by water-filling `left` among them (equal
+/// shares, none above its target); returns what is left.
+fn fill(grants: &mut [f64], targets: &[f64], members: &[usize], mut left: f64) -> f64 {
+    let mut open: Vec<usize> = members
+        .iter()
+        .copied()
+        .filter(|&i| targets[i] > grants[i])
+        .collect();
+    // Each round closes at least one member or spends everything: at most n rounds.
+    for _ in 0..=members.len() {
+        if open.is_empty() || left <= 1e-12 {
+            break;
+        }
+        let share = left / open.len() as f64;
+        let mut still = Vec::new();
+        for &i in &open {
+            let give = (targets[i] - grants[i]).min(share);
+            grants[i] += give;
+            left -= give;
+            if targets[i] - grants[i] > 1e-12 {
+                still.push(i);
+            }
+        }
+        open = still;
+    }
+    left.max(0.0)
+}
+
+/// Splits `budget` among `claims` (see the module's documentation). The grants add up
+/// to at most `budget`; floors that add up to more are scaled down to fit.
+pub fn allocate(budget: f64, claims: &[Claim]) -> Vec<f64> {
+    let floors: f64 = claims.iter().map(|c| c.floor).sum();
+    let scale = if floors > budget && floors > 0.0 {
+        budget / floors
+    } else {
+        1.0
+    };
+    let mut grants: Vec<f64> = claims.iter().map(|c| c.floor * scale).collect();
+    let mut left = (budget - grants.iter().sum::<f64>()).max(0.0);
+    let classes = [Class::Critical, Class::Standard, Class::Batch];
+    let wants: Vec<f64> = claims.iter().map(|c| c.want.min(c.cap)).collect();
+    let caps: Vec<f64> = claims.iter().map(|c| c.cap).collect();
+    for targets in [&wants, &caps] {
+        for class in classes {
+            let members: Vec<usize> = (0..claims.len())
+                .filter(|&i| claims[i].class == class)
+                .collect();
+            left = fill(&mut grants, targets, &members, left);
+        }
+    }
+    grants
+}
+
+/// Rounds core grants down to [`CORE_STEP`], never below the smallest grant a VM takes.
+fn round_cores(g: f64) -> f64 {
+    ((g / CORE_STEP + 1e-6).floor() * CORE_STEP).max(crate::grant::MIN_GRANT_CORES)
+}
+
+/// One reading of a VM's `GET /vm`, the fields the arbiter uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observation {
+    /// The VM's uptime, ns.
+    pub at_ns: u64,
+    /// Guest time of all vCPUs, ns.
+    pub guest_ns: u64,
+    /// Guest-reported operations.
+    pub ops: u64,
+    /// Guest-reported latency sum, ns, and samples.
+    pub latency: (u64, u64),
+    /// Bytes moved per drive id.
+    pub drive_bytes: BTreeMap<String, u64>,
+    /// The VM's own SLO report, if it gives one (`slo` in `GET /vm`).
+    pub slo: Option<Value>,
+}
+
+impl Observation {
+    /// Reads the fields out of `GET /vm`'s body; missing ones read as zero.
+    pub fn from_vm(body: &Value) -> Observation {
+        let u = |v: &Value| v.as_u64().unwrap_or(0);
+        let guest = &body["guest"];
+        Observation {
+            at_ns: u(&body["uptime_ns"]),
+            guest_ns: body["vcpu_guest_ns"]
+                .as_array()
+                .map(|a| a.iter().map(u).fold(0u64, u64::saturating_add))
+                .unwrap_or(0),
+            ops: u(&guest["ops"]),
+            latency: (u(&guest["latency_ns_sum"]), u(&guest["latency_samples"])),
+            drive_bytes: body["drives"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| Some((d["id"].as_str()?.to_string(), u(&d["bytes"]))))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            slo: body.get("slo").filter(|s| !s.is_null()).cloned(),
+        }
+    }
+}
+
+/// Rates over one interval, from two observations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rates {
+    /// Host cores used by the vCPUs.
+    pub cores: f64,
+    /// Guest operations per second.
+    pub ops_per_sec: f64,
+    /// Mean guest latency, us (`None`: no samples).
+    pub mean_latency_us: Option<f64>,
+    /// Bytes per second per drive.
+    pub drive_bps: BTreeMap<String, f64>,
+}
+
+impl Rates {
+    /// The rates between `before` and `now`; `None` if no time passed (or the VM
+    /// restarted).
+    pub fn between(before: &Observation, now: &Observation) -> Option<Rates> {
+        let dt = now.at_ns.checked_sub(before.at_ns).filter(|d| *d > 0)? as f64;
+        let per_sec = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1e9 / dt;
+        let samples = now.latency.1.saturating_sub(before.latency.1);
+        Some(Rates {
+            cores: now.guest_ns.saturating_sub(before.guest_ns) as f64 / dt,
+            ops_per_sec: per_sec(before.ops, now.ops),
+            mean_latency_us: (samples > 0).then(|| {
+                now.latency.0.saturating_sub(before.latency.0) as f64 / samples as f64 / 1000.0
+            }),
+            drive_bps: now
+                .drive_bytes
+                .iter()
+                .map(|(id, b)| {
+                    let a = before.drive_bytes.get(id).copied().unwrap_or(*b);
+                    (id.clone(), per_sec(a, *b))
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Judges one interval against the targets: the VM's own report when it gives one
+/// (`slo.met`), else the host's reading (minimum ops rate; the mean latency as a lower
+/// bound of the p99, so "missed" is certain and "met" means not seen missed).
+pub fn judge(slo: &super::config::SloTargets, rates: Option<&Rates>, reported: Option<&Value>) -> SloState {
+    if let Some(met) = reported.and_then(|r| r.get("met")).and_then(Value::as_bool) {
+        return if met { SloState::Met } else { SloState::Missed };
+    }
+    if slo.min_ops_per_sec.is_none() && slo.p99_latency_us.is_none() {
+        return SloState::NoTargets;
+    }
+    let Some(r) = rates else {
+        return SloState::Unknown;
+    };
+    if let Some(min) = slo.min_ops_per_sec {
+        if r.ops_per_sec < min as f64 {
+            return SloState::Missed;
+        }
+    }
+    if let Some(p99) = slo.p99_latency_us {
+        match r.mean_latency_us {
+            Some(mean) if mean > p99 as f64 => return SloState::Missed,
+            Some(_) => {}
+            None if slo.min_ops_per_sec.is_none() => return SloState::Unknown,
+            None => {}
+        }
+    }
+    SloState::Met
+}
+
+/// Sends one request to a VM's control socket; the answer's body on 200. The only
+/// place the host uses the control API's client.
+fn vm_api(
+    sock: &Path,
+    method: &'static str,
+    path: &'static str,
+    body: Option<Value>,
+) -> Result<Value, ArbiterError> {
+    let mut req = json!({"method": method, "path": path});
+    if let Some(b) = body {
+        req["body"] = b;
+    }
+    let answer = crate::api::call(sock, &req.to_string())?;
+    match answer["status"].as_u64() {
+        Some(200) => Ok(answer["body"].clone()),
+        status => Err(ArbiterError::Refused {
+            method,
+            path,
+            status: status.unwrap_or(0),
+            error: answer["error"].as_str().unwrap_or("").to_string(),
+        }),
+    }
+}
+
+/// The arbiter's memory between intervals.
+pub struct Arbiter {
+    plan: Plan,
+    status: SharedStatus,
+    last: HashMap<String, Observation>,
+    pushed: HashMap<String, GrantView>,
+}
+
+impl Arbiter {
+    /// An arbiter of `plan`'s budget, writing into `status`.
+    pub fn new(plan: Plan, status: SharedStatus) -> Self {
+        Self {
+            plan,
+            status,
+            last: HashMap::new(),
+            pushed: HashMap::new(),
+        }
+    }
+
+    /// Runs intervals until `stop` is set (on its own thread: a VM slow to answer delays
+    /// the arbiter, never the supervisor's signal handling).
+    pub fn run(mut self, interval: Duration, stop: Arc<AtomicBool>) {
+        let mut next = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep((next - now).min(Duration::from_millis(50)));
+                continue;
+            }
+            next = now + interval;
+            self.interval();
+        }
+    }
+
+    /// One interval: observe, judge, decide, push.
+    pub fn interval(&mut self) {
+        let running: Vec<(usize, String, std::path::PathBuf)> = {
+            let st = lock(&self.status);
+            st.vms
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.running())
+                .map(|(i, v)| (i, v.id.clone(), v.api_sock.clone()))
+                .collect()
+        };
+        // Observe (outside the lock: a request may take a while).
+        let mut rates: HashMap<usize, Option<Rates>> = HashMap::new();
+        let mut reported: HashMap<usize, Option<Value>> = HashMap::new();
+        for (i, id, sock) in &running {
+            match vm_api(sock, "GET", "/vm", None) {
+                Ok(body) => {
+                    let obs = Observation::from_vm(&body);
+                    let r = self.last.get(id).and_then(|b| Rates::between(b, &obs));
+                    reported.insert(*i, obs.slo.clone());
+                    rates.insert(*i, r);
+                    self.last.insert(id.clone(), obs);
+                }
+                Err(e) => log::debug!("arbiter: VM {id}: {e}"),
+            }
+        }
+        // Judge and decide.
+        let (grants, pushes) = {
+            let mut st = lock(&self.status);
+            for (i, _, _) in &running {
+                let Some(v) = st.vms.get_mut(*i) else { continue };
+                let r = rates.get(i).cloned().flatten();
+                let rep = reported.get(i).cloned().flatten();
+                let state = judge(&v.slo, r.as_ref(), rep.as_ref());
+                if matches!(state, SloState::Met | SloState::Missed) {
+                    v.intervals += 1;
+                    if state == SloState::Met {
+                        v.intervals_met += 1;
+                    }
+                }
+                v.slo_state = state;
+                v.used_cores = r.as_ref().map(|r| r.cores);
+                v.ops_per_sec = r.as_ref().map(|r| r.ops_per_sec);
+                v.mean_latency_us = r.as_ref().and_then(|r| r.mean_latency_us);
+                v.reported = rep;
+            }
+            let grants = self.decide(&st, &rates, &running);
+            let pushes: Vec<(usize, String, std::path::PathBuf, GrantView)> = running
+                .iter()
+                .filter_map(|(i, id, sock)| {
+                    let g = grants.get(i)?.clone();
+                    (self.pushed.get(id) != Some(&g)).then(|| (*i, id.clone(), sock.clone(), g))
+                })
+                .collect();
+            (grants, pushes)
+        };
+        // Push (outside the lock).
+        let mut results = Vec::new();
+        for (i, id, sock, g) in pushes {
+            let drives: serde_json::Map<String, Value> = g
+                .drive_bps
+                .iter()
+                .map(|(d, b)| (d.clone(), json!({"bandwidth_bps": b})))
+                .collect();
+            let body = json!({"cores": g.cores, "drives": drives});
+            let r = vm_api(&sock, "PUT", "/grant", Some(body));
+            if r.is_ok() {
+                self.pushed.insert(id.clone(), g.clone());
+            }
+            results.push((i, id, g, r.err().map(|e| e.to_string())));
+        }
+        let mut st = lock(&self.status);
+        for (i, id, g, error) in results {
+            if let Some(v) = st.vms.get_mut(i) {
+                match error {
+                    None => {
+                        v.grant = Some(g);
+                        v.grant_error = None;
+                    }
+                    Some(e) => {
+                        log::warn!("arbiter: grant to VM {id} not taken: {e}");
+                        v.grant_error = Some(e);
+                    }
+                }
+            }
+        }
+        drop(grants);
+    }
+
+    /// Every running VM's grant for this interval.
+    fn decide(
+        &self,
+        st: &super::status::HostStatus,
+        rates: &HashMap<usize, Option<Rates>>,
+        running: &[(usize, String, std::path::PathBuf)],
+    ) -> HashMap<usize, GrantView> {
+        let budget = self.plan.cpus.len() as f64;
+        let at_risk = |i: usize| {
+            matches!(
+                st.vms.get(i).map(|v| v.slo_state),
+                Some(SloState::Missed | SloState::Unknown)
+            )
+        };
+        let claims: Vec<Claim> = running
+            .iter()
+            .map(|(i, _, _)| {
+                let pv = &self.plan.vms[*i];
+                let cap = f64::from(pv.config.vcpus).min(budget).max(pv.min_cores);
+                let want = match rates.get(i).and_then(Option::as_ref) {
+                    Some(r) if !at_risk(*i) => (r.cores * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap),
+                    _ => cap,
+                };
+                Claim {
+                    class: pv.class,
+                    floor: pv.min_cores,
+                    want,
+                    cap,
+                }
+            })
+            .collect();
+        let cores = allocate(budget, &claims);
+        let mut out: HashMap<usize, GrantView> = running
+            .iter()
+            .zip(&cores)
+            .map(|((i, _, _), c)| {
+                (
+                    *i,
+                    GrantView {
+                        cores: round_cores(*c),
+                        drive_bps: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
+        // Bandwidth, device by device, among the VMs with drives on it.
+        for (dev, budget_dev) in self.plan.devices.iter().enumerate() {
+            let bps = budget_dev.bandwidth_bps as f64;
+            let users: Vec<(usize, Vec<String>)> = running
+                .iter()
+                .map(|(i, _, _)| {
+                    let drives = self.plan.vms[*i]
+                        .drives
+                        .iter()
+                        .filter(|(_, d)| *d == Some(dev))
+                        .map(|(id, _)| id.clone())
+                        .collect::<Vec<_>>();
+                    (*i, drives)
+                })
+                .filter(|(_, d)| !d.is_empty())
+                .collect();
+            if users.is_empty() {
+                continue;
+            }
+            let floor = (bps / (2.0 * users.len() as f64)).min(1024.0 * 1024.0);
+            let claims: Vec<Claim> = users
+                .iter()
+                .map(|(i, drives)| {
+                    let used: Option<f64> = rates.get(i).and_then(Option::as_ref).map(|r| {
+                        drives
+                            .iter()
+                            .filter_map(|d| r.drive_bps.get(d))
+                            .sum::<f64>()
+                    });
+                    let want = match used {
+                        Some(u) if !at_risk(*i) => (u * HEADROOM + floor).min(bps),
+                        _ => bps,
+                    };
+                    Claim {
+                        class: self.plan.vms[*i].class,
+                        floor,
+                        want,
+                        cap: bps,
+                    }
+                })
+                .collect();
+            let grants = allocate(bps, &claims);
+            for ((i, drives), g) in users.iter().zip(grants) {
+                let per_drive = (g / drives.len() as f64).floor().max(1.0) as u64;
+                if let Some(v) = out.get_mut(i) {
+                    for d in drives {
+                        v.drive_bps.insert(d.clone(), per_drive);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::config::SloTargets;
+
+    fn claim(class: Class, want: f64, cap: f64) -> Claim {
+        Claim {
+            class,
+            floor: 0.1,
+            want,
+            cap,
+        }
+    }
+
+    #[test]
+    fn grants_never_exceed_the_budget_and_classes_are_served_in_order() {
+        // Everyone wants everything: critical first, then standard, batch keeps its floor.
+        let c = [
+            claim(Class::Batch, 2.0, 2.0),
+            claim(Class::Critical, 1.0, 1.0),
+            claim(Class::Standard, 2.0, 2.0),
+        ];
+        let g = allocate(2.0, &c);
+        assert!(g.iter().sum::<f64>() <= 2.0 + 1e-9, "{g:?}");
+        assert!((g[1] - 1.0).abs() < 1e-9, "{g:?}");
+        assert!((g[0] - 0.1).abs() < 1e-9, "{g:?}");
+        assert!((g[2] - 0.9).abs() < 1e-9, "{g:?}");
+        // Everyone content: the leftover goes up to each cap, in class order.
+        let c = [
+            claim(Class::Batch, 0.3, 2.0),
+            claim(Class::Critical, 0.3, 1.0),
+        ];
+        let g = allocate(2.0, &c);
+        assert!((g[1] - 1.0).abs() < 1e-9, "{g:?}");
+        assert!((g[0] - 1.0).abs() < 1e-9, "{g:?}");
+        // Floors larger than the budget are scaled to fit.
+        let g = allocate(0.1, &[claim(Class::Batch, 1.0, 1.0), claim(Class::Batch, 1.0, 1.0)]);
+        assert!(g.iter().sum::<f64>() <= 0.1 + 1e-9, "{g:?}");
+    }
+
+    #[test]
+    fn a_critical_vm_at_risk_takes_from_batch_before_standard() {
+        // Quiet: critical wants little, everyone holds something.
+        let quiet = [
+            claim(Class::Critical, 0.5, 2.0),
+            claim(Class::Standard, 0.6, 2.0),
+            claim(Class::Batch, 0.6, 2.0),
+        ];
+        let before = allocate(2.0, &quiet);
+        // At risk: critical wants all it can use.
+        let risk = [
+            claim(Class::Critical, 1.3, 2.0),
+            quiet[1],
+            quiet[2],
+        ];
+        let after = allocate(2.0, &risk);
+        assert!(after[0] > before[0], "{before:?} -> {after:?}");
+        // Batch gave first: standard keeps its want while batch is above its floor.
+        assert!(after[2] < before[2], "{before:?} -> {after:?}");
+        assert!((after[1] - 0.6).abs() < 1e-9, "{before:?} -> {after:?}");
+        assert!((after[2] - 0.1).abs() < 1e-9, "{after:?}");
+        // Wanting still more reaches standard, never below its floor.
+        let more = [claim(Class::Critical, 2.0, 2.0), quiet[1], quiet[2]];
+        let g = allocate(2.0, &more);
+        assert!(g[1] < 0.6 && g[1] >= 0.1 - 1e-9, "{g:?}");
+        assert!(g.iter().sum::<f64>() <= 2.0 + 1e-9);
+    }
+
+    #[test]
+    fn rounding_keeps_the_sum_under_the_budget() {
+        let g = allocate(
+            2.0,
+            &[
+                claim(Class::Batch, 2.0, 2.0),
+                claim(Class::Batch, 2.0, 2.0),
+                claim(Class::Batch, 2.0, 2.0),
+            ],
+        );
+        let rounded: f64 = g.iter().map(|c| round_cores(*c)).sum();
+        assert!(rounded <= 2.0 + 1e-9, "{g:?}");
+        assert_eq!(round_cores(0.0), crate::grant::MIN_GRANT_CORES);
+    }
+
+    #[test]
+    fn observations_and_judging_tolerate_missing_fields() {
+        let a = Observation::from_vm(&json!({"uptime_ns": 1_000_000_000u64,
+            "vcpu_guest_ns": [0, 0], "guest": {"ops": 100, "latency_ns_sum": 0, "latency_samples": 0},
+            "drives": [{"id": "blk0", "bytes": 0}]}));
+        let b = Observation::from_vm(&json!({"uptime_ns": 2_000_000_000u64,
+            "vcpu_guest_ns": [500_000_000u64, 250_000_000u64],
+            "guest": {"ops": 1100, "latency_ns_sum": 50_000_000u64, "latency_samples": 1000},
+            "drives": [{"id": "blk0", "bytes": 4096000}]}));
+        let r = Rates::between(&a, &b).unwrap();
+        assert!((r.cores - 0.75).abs() < 1e-9);
+        assert!((r.ops_per_sec - 1000.0).abs() < 1e-9);
+        assert_eq!(r.mean_latency_us, Some(50.0));
+        assert_eq!(r.drive_bps["blk0"], 4_096_000.0);
+        assert!(Rates::between(&b, &a).is_none());
+        assert_eq!(Observation::from_vm(&json!({})), Observation::default());
+        let slo = SloTargets {
+            min_ops_per_sec: Some(500),
+            p99_latency_us: Some(100),
+            op_bytes: None,
+        };
+        assert_eq!(judge(&slo, Some(&r), None), SloState::Met);
+        assert_eq!(judge(&slo, None, None), SloState::Unknown);
+        let tight = SloTargets {
+            p99_latency_us: Some(10),
+            ..slo
+        };
+        assert_eq!(judge(&tight, Some(&r), None), SloState::Missed);
+        assert_eq!(judge(&SloTargets::default(), Some(&r), None), SloState::NoTargets);
+        // The VM's own report wins when it gives one.
+        assert_eq!(
+            judge(&tight, Some(&r), Some(&json!({"met": true}))),
+            SloState::Met
+        );
+    }
+}
