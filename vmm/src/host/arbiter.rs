@@ -138,6 +138,10 @@ pub struct Observation {
     pub drive_bytes: BTreeMap<String, u64>,
     /// The VM's own SLO report, if it gives one (`slo` in `GET /vm`).
     pub slo: Option<Value>,
+    /// CPU time of the VM's whole process, ns, as the host reads it (`/proc/<pid>/stat`:
+    /// the vCPU threads' time in `KVM_RUN` counts only while they hold a core, unlike
+    /// the guest time the VM reports).
+    pub cpu_ns: Option<u64>,
 }
 
 impl Observation {
@@ -162,14 +166,31 @@ impl Observation {
                 })
                 .unwrap_or_default(),
             slo: body.get("slo").filter(|s| !s.is_null()).cloned(),
+            cpu_ns: None,
         }
     }
+}
+
+/// CPU time (user + system) of process `pid` so far, ns, from `/proc/<pid>/stat`.
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields follow the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the line (utime, stime) are the 12th and 13th after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some((utime + stime).saturating_mul(1_000_000_000) / hz)
 }
 
 /// Rates over one interval, from two observations.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rates {
-    /// Host cores used by the vCPUs.
+    /// Host cores used by the VM's process (by its vCPUs' guest time when the host
+    /// cannot read the process's CPU time).
     pub cores: f64,
     /// Guest operations per second.
     pub ops_per_sec: f64,
@@ -186,8 +207,12 @@ impl Rates {
         let dt = now.at_ns.checked_sub(before.at_ns).filter(|d| *d > 0)? as f64;
         let per_sec = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1e9 / dt;
         let samples = now.latency.1.saturating_sub(before.latency.1);
+        let cpu_ns = match (before.cpu_ns, now.cpu_ns) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => now.guest_ns.saturating_sub(before.guest_ns),
+        };
         Some(Rates {
-            cores: now.guest_ns.saturating_sub(before.guest_ns) as f64 / dt,
+            cores: cpu_ns as f64 / dt,
             ops_per_sec: per_sec(before.ops, now.ops),
             mean_latency_us: (samples > 0).then(|| {
                 now.latency.0.saturating_sub(before.latency.0) as f64 / samples as f64 / 1000.0
@@ -293,22 +318,27 @@ impl Arbiter {
 
     /// One interval: observe, judge, decide, push.
     pub fn interval(&mut self) {
-        let running: Vec<(usize, String, std::path::PathBuf)> = {
+        let (running, pids): (Vec<(usize, String, std::path::PathBuf)>, Vec<Option<u32>>) = {
             let st = lock(&self.status);
             st.vms
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.running())
-                .map(|(i, v)| (i, v.id.clone(), v.api_sock.clone()))
-                .collect()
+                .map(|(i, v)| ((i, v.id.clone(), v.api_sock.clone()), v.pid))
+                .unzip()
         };
         // Observe (outside the lock: a request may take a while).
         let mut rates: HashMap<usize, Option<Rates>> = HashMap::new();
         let mut reported: HashMap<usize, Option<Value>> = HashMap::new();
-        for (i, id, sock) in &running {
+        for ((i, id, sock), pid) in running.iter().zip(&pids) {
+            // Not serving yet (starting up): no observation, no grant this interval.
+            if !sock.exists() {
+                continue;
+            }
             match vm_api(sock, "GET", "/vm", None) {
                 Ok(body) => {
-                    let obs = Observation::from_vm(&body);
+                    let mut obs = Observation::from_vm(&body);
+                    obs.cpu_ns = pid.and_then(process_cpu_ns);
                     let r = self.last.get(id).and_then(|b| Rates::between(b, &obs));
                     reported.insert(*i, obs.slo.clone());
                     rates.insert(*i, r);
@@ -340,6 +370,7 @@ impl Arbiter {
             let grants = self.decide(&st, &rates, &running);
             let pushes: Vec<(usize, String, std::path::PathBuf, GrantView)> = running
                 .iter()
+                .filter(|(i, _, _)| rates.contains_key(i))
                 .filter_map(|(i, id, sock)| {
                     let g = grants.get(i)?.clone();
                     (self.pushed.get(id) != Some(&g)).then(|| (*i, id.clone(), sock.clone(), g))
@@ -579,6 +610,12 @@ mod tests {
         assert_eq!(r.drive_bps["blk0"], 4_096_000.0);
         assert!(Rates::between(&b, &a).is_none());
         assert_eq!(Observation::from_vm(&json!({})), Observation::default());
+        // The host's reading of the process's CPU time wins over guest time.
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        a2.cpu_ns = Some(0);
+        b2.cpu_ns = Some(250_000_000);
+        assert!((Rates::between(&a2, &b2).unwrap().cores - 0.25).abs() < 1e-9);
+        assert!(process_cpu_ns(std::process::id()).is_some());
         let slo = SloTargets {
             min_ops_per_sec: Some(500),
             p99_latency_us: Some(100),

@@ -1,0 +1,405 @@
+//! `vmm host`: three VMs (each its own `vmm run`) under one arbiter: `GET /host` lists
+//! them with pids and grants within the budget, one VM killed leaves the others running,
+//! SIGTERM stops them all (exit 143, nothing left behind), every VM's rows land in the
+//! one state repository; the grant as a cap on a VM's knobs through its API; bad host
+//! configurations exit 2 naming the field, before any VM starts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    api, api_with, curl, kernel_command, kernel_path, kvm_available, vmm_bin, vmm_release_bin,
+    wait_for, Scratch,
+};
+use serde_json::Value;
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+fn kernel(name: &str) -> String {
+    s(&kernel_path(name))
+}
+
+/// A host.json in `dir` for three VMs: a critical `blk-io` doing random reads, a
+/// standard one-vCPU and a batch two-vCPU `cpu-burn`, each running for `ms`.
+fn three_vms(dir: &Scratch, ms: u64) -> PathBuf {
+    let img = dir.path("web.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let cfg = serde_json::json!({
+        "api_sock": s(&dir.path("host.sock")),
+        "state_db": s(&dir.path("host.db")),
+        "log_dir": s(&dir.0),
+        "interval_ms": 300,
+        "stop_timeout_ms": 10000,
+        "devices": [{"path": s(&dir.0), "bandwidth_bps": 200_000_000u64}],
+        "vms": [
+            {"id": "web", "class": "critical", "slo": {"min_ops_per_sec": 100, "op_bytes": 4096},
+             "vm": {"kernel": kernel("blk-io"), "cmdline": format!("mode=randread ms={ms}"),
+                    "drives": [{"path": s(&img), "read_only": true}],
+                    "metrics_interval_ms": 200}},
+            {"id": "app", "class": "standard",
+             "vm": {"kernel": kernel("cpu-burn"), "vcpus": 1, "cmdline": format!("ms={ms}"),
+                    "metrics_interval_ms": 200}},
+            {"id": "batch", "class": "batch",
+             "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": format!("ms={ms}"),
+                    "tuner": "threshold", "metrics_interval_ms": 200}}
+        ]
+    });
+    let path = dir.path("host.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    path
+}
+
+fn start_host(bin: &Path, config: &Path) -> Child {
+    Command::new(bin)
+        .args(["host", "--config", &s(config)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm host")
+}
+
+fn get_host(sock: &str) -> Value {
+    let (code, body) = curl(sock, "GET", "/host", None);
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn vm<'a>(host: &'a Value, id: &str) -> &'a Value {
+    host["vms"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["id"] == id))
+        .unwrap_or_else(|| panic!("no VM {id} in {host}"))
+}
+
+fn alive(pid: u64) -> bool {
+    // A zombie is gone for our purposes: its state is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|t| t.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Polls `GET /host` until `ok` holds (at most `limit`), returning the last answer.
+fn wait_host(sock: &str, limit: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let h = get_host(sock);
+        if ok(&h) || start.elapsed() > limit {
+            return h;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn finish(child: Child, limit: Duration) -> (Option<i32>, String) {
+    let start = Instant::now();
+    let mut child = child;
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "vmm host did not stop within {limit:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn all_granted(h: &Value) -> bool {
+    h["vms"]
+        .as_array()
+        .is_some_and(|v| v.iter().all(|v| v["state"] == "running" && v["grant"].is_object()))
+}
+
+/// Starts the three-VM host with `bin`, checks `GET /host`, the grants in the VMs
+/// themselves, and SIGTERM; returns the scratch dir (for the repository) and stderr.
+fn three_vms_under(bin: &Path, name: &str, kill_one: bool) -> (Scratch, String) {
+    let dir = Scratch::new(name);
+    let config = three_vms(&dir, 60_000);
+    let sock = s(&dir.path("host.sock"));
+    let child = start_host(bin, &config);
+    let host_pid = child.id();
+    wait_for(&sock);
+    let h = wait_host(&sock, Duration::from_secs(30), all_granted);
+    assert!(all_granted(&h), "not every VM running with a grant: {h:#}");
+    let budget = h["budget"]["cores"].as_f64().unwrap();
+    let granted: f64 = h["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["grant"]["cores"].as_f64().unwrap())
+        .sum();
+    assert!(granted <= budget + 1e-6, "grants {granted} > budget {budget}: {h:#}");
+    let mut pids = Vec::new();
+    for id in ["web", "app", "batch"] {
+        let v = vm(&h, id);
+        let pid = v["pid"].as_u64().expect("pid");
+        assert!(alive(pid), "VM {id} (pid {pid}) is not running");
+        assert_ne!(pid, u64::from(host_pid));
+        pids.push(pid);
+        // The grant is in force in the VM itself, as a cap on its host cores.
+        let sock_vm = v["api_sock"].as_str().unwrap();
+        let g = api_with(bin, sock_vm, r#"{"method":"GET","path":"/grant"}"#);
+        assert_eq!(g["status"], 200, "{g}");
+        let cores = g["body"]["cores"].as_f64().expect("a core grant");
+        let host_cores = g["body"]["host_cores"].as_u64().unwrap() as f64;
+        assert!(host_cores <= cores.ceil(), "VM {id}: {g}");
+    }
+    // The critical VM's drive sits on the budgeted device: it has a bandwidth grant.
+    assert!(
+        vm(&h, "web")["grant"]["drives"]["blk0"]["bandwidth_bps"].as_u64().unwrap() > 0,
+        "{h:#}"
+    );
+    if kill_one {
+        // One VM crashes: the others keep running, GET /host shows it exited.
+        // SAFETY: signalling a child of the host started by this test.
+        unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+        let h = wait_host(&sock, Duration::from_secs(10), |h| {
+            vm(h, "app")["state"] == "exited"
+        });
+        assert_eq!(vm(&h, "app")["state"], "exited", "{h:#}");
+        assert_eq!(vm(&h, "app")["signal"], libc::SIGKILL, "{h:#}");
+        std::thread::sleep(Duration::from_millis(1000));
+        let h = get_host(&sock);
+        for id in ["web", "batch"] {
+            assert_eq!(vm(&h, id)["state"], "running", "{h:#}");
+        }
+        assert!(alive(pids[0]) && alive(pids[2]));
+    }
+    // SIGTERM stops them all cleanly.
+    // SAFETY: signalling the host process this test started.
+    unsafe { libc::kill(host_pid as i32, libc::SIGTERM) };
+    let (status, stderr) = finish(child, Duration::from_secs(30));
+    assert_eq!(status, Some(143), "{stderr}");
+    for (pid, id) in pids.iter().zip(["web", "app", "batch"]) {
+        assert!(!alive(*pid), "VM {id} (pid {pid}) outlived the host");
+    }
+    assert!(!Path::new(&sock).exists(), "the host socket is left");
+    for id in ["web", "app", "batch"] {
+        let sock_vm = vm(&h, id)["api_sock"].as_str().unwrap().to_string();
+        assert!(!Path::new(&sock_vm).exists(), "{sock_vm} is left");
+    }
+    (dir, stderr)
+}
+
+#[test]
+fn three_vms_share_the_host_survive_a_crash_and_stop_together() {
+    if !kvm_available() {
+        return;
+    }
+    let (dir, stderr) = three_vms_under(&vmm_bin(), "three", true);
+    assert!(stderr.contains("VM app was killed by signal 9"), "{stderr}");
+    // Every VM's rows are in the one repository, each with its own id.
+    let db = rusqlite::Connection::open(dir.path("host.db")).unwrap();
+    for id in ["web", "app", "batch"] {
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM samples WHERE vm_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(n > 0, "no rows of VM {id} in the shared repository");
+    }
+}
+
+#[test]
+fn the_release_binary_runs_three_vms_under_seccomp() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(bin) = vmm_release_bin() else {
+        return;
+    };
+    // The grant route runs on each VM's event loop under its seccomp filter; a refused
+    // system call would leave a VM without a grant (all_granted fails) or kill it.
+    let (_dir, stderr) = three_vms_under(&bin, "three-release", false);
+    assert!(!stderr.contains("not taken"), "{stderr}");
+}
+
+#[test]
+fn the_grant_caps_host_cores_and_drive_bandwidth_through_the_api() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("grant-api");
+    let img = dir.path("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = s(&dir.path("vm.sock"));
+    let mut child = kernel_command(
+        "cpu-burn",
+        &[
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "ms=20000",
+            "--api-sock",
+            &sock,
+            "--drive",
+            &format!("path={},read-only", s(&img)),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn vmm run");
+    wait_for(&sock);
+    let total = vmm::runtime::allowed_cpus().len() as u64;
+    let put = |body: &str| {
+        api(
+            &sock,
+            &format!(r#"{{"method":"PUT","path":"/grant","body":{body}}}"#),
+        )
+    };
+    let vm_cores = || api(&sock, r#"{"method":"GET","path":"/vm"}"#)["body"]["host_cores"].as_u64();
+    assert_eq!(vm_cores(), Some(total));
+    // A grant of one core: applied at once.
+    let g = put(r#"{"cores": 1, "drives": {"blk0": {"bandwidth_bps": 1000000}}}"#);
+    assert_eq!(g["status"], 200, "{g}");
+    assert_eq!(vm_cores(), Some(1));
+    // Asking for more than the grant gives the grant.
+    let p = api(
+        &sock,
+        &format!(r#"{{"method":"PATCH","path":"/vm","body":{{"host_cores":{total}}}}}"#),
+    );
+    assert_eq!(p["status"], 200, "{p}");
+    assert_eq!(p["body"]["host_cores"], 1, "{p}");
+    // The drive's bandwidth is capped at the grant, the same on every route.
+    let (code, drives) = curl(&sock, "GET", "/drives", None);
+    assert_eq!(code, 200);
+    let bw = &drives[0]["rate_limiter"]["bandwidth"];
+    let rate = bw["size"].as_f64().unwrap() * 1000.0 / bw["refill_time_ms"].as_f64().unwrap();
+    assert_eq!(rate, 1_000_000.0, "{drives}");
+    let (code, _) = curl(
+        &sock,
+        "PATCH",
+        "/drives/blk0",
+        Some(r#"{"rate_limiter": {}}"#),
+    );
+    assert_eq!(code, 200);
+    let (_, drives) = curl(&sock, "GET", "/drives", None);
+    assert!(drives[0]["rate_limiter"]["bandwidth"].is_object(), "{drives}");
+    // A larger grant gives back what was asked (all cores; no drive limit).
+    let g = put(r#"{"cores": 64}"#);
+    assert_eq!(g["status"], 200, "{g}");
+    assert_eq!(vm_cores(), Some(total));
+    let (_, drives) = curl(&sock, "GET", "/drives", None);
+    assert!(
+        drives[0]["rate_limiter"]["bandwidth"].is_null(),
+        "{drives}"
+    );
+    // Bad grants are refused, naming the field; the grant in force stays.
+    for (body, field) in [
+        (r#"{"cores": 0}"#, "cores"),
+        (r#"{"drives": {"blk9": {"bandwidth_bps": 1}}}"#, "blk9"),
+        (r#"{"drives": {"blk0": {"bandwidth_bps": 0}}}"#, "bandwidth_bps"),
+        (r#"{"cpus": 1}"#, "cpus"),
+    ] {
+        let r = put(body);
+        assert_eq!(r["status"], 400, "{body}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(field), "{body}: {r}");
+    }
+    let g = api(&sock, r#"{"method":"GET","path":"/grant"}"#);
+    assert_eq!(g["body"]["cores"], 64.0, "{g}");
+    // SAFETY: signalling the monitor this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+}
+
+#[test]
+fn bad_host_configurations_exit_2_naming_the_field_before_any_vm_starts() {
+    let dir = Scratch::new("bad-host");
+    for img in ["a.img", "b.img"] {
+        std::fs::write(dir.path(img), vec![0u8; 1 << 20]).unwrap();
+    }
+    let allowed = vmm::runtime::allowed_cpus();
+    let too_many = format!("0-{}", allowed.iter().max().unwrap() + 1);
+    let vm = |id: &str, extra: Value| {
+        let mut v = serde_json::json!({"kernel": kernel("blk-io")});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        serde_json::json!({"id": id, "class": "batch", "vm": v})
+    };
+    let drive = |f: &str| serde_json::json!({"drives": [{"path": s(&dir.path(f))}]});
+    let cases: Vec<(&str, Value, Vec<Value>, &str)> = vec![
+        (
+            "budget larger than the host",
+            serde_json::json!({"cpus": too_many}),
+            vec![vm("a", serde_json::json!({}))],
+            "cpus",
+        ),
+        (
+            "two VMs on one socket",
+            serde_json::json!({}),
+            vec![
+                vm("a", serde_json::json!({"api_sock": s(&dir.path("vm.sock"))})),
+                vm("b", serde_json::json!({"api_sock": s(&dir.path("vm.sock"))})),
+            ],
+            "vms.b.vm.api_sock",
+        ),
+        (
+            "two VMs on one image",
+            serde_json::json!({}),
+            vec![vm("a", drive("a.img")), vm("b", drive("a.img"))],
+            "vms.b.vm.drives[0].path",
+        ),
+        (
+            "an SLO the bandwidth budget cannot meet",
+            serde_json::json!({"devices": [{"path": s(&dir.0), "bandwidth_bps": 1_000_000}]}),
+            vec![{
+                let mut v = vm("a", drive("a.img"));
+                v["class"] = "critical".into();
+                v["slo"] = serde_json::json!({"min_ops_per_sec": 10_000, "op_bytes": 4096});
+                v
+            }],
+            "vms.a.slo.min_ops_per_sec",
+        ),
+        (
+            "duplicate ids",
+            serde_json::json!({}),
+            vec![vm("a", drive("a.img")), vm("a", drive("b.img"))],
+            "vms[1].id",
+        ),
+    ];
+    for (what, extra, vms, field) in cases {
+        let mut cfg = serde_json::json!({
+            "api_sock": s(&dir.path("host.sock")),
+            "state_db": s(&dir.path("host.db")),
+            "log_dir": s(&dir.0),
+            "vms": vms,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            cfg[k] = x.clone();
+        }
+        let path = dir.path("host.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let out = Command::new(vmm_bin())
+            .args(["host", "--config", &s(&path)])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("vmm: error: {field} ")),
+            "{what}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+        // Nothing started: no socket, no repository, no VM log.
+        for f in ["host.sock", "host.db", "a.log", "b.log"] {
+            assert!(!dir.path(f).exists(), "{what}: {f} exists");
+        }
+    }
+}
