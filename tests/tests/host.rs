@@ -78,7 +78,11 @@ fn vm<'a>(host: &'a Value, id: &str) -> &'a Value {
 fn alive(pid: u64) -> bool {
     // A zombie is gone for our purposes: its state is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|t| t.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+        .map(|t| {
+            t.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -116,9 +120,10 @@ fn finish(child: Child, limit: Duration) -> (Option<i32>, String) {
 }
 
 fn all_granted(h: &Value) -> bool {
-    h["vms"]
-        .as_array()
-        .is_some_and(|v| v.iter().all(|v| v["state"] == "running" && v["grant"].is_object()))
+    h["vms"].as_array().is_some_and(|v| {
+        v.iter()
+            .all(|v| v["state"] == "running" && v["grant"].is_object())
+    })
 }
 
 /// Starts the three-VM host with `bin`, checks `GET /host`, the grants in the VMs
@@ -139,7 +144,10 @@ fn three_vms_under(bin: &Path, name: &str, kill_one: bool) -> (Scratch, String) 
         .iter()
         .map(|v| v["grant"]["cores"].as_f64().unwrap())
         .sum();
-    assert!(granted <= budget + 1e-6, "grants {granted} > budget {budget}: {h:#}");
+    assert!(
+        granted <= budget + 1e-6,
+        "grants {granted} > budget {budget}: {h:#}"
+    );
     let mut pids = Vec::new();
     for id in ["web", "app", "batch"] {
         let v = vm(&h, id);
@@ -157,7 +165,10 @@ fn three_vms_under(bin: &Path, name: &str, kill_one: bool) -> (Scratch, String) 
     }
     // The critical VM's drive sits on the budgeted device: it has a bandwidth grant.
     assert!(
-        vm(&h, "web")["grant"]["drives"]["blk0"]["bandwidth_bps"].as_u64().unwrap() > 0,
+        vm(&h, "web")["grant"]["drives"]["blk0"]["bandwidth_bps"]
+            .as_u64()
+            .unwrap()
+            > 0,
         "{h:#}"
     );
     if kill_one {
@@ -286,21 +297,24 @@ fn the_grant_caps_host_cores_and_drive_bandwidth_through_the_api() {
     );
     assert_eq!(code, 200);
     let (_, drives) = curl(&sock, "GET", "/drives", None);
-    assert!(drives[0]["rate_limiter"]["bandwidth"].is_object(), "{drives}");
+    assert!(
+        drives[0]["rate_limiter"]["bandwidth"].is_object(),
+        "{drives}"
+    );
     // A larger grant gives back what was asked (all cores; no drive limit).
     let g = put(r#"{"cores": 64}"#);
     assert_eq!(g["status"], 200, "{g}");
     assert_eq!(vm_cores(), Some(total));
     let (_, drives) = curl(&sock, "GET", "/drives", None);
-    assert!(
-        drives[0]["rate_limiter"]["bandwidth"].is_null(),
-        "{drives}"
-    );
+    assert!(drives[0]["rate_limiter"]["bandwidth"].is_null(), "{drives}");
     // Bad grants are refused, naming the field; the grant in force stays.
     for (body, field) in [
         (r#"{"cores": 0}"#, "cores"),
         (r#"{"drives": {"blk9": {"bandwidth_bps": 1}}}"#, "blk9"),
-        (r#"{"drives": {"blk0": {"bandwidth_bps": 0}}}"#, "bandwidth_bps"),
+        (
+            r#"{"drives": {"blk0": {"bandwidth_bps": 0}}}"#,
+            "bandwidth_bps",
+        ),
         (r#"{"cpus": 1}"#, "cpus"),
     ] {
         let r = put(body);
@@ -344,8 +358,14 @@ fn bad_host_configurations_exit_2_naming_the_field_before_any_vm_starts() {
             "two VMs on one socket",
             serde_json::json!({}),
             vec![
-                vm("a", serde_json::json!({"api_sock": s(&dir.path("vm.sock"))})),
-                vm("b", serde_json::json!({"api_sock": s(&dir.path("vm.sock"))})),
+                vm(
+                    "a",
+                    serde_json::json!({"api_sock": s(&dir.path("vm.sock"))}),
+                ),
+                vm(
+                    "b",
+                    serde_json::json!({"api_sock": s(&dir.path("vm.sock"))}),
+                ),
             ],
             "vms.b.vm.api_sock",
         ),

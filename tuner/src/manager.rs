@@ -1236,7 +1236,13 @@ pub(crate) mod tests {
         assert!(mask[idx(&m, Action::VcpuDelta(-1))]);
         let d = m.apply(Action::VcpuDelta(1), &mut k);
         assert!(
-            matches!(d, Decision::Refused { reason: Refusal::NotGranted { granted: 2, .. }, .. }),
+            matches!(
+                d,
+                Decision::Refused {
+                    reason: Refusal::NotGranted { granted: 2, .. },
+                    ..
+                }
+            ),
             "{d}"
         );
         assert!(k.entries().is_empty());

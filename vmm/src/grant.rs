@@ -168,7 +168,10 @@ mod tests {
         // Another drive: no cap.
         assert_eq!(g.cap_limits("blk1", unlimited), unlimited);
         assert!(c.validate().is_ok());
-        assert!(g.cap_limits("blk0", RateLimiterConfig::default()).validate().is_ok());
+        assert!(g
+            .cap_limits("blk0", RateLimiterConfig::default())
+            .validate()
+            .is_ok());
         let tiny = grant(None, &[("blk0", 3)]).cap_limits("blk0", unlimited);
         assert!(tiny.validate().is_ok());
     }

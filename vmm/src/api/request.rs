@@ -300,7 +300,10 @@ mod tests {
         let status = |b: &[u8]| parse("PUT", "/grant", b).unwrap_err().status();
         assert_eq!(status(b""), 400);
         assert_eq!(status(br#"{"core": 1}"#), 400);
-        assert_eq!(status(br#"{"drives": {"blk0": {"bandwidth_bps": -1}}}"#), 400);
+        assert_eq!(
+            status(br#"{"drives": {"blk0": {"bandwidth_bps": -1}}}"#),
+            400
+        );
         assert_eq!(parse("PATCH", "/grant", b"{}").unwrap_err().status(), 405);
     }
 

@@ -28,9 +28,9 @@ use devices::lock;
 const HEADROOM: f64 = 1.25;
 /// Added to the last interval's use of cores in what a VM wants.
 const CORE_SLACK: f64 = 0.1;
-/// Grants are multiples of this many cores (rounded down, so they never exceed the
-/// budget).
-const CORE_STEP: f64 = 0.01;
+/// Grants are whole multiples of 1/this of a core (rounded down, so they never exceed
+/// the budget).
+const CORE_STEPS: f64 = 100.0;
 
 /// Errors talking to a VM's control socket.
 #[derive(Debug, thiserror::Error)]
@@ -118,9 +118,10 @@ pub fn allocate(budget: f64, claims: &[Claim]) -> Vec<f64> {
     grants
 }
 
-/// Rounds core grants down to [`CORE_STEP`], never below the smallest grant a VM takes.
+/// Rounds core grants down to 1/[`CORE_STEPS`], never below the smallest grant a VM
+/// takes.
 fn round_cores(g: f64) -> f64 {
-    ((g / CORE_STEP + 1e-6).floor() * CORE_STEP).max(crate::grant::MIN_GRANT_CORES)
+    ((g * CORE_STEPS + 1e-6).floor() / CORE_STEPS).max(crate::grant::MIN_GRANT_CORES)
 }
 
 /// One reading of a VM's `GET /vm`, the fields the arbiter uses.
@@ -232,7 +233,11 @@ impl Rates {
 /// Judges one interval against the targets: the VM's own report when it gives one
 /// (`slo.met`), else the host's reading (minimum ops rate; the mean latency as a lower
 /// bound of the p99, so "missed" is certain and "met" means not seen missed).
-pub fn judge(slo: &super::config::SloTargets, rates: Option<&Rates>, reported: Option<&Value>) -> SloState {
+pub fn judge(
+    slo: &super::config::SloTargets,
+    rates: Option<&Rates>,
+    reported: Option<&Value>,
+) -> SloState {
     if let Some(met) = reported.and_then(|r| r.get("met")).and_then(Value::as_bool) {
         return if met { SloState::Met } else { SloState::Missed };
     }
@@ -351,7 +356,9 @@ impl Arbiter {
         let (grants, pushes) = {
             let mut st = lock(&self.status);
             for (i, _, _) in &running {
-                let Some(v) = st.vms.get_mut(*i) else { continue };
+                let Some(v) = st.vms.get_mut(*i) else {
+                    continue;
+                };
                 let r = rates.get(i).cloned().flatten();
                 let rep = reported.get(i).cloned().flatten();
                 let state = judge(&v.slo, r.as_ref(), rep.as_ref());
@@ -431,7 +438,9 @@ impl Arbiter {
                 let pv = &self.plan.vms[*i];
                 let cap = f64::from(pv.config.vcpus).min(budget).max(pv.min_cores);
                 let want = match rates.get(i).and_then(Option::as_ref) {
-                    Some(r) if !at_risk(*i) => (r.cores * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap),
+                    Some(r) if !at_risk(*i) => {
+                        (r.cores * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap)
+                    }
                     _ => cap,
                 };
                 Claim {
@@ -547,7 +556,10 @@ mod tests {
         assert!((g[1] - 1.0).abs() < 1e-9, "{g:?}");
         assert!((g[0] - 1.0).abs() < 1e-9, "{g:?}");
         // Floors larger than the budget are scaled to fit.
-        let g = allocate(0.1, &[claim(Class::Batch, 1.0, 1.0), claim(Class::Batch, 1.0, 1.0)]);
+        let g = allocate(
+            0.1,
+            &[claim(Class::Batch, 1.0, 1.0), claim(Class::Batch, 1.0, 1.0)],
+        );
         assert!(g.iter().sum::<f64>() <= 0.1 + 1e-9, "{g:?}");
     }
 
@@ -561,11 +573,7 @@ mod tests {
         ];
         let before = allocate(2.0, &quiet);
         // At risk: critical wants all it can use.
-        let risk = [
-            claim(Class::Critical, 1.3, 2.0),
-            quiet[1],
-            quiet[2],
-        ];
+        let risk = [claim(Class::Critical, 1.3, 2.0), quiet[1], quiet[2]];
         let after = allocate(2.0, &risk);
         assert!(after[0] > before[0], "{before:?} -> {after:?}");
         // Batch gave first: standard keeps its want while batch is above its floor.
@@ -592,6 +600,7 @@ mod tests {
         let rounded: f64 = g.iter().map(|c| round_cores(*c)).sum();
         assert!(rounded <= 2.0 + 1e-9, "{g:?}");
         assert_eq!(round_cores(0.0), crate::grant::MIN_GRANT_CORES);
+        assert_eq!(round_cores(0.4700001), 0.47);
     }
 
     #[test]
@@ -628,7 +637,10 @@ mod tests {
             ..slo
         };
         assert_eq!(judge(&tight, Some(&r), None), SloState::Missed);
-        assert_eq!(judge(&SloTargets::default(), Some(&r), None), SloState::NoTargets);
+        assert_eq!(
+            judge(&SloTargets::default(), Some(&r), None),
+            SloState::NoTargets
+        );
         // The VM's own report wins when it gives one.
         assert_eq!(
             judge(&tight, Some(&r), Some(&json!({"met": true}))),

@@ -69,7 +69,8 @@ impl RunDir {
         }
         bytes.pop();
         // SAFETY: mkdtemp kept the bytes a path (it only replaced the Xs).
-        let path = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) });
+        let path =
+            PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) });
         Ok(RunDir(path))
     }
 }
@@ -242,10 +243,19 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
         }
     };
     if let Some(sig) = signal {
-        eprintln!("vmm host: signal {sig}: stopping {} VM(s)", procs.iter().filter(|p| p.state == RunState::Running).count());
+        eprintln!(
+            "vmm host: signal {sig}: stopping {} VM(s)",
+            procs
+                .iter()
+                .filter(|p| p.state == RunState::Running)
+                .count()
+        );
         let killed = supervisor::stop_all(&mut procs, Duration::from_millis(cfg.stop_timeout_ms));
         if !killed.is_empty() {
-            eprintln!("vmm host: killed after {} ms: {killed:?}", cfg.stop_timeout_ms);
+            eprintln!(
+                "vmm host: killed after {} ms: {killed:?}",
+                cfg.stop_timeout_ms
+            );
         }
         reap(&mut procs, &status);
     }
@@ -278,9 +288,9 @@ fn reap(procs: &mut [VmProcess], status: &status::SharedStatus) {
         let Some(v) = st.vms.get_mut(i) else { continue };
         v.state = state;
         match state {
-            RunState::Exited {
-                code: Some(0), ..
-            } => eprintln!("vmm host: VM {} exited with status 0", v.id),
+            RunState::Exited { code: Some(0), .. } => {
+                eprintln!("vmm host: VM {} exited with status 0", v.id)
+            }
             RunState::Exited { code, signal } => {
                 let how = match (code, signal) {
                     (Some(c), _) => format!("exited with status {c}"),

@@ -28,9 +28,21 @@ pub fn answer(status: &SharedStatus, method: &str, path: &str) -> Reply {
     match target.trim_end_matches('/') {
         "/host" => match method {
             "GET" => Reply::ok(lock(status).to_json()),
-            _ => Reply::error(405, format!("method {} not allowed on /host (allowed: GET)", method.chars().take(16).collect::<String>())),
+            _ => Reply::error(
+                405,
+                format!(
+                    "method {} not allowed on /host (allowed: GET)",
+                    method.chars().take(16).collect::<String>()
+                ),
+            ),
         },
-        _ => Reply::error(404, format!("no resource {}", target.chars().take(256).collect::<String>())),
+        _ => Reply::error(
+            404,
+            format!(
+                "no resource {}",
+                target.chars().take(256).collect::<String>()
+            ),
+        ),
     }
 }
 
@@ -50,7 +62,12 @@ fn serve(mut stream: UnixStream, status: &SharedStatus) -> io::Result<()> {
             Ok(0) => return Ok(()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 break Reply::error(408, "request not complete in time")
             }
             Err(e) => return Err(e),

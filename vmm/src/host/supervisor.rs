@@ -150,9 +150,10 @@ impl VmProcess {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|source| SupervisorError::Spawn { id: id.clone(), source })?;
+        let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+            id: id.clone(),
+            source,
+        })?;
         log::info!("VM {id}: started, pid {}", child.id());
         Ok(VmProcess {
             id,

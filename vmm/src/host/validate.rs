@@ -156,7 +156,11 @@ pub fn validate(
     }
     let budget = cpus.len() as f64;
     let mut owners = Owners::default();
-    owners.claim(comparable(&cfg.api_sock), "the host's api_sock", "api_sock".into())?;
+    owners.claim(
+        comparable(&cfg.api_sock),
+        "the host's api_sock",
+        "api_sock".into(),
+    )?;
     if let Some(db) = &cfg.state_db {
         let parent = comparable(db);
         if parent.parent().is_some_and(|p| !p.is_dir()) {
@@ -177,8 +181,12 @@ pub fn validate(
     let mut devices: Vec<PlannedDevice> = Vec::new();
     for (i, d) in cfg.devices.iter().enumerate() {
         let field = format!("devices[{i}]");
-        let meta = std::fs::metadata(&d.path)
-            .map_err(|e| err(format!("{field}.path"), format!("{}: {e}", d.path.display())))?;
+        let meta = std::fs::metadata(&d.path).map_err(|e| {
+            err(
+                format!("{field}.path"),
+                format!("{}: {e}", d.path.display()),
+            )
+        })?;
         if d.bandwidth_bps == 0 {
             return Err(err(
                 format!("{field}.bandwidth_bps"),
@@ -247,7 +255,11 @@ pub fn validate(
             }
         }
         if let Some(sock) = &config.api_sock {
-            owners.claim(comparable(sock), &format!("VM {}", entry.id), at("vm.api_sock"))?;
+            owners.claim(
+                comparable(sock),
+                &format!("VM {}", entry.id),
+                at("vm.api_sock"),
+            )?;
         }
         if let Some(out) = &config.serial_out {
             owners.claim(
@@ -379,9 +391,7 @@ fn check_slo(
             (Some(sum), Some(i)) if seen.contains(i) => Some(sum),
             (Some(sum), Some(i)) => {
                 seen.push(*i);
-                devices
-                    .get(*i)
-                    .map(|d| sum.saturating_add(d.bandwidth_bps))
+                devices.get(*i).map(|d| sum.saturating_add(d.bandwidth_bps))
             }
             _ => None,
         };
@@ -414,7 +424,8 @@ mod tests {
     }
 
     fn scratch(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vmm-host-validate-{}-{name}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("vmm-host-validate-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Dir(d)
