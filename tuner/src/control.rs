@@ -528,8 +528,8 @@ impl Tuner {
             label: "noop".to_string(),
         };
         // The host arbiter's grant is part of the mask.
-        let grant = self.knobs.vcpu_grant();
-        self.manager.set_vcpu_grant(grant);
+        let grant = self.knobs.host_grant();
+        self.manager.set_grant(grant);
         // A rollback or fallback already changed the knobs in this interval.
         if !decisions.iter().any(Decision::changed) {
             let device_load = self.device_load(sample.at_ns);

@@ -270,9 +270,9 @@ pub trait Knobs: Send {
     fn device_activity(&self) -> Vec<u64> {
         Vec::new()
     }
-    /// The most vCPUs the host's arbiter grants (`vmm host`); `None` without one.
-    fn vcpu_grant(&self) -> Option<u32> {
-        None
+    /// What the host's arbiter grants (`vmm host`); everything without one.
+    fn host_grant(&self) -> HostGrant {
+        HostGrant::default()
     }
 }
 
@@ -370,13 +370,13 @@ pub enum Refusal {
     /// A change was made in this interval already.
     #[error("one change per interval: already changed in this one")]
     OncePerInterval,
-    /// More vCPUs than the host's arbiter grants.
-    #[error("{name} would take more than the {granted} host core(s) the host grants")]
+    /// More than the host's arbiter grants.
+    #[error("{name} would take more than the host grants ({granted})")]
     NotGranted {
         /// The change.
         name: String,
-        /// Host cores granted.
-        granted: u32,
+        /// What is granted.
+        granted: String,
     },
 }
 
@@ -554,9 +554,39 @@ pub struct ConfigManager {
     pending: Option<Pending>,
     /// Changes rolled back, with the interval of the rollback; cleared on a workload shift.
     rolled_back: HashMap<Action, u64>,
-    /// The most vCPUs (host cores) the host's arbiter grants this VM (`vmm host`); a
-    /// step above it is refused and masked. `None`: no arbiter.
-    vcpu_grant: Option<u32>,
+    /// What the host's arbiter grants this VM (`vmm host`); a step above it is refused
+    /// and masked.
+    grant: HostGrant,
+}
+
+/// The host arbiter's grant as the tuner sees it (`vmm host`); the default grants all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostGrant {
+    /// The most vCPUs (host cores) the VM may use; `None`: no cap.
+    pub vcpus: Option<u32>,
+    /// Per device of the action space, the most bytes per second; a missing entry or
+    /// `None`: no cap.
+    pub bytes_per_sec: Vec<Option<u64>>,
+}
+
+impl HostGrant {
+    /// Why `action` from `state` would take more than the grant (`None`: it would not).
+    fn exceeded_by(&self, action: &Action, state: &KnobState) -> Option<String> {
+        match *action {
+            Action::VcpuDelta(d) => {
+                let granted = self.vcpus?;
+                (d > 0 && i64::from(state.vcpus) + i64::from(d) > i64::from(granted))
+                    .then(|| format!("{granted} host core(s)"))
+            }
+            Action::RateLimit { device, level } => {
+                let cap = (*self.bytes_per_sec.get(device)?)?;
+                let bw = RATE_LADDER.get(level)?.bytes_per_sec;
+                bw.is_none_or(|b| b > cap)
+                    .then(|| format!("{cap} bytes/s on device {device}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl ConfigManager {
@@ -589,15 +619,15 @@ impl ConfigManager {
             history: VecDeque::new(),
             pending: None,
             rolled_back: HashMap::new(),
-            vcpu_grant: None,
+            grant: HostGrant::default(),
         })
     }
 
-    /// Sets the host arbiter's grant: the most vCPUs (host cores) this VM may take.
-    /// Steps above it are refused ([`Refusal::NotGranted`]) and so masked; steps down
-    /// stay allowed. `None` lifts it.
-    pub fn set_vcpu_grant(&mut self, grant: Option<u32>) {
-        self.vcpu_grant = grant;
+    /// Sets the host arbiter's grant: steps that would take more vCPUs or a looser
+    /// drive limit than it allows are refused ([`Refusal::NotGranted`]) and so masked;
+    /// steps down stay allowed.
+    pub fn set_grant(&mut self, grant: HostGrant) {
+        self.grant = grant;
     }
 
     /// The action space.
@@ -757,13 +787,11 @@ impl ConfigManager {
             )));
         }
         self.space.allowed(action, &self.state, &self.bounds)?;
-        if let (Action::VcpuDelta(d), Some(granted)) = (action, self.vcpu_grant) {
-            if *d > 0 && i64::from(self.state.vcpus) + i64::from(*d) > i64::from(granted) {
-                return Err(Refusal::NotGranted {
-                    name: self.space.name_of(action),
-                    granted,
-                });
-            }
+        if let Some(granted) = self.grant.exceeded_by(action, &self.state) {
+            return Err(Refusal::NotGranted {
+                name: self.space.name_of(action),
+                granted,
+            });
         }
         if self.changed_this_interval {
             return Err(Refusal::OncePerInterval);
@@ -1229,8 +1257,19 @@ pub(crate) mod tests {
         let idx = |m: &ConfigManager, a: Action| m.space().index_of(&a).expect("in space");
         // 2 vCPUs; no grant: up steps allowed.
         assert!(m.mask()[idx(&m, Action::VcpuDelta(1))]);
-        m.set_vcpu_grant(Some(2));
+        m.set_grant(HostGrant {
+            vcpus: Some(2),
+            bytes_per_sec: vec![Some(60_000_000)],
+        });
         let mask = m.mask();
+        // 50 MB/s and tighter fit a 60 MB/s grant; 200 MB/s and unlimited do not.
+        for (level, ok) in [(0, false), (1, false), (2, true), (3, true), (4, true)] {
+            let a = Action::RateLimit { device: 0, level };
+            if m.state().rate_level.first() == Some(&Some(level)) {
+                continue;
+            }
+            assert_eq!(mask[idx(&m, a)], ok, "level {level}");
+        }
         assert!(!mask[idx(&m, Action::VcpuDelta(1))]);
         assert!(!mask[idx(&m, Action::VcpuDelta(2))]);
         assert!(mask[idx(&m, Action::VcpuDelta(-1))]);
@@ -1239,17 +1278,21 @@ pub(crate) mod tests {
             matches!(
                 d,
                 Decision::Refused {
-                    reason: Refusal::NotGranted { granted: 2, .. },
+                    reason: Refusal::NotGranted { .. },
                     ..
                 }
             ),
             "{d}"
         );
         assert!(k.entries().is_empty());
-        m.set_vcpu_grant(Some(3));
+        assert!(d.to_string().contains("2 host core(s)"), "{d}");
+        m.set_grant(HostGrant {
+            vcpus: Some(3),
+            bytes_per_sec: Vec::new(),
+        });
         assert!(m.mask()[idx(&m, Action::VcpuDelta(1))]);
         assert!(!m.mask()[idx(&m, Action::VcpuDelta(2))]);
-        m.set_vcpu_grant(None);
+        m.set_grant(HostGrant::default());
         assert!(m.mask()[idx(&m, Action::VcpuDelta(2))]);
     }
 

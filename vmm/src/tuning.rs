@@ -277,8 +277,18 @@ impl Knobs for RuntimeKnobs {
         self.rt.drive_requests()
     }
 
-    fn vcpu_grant(&self) -> Option<u32> {
-        self.rt.grant().cores.map(|_| self.rt.granted_core_cap())
+    fn host_grant(&self) -> tuner::manager::HostGrant {
+        let g = self.rt.grant();
+        tuner::manager::HostGrant {
+            vcpus: g.cores.map(|_| self.rt.granted_core_cap()),
+            bytes_per_sec: (0..self.space.devices().len())
+                .map(|i| {
+                    self.drive(i)
+                        .ok()
+                        .and_then(|id| g.drive_bps.get(id).copied())
+                })
+                .collect(),
+        }
     }
 }
 
