@@ -165,7 +165,7 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
     wait_for(&sock);
 
     // Every route, reads and writes, with good and bad bodies.
-    let calls: [(&str, &str, Option<&str>, u16); 9] = [
+    let calls: [(&str, &str, Option<&str>, u16); 11] = [
         ("GET", "/vm", None, 200),
         ("GET", "/drives", None, 200),
         ("GET", "/policy", None, 200),
@@ -182,6 +182,13 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
         ("PATCH", "/vm", Some(r#"{"cpu_quota":0.5}"#), 200),
         ("PATCH", "/drives/nope", Some(r#"{"priority":"low"}"#), 404),
         ("PUT", "/vm", Some("{}"), 405),
+        (
+            "PUT",
+            "/grant",
+            Some(r#"{"cores":8,"drives":{"blk0":{"bandwidth_bps":100000000}}}"#),
+            200,
+        ),
+        ("GET", "/grant", None, 200),
     ];
     for (method, path, body, want) in calls {
         let (code, text) = curl(&sock, method, path, body);
