@@ -287,6 +287,9 @@ fn vm_api(
     }
 }
 
+/// A running VM in one interval: its index in the table, id and control socket.
+type Running = (usize, String, std::path::PathBuf);
+
 /// The arbiter's memory between intervals.
 pub struct Arbiter {
     plan: Plan,
@@ -323,7 +326,7 @@ impl Arbiter {
 
     /// One interval: observe, judge, decide, push.
     pub fn interval(&mut self) {
-        let (running, pids): (Vec<(usize, String, std::path::PathBuf)>, Vec<Option<u32>>) = {
+        let (running, pids): (Vec<Running>, Vec<Option<u32>>) = {
             let st = lock(&self.status);
             st.vms
                 .iter()
@@ -423,7 +426,7 @@ impl Arbiter {
         &self,
         st: &super::status::HostStatus,
         rates: &HashMap<usize, Option<Rates>>,
-        running: &[(usize, String, std::path::PathBuf)],
+        running: &[Running],
     ) -> HashMap<usize, GrantView> {
         let budget = self.plan.cpus.len() as f64;
         let at_risk = |i: usize| {
