@@ -356,7 +356,7 @@ impl Arbiter {
             }
         }
         // Judge and decide.
-        let (grants, pushes) = {
+        let pushes = {
             let mut st = lock(&self.status);
             for (i, _, _) in &running {
                 let Some(v) = st.vms.get_mut(*i) else {
@@ -378,7 +378,7 @@ impl Arbiter {
                 v.reported = rep;
             }
             let grants = self.decide(&st, &rates, &running);
-            let pushes: Vec<(usize, String, std::path::PathBuf, GrantView)> = running
+            let mut pushes: Vec<(usize, String, std::path::PathBuf, GrantView)> = running
                 .iter()
                 .filter(|(i, _, _)| rates.contains_key(i))
                 .filter_map(|(i, id, sock)| {
@@ -386,7 +386,13 @@ impl Arbiter {
                     (self.pushed.get(id) != Some(&g)).then(|| (*i, id.clone(), sock.clone(), g))
                 })
                 .collect();
-            (grants, pushes)
+            // Reclaim before giving: the VMs whose cores shrink hear it first, so the
+            // grants in force never add up to more than the budget on the way.
+            let change = |id: &str, g: &GrantView| {
+                g.cores - self.pushed.get(id).map_or(f64::INFINITY, |p| p.cores)
+            };
+            pushes.sort_by(|a, b| change(&a.1, &a.3).total_cmp(&change(&b.1, &b.3)));
+            pushes
         };
         // Push (outside the lock).
         let mut results = Vec::new();
@@ -418,7 +424,6 @@ impl Arbiter {
                 }
             }
         }
-        drop(grants);
     }
 
     /// Every running VM's grant for this interval.
