@@ -1,8 +1,9 @@
 //! `vmm host`: three VMs (each its own `vmm run`) under one arbiter: `GET /host` lists
 //! them with pids and grants within the budget, one VM killed leaves the others running,
 //! SIGTERM stops them all (exit 143, nothing left behind), every VM's rows land in the
-//! one state repository; the grant as a cap on a VM's knobs through its API; bad host
-//! configurations exit 2 naming the field, before any VM starts.
+//! one state repository; a critical VM missing its SLO takes the batch VM's cores; the
+//! grant as a cap on a VM's knobs through its API; bad host configurations exit 2 naming
+//! the field, before any VM starts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -422,4 +423,71 @@ fn bad_host_configurations_exit_2_naming_the_field_before_any_vm_starts() {
             assert!(!dir.path(f).exists(), "{what}: {f} exists");
         }
     }
+}
+
+#[test]
+fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("reclaim");
+    let img = dir.path("web.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    // A budget of (at most) two cores, whatever the machine has: both VMs can use two.
+    let cpus: Vec<String> = vmm::runtime::allowed_cpus()
+        .iter()
+        .take(2)
+        .map(|c| c.to_string())
+        .collect();
+    let budget = cpus.len() as f64;
+    // 40 000 reads/s of 4 KiB fit the 200 MB/s budget (so the configuration is valid),
+    // but this host's nested KVM serves a few thousand: the SLO is missed every interval.
+    let cfg = serde_json::json!({
+        "api_sock": s(&dir.path("host.sock")),
+        "log_dir": s(&dir.0),
+        "interval_ms": 200,
+        "cpus": cpus.join(","),
+        "devices": [{"path": s(&dir.0), "bandwidth_bps": 200_000_000u64}],
+        "vms": [
+            {"id": "batch", "class": "batch",
+             "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": "ms=60000"}},
+            {"id": "web", "class": "critical",
+             "slo": {"min_ops_per_sec": 40000, "op_bytes": 4096},
+             "vm": {"kernel": kernel("blk-io"), "vcpus": 2, "cmdline": "mode=randread ms=60000",
+                    "drives": [{"path": s(&img), "read_only": true}]}}
+        ]
+    });
+    let path = dir.path("host.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let sock = s(&dir.path("host.sock"));
+    let child = start_host(&vmm_bin(), &path);
+    let host_pid = child.id();
+    wait_for(&sock);
+    let settled = |h: &Value| {
+        vm(h, "web")["slo_state"] == "missed"
+            && vm(h, "web")["intervals"].as_u64() >= Some(3)
+            && vm(h, "batch")["grant"].is_object()
+    };
+    let h = wait_host(&sock, Duration::from_secs(30), settled);
+    assert!(settled(&h), "{h:#}");
+    // The critical VM holds all it can use but the batch VM's floor; batch keeps 0.1.
+    let web = vm(&h, "web")["grant"]["cores"].as_f64().unwrap();
+    let batch = vm(&h, "batch")["grant"]["cores"].as_f64().unwrap();
+    assert!((batch - 0.1).abs() < 1e-9, "{h:#}");
+    assert!((web - (budget - 0.1)).abs() < 0.011, "{h:#}");
+    assert_eq!(vm(&h, "web")["attainment"], 0.0, "{h:#}");
+    // In the batch VM itself: one host core at most, and a CPU quota of 0.1 core where
+    // the host has a cgroup for it.
+    let g = api(
+        vm(&h, "batch")["api_sock"].as_str().unwrap(),
+        r#"{"method":"GET","path":"/grant"}"#,
+    );
+    assert_eq!(g["body"]["host_cores"], 1, "{g}");
+    if g["body"]["cpu_quota"]["mode"] != "none" {
+        assert_eq!(g["body"]["cpu_quota"]["cores"], 0.1, "{g}");
+    }
+    // SAFETY: signalling the host process this test started.
+    unsafe { libc::kill(host_pid as i32, libc::SIGTERM) };
+    let (status, stderr) = finish(child, Duration::from_secs(30));
+    assert_eq!(status, Some(143), "{stderr}");
 }
