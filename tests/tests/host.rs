@@ -491,3 +491,41 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
     let (status, stderr) = finish(child, Duration::from_secs(30));
     assert_eq!(status, Some(143), "{stderr}");
 }
+
+#[test]
+fn a_host_killed_outright_leaves_no_vm_behind() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("host-killed");
+    let cfg = serde_json::json!({
+        "api_sock": s(&dir.path("host.sock")),
+        "log_dir": s(&dir.0),
+        "vms": [{"id": "burn", "class": "batch",
+                 "vm": {"kernel": kernel("cpu-burn"), "cmdline": "ms=60000"}}]
+    });
+    let path = dir.path("host.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let sock = s(&dir.path("host.sock"));
+    let mut child = start_host(&vmm_bin(), &path);
+    wait_for(&sock);
+    let h = wait_host(&sock, Duration::from_secs(30), |h| {
+        vm(h, "burn")["state"] == "running"
+    });
+    let pid = vm(&h, "burn")["pid"].as_u64().expect("pid");
+    child.kill().unwrap();
+    let _ = child.wait();
+    // The VM gets SIGTERM from the kernel (its parent-death signal) and stops.
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(pid), "VM pid {pid} outlived its killed host");
+    assert!(
+        std::fs::read_to_string(dir.path("burn.log"))
+            .unwrap()
+            .contains("stopped by signal 15"),
+        "{:?}",
+        std::fs::read_to_string(dir.path("burn.log"))
+    );
+}

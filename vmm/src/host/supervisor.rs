@@ -2,7 +2,8 @@
 //! own seccomp filters, vCPU cgroup and crash domain. A child runs in its own process
 //! group, on the budget's CPUs, with SIGTERM/SIGINT unblocked (the host blocks them for
 //! its signalfd, and a blocked mask would be inherited), its stdout and stderr in its
-//! log file. A child that ends is reaped and recorded; the others keep running.
+//! log file, and SIGTERM as its parent-death signal (a host that is killed outright
+//! leaves no VM behind). A child that ends is reaped and recorded; the others keep running.
 
 use std::fs::File;
 use std::io;
@@ -134,9 +135,10 @@ impl VmProcess {
                 unsafe { libc::CPU_SET(c, &mut set) };
             }
         }
+        let host_pid = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (sigemptyset, sigprocmask, sched_setaffinity) on
-        // its own stack values.
+        // async-signal-safe functions (sigfillset, sigprocmask, sched_setaffinity,
+        // prctl, getppid) on its own stack values.
         unsafe {
             cmd.pre_exec(move || {
                 let mut none: libc::sigset_t = std::mem::zeroed();
@@ -146,6 +148,15 @@ impl VmProcess {
                 }
                 if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // A host killed outright (SIGKILL, a crash) leaves no VM behind: each
+                // gets SIGTERM and stops as it would on the host's own SIGTERM.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The host may have died before the prctl: then do not start at all.
+                if libc::getppid() != host_pid {
+                    return Err(io::Error::other("the host is gone"));
                 }
                 Ok(())
             });
