@@ -156,14 +156,20 @@ pub fn validate(
     }
     let budget = cpus.len() as f64;
     let mut owners = Owners::default();
+    let dir_missing = |p: &Path| comparable(p).parent().is_some_and(|d| !d.is_dir());
+    if dir_missing(&cfg.api_sock) {
+        return Err(err(
+            "api_sock".into(),
+            format!("the directory of {} does not exist", cfg.api_sock.display()),
+        ));
+    }
     owners.claim(
         comparable(&cfg.api_sock),
         "the host's api_sock",
         "api_sock".into(),
     )?;
     if let Some(db) = &cfg.state_db {
-        let parent = comparable(db);
-        if parent.parent().is_some_and(|p| !p.is_dir()) {
+        if dir_missing(db) {
             return Err(err(
                 "state_db".into(),
                 format!("the directory of {} does not exist", db.display()),
@@ -255,6 +261,12 @@ pub fn validate(
             }
         }
         if let Some(sock) = &config.api_sock {
+            if dir_missing(sock) {
+                return Err(err(
+                    at("vm.api_sock"),
+                    format!("the directory of {} does not exist", sock.display()),
+                ));
+            }
             owners.claim(
                 comparable(sock),
                 &format!("VM {}", entry.id),
@@ -548,6 +560,11 @@ mod tests {
                 "vms[0].id",
             ),
             ("", "[]", "vms"),
+            (
+                "",
+                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "api_sock": "DIR/nodir/s"}}]"#,
+                "vms.a.vm.api_sock",
+            ),
         ];
         for (extra, vms, field) in cases {
             let cfg = host(&d.0, extra, vms);
