@@ -89,6 +89,8 @@ pub struct VmRuntime {
     proc_stat: Option<std::fs::File>,
     /// The VM's service level objective.
     slo: Option<tuner::slo::Slo>,
+    /// The sampling agent's latest sample (for `GET /vm`), once telemetry runs.
+    latest: Mutex<Option<tuner::agent::LatestSample>>,
 }
 
 /// A drive's knobs in force, as the performance vector reports them.
@@ -333,7 +335,18 @@ impl VmRuntime {
             schedstats: Mutex::new(Vec::new()),
             proc_stat: std::fs::File::open("/proc/stat").ok(),
             slo,
+            latest: Mutex::new(None),
         }
+    }
+
+    /// Registers the sampling agent's latest-sample slot (for `GET /vm`).
+    pub fn set_latest_sample(&self, latest: tuner::agent::LatestSample) {
+        *lock(&self.latest) = Some(latest);
+    }
+
+    /// The latest interval's sample, once the sampling agent has made one.
+    pub fn latest_sample(&self) -> Option<Arc<tuner::agent::Sample>> {
+        lock(&self.latest).as_ref().and_then(|l| l.get())
     }
 
     /// Opens each vCPU thread's `schedstat` once its thread id is known, waiting at most
@@ -735,5 +748,34 @@ mod tests {
         let allowed = allowed_cpus();
         assert!(!allowed.is_empty());
         assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
+    }
+
+    #[test]
+    fn host_view_parsers_take_the_right_fields() {
+        assert_eq!(parse_run_delay(b"123456 789000 42\n"), 789_000);
+        assert_eq!(parse_run_delay(b"garbage"), 0);
+        assert_eq!(parse_run_delay(b""), 0);
+        let stat = b"cpu  10 10 10 10 10 10 10 10 0 0\n\
+cpu0 1 2 3 100 4 5 6 7 0 0\n\
+cpu1 10 0 0 90 0 0 0 0 0 0\n\
+cpu2 1000 0 0 0 0 0 0 0 0 0\n\
+intr 1 2 3\n\
+cpu3 5 5";
+        // Allowed: cpu0 and cpu1 (cpu2 is not; the aggregate line is not a CPU).
+        let h = parse_proc_stat(stat, &[0, 1]);
+        // cpu0: busy 1+2+3+5+6+7 = 24, total 24 + 100 + 4 = 128; cpu1: 10 of 100.
+        assert_eq!((h.busy_ticks, h.total_ticks, h.allowed_cpus), (34, 228, 2));
+        // A line cut off at the end of the read is ignored.
+        assert_eq!(parse_proc_stat(stat, &[3]).total_ticks, 0);
+        // This host's own file parses (the sampler reads it every interval).
+        let cpus = allowed_cpus();
+        let own = std::fs::read("/proc/stat").unwrap();
+        let h = parse_proc_stat(&own[..own.len().min(PROC_STAT_PREFIX)], &cpus);
+        assert!(h.total_ticks > 0 && h.busy_ticks <= h.total_ticks, "{h:?}");
+        // And a thread's schedstat.
+        // SAFETY: gettid has no side effects.
+        let tid = unsafe { libc::gettid() };
+        let f = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+        let _ = run_delay_ns(&f);
     }
 }

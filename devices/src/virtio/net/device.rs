@@ -33,8 +33,7 @@ use crate::rate_limiter::{
 };
 use crate::virtio::ring_check;
 use crate::virtio::{
-    ActivateError, ArrivalStamps, QueueMetrics, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    ActivateError, ArrivalStamps, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Settings of one network device.
