@@ -61,10 +61,7 @@ fn run(dir: &Scratch, name: &str, limit: &str) -> Intervals {
     for r in &busy {
         let slo = r.slo.expect("every row carries the SLO columns");
         assert_eq!(slo.class, SloClass::Critical);
-        assert_eq!(
-            r.raw[FeatureId::SloP99Target.index()],
-            P99_TARGET_US as f64
-        );
+        assert_eq!(r.raw[FeatureId::SloP99Target.index()], P99_TARGET_US as f64);
     }
     Intervals {
         p99: busy
@@ -144,9 +141,19 @@ fn bad_slos_are_refused_with_exit_2() {
     }
     // A latency target without a drive to measure it cannot be met.
     let run = vmm(
-        &["run", "--kernel", kernel, "--slo", "class=critical,p99_us=500"],
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--slo",
+            "class=critical,p99_us=500",
+        ],
         Duration::from_secs(20),
     );
     run.expect_status(2);
-    assert!(run.stderr.contains("needs at least one drive"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("needs at least one drive"),
+        "{}",
+        run.stderr
+    );
 }
