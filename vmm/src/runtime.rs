@@ -767,15 +767,35 @@ cpu3 5 5";
         assert_eq!((h.busy_ticks, h.total_ticks, h.allowed_cpus), (34, 228, 2));
         // A line cut off at the end of the read is ignored.
         assert_eq!(parse_proc_stat(stat, &[3]).total_ticks, 0);
-        // This host's own file parses (the sampler reads it every interval).
+        // This host's own file parses, read as the sampler reads it: `pread` at 0 of a
+        // file opened once, twice.
+        use std::os::unix::fs::FileExt;
         let cpus = allowed_cpus();
-        let own = std::fs::read("/proc/stat").unwrap();
-        let h = parse_proc_stat(&own[..own.len().min(PROC_STAT_PREFIX)], &cpus);
-        assert!(h.total_ticks > 0 && h.busy_ticks <= h.total_ticks, "{h:?}");
+        let f = std::fs::File::open("/proc/stat").unwrap();
+        let mut buf = vec![0u8; PROC_STAT_PREFIX];
+        let n = f.read_at(&mut buf, 0).unwrap();
+        let first = parse_proc_stat(&buf[..n], &cpus);
+        assert!(
+            first.total_ticks > 0 && first.busy_ticks <= first.total_ticks,
+            "{first:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let n = f.read_at(&mut buf, 0).unwrap();
+        let again = parse_proc_stat(&buf[..n], &cpus);
+        assert!(
+            again.total_ticks >= first.total_ticks,
+            "{again:?} after {first:?}"
+        );
         // And a thread's schedstat.
         // SAFETY: gettid has no side effects.
         let tid = unsafe { libc::gettid() };
         let f = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+        let mut line = [0u8; SCHEDSTAT_LEN];
+        let n = f.read_at(&mut line, 0).unwrap();
+        assert!(
+            n > 0 && line[..n].split(|b| *b == b' ').count() == 3,
+            "{line:?}"
+        );
         let _ = run_delay_ns(&f);
     }
 }
