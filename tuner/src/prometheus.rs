@@ -236,7 +236,7 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
     o.family(
         "vmm_queue_request_latency_seconds",
         "histogram",
-        "Request latency, by device and queue.",
+        "Per-request latency (from the device first seeing the request available to its used-ring write), by device and queue.",
     );
     for q in &snap.queues {
         let queue = q.queue.to_string();

@@ -51,7 +51,9 @@ pub struct QueueMetricsSnapshot {
 }
 
 impl QueueMetrics {
-    /// Counts one completed request of `bytes` data bytes.
+    /// Counts one completed request of `bytes` data bytes that took `latency` from when
+    /// the device first saw it available (its [`ArrivalStamps`] stamp) to its used-ring
+    /// write.
     pub fn record_request(&self, bytes: u64, error: bool, latency: Duration) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
