@@ -1022,6 +1022,26 @@ pub(crate) mod tests {
         assert_eq!(s.stats().counter_resets, 0);
     }
 
+    /// Without guest reports, the SLO's operation rate is the drives' request rate.
+    #[test]
+    fn the_ops_target_falls_back_to_the_drives_requests() {
+        let quiet = |t: u64| {
+            let mut s = snapshot_at(t);
+            s.guest = GuestMetrics::default();
+            s
+        };
+        let sample = Sampler::new().sample(&quiet(1), &quiet(3));
+        let ops = sample
+            .slo
+            .as_ref()
+            .and_then(|r| r.target(SloTarget::MinOps))
+            .expect("ops target");
+        // blk0 completes 100 requests/s against a target of 4000 ops/s.
+        assert!(close(ops.observed, 100.0), "{ops:?}");
+        assert!(close(ops.margin, (100.0 - 4000.0) / 4000.0));
+        assert!(!ops.met);
+    }
+
     #[test]
     fn first_snapshot_is_only_a_baseline() {
         let mut s = Sampler::new();
