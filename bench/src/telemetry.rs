@@ -373,6 +373,7 @@ fn repo_once(dir: &Path, rows: u64) -> Result<RepoRun, BenchError> {
                 config: r#"{"vcpus":1,"mem_mib":128,"drives":[]}"#.into(),
                 anomaly: None,
                 anomaly_score: None,
+                slo: None,
             })
             .map_err(err)?;
     }

@@ -1447,6 +1447,7 @@ mod tests {
                 config: String::new(),
                 anomaly: None,
                 anomaly_score: None,
+                slo: None,
             }
         };
         // A start configuration (both drives at 4) set before the first interval: the

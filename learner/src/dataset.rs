@@ -384,10 +384,11 @@ fn config_vcpus(text: &str) -> u32 {
 }
 
 fn weights_text(w: &RewardWeights) -> String {
-    format!(
-        "throughput {}, latency {}, utilisation {}, cost {}",
-        w.throughput, w.latency, w.utilisation, w.cost
-    )
+    w.named()
+        .iter()
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Opens the database read-only, telling a missing file and a non-database apart.
@@ -727,15 +728,15 @@ mod tests {
         assert_eq!((shape.n_drives, shape.n_nets), (2, 0));
         assert_eq!(w, None);
         let (shape, w) = parse_config(
-            r#"{"drives":[],"network":[{}],"reward_weights":{"cost":2.0}}"#,
+            r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#,
             4,
         )
         .unwrap();
         assert_eq!((shape.n_drives, shape.n_nets), (0, 1));
-        assert_eq!(w.map(|w| w.cost), Some(2.0));
+        assert_eq!(w.map(|w| w.free), Some(2.0));
         assert!(parse_config("[]", 4).is_err());
         assert!(parse_config(r#"{"drives": 3}"#, 4).is_err());
-        assert!(parse_config(r#"{"reward_weights":{"cost":-1}}"#, 4).is_err());
+        assert!(parse_config(r#"{"reward_weights":{"free":-1}}"#, 4).is_err());
         assert!(parse_config("{", 4).is_err());
     }
 }

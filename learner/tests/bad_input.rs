@@ -139,7 +139,7 @@ fn bad_rows_are_named() {
             LearnError::SchemaVersion {
                 row_id: 3,
                 found: 1,
-                expected: 2,
+                expected: tuner::schema::SCHEMA_VERSION,
                 ..
             }
         ),
@@ -257,7 +257,7 @@ fn one_action_space_and_one_set_of_weights() {
     write_db(&db, episode("vm0", 10, 1, 1, 1_000_000_000));
     exec(
         &db,
-        "UPDATE samples SET config = json_set(config, '$.reward_weights', json('{\"cost\": 3}')) \
+        "UPDATE samples SET config = json_set(config, '$.reward_weights', json('{\"free\": 3}')) \
          WHERE id > 5;",
     );
     let e = err(&db);

@@ -12,8 +12,9 @@ use tract_onnx::pb::{
     OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
-/// Input and output sizes of the shipped test policy (its card is reused).
-const INPUT: i64 = 36;
+/// Input and output sizes of the shipped test policy (its card is reused): the schema's
+/// vector in, one Q-value per action of a one-drive VM out.
+const INPUT: i64 = tuner::schema::FEATURES.len() as i64;
 const OUTPUT: i64 = 13;
 
 fn value(name: &str, cols: i64) -> ValueInfoProto {
@@ -100,7 +101,7 @@ fn graph(node: Vec<NodeProto>, initializer: Vec<TensorProto>) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// `q = Gather(input, [1000; 13], axis=1)`: constant indices far outside the input's 36
+/// `q = Gather(input, [1000; 13], axis=1)`: constant indices far outside the input's
 /// columns.
 pub fn gather_out_of_range() -> Vec<u8> {
     model(

@@ -158,6 +158,8 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
         format!("127.0.0.1:{port}"),
         "--api-sock".into(),
         sock.clone(),
+        "--slo".into(),
+        "class=critical,p99_us=500,min_ops=100".into(),
         "--timeout-ms".into(),
         "90000".into(),
     ];
@@ -207,8 +209,15 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
         metrics.contains("vmm_log_lines_suppressed_total"),
         "scrape: {metrics}"
     );
+    // The SLO and the host view (run delays read from the vCPU threads' schedstat).
+    assert!(
+        metrics.contains("vmm_slo_class{class=\"critical\"} 1")
+            && metrics.contains("vmm_vcpu_run_delay_seconds_total{vcpu=\"1\"}"),
+        "scrape: {metrics}"
+    );
     let (code, text) = curl(&sock, "GET", "/vm", None);
     assert_eq!(code, 200, "{text}");
+    assert_eq!(text["slo"]["class"], "critical", "{text}");
 
     let out = finish(child);
     let stdout = String::from_utf8_lossy(&out.stdout);

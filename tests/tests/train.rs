@@ -38,6 +38,7 @@ fn rows(vm_id: &str, n: usize, seed: u64) -> Vec<Row> {
                 config: config.into(),
                 anomaly: Some(false),
                 anomaly_score: None,
+                slo: None,
             }
         })
         .collect()

@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             config: r#"{"vcpus":2,"mem_mib":512}"#.to_string(),
             anomaly: None,
             anomaly_score: None,
+            slo: None,
         })?;
     }
     repo.flush()?;

@@ -308,6 +308,7 @@ mod tests {
             config: String::new(),
             anomaly: None,
             anomaly_score: None,
+            slo: None,
         }
     }
 

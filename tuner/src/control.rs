@@ -717,6 +717,7 @@ mod tests {
             interval_ns: 100_000_000,
             raw,
             vector,
+            ..Sample::default()
         }
     }
 
@@ -764,6 +765,7 @@ mod tests {
                 interval_ns: 1,
                 raw: raw.clone(),
                 vector: Schema::normalise(raw).expect("length"),
+                ..Sample::default()
             })
         };
         assert_eq!(kind(&raw), WorkloadKind::Idle);
@@ -1288,7 +1290,7 @@ mod tests {
             Err(TunerError::Policy(_))
         ));
         let mut c = TunerConfig::default();
-        c.weights.cost = f64::NAN;
+        c.weights.free = f64::NAN;
         assert!(matches!(
             Tuner::new(c, m(), k(), p()),
             Err(TunerError::Reward(_))

@@ -165,6 +165,19 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
         );
     }
     o.family(
+        "vmm_vcpu_run_delay_seconds_total",
+        "counter",
+        "Time each vCPU thread was runnable but waiting for a host CPU (schedstat), by vCPU.",
+    );
+    for v in &snap.vcpus {
+        let vcpu = v.index.to_string();
+        o.sample(
+            "vmm_vcpu_run_delay_seconds_total",
+            &[("vcpu", &vcpu)],
+            secs(v.run_delay_ns),
+        );
+    }
+    o.family(
         "vmm_vcpu_kvm_stat",
         "untyped",
         "KVM binary statistics, by vCPU and statistic name.",
@@ -223,7 +236,7 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
     o.family(
         "vmm_queue_request_latency_seconds",
         "histogram",
-        "Request latency, by device and queue.",
+        "Per-request latency (from the device first seeing the request available to its used-ring write), by device and queue.",
     );
     for q in &snap.queues {
         let queue = q.queue.to_string();
@@ -318,8 +331,120 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
         "Host cores the vCPU threads may run on.",
     );
     o.sample("vmm_host_cores", &[], snap.host_cores);
+    o.family(
+        "vmm_host_cpu_ticks_total",
+        "counter",
+        "Clock ticks of the host CPUs the monitor may use (/proc/stat), busy and in all.",
+    );
+    o.sample(
+        "vmm_host_cpu_ticks_total",
+        &[("mode", "busy")],
+        snap.host.busy_ticks,
+    );
+    o.sample(
+        "vmm_host_cpu_ticks_total",
+        &[("mode", "all")],
+        snap.host.total_ticks,
+    );
+    if let Some(slo) = &snap.slo {
+        o.family(
+            "vmm_slo_class",
+            "gauge",
+            "The VM's SLO class (1 on the configured class's series).",
+        );
+        for class in crate::slo::SloClass::ALL {
+            o.sample(
+                "vmm_slo_class",
+                &[("class", class.name())],
+                u8::from(class == slo.class),
+            );
+        }
+        o.family(
+            "vmm_slo_target",
+            "gauge",
+            "The VM's SLO targets (p99_us in microseconds, min_ops in operations per second).",
+        );
+        if let Some(p) = slo.p99_us {
+            o.sample("vmm_slo_target", &[("target", "p99_us")], p);
+        }
+        if let Some(m) = slo.min_ops {
+            o.sample("vmm_slo_target", &[("target", "min_ops")], fmt_f64(m));
+        }
+    }
 
     if let Some(s) = sample {
+        o.family(
+            "vmm_queue_request_latency_p50_seconds",
+            "gauge",
+            "Median of the requests' own latencies in the latest interval, by device and queue.",
+        );
+        for q in &s.queue_latency {
+            let queue = q.queue.to_string();
+            o.sample(
+                "vmm_queue_request_latency_p50_seconds",
+                &[("device", &q.device), ("queue", &queue)],
+                fmt_f64(q.p50_us / 1e6),
+            );
+        }
+        o.family(
+            "vmm_queue_request_latency_p99_seconds",
+            "gauge",
+            "99th percentile of the requests' own latencies in the latest interval, by device and queue.",
+        );
+        for q in &s.queue_latency {
+            let queue = q.queue.to_string();
+            o.sample(
+                "vmm_queue_request_latency_p99_seconds",
+                &[("device", &q.device), ("queue", &queue)],
+                fmt_f64(q.p99_us / 1e6),
+            );
+        }
+        if let Some(r) = &s.slo {
+            o.family(
+                "vmm_slo_met",
+                "gauge",
+                "Whether each SLO target was met in the latest interval (1 met, 0 missed).",
+            );
+            for t in &r.targets {
+                o.sample(
+                    "vmm_slo_met",
+                    &[("target", t.target.name())],
+                    u8::from(t.met),
+                );
+            }
+            o.family(
+                "vmm_slo_margin",
+                "gauge",
+                "Signed margin of each SLO target in the latest interval (share of the target; negative: missed).",
+            );
+            for t in &r.targets {
+                o.sample(
+                    "vmm_slo_margin",
+                    &[("target", t.target.name())],
+                    fmt_f64(t.margin),
+                );
+            }
+        }
+        o.family(
+            "vmm_vcpu_run_delay_share",
+            "gauge",
+            "Mean share of the latest interval the vCPU threads waited for a host CPU.",
+        );
+        o.sample(
+            "vmm_vcpu_run_delay_share",
+            &[],
+            fmt_f64(s.raw_of(crate::schema::FeatureId::VcpuRunDelayShare)),
+        );
+        o.family(
+            "vmm_host_load",
+            "gauge",
+            "Share of the host's allowed CPUs busy in the latest interval (the VM and its neighbours).",
+        );
+        o.sample(
+            "vmm_host_load",
+            &[],
+            fmt_f64(s.raw_of(crate::schema::FeatureId::HostLoad)),
+        );
         o.family(
             "vmm_tuner_schema_version",
             "gauge",
@@ -1043,7 +1168,63 @@ mod tests {
             ),
             Some(5000.0)
         );
-        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(2.0));
+        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(3.0));
+        // Per-request latency quantiles of the interval, per queue.
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_queue_request_latency_p99_seconds{device=\"blk0\",queue=\"0\"}"
+            ),
+            Some(250e-6)
+        );
+        assert!(
+            text.contains("vmm_queue_request_latency_p50_seconds{device=\"net0\",queue=\"1\"} 0")
+        );
+        // The SLO of snapshot_at: critical, p99 200 us (missed: 250), 4000 ops/s (met).
+        let slo_text = render(&snapshot_at(2), Some(&sample));
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_class{class=\"critical\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_class{class=\"batch\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_target{target=\"p99_us\"}"),
+            Some(200.0)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_met{target=\"p99_us\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_met{target=\"min_ops\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_margin{target=\"p99_us\"}"),
+            Some(-0.25)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_slo_margin{target=\"min_ops\"}"),
+            Some(0.25)
+        );
+        // The host view.
+        assert_eq!(value_of(&slo_text, "vmm_host_load"), Some(0.3));
+        assert_eq!(value_of(&slo_text, "vmm_vcpu_run_delay_share"), Some(0.02));
+        assert_eq!(
+            value_of(&slo_text, "vmm_vcpu_run_delay_seconds_total{vcpu=\"0\"}"),
+            Some(0.04)
+        );
+        assert_eq!(
+            value_of(&slo_text, "vmm_host_cpu_ticks_total{mode=\"busy\"}"),
+            Some(120.0)
+        );
+        for line in slo_text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = line.rsplit_once(' ').expect("value");
+            assert!(v.parse::<f64>().is_ok() || v == "+Inf", "{line}");
+        }
     }
 
     #[test]

@@ -21,6 +21,14 @@
 //! | `config` | TEXT | the VM's configuration, JSON |
 //! | `anomaly` | INTEGER NULL | 1 when the anomaly detector flagged the interval |
 //! | `anomaly_score` | REAL NULL | the detector's score (max \|z\|) |
+//! | `slo_class` | TEXT NULL | the VM's SLO class (`critical`, `standard`, `batch`; NULL without an SLO) |
+//! | `slo_met` | INTEGER NULL | 1 when every SLO target was met in the interval |
+//! | `slo_p99_margin` | REAL NULL | signed margin of the p99 latency target ([`crate::slo`]) |
+//! | `slo_ops_margin` | REAL NULL | signed margin of the operation rate target |
+//!
+//! The layout is versioned by SQLite's `user_version` ([`DB_LAYOUT_VERSION`]): layout 2
+//! added the four `slo_*` columns; a layout-1 file is migrated in place when opened for
+//! writing (`ALTER TABLE ... ADD COLUMN`, its old rows NULL there), and read as is.
 //!
 //! `events (id, ts_ns, wall_ns, vm_id, kind, detail)` for policy load failures, refused
 //! actions, rollbacks and the like (see [`event_kind`]).
@@ -54,9 +62,10 @@ use thiserror::Error;
 use crate::agent::{Sample, Sink};
 use crate::anomaly::{AnomalyConfig, AnomalyDetector};
 use crate::schema::{Schema, FEATURES, SCHEMA_VERSION};
+use crate::slo::{SloClass, SloReport, SloTarget};
 
-/// Layout version of the database (SQLite `user_version`).
-pub const DB_LAYOUT_VERSION: i64 = 1;
+/// Layout version of the database (SQLite `user_version`). 2: the `slo_*` columns.
+pub const DB_LAYOUT_VERSION: i64 = 2;
 
 /// Well-known event kinds for [`Event::kind`].
 pub mod event_kind {
@@ -185,6 +194,33 @@ pub struct Row {
     pub anomaly: Option<bool>,
     /// Anomaly score; filled together with `anomaly`.
     pub anomaly_score: Option<f64>,
+    /// The interval's SLO attainment (`None` without an SLO).
+    pub slo: Option<SloColumns>,
+}
+
+/// A row's SLO attainment, as stored in its `slo_*` columns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SloColumns {
+    /// The VM's class.
+    pub class: SloClass,
+    /// Every target met.
+    pub met: bool,
+    /// Signed margin of the p99 latency target, if set.
+    pub p99_margin: Option<f64>,
+    /// Signed margin of the operation rate target, if set.
+    pub ops_margin: Option<f64>,
+}
+
+impl SloColumns {
+    /// The columns of an interval's report.
+    pub fn of(report: &SloReport) -> SloColumns {
+        SloColumns {
+            class: report.class,
+            met: report.met(),
+            p99_margin: report.target(SloTarget::P99Us).map(|t| t.margin),
+            ops_margin: report.target(SloTarget::MinOps).map(|t| t.margin),
+        }
+    }
 }
 
 impl Row {
@@ -203,6 +239,7 @@ impl Row {
             config: config.to_string(),
             anomaly: None,
             anomaly_score: None,
+            slo: sample.slo.as_ref().map(SloColumns::of),
         }
     }
 }
@@ -451,6 +488,8 @@ pub struct StateRepo {
     writer: RepoWriter,
     handle: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
+    /// What reads select for the `slo_*` columns (NULLs on a layout-1 file read as is).
+    slo_columns: &'static str,
 }
 
 impl std::fmt::Debug for StateRepo {
@@ -476,7 +515,11 @@ CREATE TABLE IF NOT EXISTS samples (
     policy_id      TEXT    NOT NULL,
     config         TEXT    NOT NULL,
     anomaly        INTEGER,
-    anomaly_score  REAL
+    anomaly_score  REAL,
+    slo_class      TEXT,
+    slo_met        INTEGER,
+    slo_p99_margin REAL,
+    slo_ops_margin REAL
 );
 CREATE INDEX IF NOT EXISTS samples_vm_ts ON samples (vm_id, ts_ns);
 CREATE INDEX IF NOT EXISTS samples_wall ON samples (wall_ns);
@@ -496,12 +539,26 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// Layout 1 -> 2: the SLO attainment columns.
+const MIGRATE_1_TO_2_SQL: &str = "
+ALTER TABLE samples ADD COLUMN slo_class TEXT;
+ALTER TABLE samples ADD COLUMN slo_met INTEGER;
+ALTER TABLE samples ADD COLUMN slo_p99_margin REAL;
+ALTER TABLE samples ADD COLUMN slo_ops_margin REAL;
+";
+
 const INSERT_ROW_SQL: &str = "INSERT INTO samples (vm_id, ts_ns, wall_ns, interval_ns, \
-     schema_version, vector, raw, action, reward, policy_id, config, anomaly, anomaly_score) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+     schema_version, vector, raw, action, reward, policy_id, config, anomaly, anomaly_score, \
+     slo_class, slo_met, slo_p99_margin, slo_ops_margin) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 const SELECT_COLUMNS: &str = "id, wall_ns, vm_id, ts_ns, interval_ns, schema_version, vector, \
      raw, action, reward, policy_id, config, anomaly, anomaly_score";
+
+/// The SLO columns, selected after [`SELECT_COLUMNS`] from a layout-2 file (a layout-1
+/// file read as is has none: NULLs instead).
+const SELECT_SLO_COLUMNS: &str = "slo_class, slo_met, slo_p99_margin, slo_ops_margin";
+const SELECT_NO_SLO_COLUMNS: &str = "NULL, NULL, NULL, NULL";
 
 /// A stored row with its storage metadata (for exports).
 struct StoredRow {
@@ -562,8 +619,23 @@ fn read_stored(r: &rusqlite::Row<'_>) -> Result<StoredRow, RepoError> {
             config: r.get(11)?,
             anomaly: r.get::<_, Option<i64>>(12)?.map(|a| a != 0),
             anomaly_score: r.get(13)?,
+            slo: read_slo(r)?,
         },
     })
+}
+
+/// The `slo_*` columns (selected at 14..=17); `None` when absent or unreadable.
+fn read_slo(r: &rusqlite::Row<'_>) -> Result<Option<SloColumns>, RepoError> {
+    let class: Option<String> = r.get(14)?;
+    let Some(class) = class.and_then(|c| SloClass::parse(&c).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some(SloColumns {
+        class,
+        met: r.get::<_, Option<i64>>(15)?.is_some_and(|m| m != 0),
+        p99_margin: r.get(16)?,
+        ops_margin: r.get(17)?,
+    }))
 }
 
 fn configure(conn: &Connection) -> Result<(), RepoError> {
@@ -637,6 +709,16 @@ impl StateRepo {
             });
         }
         conn.execute_batch(CREATE_SQL)?;
+        if layout == 1 {
+            // In one transaction: a crash leaves layout 1 whole, never half a migration.
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATE_1_TO_2_SQL} PRAGMA user_version = 2; COMMIT;"
+            ))?;
+            log::info!(
+                "state repository {}: layout 1 migrated to 2 (SLO columns)",
+                path.display()
+            );
+        }
         conn.pragma_update(None, "user_version", DB_LAYOUT_VERSION)?;
         conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1), \
@@ -665,6 +747,7 @@ impl StateRepo {
             writer: RepoWriter { tx, counters },
             handle: Some(handle),
             reader: Mutex::new(reader),
+            slo_columns: SELECT_SLO_COLUMNS,
         })
     }
 
@@ -711,6 +794,11 @@ impl StateRepo {
             },
             handle: None,
             reader: Mutex::new(conn),
+            slo_columns: if layout >= 2 {
+                SELECT_SLO_COLUMNS
+            } else {
+                SELECT_NO_SLO_COLUMNS
+            },
         })
     }
 
@@ -771,8 +859,9 @@ impl StateRepo {
     fn select_rows(&self, vm_id: Option<&str>, since_ns: u64) -> Result<Vec<Row>, RepoError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {SELECT_COLUMNS} FROM samples WHERE (?1 IS NULL OR vm_id = ?1) \
-             AND ts_ns >= ?2 ORDER BY vm_id, ts_ns, id"
+            "SELECT {SELECT_COLUMNS}, {} FROM samples WHERE (?1 IS NULL OR vm_id = ?1) \
+             AND ts_ns >= ?2 ORDER BY vm_id, ts_ns, id",
+            self.slo_columns
         ))?;
         let mut rows = stmt.query(params![vm_id, to_i64(since_ns)])?;
         let mut out = Vec::new();
@@ -817,8 +906,10 @@ impl StateRepo {
         mut f: impl FnMut(&[StoredRow]) -> Result<(), RepoError>,
     ) -> Result<u64, RepoError> {
         let conn = self.reader();
-        let mut stmt =
-            conn.prepare(&format!("SELECT {SELECT_COLUMNS} FROM samples ORDER BY id"))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SELECT_COLUMNS}, {} FROM samples ORDER BY id",
+            self.slo_columns
+        ))?;
         let mut rows = stmt.query([])?;
         let mut buf = Vec::with_capacity(chunk);
         let mut n = 0u64;
@@ -1157,6 +1248,10 @@ fn write_batch(conn: &mut Connection, batch: Vec<Command>) -> Result<(), RepoErr
                         r.config,
                         r.anomaly,
                         r.anomaly_score,
+                        r.slo.map(|s| s.class.name()),
+                        r.slo.map(|s| s.met),
+                        r.slo.and_then(|s| s.p99_margin),
+                        r.slo.and_then(|s| s.ops_margin),
                     ])?;
                 }
                 Command::Event(e) => {
@@ -1401,6 +1496,7 @@ mod tests {
             config: r#"{"vcpus":2,"name":"a,b"}"#.into(),
             anomaly: None,
             anomaly_score: None,
+            slo: None,
         }
     }
 
@@ -1756,6 +1852,77 @@ mod tests {
         assert_eq!(rows[0].policy_id, "dqn-v3");
         assert_eq!(rows[1].policy_id, "dqn-v4");
         assert_eq!(rows[1].ts_ns, 3_000_000_000);
+        // The SLO attainment of snapshot_at's critical SLO: p99 missed by 0.25, ops met.
+        let slo = rows[0].slo.expect("SLO columns");
+        assert_eq!((slo.class, slo.met), (SloClass::Critical, false));
+        assert!((slo.p99_margin.unwrap() + 0.25).abs() < 1e-9);
+        assert!((slo.ops_margin.unwrap() - 0.25).abs() < 1e-9);
+        let conn = Connection::open(dir.path().join("s.db")).expect("open");
+        let (class, met, missed): (String, i64, i64) = conn
+            .query_row(
+                "SELECT slo_class, slo_met, \
+                 (SELECT count(*) FROM samples WHERE slo_p99_margin < 0) \
+                 FROM samples ORDER BY id LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("query");
+        assert_eq!((class.as_str(), met, missed), ("critical", 0, 2));
+    }
+
+    /// A layout-1 file (before the SLO columns) is read as is, and migrated in place when
+    /// opened for writing: old rows keep their data with NULL SLO columns.
+    #[test]
+    fn a_layout_1_repository_is_read_and_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            let v1 = CREATE_SQL.replace(
+                ",\n    slo_class      TEXT,\n    slo_met        INTEGER,\n    \
+                 slo_p99_margin REAL,\n    slo_ops_margin REAL",
+                "",
+            );
+            assert!(!v1.contains("slo_"), "the layout-1 table");
+            conn.execute_batch(&v1).expect("layout 1");
+            conn.pragma_update(None, "user_version", 1).expect("pragma");
+            let r = row("old", 1, 0.5);
+            conn.execute(
+                "INSERT INTO samples (vm_id, ts_ns, wall_ns, interval_ns, schema_version, \
+                 vector, raw, action, reward, policy_id, config) \
+                 VALUES (?1, ?2, 0, ?3, 2, ?4, ?5, NULL, NULL, 'static', '{}')",
+                params![
+                    r.vm_id,
+                    1i64,
+                    100_000_000i64,
+                    encode_vector(&r.vector),
+                    serde_json::to_string(&r.raw).unwrap()
+                ],
+            )
+            .expect("old row");
+        }
+        let ro = StateRepo::open_read_only(&path).expect("read-only");
+        let rows = ro.rows("old", 0).expect("rows");
+        assert_eq!((rows.len(), rows[0].slo), (1, None));
+        drop(ro);
+        let repo = StateRepo::open(&path, quick()).expect("migrated");
+        let mut r = row("new", 2, 0.5);
+        r.slo = Some(SloColumns {
+            class: SloClass::Batch,
+            met: true,
+            p99_margin: None,
+            ops_margin: Some(0.5),
+        });
+        repo.writer().insert_blocking(r.clone()).expect("insert");
+        repo.flush().expect("flush");
+        assert_eq!(repo.rows("old", 0).expect("old")[0].slo, None);
+        assert_eq!(repo.rows("new", 0).expect("new")[0].slo, r.slo);
+        drop(repo);
+        let conn = Connection::open(&path).expect("open");
+        let layout: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(layout, DB_LAYOUT_VERSION);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use devices::virtio::net::Net;
 use devices::virtio::{QueueMetrics, QueueMetricsSnapshot};
 use tuner::actions::{PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::counters::{
-    CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, MemoryCounters, QueueCounters,
+    CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, HostCounters, MemoryCounters,
+    QueueCounters,
 };
 
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
@@ -26,11 +27,13 @@ use crate::kvm_stats::KvmStats;
 use crate::tuning::{nearest_ladder_level, nearest_priority_level};
 use crate::vcpu_stats::VcpuStats;
 
-// The devices' latency buckets and the tuner's must describe the same histogram.
-const _: () = assert!(
-    devices::virtio::queue_metrics::LATENCY_BUCKETS_US.len()
-        == tuner::counters::LATENCY_BUCKETS_US.len()
-);
+/// Longest prefix of `/proc/stat` read per snapshot: the `cpu` lines come first, one of
+/// about 100 bytes per CPU (the `intr` line after them can be far longer and is not
+/// needed). CPUs whose line lies beyond it (more than ~300 CPUs) are not counted.
+const PROC_STAT_PREFIX: usize = 32 << 10;
+
+/// Longest `schedstat` line read (three decimal numbers).
+const SCHEDSTAT_LEN: usize = 128;
 
 /// Errors of the control operations.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +85,15 @@ pub struct VmRuntime {
     policy: Mutex<Option<tuner::control::PolicyHandle>>,
     /// The host arbiter's grant (a cap on the knobs) and what was asked below it.
     grant: Mutex<GrantState>,
+    /// Each vCPU thread's `/proc/self/task/TID/schedstat`, opened once by
+    /// [`VmRuntime::open_vcpu_schedstats`] (the sampler only `pread`s them).
+    schedstats: Mutex<Vec<Option<std::fs::File>>>,
+    /// `/proc/stat`, opened once at start.
+    proc_stat: Option<std::fs::File>,
+    /// The VM's service level objective.
+    slo: Option<tuner::slo::Slo>,
+    /// The sampling agent's latest sample (for `GET /vm`), once telemetry runs.
+    latest: Mutex<Option<tuner::agent::LatestSample>>,
 }
 
 /// The grant in force and the settings asked for, before the cap (given back when a
@@ -128,6 +140,60 @@ fn resident_bytes(statm: Option<&std::fs::File>) -> u64 {
     // SAFETY: sysconf has no side effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     pages * page
+}
+
+/// The run delay (ns runnable but waiting for a CPU: the second field) of one
+/// `schedstat` file, read with one bounded `pread`; 0 when unreadable.
+fn run_delay_ns(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; SCHEDSTAT_LEN];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    parse_run_delay(&buf[..n])
+}
+
+/// The second field of a `schedstat` line (`on-cpu-ns run-delay-ns timeslices`).
+fn parse_run_delay(text: &[u8]) -> u64 {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| t.split_ascii_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Busy and total clock ticks of the CPUs in `allowed`, from `/proc/stat` text: per
+/// `cpuN` line, busy = user + nice + system + irq + softirq + steal (guest time is
+/// inside user and nice), total = busy + idle + iowait. Lines cut off at the end of the
+/// read are ignored.
+fn parse_proc_stat(text: &[u8], allowed: &[usize]) -> HostCounters {
+    let mut host = HostCounters {
+        allowed_cpus: allowed.len() as u32,
+        ..HostCounters::default()
+    };
+    let text = String::from_utf8_lossy(text);
+    // Only complete lines: the read may end inside one.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    for line in complete.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let Some(cpu) = fields
+            .next()
+            .and_then(|name| name.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if !allowed.contains(&cpu) {
+            continue;
+        }
+        let v: Vec<u64> = fields.take(8).map(|f| f.parse().unwrap_or(0)).collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        let busy = [0, 1, 2, 5, 6, 7]
+            .iter()
+            .fold(0u64, |a, i| a.saturating_add(at(*i)));
+        let total = busy.saturating_add(at(3)).saturating_add(at(4));
+        host.busy_ticks = host.busy_ticks.saturating_add(busy);
+        host.total_ticks = host.total_ticks.saturating_add(total);
+    }
+    host
 }
 
 /// Minor plus major page faults of this process.
@@ -199,6 +265,8 @@ pub struct RuntimeParts {
     pub vcpu_tids: Arc<Vec<AtomicI32>>,
     /// Dirty-page tracking, when on.
     pub dirty: Option<DirtyLog>,
+    /// The VM's service level objective, if any.
+    pub slo: Option<tuner::slo::Slo>,
 }
 
 impl VmRuntime {
@@ -215,6 +283,7 @@ impl VmRuntime {
             vcpu_control,
             vcpu_tids,
             dirty,
+            slo,
         } = parts;
         let allowed_cpus = allowed_cpus();
         let host_cores = allowed_cpus.len() as u32;
@@ -277,7 +346,73 @@ impl VmRuntime {
             cpu_quota,
             policy: Mutex::new(None),
             grant: Mutex::new(GrantState::default()),
+            schedstats: Mutex::new(Vec::new()),
+            proc_stat: std::fs::File::open("/proc/stat").ok(),
+            slo,
+            latest: Mutex::new(None),
         }
+    }
+
+    /// Registers the sampling agent's latest-sample slot (for `GET /vm`).
+    pub fn set_latest_sample(&self, latest: tuner::agent::LatestSample) {
+        *lock(&self.latest) = Some(latest);
+    }
+
+    /// The latest interval's sample, once the sampling agent has made one.
+    pub fn latest_sample(&self) -> Option<Arc<tuner::agent::Sample>> {
+        lock(&self.latest).as_ref().and_then(|l| l.get())
+    }
+
+    /// Opens each vCPU thread's `schedstat` once its thread id is known, waiting at most
+    /// `wait` for the threads to record it. Called on the main thread right after the
+    /// vCPU threads start and before its seccomp filter goes on, so the sampling thread
+    /// only reads them (`pread`, in its filter) and needs no `open`. A vCPU whose file
+    /// cannot be opened reports a run delay of 0.
+    pub fn open_vcpu_schedstats(&self, wait: std::time::Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let all_known = self
+                .vcpu_tids
+                .iter()
+                .all(|t| t.load(Ordering::Acquire) != 0);
+            if all_known || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let files = self
+            .tids()
+            .into_iter()
+            .map(|tid| {
+                if tid == 0 {
+                    return None;
+                }
+                let path = format!("/proc/self/task/{tid}/schedstat");
+                std::fs::File::open(&path)
+                    .map_err(|e| log::warn!("{path}: {e}; its run delay reads as 0"))
+                    .ok()
+            })
+            .collect();
+        *lock(&self.schedstats) = files;
+    }
+
+    /// The VM's service level objective.
+    pub fn slo(&self) -> Option<&tuner::slo::Slo> {
+        self.slo.as_ref()
+    }
+
+    /// Busy and total ticks of the CPUs the process may run on, now.
+    fn host_counters(&self) -> HostCounters {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.proc_stat else {
+            return HostCounters {
+                allowed_cpus: self.allowed_cpus.len() as u32,
+                ..HostCounters::default()
+            };
+        };
+        let mut buf = vec![0u8; PROC_STAT_PREFIX];
+        let n = f.read_at(&mut buf, 0).unwrap_or(0);
+        parse_proc_stat(&buf[..n], &self.allowed_cpus)
     }
 
     /// Registers the running tuner's policy slot (for `PUT /policy`).
@@ -597,12 +732,17 @@ impl VmRuntime {
 
     /// Every counter; `live` also reads KVM's dirty log and binary stats now.
     fn counters(&self, live: bool) -> CounterSnapshot {
+        let run_delays: Vec<u64> = lock(&self.schedstats)
+            .iter()
+            .map(|f| f.as_ref().map_or(0, run_delay_ns))
+            .collect();
         let vcpus = self
             .vcpus
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let mut c = s.snapshot(i as u32);
+                c.run_delay_ns = run_delays.get(i).copied().unwrap_or(0);
                 if !live {
                     return c;
                 }
@@ -673,6 +813,8 @@ impl VmRuntime {
             net_qos_level: (!self.nets.is_empty())
                 .then(|| self.net_qos_level.load(Ordering::Relaxed)),
             log_lines_suppressed: devices::log_limit::suppressed_total(),
+            host: self.host_counters(),
+            slo: self.slo,
         }
     }
 }
@@ -697,5 +839,54 @@ mod tests {
         let allowed = allowed_cpus();
         assert!(!allowed.is_empty());
         assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
+    }
+
+    #[test]
+    fn host_view_parsers_take_the_right_fields() {
+        assert_eq!(parse_run_delay(b"123456 789000 42\n"), 789_000);
+        assert_eq!(parse_run_delay(b"garbage"), 0);
+        assert_eq!(parse_run_delay(b""), 0);
+        let stat = b"cpu  10 10 10 10 10 10 10 10 0 0\n\
+cpu0 1 2 3 100 4 5 6 7 0 0\n\
+cpu1 10 0 0 90 0 0 0 0 0 0\n\
+cpu2 1000 0 0 0 0 0 0 0 0 0\n\
+intr 1 2 3\n\
+cpu3 5 5";
+        // Allowed: cpu0 and cpu1 (cpu2 is not; the aggregate line is not a CPU).
+        let h = parse_proc_stat(stat, &[0, 1]);
+        // cpu0: busy 1+2+3+5+6+7 = 24, total 24 + 100 + 4 = 128; cpu1: 10 of 100.
+        assert_eq!((h.busy_ticks, h.total_ticks, h.allowed_cpus), (34, 228, 2));
+        // A line cut off at the end of the read is ignored.
+        assert_eq!(parse_proc_stat(stat, &[3]).total_ticks, 0);
+        // This host's own file parses, read as the sampler reads it: `pread` at 0 of a
+        // file opened once, twice.
+        use std::os::unix::fs::FileExt;
+        let cpus = allowed_cpus();
+        let f = std::fs::File::open("/proc/stat").unwrap();
+        let mut buf = vec![0u8; PROC_STAT_PREFIX];
+        let n = f.read_at(&mut buf, 0).unwrap();
+        let first = parse_proc_stat(&buf[..n], &cpus);
+        assert!(
+            first.total_ticks > 0 && first.busy_ticks <= first.total_ticks,
+            "{first:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let n = f.read_at(&mut buf, 0).unwrap();
+        let again = parse_proc_stat(&buf[..n], &cpus);
+        assert!(
+            again.total_ticks >= first.total_ticks,
+            "{again:?} after {first:?}"
+        );
+        // And a thread's schedstat.
+        // SAFETY: gettid has no side effects.
+        let tid = unsafe { libc::gettid() };
+        let f = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+        let mut line = [0u8; SCHEDSTAT_LEN];
+        let n = f.read_at(&mut line, 0).unwrap();
+        assert!(
+            n > 0 && line[..n].split(|b| *b == b' ').count() == 3,
+            "{line:?}"
+        );
+        let _ = run_delay_ns(&f);
     }
 }

@@ -40,6 +40,7 @@ fn config_json(cfg: &VmConfig) -> String {
             "tap": n.tap, "rate_limiter": n.rate_limiter,
         })).collect::<Vec<_>>(),
         "reward_weights": cfg.reward_weights.unwrap_or_default(),
+        "slo": cfg.slo,
         "learn": cfg.learn,
     })
     .to_string()
@@ -50,9 +51,11 @@ impl Telemetry {
     pub fn start(cfg: &VmConfig, runtime: Arc<VmRuntime>) -> Result<Self, ConfigError> {
         let mut t = Telemetry::default();
         let tuning = cfg.tuner_on();
-        if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning {
+        // An SLO is measured every interval (its attainment is in GET /vm).
+        if cfg.state_db.is_none() && cfg.metrics_addr.is_none() && !tuning && cfg.slo.is_none() {
             return Ok(t);
         }
+        let api_view = runtime.clone();
         let source: Arc<dyn CounterSource> = runtime.clone();
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         let mut policy_slot = None;
@@ -78,6 +81,7 @@ impl Telemetry {
             sinks,
         )
         .map_err(|e| ConfigError::new("metrics_interval_ms", e.to_string()))?;
+        api_view.set_latest_sample(agent.latest_handle());
         if let Some(addr) = &cfg.metrics_addr {
             let server = MetricsServer::start_with(
                 addr.as_str(),

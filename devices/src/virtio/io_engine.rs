@@ -208,6 +208,9 @@ impl MutEventSubscriber for IoEngine {
                 if let Some(evt) = b.queue_events().first() {
                     let _ = evt.read();
                 }
+                // The requests' latency starts at this wake, before they wait for the
+                // scheduler to pick this drive.
+                b.note_available();
                 true
             } else {
                 b.clear_rate_limiter_event()

@@ -26,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
-pub use queue_metrics::{QueueMetrics, QueueMetricsSnapshot};
+pub use queue_metrics::{ArrivalStamps, QueueMetrics, QueueMetricsSnapshot};
 
 /// Feature bit every modern device offers and every driver must accept.
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -65,6 +65,7 @@ pub fn episode(vm_id: &str, n: usize, seed: u64, drives: usize, start_ns: u64) -
                 config: cfg.clone(),
                 anomaly: Some(false),
                 anomaly_score: None,
+                slo: None,
             }
         })
         .collect()

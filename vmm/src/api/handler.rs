@@ -137,14 +137,29 @@ fn put_policy(rt: &VmRuntime, path: &std::path::Path) -> Reply {
 fn get_vm(rt: &VmRuntime) -> Reply {
     let snap = rt.api_snapshot();
     let g = rt.guest_report();
+    let latest = rt.latest_sample();
     let drives: Vec<Value> = snap
         .queues
         .iter()
         .map(|q| {
-            json!({"id": q.device, "requests": q.requests, "bytes": q.bytes,
-                   "errors": q.errors, "throttled_ns": q.throttled_ns})
+            // The latest interval's per-request latency quantiles (null before the first).
+            let lat = latest.as_ref().and_then(|s| {
+                s.queue_latency
+                    .iter()
+                    .find(|l| l.device == q.device && l.queue == q.queue)
+            });
+            json!({"id": q.device, "queue": q.queue, "requests": q.requests, "bytes": q.bytes,
+                   "errors": q.errors, "throttled_ns": q.throttled_ns,
+                   "p50_us": lat.map(|l| l.p50_us), "p99_us": lat.map(|l| l.p99_us)})
         })
         .collect();
+    let slo = rt.slo().map(|slo| {
+        json!({"class": slo.class, "p99_us": slo.p99_us, "min_ops": slo.min_ops,
+        "interval": latest.as_ref().and_then(|s| s.slo.as_ref()).map(|r| {
+            json!({"met": r.met(), "targets": r.targets})
+        })})
+    });
+    let feature = |id: tuner::schema::FeatureId| latest.as_ref().map(|s| s.raw_of(id));
     Reply::ok(json!({
         "uptime_ns": snap.at_ns,
         "vcpus": snap.vcpus.len(),
@@ -157,6 +172,12 @@ fn get_vm(rt: &VmRuntime) -> Reply {
                   "latency_samples": g.latency_samples},
         "drives": drives,
         "log_lines_suppressed": snap.log_lines_suppressed,
+        "slo": slo,
+        "vcpu_run_delay_ns": snap.vcpus.iter().map(|v| v.run_delay_ns).collect::<Vec<_>>(),
+        "vcpu_run_delay_share": feature(tuner::schema::FeatureId::VcpuRunDelayShare),
+        "host": {"load": feature(tuner::schema::FeatureId::HostLoad),
+                 "allowed_cpus": snap.host.allowed_cpus,
+                 "busy_ticks": snap.host.busy_ticks, "total_ticks": snap.host.total_ticks},
     }))
 }
 

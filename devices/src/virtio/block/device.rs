@@ -20,7 +20,7 @@ use crate::rate_limiter::{
 use crate::virtio::io_engine::{MAX_BYTES_PER_WAKE, MAX_REQUESTS_PER_WAKE};
 use crate::virtio::ring_check;
 use crate::virtio::{
-    ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateError, ArrivalStamps, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Settings of one drive.
@@ -82,7 +82,8 @@ pub struct Block {
     buffer: Vec<u8>,
     limiter: RateLimiter,
     throttled_since: Option<Instant>,
-    batch_start: Instant,
+    /// When each available request was first seen: its latency starts there.
+    arrivals: ArrivalStamps,
     used_in_batch: bool,
 }
 
@@ -135,7 +136,7 @@ impl Block {
             buffer: Vec::new(),
             limiter: RateLimiter::unlimited()?,
             throttled_since: None,
-            batch_start: Instant::now(),
+            arrivals: ArrivalStamps::new(QUEUE_SIZE),
             used_in_batch: false,
         })
     }
@@ -264,16 +265,31 @@ impl Block {
         }
     }
 
+    /// Stamps the requests the driver made available since the last look with the
+    /// current time: each request's latency runs from here to its used-ring write. Called
+    /// on every event-loop wake that read the queue's notification, and before each
+    /// request is taken (so a request made available during a wake is stamped when the
+    /// device first sees it).
+    pub fn note_available(&mut self) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        if let Ok(avail) = active.queue.avail_idx(&active.mem, Ordering::Acquire) {
+            self.arrivals
+                .note(active.queue.next_avail(), avail.0, Instant::now);
+        }
+    }
+
     /// Starts a batch after a notification: samples the queue depth and checks the
     /// available index. Returns false if there is nothing to do (inactive or broken).
     pub fn begin_batch(&mut self) -> bool {
         if self.is_broken() {
             return false;
         }
+        self.note_available();
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        self.batch_start = Instant::now();
         // Queue depth: requests the driver made available and the device has not taken.
         match ring_check::pending(&active.queue, &active.mem) {
             Ok(depth) => {
@@ -305,10 +321,13 @@ impl Block {
         if self.is_broken() {
             return Step::Stopped;
         }
+        self.note_available();
         let Some(active) = self.active.as_mut() else {
             return Step::Stopped;
         };
         let mem = active.mem.clone();
+        // The available index of the request about to be taken (its arrival stamp).
+        let index = active.queue.next_avail();
         // An invalid queue stops the device: answering "empty" while `has_pending` says
         // "requests wait" made callers ask again forever.
         let chain = match ring_check::pop(&mut active.queue, &mem) {
@@ -352,15 +371,15 @@ impl Block {
         if let Some(e) = &outcome.error {
             crate::guest_warn!("virtio-blk {}: request {head} failed: {e}", self.config.id);
         }
-        self.metrics.record_request(
-            outcome.data_bytes,
-            outcome.error.is_some(),
-            self.batch_start.elapsed(),
-        );
+        let arrived = self.arrivals.take(index);
         if let Err(e) = active.queue.add_used(&mem, head, outcome.used_len) {
             self.mark_broken(&format!("cannot update the used ring: {e}"));
             return Step::Stopped;
         }
+        // Never without a stamp (noted above); a missing one counts from now.
+        let latency = arrived.map_or(std::time::Duration::ZERO, |t| t.elapsed());
+        self.metrics
+            .record_request(outcome.data_bytes, outcome.error.is_some(), latency);
         self.used_in_batch = true;
         Step::Served(outcome.data_bytes)
     }
@@ -458,6 +477,7 @@ impl VirtioDevice for Block {
             });
         }
         let queue = queues.remove(0);
+        self.arrivals.reset(queue.next_avail());
         if let Err(e) = ring_check::check_layout(&queue, &mem) {
             crate::guest_warn!("virtio-blk {}: queue refused: {e}", self.config.id);
             return Err(ActivateError::InvalidQueue(0));
@@ -489,6 +509,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+        self.arrivals.reset(0);
         self.acked_features = 0;
         self.broken.store(false, Ordering::Relaxed);
     }

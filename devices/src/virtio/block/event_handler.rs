@@ -27,6 +27,7 @@ impl MutEventSubscriber for Block {
                     // Reading clears the counter; notifications coalesce, which is fine.
                     let _ = evt.read();
                 }
+                self.note_available();
                 self.process_queue();
             }
             LIMITER_EVENT => self.on_rate_limiter_event(),

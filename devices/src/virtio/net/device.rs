@@ -10,7 +10,7 @@ use std::io;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
@@ -33,7 +33,7 @@ use crate::rate_limiter::{
 };
 use crate::virtio::ring_check;
 use crate::virtio::{
-    ActivateError, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateError, ArrivalStamps, QueueMetrics, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Settings of one network device.
@@ -82,6 +82,11 @@ pub struct Net {
     /// A frame read from the TAP that waits for a receive buffer.
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
+    /// When the frame in `rx_frame` was read from the TAP: a received frame's latency
+    /// runs from there to its used-ring write.
+    rx_read_at: Option<Instant>,
+    /// When each frame the guest queued for transmission was first seen.
+    tx_arrivals: ArrivalStamps,
     tx_frame: Vec<u8>,
     tx_limiter: RateLimiter,
     rx_limiter: RateLimiter,
@@ -109,6 +114,8 @@ impl Net {
             tx_metrics: Arc::new(QueueMetrics::default()),
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
+            rx_read_at: None,
+            tx_arrivals: ArrivalStamps::new(QUEUE_SIZE),
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             tx_limiter,
             rx_limiter,
@@ -207,13 +214,17 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let start = Instant::now();
+        if let Ok(avail) = active.tx.avail_idx(&active.mem, Ordering::Acquire) {
+            self.tx_arrivals
+                .note(active.tx.next_avail(), avail.0, Instant::now);
+        }
         let mem = active.mem.clone();
         let mut used = false;
         let mut failure = None;
         let mut sent = 0usize;
         let mut more = false;
         loop {
+            let index = active.tx.next_avail();
             let chain = match ring_check::pop(&mut active.tx, &mem) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
@@ -286,12 +297,16 @@ impl Net {
                     error = true;
                 }
             }
-            self.tx_metrics
-                .record_request(bytes, error, start.elapsed());
+            let arrived = self.tx_arrivals.take(index);
             if let Err(e) = active.tx.add_used(&mem, head, 0) {
                 failure = Some(format!("cannot update the transmit used ring: {e}"));
                 break;
             }
+            self.tx_metrics.record_request(
+                bytes,
+                error,
+                arrived.map_or(Duration::ZERO, |t| t.elapsed()),
+            );
             used = true;
         }
         if let Some(why) = failure {
@@ -331,7 +346,6 @@ impl Net {
             }
             return false;
         };
-        let start = Instant::now();
         let mem = active.mem.clone();
         let mut used = false;
         let mut failure = None;
@@ -346,7 +360,10 @@ impl Net {
             let len = match self.rx_pending {
                 Some(l) => l,
                 None => match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(l) => l,
+                    Ok(l) => {
+                        self.rx_read_at = Some(Instant::now());
+                        l
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         crate::guest_warn!("virtio-net {}: TAP read: {e}", self.config.id);
@@ -406,15 +423,16 @@ impl Net {
                     error = true;
                 }
             }
-            self.rx_metrics.record_request(
-                if error { 0 } else { len as u64 },
-                error,
-                start.elapsed(),
-            );
+            let read_at = self.rx_read_at.take();
             if let Err(e) = active.rx.add_used(&mem, head, written) {
                 failure = Some(format!("cannot update the receive used ring: {e}"));
                 break;
             }
+            self.rx_metrics.record_request(
+                if error { 0 } else { len as u64 },
+                error,
+                read_at.map_or(Duration::ZERO, |t| t.elapsed()),
+            );
             used = true;
         }
         if let Some(why) = failure {
@@ -508,6 +526,8 @@ impl VirtioDevice for Net {
         );
         self.broken.store(false, Ordering::Relaxed);
         self.rx_pending = None;
+        self.rx_read_at = None;
+        self.tx_arrivals.reset(tx.next_avail());
         self.active = Some(Active {
             mem,
             rx,
@@ -530,6 +550,8 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_pending = None;
+        self.rx_read_at = None;
+        self.tx_arrivals.reset(0);
         self.broken.store(false, Ordering::Relaxed);
     }
 
