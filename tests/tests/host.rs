@@ -36,15 +36,18 @@ fn three_vms(dir: &Scratch, ms: u64) -> PathBuf {
         "stop_timeout_ms": 10000,
         "devices": [{"path": s(&dir.0), "bandwidth_bps": 200_000_000u64}],
         "vms": [
-            {"id": "web", "class": "critical", "slo": {"min_ops_per_sec": 100, "op_bytes": 4096},
+            {"id": "web", "op_bytes": 4096,
              "vm": {"kernel": kernel("blk-io"), "cmdline": format!("mode=randread ms={ms}"),
+                    "slo": {"class": "critical", "min_ops": 100},
                     "drives": [{"path": s(&img), "read_only": true}],
                     "metrics_interval_ms": 200}},
-            {"id": "app", "class": "standard",
+            {"id": "app",
              "vm": {"kernel": kernel("cpu-burn"), "vcpus": 1, "cmdline": format!("ms={ms}"),
+                    "slo": {"class": "standard"},
                     "metrics_interval_ms": 200}},
-            {"id": "batch", "class": "batch",
+            {"id": "batch",
              "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": format!("ms={ms}"),
+                    "slo": {"class": "batch"},
                     "tuner": "threshold", "metrics_interval_ms": 200}}
         ]
     });
@@ -339,13 +342,13 @@ fn bad_host_configurations_exit_2_naming_the_field_before_any_vm_starts() {
     let allowed = vmm::runtime::allowed_cpus();
     let too_many = format!("0-{}", allowed.iter().max().unwrap() + 1);
     let vm = |id: &str, extra: Value| {
-        let mut v = serde_json::json!({"kernel": kernel("blk-io")});
+        let mut v = serde_json::json!({"kernel": kernel("blk-io"), "slo": {"class": "batch"}});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
             for (k, x) in e {
                 o.insert(k.clone(), x.clone());
             }
         }
-        serde_json::json!({"id": id, "class": "batch", "vm": v})
+        serde_json::json!({"id": id, "vm": v})
     };
     let drive = |f: &str| serde_json::json!({"drives": [{"path": s(&dir.path(f))}]});
     let cases: Vec<(&str, Value, Vec<Value>, &str)> = vec![
@@ -381,11 +384,11 @@ fn bad_host_configurations_exit_2_naming_the_field_before_any_vm_starts() {
             serde_json::json!({"devices": [{"path": s(&dir.0), "bandwidth_bps": 1_000_000}]}),
             vec![{
                 let mut v = vm("a", drive("a.img"));
-                v["class"] = "critical".into();
-                v["slo"] = serde_json::json!({"min_ops_per_sec": 10_000, "op_bytes": 4096});
+                v["op_bytes"] = 4096.into();
+                v["vm"]["slo"] = serde_json::json!({"class": "critical", "min_ops": 10_000});
                 v
             }],
-            "vms.a.slo.min_ops_per_sec",
+            "vms.a.vm.slo.min_ops",
         ),
         (
             "duplicate ids",
@@ -449,11 +452,12 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
         "cpus": cpus.join(","),
         "devices": [{"path": s(&dir.0), "bandwidth_bps": 200_000_000u64}],
         "vms": [
-            {"id": "batch", "class": "batch",
-             "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": "ms=60000"}},
-            {"id": "web", "class": "critical",
-             "slo": {"min_ops_per_sec": 40000, "op_bytes": 4096},
+            {"id": "batch",
+             "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": "ms=60000",
+                    "slo": {"class": "batch"}}},
+            {"id": "web", "op_bytes": 4096,
              "vm": {"kernel": kernel("blk-io"), "vcpus": 2, "cmdline": "mode=randread ms=60000",
+                    "slo": {"class": "critical", "min_ops": 40000},
                     "drives": [{"path": s(&img), "read_only": true}]}}
         ]
     });
@@ -501,8 +505,8 @@ fn a_host_killed_outright_leaves_no_vm_behind() {
     let cfg = serde_json::json!({
         "api_sock": s(&dir.path("host.sock")),
         "log_dir": s(&dir.0),
-        "vms": [{"id": "burn", "class": "batch",
-                 "vm": {"kernel": kernel("cpu-burn"), "cmdline": "ms=60000"}}]
+        "vms": [{"id": "burn",
+                 "vm": {"kernel": kernel("cpu-burn"), "cmdline": "ms=60000", "slo": {"class": "batch"}}}]
     });
     let path = dir.path("host.json");
     std::fs::write(&path, cfg.to_string()).unwrap();

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::config::Class;
 use super::status::{GrantView, SharedStatus, SloState};
 use super::validate::Plan;
 use devices::lock;
+use tuner::slo::{Slo, SloClass};
 
 /// Headroom over the last interval's use in what a VM wants (cores and bandwidth).
 const HEADROOM: f64 = 1.25;
@@ -56,7 +56,7 @@ pub enum ArbiterError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Claim {
     /// Its class.
-    pub class: Class,
+    pub class: SloClass,
     /// What it always gets.
     pub floor: f64,
     /// What it wants now (at least the floor).
@@ -104,7 +104,7 @@ pub fn allocate(budget: f64, claims: &[Claim]) -> Vec<f64> {
     };
     let mut grants: Vec<f64> = claims.iter().map(|c| c.floor * scale).collect();
     let mut left = (budget - grants.iter().sum::<f64>()).max(0.0);
-    let classes = [Class::Critical, Class::Standard, Class::Batch];
+    let classes = [SloClass::Critical, SloClass::Standard, SloClass::Batch];
     let wants: Vec<f64> = claims.iter().map(|c| c.want.min(c.cap)).collect();
     let caps: Vec<f64> = claims.iter().map(|c| c.cap).collect();
     for targets in [&wants, &caps] {
@@ -230,37 +230,22 @@ impl Rates {
     }
 }
 
-/// Judges one interval against the targets: the VM's own report when it gives one
-/// (`slo.met`), else the host's reading (minimum ops rate; the mean latency as a lower
-/// bound of the p99, so "missed" is certain and "met" means not seen missed).
-pub fn judge(
-    slo: &super::config::SloTargets,
-    rates: Option<&Rates>,
-    reported: Option<&Value>,
-) -> SloState {
-    if let Some(met) = reported.and_then(|r| r.get("met")).and_then(Value::as_bool) {
-        return if met { SloState::Met } else { SloState::Missed };
-    }
-    if slo.min_ops_per_sec.is_none() && slo.p99_latency_us.is_none() {
+/// Judges one interval: the VM's own report in `GET /vm` (`slo.interval.met`, from its
+/// per-request latency histograms and operation rate), the one judge of a VM's SLO.
+pub fn judge(slo: &Slo, reported: Option<&Value>) -> SloState {
+    if slo.p99_us.is_none() && slo.min_ops.is_none() {
         return SloState::NoTargets;
     }
-    let Some(r) = rates else {
-        return SloState::Unknown;
-    };
-    if let Some(min) = slo.min_ops_per_sec {
-        if r.ops_per_sec < min as f64 {
-            return SloState::Missed;
-        }
+    let met = reported
+        .and_then(|r| r.get("interval"))
+        .and_then(|i| i.get("met"))
+        .and_then(Value::as_bool);
+    match met {
+        Some(true) => SloState::Met,
+        Some(false) => SloState::Missed,
+        // No interval sampled yet.
+        None => SloState::Unknown,
     }
-    if let Some(p99) = slo.p99_latency_us {
-        match r.mean_latency_us {
-            Some(mean) if mean > p99 as f64 => return SloState::Missed,
-            Some(_) => {}
-            None if slo.min_ops_per_sec.is_none() => return SloState::Unknown,
-            None => {}
-        }
-    }
-    SloState::Met
 }
 
 /// Sends one request to a VM's control socket; the answer's body on 200. The only
@@ -364,7 +349,7 @@ impl Arbiter {
                 };
                 let r = rates.get(i).cloned().flatten();
                 let rep = reported.get(i).cloned().flatten();
-                let state = judge(&v.slo, r.as_ref(), rep.as_ref());
+                let state = judge(&v.slo, rep.as_ref());
                 if matches!(state, SloState::Met | SloState::Missed) {
                     v.intervals += 1;
                     if state == SloState::Met {
@@ -531,9 +516,8 @@ impl Arbiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::config::SloTargets;
 
-    fn claim(class: Class, want: f64, cap: f64) -> Claim {
+    fn claim(class: SloClass, want: f64, cap: f64) -> Claim {
         Claim {
             class,
             floor: 0.1,
@@ -546,9 +530,9 @@ mod tests {
     fn grants_never_exceed_the_budget_and_classes_are_served_in_order() {
         // Everyone wants everything: critical first, then standard, batch keeps its floor.
         let c = [
-            claim(Class::Batch, 2.0, 2.0),
-            claim(Class::Critical, 1.0, 1.0),
-            claim(Class::Standard, 2.0, 2.0),
+            claim(SloClass::Batch, 2.0, 2.0),
+            claim(SloClass::Critical, 1.0, 1.0),
+            claim(SloClass::Standard, 2.0, 2.0),
         ];
         let g = allocate(2.0, &c);
         assert!(g.iter().sum::<f64>() <= 2.0 + 1e-9, "{g:?}");
@@ -557,8 +541,8 @@ mod tests {
         assert!((g[2] - 0.9).abs() < 1e-9, "{g:?}");
         // Everyone content: the leftover goes up to each cap, in class order.
         let c = [
-            claim(Class::Batch, 0.3, 2.0),
-            claim(Class::Critical, 0.3, 1.0),
+            claim(SloClass::Batch, 0.3, 2.0),
+            claim(SloClass::Critical, 0.3, 1.0),
         ];
         let g = allocate(2.0, &c);
         assert!((g[1] - 1.0).abs() < 1e-9, "{g:?}");
@@ -566,7 +550,10 @@ mod tests {
         // Floors larger than the budget are scaled to fit.
         let g = allocate(
             0.1,
-            &[claim(Class::Batch, 1.0, 1.0), claim(Class::Batch, 1.0, 1.0)],
+            &[
+                claim(SloClass::Batch, 1.0, 1.0),
+                claim(SloClass::Batch, 1.0, 1.0),
+            ],
         );
         assert!(g.iter().sum::<f64>() <= 0.1 + 1e-9, "{g:?}");
     }
@@ -575,13 +562,13 @@ mod tests {
     fn a_critical_vm_at_risk_takes_from_batch_before_standard() {
         // Quiet: critical wants little, everyone holds something.
         let quiet = [
-            claim(Class::Critical, 0.5, 2.0),
-            claim(Class::Standard, 0.6, 2.0),
-            claim(Class::Batch, 0.6, 2.0),
+            claim(SloClass::Critical, 0.5, 2.0),
+            claim(SloClass::Standard, 0.6, 2.0),
+            claim(SloClass::Batch, 0.6, 2.0),
         ];
         let before = allocate(2.0, &quiet);
         // At risk: critical wants all it can use.
-        let risk = [claim(Class::Critical, 1.3, 2.0), quiet[1], quiet[2]];
+        let risk = [claim(SloClass::Critical, 1.3, 2.0), quiet[1], quiet[2]];
         let after = allocate(2.0, &risk);
         assert!(after[0] > before[0], "{before:?} -> {after:?}");
         // Batch gave first: standard keeps its want while batch is above its floor.
@@ -589,7 +576,7 @@ mod tests {
         assert!((after[1] - 0.6).abs() < 1e-9, "{before:?} -> {after:?}");
         assert!((after[2] - 0.1).abs() < 1e-9, "{after:?}");
         // Wanting still more reaches standard, never below its floor.
-        let more = [claim(Class::Critical, 2.0, 2.0), quiet[1], quiet[2]];
+        let more = [claim(SloClass::Critical, 2.0, 2.0), quiet[1], quiet[2]];
         let g = allocate(2.0, &more);
         assert!(g[1] < 0.6 && g[1] >= 0.1 - 1e-9, "{g:?}");
         assert!(g.iter().sum::<f64>() <= 2.0 + 1e-9);
@@ -600,9 +587,9 @@ mod tests {
         let g = allocate(
             2.0,
             &[
-                claim(Class::Batch, 2.0, 2.0),
-                claim(Class::Batch, 2.0, 2.0),
-                claim(Class::Batch, 2.0, 2.0),
+                claim(SloClass::Batch, 2.0, 2.0),
+                claim(SloClass::Batch, 2.0, 2.0),
+                claim(SloClass::Batch, 2.0, 2.0),
             ],
         );
         let rounded: f64 = g.iter().map(|c| round_cores(*c)).sum();
@@ -633,26 +620,24 @@ mod tests {
         b2.cpu_ns = Some(250_000_000);
         assert!((Rates::between(&a2, &b2).unwrap().cores - 0.25).abs() < 1e-9);
         assert!(process_cpu_ns(std::process::id()).is_some());
-        let slo = SloTargets {
-            min_ops_per_sec: Some(500),
-            p99_latency_us: Some(100),
-            op_bytes: None,
+        let slo = Slo {
+            class: SloClass::Critical,
+            min_ops: Some(500.0),
+            p99_us: Some(100),
         };
-        assert_eq!(judge(&slo, Some(&r), None), SloState::Met);
-        assert_eq!(judge(&slo, None, None), SloState::Unknown);
-        let tight = SloTargets {
-            p99_latency_us: Some(10),
-            ..slo
+        let report = |met: bool| json!({"class": "critical", "interval": {"met": met}});
+        assert_eq!(judge(&slo, Some(&report(true))), SloState::Met);
+        assert_eq!(judge(&slo, Some(&report(false))), SloState::Missed);
+        assert_eq!(judge(&slo, None), SloState::Unknown);
+        assert_eq!(
+            judge(&slo, Some(&json!({"class": "critical", "interval": null}))),
+            SloState::Unknown
+        );
+        let batch = Slo {
+            class: SloClass::Batch,
+            min_ops: None,
+            p99_us: None,
         };
-        assert_eq!(judge(&tight, Some(&r), None), SloState::Missed);
-        assert_eq!(
-            judge(&SloTargets::default(), Some(&r), None),
-            SloState::NoTargets
-        );
-        // The VM's own report wins when it gives one.
-        assert_eq!(
-            judge(&tight, Some(&r), Some(&json!({"met": true}))),
-            SloState::Met
-        );
+        assert_eq!(judge(&batch, Some(&report(false))), SloState::NoTargets);
     }
 }

@@ -8,15 +8,16 @@
 //!   "cpus": "0-1",
 //!   "devices": [{"path": "/tmp", "bandwidth_bps": 200000000}],
 //!   "vms": [
-//!     {"id": "web", "class": "critical", "slo": {"min_ops_per_sec": 1000},
-//!      "vm": {"kernel": "target/test-kernels/blk-io", "drives": [{"path": "/tmp/web.img"}]}}
+//!     {"id": "web", "op_bytes": 4096,
+//!      "vm": {"kernel": "target/test-kernels/blk-io", "drives": [{"path": "/tmp/web.img"}],
+//!             "slo": {"class": "critical", "min_ops": 1000}}}
 //!   ]
 //! }
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::config::ConfigError;
 
@@ -70,58 +71,19 @@ pub struct DeviceBudget {
     pub bandwidth_bps: u64,
 }
 
-/// Service class: who keeps resources when the host runs short.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    /// Served first, reclaimed from last.
-    Critical,
-    /// Between the two.
-    Standard,
-    /// Gets what is left; reclaimed from first.
-    Batch,
-}
-
-impl Class {
-    /// The class's name as in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Critical => "critical",
-            Class::Standard => "standard",
-            Class::Batch => "batch",
-        }
-    }
-}
-
-/// A VM's service level targets (any may be left out).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SloTargets {
-    /// 99th percentile request latency in microseconds.
-    #[serde(default)]
-    pub p99_latency_us: Option<u64>,
-    /// Fewest guest operations per second.
-    #[serde(default)]
-    pub min_ops_per_sec: Option<u64>,
-    /// Bytes one guest operation moves through the drives, for checking
-    /// `min_ops_per_sec` against the bandwidth budget (default 512, the smallest
-    /// virtio-blk request).
-    #[serde(default)]
-    pub op_bytes: Option<u64>,
-}
-
-/// One VM of the host.
+/// One VM of the host. Its class and targets are its configuration's `slo` (the one
+/// place a VM's service level is written; required under a host).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmEntry {
     /// Its id: the `vm_id` of its rows in the state repository, its name in `GET /host`
     /// and in file names (1-64 of `[A-Za-z0-9_.-]`).
     pub id: String,
-    /// Its service class.
-    pub class: Class,
-    /// Its targets.
+    /// Bytes one guest operation moves through the drives, for checking the SLO's
+    /// `min_ops` against the bandwidth budget (default 512, the smallest virtio-blk
+    /// request).
     #[serde(default)]
-    pub slo: SloTargets,
+    pub op_bytes: Option<u64>,
     /// Fewest host cores the arbiter grants it (default 0.1).
     #[serde(default)]
     pub min_cores: Option<f64>,
@@ -205,11 +167,11 @@ mod tests {
     fn host_json_parses_with_defaults_and_refuses_unknown_fields() {
         let cfg = HostConfig::from_json(
             r#"{"api_sock": "/tmp/h.sock", "vms": [
-                {"id": "a", "class": "batch", "vm": {"kernel": "k"}}]}"#,
+                {"id": "a", "vm": {"kernel": "k", "slo": {"class": "batch"}}}]}"#,
         )
         .unwrap();
         assert_eq!(cfg.interval_ms, DEFAULT_INTERVAL_MS);
-        assert_eq!(cfg.vms[0].class, Class::Batch);
+        assert_eq!(cfg.vms[0].vm["slo"]["class"], "batch");
         assert_eq!(cfg.vms[0].min_cores(), DEFAULT_MIN_CORES);
         let e = HostConfig::from_json(r#"{"api_sock": "s", "vms": [], "budget": 1}"#).unwrap_err();
         assert_eq!(e.field, "config");
@@ -218,6 +180,6 @@ mod tests {
             r#"{"api_sock": "s", "vms": [{"id": "a", "class": "gold", "vm": {}}]}"#,
         )
         .unwrap_err();
-        assert!(e.problem.contains("gold"), "{e}");
+        assert!(e.problem.contains("class"), "{e}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::config::{Class, SloTargets};
+use tuner::slo::{Slo, SloClass};
 
 /// A VM's process state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +65,9 @@ pub struct VmStatus {
     /// Its id.
     pub id: String,
     /// Its class.
-    pub class: Class,
-    /// Its targets.
-    pub slo: SloTargets,
+    pub class: SloClass,
+    /// Its service level objective (its configuration's `slo`).
+    pub slo: Slo,
     /// Its vCPUs (the most cores it can use).
     pub vcpus: u32,
     /// Its process id once started.
@@ -125,7 +125,7 @@ impl VmStatus {
         });
         json!({
             "id": self.id,
-            "class": self.class.as_str(),
+            "class": self.class.name(),
             "slo": self.slo,
             "vcpus": self.vcpus,
             "pid": self.pid,

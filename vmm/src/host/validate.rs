@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::config::{parse_cpu_list, Class, HostConfig, SloTargets, MAX_VMS};
+use super::config::{parse_cpu_list, HostConfig, MAX_VMS};
 use crate::config::{ConfigError, VmConfig};
+use tuner::slo::{Slo, SloClass};
 
 /// Smallest guest request, bytes: the default size of one operation for the bandwidth
-/// check of `min_ops_per_sec`.
+/// check of the SLO's `min_ops`.
 const MIN_OP_BYTES: u64 = 512;
 
 /// What the host runs: the configuration checked and resolved.
@@ -42,10 +43,12 @@ pub struct PlannedDevice {
 pub struct PlannedVm {
     /// Its id.
     pub id: String,
-    /// Its class.
-    pub class: Class,
-    /// Its targets.
-    pub slo: SloTargets,
+    /// Its class (its configuration's `slo.class`).
+    pub class: SloClass,
+    /// Its service level objective, as its configuration states it.
+    pub slo: Slo,
+    /// Bytes per guest operation for the bandwidth check (host.json `op_bytes`).
+    pub op_bytes: Option<u64>,
     /// Fewest cores it is granted.
     pub min_cores: f64,
     /// Its `vmm run` configuration, parsed.
@@ -315,11 +318,19 @@ pub fn validate(
             ));
         }
         min_cores_total += min_cores;
-        check_slo(&at, &entry.slo, &config, &drives, &devices)?;
+        let slo = config.slo.ok_or_else(|| {
+            err(
+                at("vm.slo"),
+                "a VM under a host needs an SLO, at least its class \
+                 ({\"class\": \"critical\"|\"standard\"|\"batch\"})",
+            )
+        })?;
+        check_slo(&at, &slo, entry.op_bytes, &config, &drives, &devices)?;
         vms.push(PlannedVm {
             id: entry.id.clone(),
-            class: entry.class,
-            slo: entry.slo,
+            class: slo.class,
+            slo,
+            op_bytes: entry.op_bytes,
             min_cores,
             config,
             raw: entry.vm.clone(),
@@ -349,23 +360,19 @@ pub fn validate(
 /// through.
 fn check_slo(
     at: &dyn Fn(&str) -> String,
-    slo: &SloTargets,
+    slo: &Slo,
+    op_bytes: Option<u64>,
     config: &VmConfig,
     drives: &[(String, Option<usize>)],
     devices: &[PlannedDevice],
 ) -> Result<(), ConfigError> {
-    if slo.p99_latency_us == Some(0) {
-        return Err(err(at("slo.p99_latency_us"), "must be at least 1 us"));
+    if op_bytes == Some(0) {
+        return Err(err(at("op_bytes"), "must be at least 1 byte"));
     }
-    if slo.op_bytes == Some(0) {
-        return Err(err(at("slo.op_bytes"), "must be at least 1 byte"));
-    }
-    let Some(min_ops) = slo.min_ops_per_sec else {
+    // The VM's own configuration check has refused a zero, negative or huge rate.
+    let Some(min_ops) = slo.min_ops else {
         return Ok(());
     };
-    if min_ops == 0 {
-        return Err(err(at("slo.min_ops_per_sec"), "must be at least 1"));
-    }
     if config.drives.is_empty() {
         return Ok(());
     }
@@ -385,9 +392,9 @@ fn check_slo(
         };
     }
     if let Some(cap) = ops_cap {
-        if (min_ops as f64) > cap {
+        if min_ops > cap {
             return Err(err(
-                at("slo.min_ops_per_sec"),
+                at("vm.slo.min_ops"),
                 format!(
                     "{min_ops} ops/s is above the {cap:.0} ops/s the VM's own drive limits allow"
                 ),
@@ -409,11 +416,11 @@ fn check_slo(
         };
     }
     if let Some(bw) = bw_cap {
-        let op_bytes = slo.op_bytes.unwrap_or(MIN_OP_BYTES);
-        let need = min_ops.saturating_mul(op_bytes);
+        let op_bytes = op_bytes.unwrap_or(MIN_OP_BYTES);
+        let need = (min_ops * op_bytes as f64).ceil() as u64;
         if need > bw {
             return Err(err(
-                at("slo.min_ops_per_sec"),
+                at("vm.slo.min_ops"),
                 format!(
                     "{min_ops} ops/s of {op_bytes} bytes need {need} bytes/s, more than the \
                      {bw} bytes/s bandwidth budget of the VM's drives' device(s) allows"
@@ -470,9 +477,9 @@ mod tests {
         let cfg = host(
             &d.0,
             r#""cpus": "0-1", "devices": [{"path": "DIR", "bandwidth_bps": 10000000}],"#,
-            r#"[{"id": "web", "class": "critical", "slo": {"min_ops_per_sec": 1000},
-                 "vm": {"kernel": "DIR/k", "drives": [{"path": "DIR/a.img"}]}},
-                {"id": "batch", "class": "batch", "vm": {"kernel": "DIR/k"}}]"#,
+            r#"[{"id": "web",
+                 "vm": {"kernel": "DIR/k", "slo": {"class": "critical", "min_ops": 1000}, "drives": [{"path": "DIR/a.img"}]}},
+                {"id": "batch", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
         );
         let plan = check(&cfg).unwrap();
         assert_eq!(plan.cpus, vec![0, 1]);
@@ -487,83 +494,95 @@ mod tests {
             // A budget larger than the host.
             (
                 r#""cpus": "0-3","#,
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
                 "cpus",
             ),
             // Duplicate ids.
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k"}},
-                    {"id": "a", "class": "batch", "vm": {"kernel": "DIR/k"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}},
+                    {"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
                 "vms[1].id",
             ),
             // Two VMs on one socket path.
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "api_sock": "DIR/s"}},
-                    {"id": "b", "class": "batch", "vm": {"kernel": "DIR/k", "api_sock": "DIR/./s"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "api_sock": "DIR/s"}},
+                    {"id": "b", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "api_sock": "DIR/./s"}}]"#,
                 "vms.b.vm.api_sock",
             ),
             // A VM on the host's socket.
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "api_sock": "DIR/h.sock"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "api_sock": "DIR/h.sock"}}]"#,
                 "vms.a.vm.api_sock",
             ),
             // Two VMs on one image.
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "drives": [{"path": "DIR/a.img"}]}},
-                    {"id": "b", "class": "batch", "vm": {"kernel": "DIR/k", "drives": [{"path": "DIR/b.img"}, {"path": "DIR/a.img"}]}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "drives": [{"path": "DIR/a.img"}]}},
+                    {"id": "b", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "drives": [{"path": "DIR/b.img"}, {"path": "DIR/a.img"}]}}]"#,
                 "vms.b.vm.drives[1].path",
             ),
             // A target the bandwidth budget cannot meet.
             (
                 r#""devices": [{"path": "DIR", "bandwidth_bps": 1000000}],"#,
-                r#"[{"id": "a", "class": "critical", "slo": {"min_ops_per_sec": 1000, "op_bytes": 4096},
-                     "vm": {"kernel": "DIR/k", "drives": [{"path": "DIR/a.img"}]}}]"#,
-                "vms.a.slo.min_ops_per_sec",
+                r#"[{"id": "a", "op_bytes": 4096,
+                     "vm": {"kernel": "DIR/k", "slo": {"class": "critical", "min_ops": 1000}, "drives": [{"path": "DIR/a.img"}]}}]"#,
+                "vms.a.vm.slo.min_ops",
             ),
             // A target the VM's own drive limit cannot meet.
             (
                 "",
-                r#"[{"id": "a", "class": "critical", "slo": {"min_ops_per_sec": 1000},
-                     "vm": {"kernel": "DIR/k", "drives": [{"path": "DIR/a.img", "rate_limiter": {"ops": {"size": 10, "refill_time_ms": 100}}}]}}]"#,
-                "vms.a.slo.min_ops_per_sec",
+                r#"[{"id": "a", 
+                     "vm": {"kernel": "DIR/k", "slo": {"class": "critical", "min_ops": 1000}, "drives": [{"path": "DIR/a.img", "rate_limiter": {"ops": {"size": 10, "refill_time_ms": 100}}}]}}]"#,
+                "vms.a.vm.slo.min_ops",
             ),
             // Floors above the budget.
             (
                 r#""cpus": "0","#,
-                r#"[{"id": "a", "class": "critical", "min_cores": 0.75, "vm": {"kernel": "DIR/k"}},
-                    {"id": "b", "class": "batch", "min_cores": 0.5, "vm": {"kernel": "DIR/k"}}]"#,
+                r#"[{"id": "a", "min_cores": 0.75, "vm": {"kernel": "DIR/k", "slo": {"class": "critical"}}},
+                    {"id": "b", "min_cores": 0.5, "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
                 "vms",
             ),
             // The VM's own configuration, checked as `vmm run` would.
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "vcpus": 0}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "vcpus": 0}}]"#,
                 "vms.a.vm.vcpus",
             ),
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "vm_id": "other"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "vm_id": "other"}}]"#,
                 "vms.a.vm.vm_id",
             ),
             (
                 r#""state_db": "DIR/host.db","#,
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "state_db": "DIR/own.db"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "state_db": "DIR/own.db"}}]"#,
                 "vms.a.vm.state_db",
             ),
             (
                 "",
-                r#"[{"id": "a/b", "class": "batch", "vm": {"kernel": "DIR/k"}}]"#,
+                r#"[{"id": "a/b", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
                 "vms[0].id",
             ),
             ("", "[]", "vms"),
             (
                 "",
-                r#"[{"id": "a", "class": "batch", "vm": {"kernel": "DIR/k", "api_sock": "DIR/nodir/s"}}]"#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}, "api_sock": "DIR/nodir/s"}}]"#,
                 "vms.a.vm.api_sock",
+            ),
+            // No SLO: the host cannot rank the VM.
+            (
+                "",
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k"}}]"#,
+                "vms.a.vm.slo",
+            ),
+            // The bandwidth check's unit.
+            (
+                "",
+                r#"[{"id": "a", "op_bytes": 0, "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
+                "vms.a.op_bytes",
             ),
         ];
         for (extra, vms, field) in cases {
