@@ -10,7 +10,6 @@
 //! - [`vcpu_stats`]: per-vCPU exit and time counters kept in that loop.
 //! - [`runtime`]: the running VM's counters and knobs for the tuner and the control API.
 //! - [`cpu_quota`]: the vCPU threads' host CPU quota through cgroups (v2, v1 or none).
-//! - [`learning`]: online learning (`--learn`): the learner thread and its hot swaps.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
 //! - [`signals`]: SIGTERM and SIGINT stop the VM gracefully.
@@ -22,7 +21,6 @@ pub mod config;
 pub mod cpu_quota;
 pub mod cpuid;
 pub mod kvm_stats;
-pub mod learning;
 pub mod memory;
 pub mod panics;
 pub mod runtime;

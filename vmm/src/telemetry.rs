@@ -40,7 +40,6 @@ fn config_json(cfg: &VmConfig) -> String {
             "tap": n.tap, "rate_limiter": n.rate_limiter,
         })).collect::<Vec<_>>(),
         "reward_weights": cfg.reward_weights.unwrap_or_default(),
-        "learn": cfg.learn,
     })
     .to_string()
 }
