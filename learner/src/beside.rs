@@ -44,6 +44,8 @@ use crate::warm::StartWeights;
 
 /// How often the VM is asked whether it still runs when nothing else talks to it.
 const ALIVE_EVERY: Duration = Duration::from_secs(1);
+/// How long a VM that answers without a tuner is given to start it.
+const TUNER_START_WAIT: Duration = Duration::from_secs(5);
 
 /// Settings of `vmm-learn online`.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,8 +238,8 @@ fn read_start(path: &Path) -> Result<StartModel, BesideError> {
         .map_err(|e| bad(format!("its card: {e}")))?;
     let card: ModelCard = serde_json::from_slice(&text)
         .map_err(|e| bad(format!("its card {}: {e}", card_path.display())))?;
-    let bytes = tuner::files::read_capped(path, tuner::files::MODEL_CAP)
-        .map_err(|e| bad(e.to_string()))?;
+    let bytes =
+        tuner::files::read_capped(path, tuner::files::MODEL_CAP).map_err(|e| bad(e.to_string()))?;
     let weights = crate::warm::read(path, &bytes, &card)?;
     Ok(StartModel {
         path: path.to_path_buf(),
@@ -247,7 +249,12 @@ fn read_start(path: &Path) -> Result<StartModel, BesideError> {
 }
 
 /// Sends one request; `Ok(Err(..))` is an answer other than 200.
-fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> Result<Result<Value, String>, ClientError> {
+fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Result<Value, String>, ClientError> {
     let answer = api_client::send(
         sock,
         &Request {
@@ -276,7 +283,9 @@ fn check_vm(sock: &Path) -> Result<String, BesideError> {
     };
     match fs::metadata(sock) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(vm("does not exist: start the VM with --api-sock first".into()))
+            return Err(vm(
+                "does not exist: start the VM with --api-sock first".into()
+            ))
         }
         Err(e) => return Err(vm(e.to_string())),
         Ok(m) if !m.file_type().is_socket() => {
@@ -287,17 +296,28 @@ fn check_vm(sock: &Path) -> Result<String, BesideError> {
         }
         Ok(_) => {}
     }
-    match api(sock, "GET", "/policy", None) {
-        Ok(Ok(body)) => Ok(body
-            .get("policy")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string()),
-        Ok(Err(e)) => Err(vm(format!(
-            "the VM runs no tuner ({e}): start it with --tuner or --policy"
-        ))),
-        Err(e) if e.monitor_gone() => Err(vm(format!("no VM serves it: {e}"))),
-        Err(e) => Err(vm(e.to_string())),
+    // A VM serves its socket a moment before its tuner runs: ask again for a while.
+    let since = Instant::now();
+    loop {
+        match api(sock, "GET", "/policy", None) {
+            Ok(Ok(body)) => {
+                return Ok(body
+                    .get("policy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string())
+            }
+            Ok(Err(_)) if since.elapsed() < TUNER_START_WAIT => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Ok(Err(e)) => {
+                return Err(vm(format!(
+                    "the VM runs no tuner ({e}): start it with --tuner or --policy"
+                )))
+            }
+            Err(e) if e.monitor_gone() => return Err(vm(format!("no VM serves it: {e}"))),
+            Err(e) => return Err(vm(e.to_string())),
+        }
     }
 }
 
@@ -313,7 +333,12 @@ fn default_out_dir(db: &Path) -> PathBuf {
 }
 
 /// Writes `NAME.onnx` and `NAME.card.json` under temporary names, then renames them.
-fn write_model(dir: &Path, name: &str, bytes: &[u8], card: &ModelCard) -> Result<PathBuf, BesideError> {
+fn write_model(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    card: &ModelCard,
+) -> Result<PathBuf, BesideError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BesideError::Io { path, source }
@@ -369,7 +394,19 @@ impl Session {
             }
         };
         let body = json!({ "path": path });
-        match api(&opts.api_sock, "PUT", "/policy", Some(body))? {
+        let remove = |p: &Path| {
+            let _ = fs::remove_file(ModelCard::path_for(p));
+            let _ = fs::remove_file(p);
+        };
+        let answer = match api(&opts.api_sock, "PUT", "/policy", Some(body)) {
+            Ok(a) => a,
+            Err(e) => {
+                // Not pushed: not kept.
+                remove(&path);
+                return Err(e);
+            }
+        };
+        match answer {
             Ok(answer) => {
                 let id = answer
                     .get("policy")
@@ -381,13 +418,12 @@ impl Session {
                 self.last_policy = Some(id);
                 // Keep this network and the one before; older ones are gone from the VM.
                 if let Some(old) = self.generation.checked_sub(2) {
-                    let old = out_dir.join(format!("{}-{old}.onnx", opts.name));
-                    let _ = fs::remove_file(ModelCard::path_for(&old));
-                    let _ = fs::remove_file(old);
+                    remove(&out_dir.join(format!("{}-{old}.onnx", opts.name)));
                 }
             }
             Err(e) => {
                 log::warn!("the VM refused {name}: {e}");
+                remove(&path);
                 self.failed += 1;
             }
         }
@@ -403,7 +439,10 @@ fn validate(opts: &OnlineOptions) -> Result<(), BesideError> {
         ));
     }
     if !(1..=100_000).contains(&opts.steps) {
-        return Err(option("steps", format!("{} is outside 1..=100000", opts.steps)));
+        return Err(option(
+            "steps",
+            format!("{} is outside 1..=100000", opts.steps),
+        ));
     }
     if !(1..=50_000).contains(&opts.min_transitions) {
         return Err(option(
@@ -480,7 +519,9 @@ pub fn run(opts: &OnlineOptions, stop: &AtomicBool) -> Result<OnlineSummary, Bes
                 session = Some(s);
                 if start.is_some() {
                     // The start model's own network, before any training step.
-                    let s = session.as_mut().ok_or_else(|| option("policy", "no session"))?;
+                    let s = session
+                        .as_mut()
+                        .ok_or_else(|| option("policy", "no session"))?;
                     match s.push(opts, &out_dir) {
                         Err(e) if e.monitor_gone() => stopped = Some(Stop::MonitorGone),
                         Err(e) => log::warn!("push: {e}"),
@@ -587,20 +628,19 @@ fn start_session(
     };
     config.dqn.seed = opts.seed;
     let learner = match start {
-        Some(m) => OnlineLearner::warm_started(
-            vm.shape,
-            vm.weights,
-            config,
-            &m.weights,
-            &m.card,
-            &m.path,
-        )?,
+        Some(m) => {
+            OnlineLearner::warm_started(vm.shape, vm.weights, config, &m.weights, &m.card, &m.path)?
+        }
         None => OnlineLearner::new(vm.shape, vm.weights, config)?,
     };
     log::info!(
         "learner for {} ({}), reward weights {:?}",
         vm.shape,
-        if start.is_some() { "warm start" } else { "from scratch" },
+        if start.is_some() {
+            "warm start"
+        } else {
+            "from scratch"
+        },
         vm.weights
     );
     Ok(Session {

@@ -263,10 +263,7 @@ impl Dqn {
     /// Starts both networks from the weights of a trained model instead of random ones
     /// (online learning's warm start). The layers must fit this learner: `input`
     /// features, the configured hidden width, `n_actions` outputs.
-    pub fn with_start_weights(
-        mut self,
-        w: &crate::warm::StartWeights,
-    ) -> Result<Dqn, LearnError> {
+    pub fn with_start_weights(mut self, w: &crate::warm::StartWeights) -> Result<Dqn, LearnError> {
         let fits = w.fc1.fan_in == self.input
             && w.hidden() == self.config.hidden
             && w.fc2.fan_in == self.config.hidden

@@ -169,8 +169,8 @@ impl LiveRows {
         let mut i = 0;
         while i + 1 < rows.len() {
             let (row, next) = (&rows[i], &rows[i + 1]);
-            let gap_ok = (next.ts_ns - row.ts_ns) as f64
-                <= MAX_GAP_FACTOR * (row.interval_ns.max(1) as f64);
+            let gap_ok =
+                (next.ts_ns - row.ts_ns) as f64 <= MAX_GAP_FACTOR * (row.interval_ns.max(1) as f64);
             match (&row.action, row.reward) {
                 (Some(label), Some(reward)) if gap_ok => {
                     out.push(LabelledTransition {
@@ -247,11 +247,13 @@ impl LiveRows {
 
     /// The shape, reward weights and vCPUs of the VM from a row's configuration.
     pub fn shape_of(row: &LiveRow) -> Result<VmShape, LearnError> {
-        let (shape, weights) = parse_config(&row.config, DEFAULT_MAX_DEVICES_IN_SPACE)
-            .map_err(|message| LearnError::BadConfig {
-                row_id: row.id,
-                vm_id: row.vm_id.clone(),
-                message,
+        let (shape, weights) =
+            parse_config(&row.config, DEFAULT_MAX_DEVICES_IN_SPACE).map_err(|message| {
+                LearnError::BadConfig {
+                    row_id: row.id,
+                    vm_id: row.vm_id.clone(),
+                    message,
+                }
             })?;
         Ok(VmShape {
             shape,
@@ -331,7 +333,8 @@ mod tests {
         w.insert_blocking(row(0, Some("noop"), Some(1.0))).unwrap();
         repo.flush().unwrap();
         let mut live = LiveRows::open(&db, None).unwrap();
-        w.insert_blocking(row(1000, Some("noop"), Some(0.5))).unwrap();
+        w.insert_blocking(row(1000, Some("noop"), Some(0.5)))
+            .unwrap();
         w.insert_blocking(row(1100, Some("vcpu-1"), None)).unwrap();
         repo.flush().unwrap();
         let (t, newest) = live.poll().unwrap();
@@ -344,7 +347,8 @@ mod tests {
         // The outcome of 1100 arrives with the next row; a gap breaks the next one.
         w.record_outcome("vm", 1100, Some("vcpu-1".into()), Some(-0.25))
             .unwrap();
-        w.insert_blocking(row(1200, Some("noop"), Some(0.1))).unwrap();
+        w.insert_blocking(row(1200, Some("noop"), Some(0.1)))
+            .unwrap();
         w.insert_blocking(row(9000, None, None)).unwrap();
         w.insert_blocking(row(9100, None, None)).unwrap();
         repo.flush().unwrap();

@@ -421,12 +421,23 @@ mod tests {
         }
         // Exported before any step, tract computes the same on the same input.
         let (_, exported) = l.export_bytes().unwrap();
-        assert_eq!(exported.evaluation.reference_input, card.evaluation.reference_input);
-        for (a, b) in exported.evaluation.reference_q.iter().zip(&card.evaluation.reference_q) {
+        assert_eq!(
+            exported.evaluation.reference_input,
+            card.evaluation.reference_input
+        );
+        for (a, b) in exported
+            .evaluation
+            .reference_q
+            .iter()
+            .zip(&card.evaluation.reference_q)
+        {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0));
         }
         // Another VM shape or other weights in the card are refused, naming the model.
-        let one_drive = SpaceShape { n_drives: 1, ..shape };
+        let one_drive = SpaceShape {
+            n_drives: 1,
+            ..shape
+        };
         let e = OnlineLearner::warm_started(
             one_drive,
             card.reward_weights,

@@ -78,9 +78,18 @@ fn values(path: &Path, t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), LearnE
     let dims = t
         .dims
         .iter()
-        .map(|&d| usize::try_from(d).ok().filter(|d| (1..=1 << 20).contains(d)))
+        .map(|&d| {
+            usize::try_from(d)
+                .ok()
+                .filter(|d| (1..=1 << 20).contains(d))
+        })
         .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| bad(path, format!("initializer {:?} has dims {:?}", t.name, t.dims)))?;
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("initializer {:?} has dims {:?}", t.name, t.dims),
+            )
+        })?;
     let n = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -125,9 +134,18 @@ fn values(path: &Path, t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), LearnE
 /// Reads the layers of the model `bytes` (from `path`, for messages) and checks them
 /// against `card` (input and output sizes).
 pub fn read(path: &Path, bytes: &[u8], card: &ModelCard) -> Result<StartWeights, LearnError> {
-    let model = std::panic::catch_unwind(|| tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]))
-        .map_err(|p| bad(path, format!("the ONNX parser panicked: {}", tuner::sandbox::panic_message(&*p))))?
-        .map_err(|e| bad(path, format!("not an ONNX model: {e:#}")))?;
+    let model =
+        std::panic::catch_unwind(|| tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]))
+            .map_err(|p| {
+                bad(
+                    path,
+                    format!(
+                        "the ONNX parser panicked: {}",
+                        tuner::sandbox::panic_message(&*p)
+                    ),
+                )
+            })?
+            .map_err(|e| bad(path, format!("not an ONNX model: {e:#}")))?;
     let graph = model
         .graph
         .as_ref()
