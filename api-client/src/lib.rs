@@ -121,9 +121,8 @@ fn parse_answer(bytes: &[u8]) -> Result<Value, ClientError> {
     let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice(body).map_err(|e| {
-            ClientError::Answer(format!("{e}: {:?}", String::from_utf8_lossy(body)))
-        })?
+        serde_json::from_slice(body)
+            .map_err(|e| ClientError::Answer(format!("{e}: {:?}", String::from_utf8_lossy(body))))?
     };
     if (200..300).contains(&status) {
         Ok(json!({"status": status, "body": value}))
