@@ -154,7 +154,9 @@ impl OnlineLearner {
                 )));
             }
             for (i, (got, want)) in q.iter().zip(&ev.reference_q).enumerate() {
-                if !((got - want).abs() <= REFERENCE_TOLERANCE * want.abs().max(1.0)) {
+                let diff = (got - want).abs();
+                // A NaN difference fails too.
+                if diff.is_nan() || diff > REFERENCE_TOLERANCE * want.abs().max(1.0) {
                     return Err(bad(format!(
                         "the weights read give Q-value {got} for action {i} on the card's \
                          reference input, the card says {want}"
