@@ -515,13 +515,9 @@ pub fn run(opts: &OnlineOptions, stop: &AtomicBool) -> Result<OnlineSummary, Bes
         let (transitions, newest) = live.poll()?;
         if session.is_none() {
             if let Some(row) = &newest {
-                let s = start_session(opts, LiveRows::shape_of(row)?, start.as_ref())?;
-                session = Some(s);
+                let mut s = start_session(opts, LiveRows::shape_of(row)?, start.as_ref())?;
                 if start.is_some() {
                     // The start model's own network, before any training step.
-                    let s = session
-                        .as_mut()
-                        .ok_or_else(|| option("policy", "no session"))?;
                     match s.push(opts, &out_dir) {
                         Err(e) if e.monitor_gone() => stopped = Some(Stop::MonitorGone),
                         Err(e) => log::warn!("push: {e}"),
@@ -529,6 +525,7 @@ pub fn run(opts: &OnlineOptions, stop: &AtomicBool) -> Result<OnlineSummary, Bes
                     }
                     s.generation += 1;
                 }
+                session = Some(s);
             } else if began.elapsed() > opts.first_row_timeout {
                 return Err(option(
                     "state_db",
