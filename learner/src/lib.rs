@@ -17,7 +17,8 @@
 //! - [`live`]: a running VM's transitions as they arrive in its state repository.
 //! - [`beside`]: `vmm-learn online`: learns beside a running VM and pushes each new
 //!   network to it (`PUT /policy` on its control socket).
-//! - [`error`]: [`LearnError`], the one error type.
+//! - [`error`]: [`LearnError`], the error of data, training and export ([`beside`] wraps it
+//!   in its own [`beside::BesideError`] with the VM-side failures).
 //!
 //! The binary `vmm-learn` (`src/bin/vmm-learn.rs`) is the command line. The learner runs
 //! in its own process: the monitor (`vmm`) does not link it. It depends on the tuner
