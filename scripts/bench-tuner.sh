@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Tuner policies on the phased workload suite (see bench/src/tuner.rs):
 #   1. installs a TrueType font for the plots' text (Debian's fonts-dejavu-core) if missing,
-#   2. builds vmm, vmm-bench and the test kernels in release mode,
+#   2. builds vmm, vmm-learn (the learner), vmm-bench and the test kernels in release mode,
 #   3. runs `vmm-bench tuner` (one VM at a time): a calibration sweep of the 150 static
 #      configurations, then every scenario x seed under threshold, random, learned
-#      (models/general.onnx, when present), online (vmm run --learn, when supported) and
+#      (models/general.onnx, when present), online (`vmm-learn online` from scratch beside
+#      each VM, which runs `--tuner static --epsilon 0.2`) and
 #      the top predicted static configurations.
 # Output: target/bench-tuner/{report.md,results.json,*.png,serial/}.
 # Usage: scripts/bench-tuner.sh [vmm-bench tuner options, e.g. --quick, --seeds 3,
@@ -33,7 +34,7 @@ if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
 fi
 
 echo "== build (release)"
-cargo build --release -p vmm -p vmm-bench -p test-kernels
+cargo build --release -p vmm -p learner -p vmm-bench -p test-kernels
 
 nice_level="${BENCH_NICE:--10}"
 prefix=()

@@ -28,7 +28,8 @@ fi
 # The Linux boot test needs Debian's cloud kernel; fetch it once into target/.
 bash scripts/fetch-debian-kernel.sh target/debian-kernel
 
-echo "== build (also builds the test kernels into target/test-kernels/)"
+echo "== build (also builds the test kernels into target/test-kernels/, and vmm-learn beside"
+echo "   vmm: tests/tests/train.rs and learn_online.rs run it)"
 cargo build --workspace --all-targets
 # The binary that ships: tests/tests/shipped.rs runs it (panic = "unwind", seccomp on).
 cargo build --release -p vmm

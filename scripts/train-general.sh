@@ -4,7 +4,7 @@
 #
 #     scripts/train-general.sh
 #
-# 1. builds vmm and the test kernels in release (scripts/collect.sh does it);
+# 1. builds vmm, vmm-learn (the learner) and the test kernels in release;
 # 2. round 1: collects a training set: the training scenarios of the workload suite
 #    (cpu-idle, io-contention, mixed; `bursty` is held out) for seeds 1..SEEDS, behaviour
 #    policies threshold/static exploring with EPSILON, into target/learn/runs.db, and
@@ -14,9 +14,9 @@
 #    the data also covers the states a learned policy leads to (e.g. a drive it throttled
 #    while idle when I/O starts), which the heuristics never visit, and the policy sees
 #    what its own mistakes cost (e.g. a vCPU added as an I/O phase ends);
-# 4. trains offline on all rounds with `vmm train` (DQN, Double DQN targets over the
+# 4. trains offline on all rounds with `vmm-learn train` (DQN, Double DQN targets over the
 #    actions valid in the next state, Huber loss, change penalty, experience replay,
-#    target network) and writes the model and its card; `vmm train` loads the written
+#    target network) and writes the model and its card; `vmm-learn train` loads the written
 #    model back through tract and fails if its Q-values differ from the trainer's.
 #
 # The runs are real VMs on a shared machine, so the data (and so the weights) differ from
@@ -37,13 +37,16 @@ db=${DB:-target/learn/runs.db}
 out=${OUT:-models/general.onnx}
 round_dir="$(dirname "$db")"
 
+if [ -z "${NO_BUILD:-}" ]; then
+    cargo build --release -p vmm -p learner -p test-kernels
+fi
 mkdir -p "$round_dir"
 rm -f "$db" "$db-wal" "$db-shm"
 train() {
-    target/release/vmm train --state-db "$db" --steps "$steps" --exclude-prefix bursty "$@"
+    target/release/vmm-learn train --state-db "$db" --steps "$steps" --exclude-prefix bursty "$@"
 }
 echo "== round 1: heuristics exploring (epsilon $epsilon)"
-scripts/collect.sh "$db" "$seeds" "$epsilon"
+NO_BUILD=1 scripts/collect.sh "$db" "$seeds" "$epsilon"
 [ "$rounds" -eq 1 ] || train --out "$round_dir/round1.onnx" --name general-round1
 for round in $(seq 2 "$rounds"); do
     echo "== round $round: the round-$((round - 1)) policy exploring (epsilon $epsilon2)"

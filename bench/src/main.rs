@@ -155,6 +155,11 @@ struct MemoryArgs {
     /// The kernel [default: the `bad-loop` test kernel].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// One more `vmm run` argument (repeatable), e.g. the tuner on with a policy loaded:
+    /// `--vmm-arg=--drive --vmm-arg=path=d.img --vmm-arg=--policy
+    /// --vmm-arg=models/test-policy.onnx`.
+    #[arg(long = "vmm-arg", value_name = "ARG", allow_hyphen_values = true)]
+    vmm_args: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -357,6 +362,7 @@ impl Env {
             mem_mib: a.mem_mib,
             timeout_ms: t,
             sample_after_ms: vec![t / 6, t / 3, t / 2],
+            extra: a.vmm_args.clone(),
         })
     }
 
@@ -554,6 +560,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
                 mem_mib: 128,
                 timeout_ms: 3000,
                 kernel: None,
+                vmm_args: Vec::new(),
             };
             eprintln!("== boot latency");
             let boot = env.boot(&boot_args)?;

@@ -32,6 +32,8 @@ pub struct MemorySettings {
     pub timeout_ms: u64,
     /// Delays after the guest's line at which to sample.
     pub sample_after_ms: Vec<u64>,
+    /// More `vmm run` arguments (e.g. a drive and a policy: the tuner on).
+    pub extra: Vec<String>,
 }
 
 /// One mapping of `/proc/<pid>/smaps`.
@@ -253,13 +255,15 @@ pub fn run(s: &MemorySettings) -> Result<MemoryReport, BenchError> {
         .arg("--mem-mib")
         .arg(s.mem_mib.to_string())
         .arg("--timeout-ms")
-        .arg(s.timeout_ms.to_string());
+        .arg(s.timeout_ms.to_string())
+        .args(&s.extra);
     let line = format!(
-        "{} run --kernel {} --mem-mib {} --timeout-ms {}",
+        "{} run --kernel {} --mem-mib {} --timeout-ms {}{}",
         s.vmm.display(),
         s.kernel.display(),
         s.mem_mib,
-        s.timeout_ms
+        s.timeout_ms,
+        s.extra.iter().map(|a| format!(" {a}")).collect::<String>()
     );
     if let Some(last) = s.sample_after_ms.iter().max() {
         if *last + 200 >= s.timeout_ms {

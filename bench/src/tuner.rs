@@ -4,7 +4,7 @@
 //! runs with N seeds under each policy: the best static configuration in hindsight (found
 //! by a calibration sweep, see [`run`]), the `threshold` baseline, uniform `random`
 //! actions, the `learned` ONNX policy (`models/general.onnx`, when present) and the
-//! `online` learner (`vmm run --learn`, when the flag exists). Each run is one `vmm`
+//! `online` learner (`vmm-learn online` beside the VM, when the binary is beside `vmm`). Each run is one `vmm`
 //! process with its own state repository; the figures come from its rows and from the
 //! kernel's phase lines. Outputs: `results.json`, `report.md` and PNG plots.
 
@@ -56,7 +56,8 @@ pub enum PolicyKind {
     Random,
     /// `--policy models/general.onnx`.
     Learned,
-    /// `--learn` from scratch.
+    /// `vmm-learn online` from scratch beside the VM (the VM: `--tuner static` with
+    /// exploration [`ONLINE_EPSILON`]).
     Online,
 }
 
@@ -832,13 +833,48 @@ pub fn loadavg() -> Option<[f64; 3]> {
     (v.len() == 3).then(|| [v[0], v[1], v[2]])
 }
 
-/// Whether `vmm run` knows `--learn`.
-pub fn learn_supported(vmm: &Path) -> bool {
-    Command::new(vmm)
-        .args(["run", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--learn"))
-        .unwrap_or(false)
+/// Exploration of the VM's tuner while `vmm-learn online` learns beside it.
+pub const ONLINE_EPSILON: &str = "0.2";
+
+/// The `vmm-learn` binary beside `vmm`, if it is there (online learning runs in it).
+pub fn learn_bin(vmm: &Path) -> Option<PathBuf> {
+    Some(vmm.with_file_name("vmm-learn")).filter(|p| p.is_file())
+}
+
+/// Runs `vmm-learn online` beside the VM that will serve `sock` and write `db`: waits (up
+/// to 10 s) for both, then runs the learner until the VM is gone. Returns its summary
+/// line, or why it failed.
+fn learn_beside(
+    learn: PathBuf,
+    sock: PathBuf,
+    db: PathBuf,
+    dir: PathBuf,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while !(sock.exists() && db.exists()) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = Command::new(&learn)
+            .arg("online")
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--state-db")
+            .arg(&db)
+            .args(["--vm-id", "vm0", "--poll-ms", "100"])
+            .arg("--out-dir")
+            .arg(dir.join("nets"))
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            Ok(o) => format!(
+                "vmm-learn failed ({:?}): {}",
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => format!("cannot run {}: {e}", learn.display()),
+        }
+    })
 }
 
 /// How to run one VM.
@@ -865,7 +901,7 @@ fn policy_flags(policy: PolicyKind, model: &Path) -> Vec<String> {
         PolicyKind::Threshold => s(&["--tuner", "threshold"]),
         PolicyKind::Random => s(&["--tuner", "static", "--epsilon", "1"]),
         PolicyKind::Learned => vec!["--policy".into(), model.display().to_string()],
-        PolicyKind::Online => s(&["--learn"]),
+        PolicyKind::Online => s(&["--tuner", "static", "--epsilon", ONLINE_EPSILON]),
     }
 }
 
@@ -913,8 +949,20 @@ fn run_job(job: &Job<'_>) -> Result<RunRecord, BenchError> {
         }
     }
     cmd.args(&job.extra);
+    // Online learning: the VM serves a control socket and vmm-learn learns beside it.
+    let learner = match (job.policy, learn_bin(&job.settings.vmm)) {
+        (PolicyKind::Online, Some(learn)) => {
+            let sock = dir.join("vm.sock");
+            cmd.arg("--api-sock").arg(&sock);
+            Some(learn_beside(learn, sock, db.clone(), dir.clone()))
+        }
+        _ => None,
+    };
     let timeout = Duration::from_millis(job.planned_ms + 60_000);
     let t = child::run_timed(&mut cmd, timeout);
+    if let Some(summary) = learner.and_then(|h| h.join().ok()) {
+        eprintln!("vmm-bench tuner: {}: {summary}", job.name);
+    }
     let mut rec = RunRecord {
         scenario: job.scenario.clone(),
         seed: job.seed,
@@ -1065,14 +1113,17 @@ pub fn run(s: &TunerSettings) -> Result<TunerReport, BenchError> {
         arms.push(PolicyKind::Learned);
     } else {
         notes.push(format!(
-            "learned: skipped, {} does not exist (train it with `vmm train`)",
+            "learned: skipped, {} does not exist (train it with `vmm-learn train`)",
             s.policy.display()
         ));
     }
-    if learn_supported(&s.vmm) {
+    if learn_bin(&s.vmm).is_some() {
         arms.push(PolicyKind::Online);
     } else {
-        notes.push("online: not available (this vmm has no `run --learn` flag)".into());
+        notes.push(
+            "online: not available (no vmm-learn beside the vmm binary: cargo build --release -p learner)"
+                .into(),
+        );
     }
     for n in &notes {
         eprintln!("vmm-bench tuner: {n}");

@@ -341,7 +341,7 @@ fn sqlite_error(path: &Path, e: rusqlite::Error) -> LearnError {
 }
 
 /// Shape and recorded reward weights of a row's configuration JSON.
-fn parse_config(
+pub(crate) fn parse_config(
     text: &str,
     max_devices_in_space: usize,
 ) -> Result<(SpaceShape, Option<RewardWeights>), String> {
@@ -375,7 +375,7 @@ fn parse_config(
 }
 
 /// The `vcpus` a row's configuration records (0 when it does not).
-fn config_vcpus(text: &str) -> u32 {
+pub(crate) fn config_vcpus(text: &str) -> u32 {
     serde_json::from_str::<serde_json::Value>(text)
         .ok()
         .and_then(|v| v.get("vcpus").and_then(serde_json::Value::as_u64))

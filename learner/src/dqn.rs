@@ -260,6 +260,39 @@ impl Dqn {
         })
     }
 
+    /// Starts both networks from the weights of a trained model instead of random ones
+    /// (online learning's warm start). The layers must fit this learner: `input`
+    /// features, the configured hidden width, `n_actions` outputs.
+    pub fn with_start_weights(mut self, w: &crate::warm::StartWeights) -> Result<Dqn, LearnError> {
+        let fits = w.fc1.fan_in == self.input
+            && w.hidden() == self.config.hidden
+            && w.fc2.fan_in == self.config.hidden
+            && w.fc2.fan_out == self.config.hidden
+            && w.out.fan_in == self.config.hidden
+            && w.out.fan_out == self.n_actions;
+        if !fits {
+            return Err(LearnError::bad_option(
+                "policy",
+                format!(
+                    "start weights {}x{}, {}x{}, {}x{} do not fit a {}-{}-{}-{} network",
+                    w.fc1.fan_in,
+                    w.fc1.fan_out,
+                    w.fc2.fan_in,
+                    w.fc2.fan_out,
+                    w.out.fan_in,
+                    w.out.fan_out,
+                    self.input,
+                    self.config.hidden,
+                    self.config.hidden,
+                    self.n_actions
+                ),
+            ));
+        }
+        self.online = QNet::from_weights(w, &self.ad_device);
+        self.target = self.online.valid();
+        Ok(self)
+    }
+
     /// Bootstraps only from the actions the configuration manager could take in each next
     /// state of `space` with at most `max_vcpus` vCPUs ([`crate::valid_actions`]). The
     /// space must have this network's number of actions.

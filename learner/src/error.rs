@@ -208,6 +208,16 @@ pub enum LearnError {
         #[source]
         source: io::Error,
     },
+    /// The model to start online learning from is unusable (not the learner's MLP, a
+    /// shape that differs from its card or the VM's action space, weights that do not
+    /// reproduce its card's reference Q-values).
+    #[error("start model {path}: {message}")]
+    StartModel {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// tract refused the exported model.
     #[error("the exported model does not load back through tract: {0}")]
     Reload(#[source] PolicyError),
@@ -241,6 +251,7 @@ impl LearnError {
             | LearnError::Reload(_)
             | LearnError::Mismatch { .. } => "out",
             LearnError::InvalidTransition(_) | LearnError::Policy(_) => "transition",
+            LearnError::StartModel { .. } => "policy",
             _ => "state_db",
         }
     }

@@ -11,27 +11,36 @@
 //! - [`start`]: the start configuration in the card: where the trained network takes an
 //!   idle guest.
 //! - [`train`]: offline training from a state repository to `NAME.onnx` +
-//!   `NAME.card.json` (the `vmm train` command).
-//! - [`online`]: [`online::OnlineLearner`], fed one transition at a time, for the
-//!   monitor's online learning.
-//! - [`error`]: [`LearnError`], the one error type.
+//!   `NAME.card.json` (`vmm-learn train`).
+//! - [`online`]: [`online::OnlineLearner`], fed one transition at a time.
+//! - [`warm`]: a trained policy's weights read back from its ONNX file (warm start).
+//! - [`live`]: a running VM's transitions as they arrive in its state repository.
+//! - [`beside`]: `vmm-learn online`: learns beside a running VM and pushes each new
+//!   network to it (`PUT /policy` on its control socket).
+//! - [`error`]: [`LearnError`], the error of data, training and export ([`beside`] wraps it
+//!   in its own [`beside::BesideError`] with the VM-side failures).
 //!
-//! The learner depends on the tuner (schema, actions, reward weights, model card, tract
-//! loader) but not on the monitor; the monitor's `MAX_DEVICES_IN_SPACE` is a parameter
+//! The binary `vmm-learn` (`src/bin/vmm-learn.rs`) is the command line. The learner runs
+//! in its own process: the monitor (`vmm`) does not link it. It depends on the tuner
+//! (schema, actions, reward weights, model card, tract loader) and the control API's
+//! client (`api-client`), but not on the monitor; the monitor's `MAX_DEVICES_IN_SPACE` is a parameter
 //! ([`dataset::DatasetOptions::max_devices_in_space`], [`dataset::SpaceShape`]).
 
 #![warn(missing_docs)]
 
+pub mod beside;
 pub mod dataset;
 pub mod dqn;
 pub mod error;
 pub mod export;
+pub mod live;
 pub mod net;
 pub mod online;
 pub mod replay;
 pub mod start;
 pub mod train;
 pub mod valid_actions;
+pub mod warm;
 
 pub use dataset::{Dataset, DatasetOptions, SpaceShape, Transition};
 pub use dqn::{Dqn, DqnConfig, Loss, TrainStats};

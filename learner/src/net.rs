@@ -36,7 +36,26 @@ fn layer(fan_in: usize, fan_out: usize, rng: &mut XorShift64, device: &Device) -
     }
 }
 
+/// A layer holding `w`'s weights.
+fn layer_from(w: &crate::warm::LayerWeights, device: &Device) -> Linear {
+    let weight = TensorData::new(w.weight.clone(), [w.fan_in, w.fan_out]);
+    let bias = TensorData::new(w.bias.clone(), [w.fan_out]);
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(weight, device)),
+        bias: Some(Param::from_tensor(Tensor::from_data(bias, device))),
+    }
+}
+
 impl QNet {
+    /// A network holding the weights of a trained model ([`crate::warm`]), on `device`.
+    pub fn from_weights(w: &crate::warm::StartWeights, device: &Device) -> QNet {
+        QNet {
+            fc1: layer_from(&w.fc1, device),
+            fc2: layer_from(&w.fc2, device),
+            out: layer_from(&w.out, device),
+        }
+    }
+
     /// A freshly initialised network on `device`.
     pub fn new(
         input: usize,

@@ -1,12 +1,12 @@
-//! Online learning: the API the monitor's `--learn` mode drives.
+//! Online learning: the learner `vmm-learn online` drives beside a running VM.
 //!
-//! The monitor's tuner thread hands over transitions as they happen ([`OnlineLearner::push`],
-//! or [`OnlineLearner::push_labelled`] with the tuner's action label); a background thread
-//! owns the learner, calls [`OnlineLearner::train`] for a few steps at a time and, now and
-//! then, [`OnlineLearner::export_bytes`] to get a new ONNX model and card, which it loads
-//! with `tuner::policy::OnnxPolicy::from_parts` and swaps in through the tuner's
-//! `PolicyHandle`. The learner is `Send` (not `Sync`): move it into that thread, or wrap it
-//! in a `Mutex`.
+//! Transitions are handed over as they happen ([`OnlineLearner::push`], or
+//! [`OnlineLearner::push_labelled`] with the tuner's action label, as the state repository
+//! stores it; see [`crate::live`]); the driver ([`crate::beside`]) calls
+//! [`OnlineLearner::train`] for a few steps at a time and, now and then,
+//! [`OnlineLearner::export_bytes`] to get a new ONNX model and card, which it writes and
+//! pushes to the VM (`PUT /policy`). [`OnlineLearner::warm_started`] starts from a trained
+//! model's weights instead of random ones.
 //!
 //! Exploration: [`OnlineLearner::act`] is epsilon-greedy over the learner's own network
 //! with the decaying [`EpsilonSchedule`] of [`OnlineConfig::epsilon`]; a monitor that lets
@@ -15,9 +15,13 @@
 //! Nothing here touches the file system: the exported bytes are checked through tract in
 //! memory before they are returned.
 
+use std::path::Path;
+
 use serde_json::json;
 use tuner::actions::ActionSpace;
-use tuner::policy::{select_explained, EpsilonSchedule, ModelCard, Selection, XorShift64};
+use tuner::policy::{
+    select_explained, EpsilonSchedule, ModelCard, Selection, XorShift64, REFERENCE_TOLERANCE,
+};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 
@@ -26,6 +30,7 @@ use crate::dqn::{Dqn, DqnConfig, TrainStats};
 use crate::error::LearnError;
 use crate::export::{self, Agreement};
 use crate::replay::ReplayBuffer;
+use crate::warm::StartWeights;
 
 /// Settings of online learning.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +68,7 @@ impl Default for OnlineConfig {
             replay_capacity: 50_000,
             min_transitions: 256,
             name: "online".into(),
-            description: "DQN Q-network learned online by the monitor".into(),
+            description: "DQN Q-network learned online by vmm-learn beside the VM".into(),
             check_states: 32,
             max_vcpus: 0,
         }
@@ -106,11 +111,68 @@ pub struct OnlineLearner {
 }
 
 impl OnlineLearner {
-    /// A learner for VMs of `shape`, whose rewards are computed with `weights`.
+    /// A learner for VMs of `shape`, whose rewards are computed with `weights`, from
+    /// random weights.
     pub fn new(
         shape: SpaceShape,
         weights: RewardWeights,
         config: OnlineConfig,
+    ) -> Result<OnlineLearner, LearnError> {
+        Self::build(shape, weights, config, None)
+    }
+
+    /// A learner that starts from a trained model (the warm start of `vmm-learn online
+    /// --policy`): `start` are its layers ([`crate::warm::read`]), `card` its model card,
+    /// `path` names it in errors. The card must fit the VM (`shape`'s action space and
+    /// the reward `weights`), the hidden width comes from the model, and the learner's
+    /// Q-values on the card's reference input must equal the card's reference Q-values
+    /// (within `tuner::policy::REFERENCE_TOLERANCE`): the weights were read right.
+    pub fn warm_started(
+        shape: SpaceShape,
+        weights: RewardWeights,
+        mut config: OnlineConfig,
+        start: &StartWeights,
+        card: &ModelCard,
+        path: &Path,
+    ) -> Result<OnlineLearner, LearnError> {
+        let bad = |message: String| LearnError::StartModel {
+            path: path.to_path_buf(),
+            message,
+        };
+        card.validate(&shape.space(), Some(&weights))
+            .map_err(|e| bad(format!("its card does not fit this VM: {e}")))?;
+        config.dqn.hidden = start.hidden();
+        let mut learner = Self::build(shape, weights, config, Some(start))?;
+        let ev = &card.evaluation;
+        if !ev.reference_input.is_empty() {
+            let q = learner.q_values(&ev.reference_input)?;
+            if q.len() != ev.reference_q.len() {
+                return Err(bad(format!(
+                    "{} reference Q-values in the card, the network has {} outputs",
+                    ev.reference_q.len(),
+                    q.len()
+                )));
+            }
+            for (i, (got, want)) in q.iter().zip(&ev.reference_q).enumerate() {
+                let diff = (got - want).abs();
+                // A NaN difference fails too.
+                if diff.is_nan() || diff > REFERENCE_TOLERANCE * want.abs().max(1.0) {
+                    return Err(bad(format!(
+                        "the weights read give Q-value {got} for action {i} on the card's \
+                         reference input, the card says {want}"
+                    )));
+                }
+            }
+            learner.last_state = Some(ev.reference_input.clone());
+        }
+        Ok(learner)
+    }
+
+    fn build(
+        shape: SpaceShape,
+        weights: RewardWeights,
+        config: OnlineConfig,
+        start: Option<&StartWeights>,
     ) -> Result<OnlineLearner, LearnError> {
         config
             .epsilon
@@ -129,8 +191,11 @@ impl OnlineLearner {
             ));
         }
         let space = shape.space();
-        let dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?
+        let mut dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?
             .with_valid_actions(space.clone(), config.max_vcpus);
+        if let Some(w) = start {
+            dqn = dqn.with_start_weights(w)?;
+        }
         Ok(OnlineLearner {
             shape,
             space,
@@ -320,5 +385,83 @@ impl OnlineLearner {
         }
         self.stats.exports += 1;
         Ok((bytes, card, agreement))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn general() -> (std::path::PathBuf, ModelCard, StartWeights) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/general.onnx");
+        let card: ModelCard =
+            serde_json::from_slice(&std::fs::read(ModelCard::path_for(&path)).unwrap()).unwrap();
+        let w = crate::warm::read(&path, &std::fs::read(&path).unwrap(), &card).unwrap();
+        (path, card, w)
+    }
+
+    #[test]
+    fn a_warm_start_computes_the_start_models_q_values_and_exports_them() {
+        let (path, card, w) = general();
+        let shape = SpaceShape {
+            n_drives: 2,
+            n_nets: 0,
+            max_devices_in_space: 4,
+        };
+        let mut l = OnlineLearner::warm_started(
+            shape,
+            card.reward_weights,
+            OnlineConfig::default(),
+            &w,
+            &card,
+            &path,
+        )
+        .unwrap();
+        let q = l.q_values(&card.evaluation.reference_input).unwrap();
+        for (a, b) in q.iter().zip(&card.evaluation.reference_q) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{q:?}");
+        }
+        // Exported before any step, tract computes the same on the same input.
+        let (_, exported) = l.export_bytes().unwrap();
+        assert_eq!(
+            exported.evaluation.reference_input,
+            card.evaluation.reference_input
+        );
+        for (a, b) in exported
+            .evaluation
+            .reference_q
+            .iter()
+            .zip(&card.evaluation.reference_q)
+        {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0));
+        }
+        // Another VM shape or other weights in the card are refused, naming the model.
+        let one_drive = SpaceShape {
+            n_drives: 1,
+            ..shape
+        };
+        let e = OnlineLearner::warm_started(
+            one_drive,
+            card.reward_weights,
+            OnlineConfig::default(),
+            &w,
+            &card,
+            &path,
+        )
+        .unwrap_err();
+        assert!(matches!(e, LearnError::StartModel { .. }), "{e}");
+        // Weights that do not give the card's reference Q-values are refused.
+        let mut off = w.clone();
+        off.out.bias[0] += 1.0;
+        let e = OnlineLearner::warm_started(
+            shape,
+            card.reward_weights,
+            OnlineConfig::default(),
+            &off,
+            &card,
+            &path,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("reference input"), "{e}");
     }
 }

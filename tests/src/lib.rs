@@ -36,6 +36,18 @@ pub fn vmm_bin() -> PathBuf {
     bin
 }
 
+/// The `vmm-learn` binary (the learner, `learner/src/bin/vmm-learn.rs`) built in the same
+/// profile as this test, beside `vmm` (`cargo build --workspace` builds both).
+pub fn vmm_learn_bin() -> PathBuf {
+    let bin = vmm_bin().with_file_name("vmm-learn");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace`, or `cargo build -p learner`)",
+        bin.display()
+    );
+    bin
+}
+
 /// The release-profile `vmm` (target/release/vmm: the binary that ships, panic =
 /// "unwind", seccomp on), or `None` when it is not built: under CI (`CI=true`) the test
 /// fails loudly; elsewhere it prints `skipped: ...` and the caller returns early.
@@ -131,15 +143,25 @@ impl Run {
 /// Runs `vmm` with `args`, stdin closed, and a hard limit of `limit` (the test fails if the
 /// monitor hangs past it).
 pub fn vmm(args: &[&str], limit: Duration) -> Run {
+    run_bin(&vmm_bin(), args, limit)
+}
+
+/// Runs `vmm-learn` with `args` as [`vmm`] runs `vmm`.
+pub fn vmm_learn(args: &[&str], limit: Duration) -> Run {
+    run_bin(&vmm_learn_bin(), args, limit)
+}
+
+/// Runs `bin` with `args`, stdin closed, killed (and the test failed) past `limit`.
+pub fn run_bin(bin: &Path, args: &[&str], limit: Duration) -> Run {
     let start = Instant::now();
-    let mut child = Command::new(vmm_bin())
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn vmm");
-    // Poll for the end; kill and fail if the monitor outlives the limit.
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    // Poll for the end; kill and fail if the program outlives the limit.
     loop {
         match child.try_wait().expect("try_wait") {
             Some(_) => break,
@@ -147,7 +169,8 @@ pub fn vmm(args: &[&str], limit: Duration) -> Run {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("wait");
                 panic!(
-                    "vmm {args:?} hung for more than {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    "{} {args:?} hung for more than {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    bin.display(),
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)
                 );

@@ -6,8 +6,9 @@
 //! Two runs cover the features that cannot share a VM:
 //! - drives with rate limits and priorities, a policy in charge, the state repository,
 //!   the Prometheus endpoint (scraped), and the control API (every route, through curl);
-//! - a network device on a TAP with a packet limit, the online learner, the repository,
-//!   the endpoint and the API, with UDP traffic through the guest.
+//! - a network device on a TAP with a packet limit, the threshold tuner, the repository,
+//!   the endpoint and the API, with UDP traffic through the guest. (Online learning is
+//!   no longer part of the monitor: `vmm-learn online` runs in its own process.)
 //!
 //! Each needs the release binary, strace, curl and (the second) a network namespace; without
 //! them it prints `skipped: ...`, and fails under CI=true.
@@ -240,7 +241,7 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
 }
 
 #[test]
-fn network_learner_repository_metrics_and_api_run_without_a_refused_call() {
+fn network_tuner_repository_metrics_and_api_run_without_a_refused_call() {
     let Some(bin) = tools() else { return };
     let Some(ns) = Netns::create("shipall") else {
         return;
@@ -258,7 +259,8 @@ fn network_learner_repository_metrics_and_api_run_without_a_refused_call() {
         "tap=tap0,pps=20000",
         "--cmdline",
         "mode=echo ms=6000 ip=10.0.0.2",
-        "--learn",
+        "--tuner",
+        "threshold",
         "--state-db",
         &db,
         "--metrics-addr",

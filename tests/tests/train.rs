@@ -1,11 +1,11 @@
-//! `vmm train`: a state repository in, an ONNX policy and its card out that the tuner
-//! loads; bad input is one line on stderr and exit status 2, with nothing written.
-//! (No KVM needed.)
+//! `vmm-learn train` (and its alias `vmm train`): a state repository in, an ONNX policy
+//! and its card out that the tuner loads; bad input is one line on stderr and exit
+//! status 2, with nothing written. (No KVM needed.)
 
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{vmm, Scratch};
+use integration_tests::{vmm, vmm_learn, Scratch};
 use tuner::actions::ActionSpace;
 use tuner::policy::{ModelCard, OnnxPolicy, XorShift64};
 use tuner::reward::RewardWeights;
@@ -66,7 +66,7 @@ fn train_writes_a_policy_the_tuner_loads() {
     all.extend(rows("held-b-0", 40, 3));
     write_db(&db, all);
     let out = dir.path("models/cli.onnx");
-    let run = vmm(
+    let run = vmm_learn(
         &[
             "train",
             "--state-db",
@@ -111,6 +111,41 @@ fn train_writes_a_policy_the_tuner_loads() {
     let space = ActionSpace::new(1, 0, 4);
     OnnxPolicy::load(&out, &space, Some(&RewardWeights::default()))
         .expect("the tuner loads the trained policy");
+
+    // `vmm train` is `vmm-learn train` (the monitor runs the binary beside it): the same
+    // run writes the same summary line.
+    let again = dir.path("models/alias.onnx");
+    let alias = vmm(
+        &[
+            "train",
+            "--state-db",
+            s(&db),
+            "--out",
+            s(&again),
+            "--steps",
+            "40",
+            "--hidden",
+            "16",
+            "--batch",
+            "16",
+            "--seed",
+            "3",
+            "--exclude-prefix",
+            "held-",
+        ],
+        LIMIT,
+    );
+    alias.expect_status(0);
+    assert!(
+        alias
+            .stdout
+            .lines()
+            .any(|l| l.contains("alias.onnx (298 transitions, 40 steps, loss ")),
+        "{}\n{}",
+        alias.stdout,
+        alias.stderr
+    );
+    assert!(ModelCard::path_for(&again).exists());
 }
 
 #[test]
@@ -122,11 +157,11 @@ fn bad_input_is_one_line_and_status_2() {
     let expect_usage = |args: &[&str], flag: &str, words: &str| {
         let mut all = vec!["train"];
         all.extend_from_slice(args);
-        let run = vmm(&all, LIMIT);
+        let run = vmm_learn(&all, LIMIT);
         run.expect_status(2);
         let err = run.stderr.trim_end();
         assert_eq!(err.lines().count(), 1, "one line: {err}");
-        assert!(err.starts_with("vmm: error: "), "{err}");
+        assert!(err.starts_with("vmm-learn: error: "), "{err}");
         assert!(err.contains(flag), "{err} lacks {flag}");
         assert!(err.contains(words), "{err} lacks {words}");
     };

@@ -527,78 +527,6 @@ fn ab_report_splits_several_vms_between_the_arms() {
     assert!(!one.status.success());
 }
 
-/// Online learning: `--learn` trains from the live transitions in a background thread and
-/// hot-swaps refreshed networks (`online-1`, `online-2`, ...) into the running tuner;
-/// decisions go on every interval meanwhile (no watchdog firing, no missing rows).
-#[test]
-fn online_learning_hot_swaps_refreshed_networks() {
-    let _machine = shared();
-    if !kvm_available() {
-        return;
-    }
-    let dir = Scratch::new("tuner-learn");
-    let db = dir.path("learn.db");
-    let fg = format!("path={}", disk(&dir));
-    let bg_path = dir.path("bg.img");
-    std::fs::write(&bg_path, vec![0u8; 16 << 20]).unwrap();
-    let bg = format!("path={}", bg_path.to_str().unwrap());
-    let run = run_kernel(
-        "phased",
-        &[
-            "--vcpus",
-            "2",
-            "--mem-mib",
-            "64",
-            "--drive",
-            &fg,
-            "--drive",
-            &bg,
-            "--cmdline",
-            "schedule=cpu:3000,io:3000,idle:3000,cpu:3000",
-            "--metrics-interval-ms",
-            "100",
-            "--learn",
-            "--learn-every",
-            "10",
-            "--state-db",
-            db.to_str().unwrap(),
-        ],
-        LIMIT,
-    );
-    run.expect_status(0);
-    let swaps = query(
-        &db,
-        "select detail, ts_ns from events where kind = 'policy_swap' order by ts_ns",
-    );
-    eprintln!("swaps: {swaps:?}");
-    assert!(
-        swaps.iter().any(|(d, _)| d.ends_with("-> online-1")),
-        "no network was served: {swaps:?}"
-    );
-    let per_policy = query(
-        &db,
-        "select policy_id, count(*) from samples group by policy_id",
-    );
-    eprintln!("rows per policy: {per_policy:?}");
-    assert!(
-        per_policy
-            .iter()
-            .any(|(p, n)| p.starts_with("online-") && *n >= 3),
-        "{per_policy:?}"
-    );
-    let watchdog = query(
-        &db,
-        "select kind, count(*) from events where detail like '%watchdog%' group by kind",
-    );
-    assert!(watchdog.is_empty(), "the tuner stalled: {watchdog:?}");
-    // One decision per interval throughout (12 s at 100 ms; allow for boot and exit).
-    let decided = query(
-        &db,
-        "select 'decided', count(*) from samples where action is not null",
-    );
-    assert!(decided[0].1 >= 100, "{decided:?}");
-}
-
 /// Mean guest ops/s of a run's rows from `from` on, leaving out the last interval (the
 /// guest stops during it).
 fn mean_ops(rows: &[tuner::state_repo::Row], from: usize) -> f64 {
@@ -817,19 +745,19 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
 }
 
 /// Starts a VM with every helper thread (tuner, state repository, watchdog, metrics
-/// server, online learner) and returns its threads' seccomp modes once they all run.
+/// server) and returns its threads' seccomp modes once they all run.
 fn helper_threads(dir: &Scratch, extra: &[&str]) -> Vec<(String, String)> {
     let spec = format!("path={}", disk(dir));
     let db = dir.path("t.db");
     let child = kernel_command("cpu-burn", &["--cmdline", "ms=3000", "--drive", &spec])
-        .args(["--learn", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--tuner", "threshold", "--metrics-addr", "127.0.0.1:0"])
         .args(["--state-db", db.to_str().unwrap()])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let want = ["tuner-agent", "tuner-metrics", "tuner-watchdog", "learner"];
+    let want = ["tuner-agent", "tuner-metrics", "tuner-watchdog"];
     let start = std::time::Instant::now();
     let mut threads = Vec::new();
     while start.elapsed() < Duration::from_secs(10) {

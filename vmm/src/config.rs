@@ -99,14 +99,13 @@ pub struct VmConfig {
     /// Exploration rate of the tuner's epsilon-greedy selection (0 in production).
     #[serde(default)]
     pub epsilon: f64,
-    /// Online learning: train a Q-network from the live transitions in a background
-    /// thread and hot-swap it into the tuner (see `vmm::learning`).
+    /// Removed: online learning left the monitor (`vmm-learn online`). Still read so
+    /// that a configuration asking for it is refused with that advice ([`LEARN_MOVED`]).
     #[serde(default)]
     pub learn: bool,
-    /// Online learning: new transitions between two refreshes of the served network
-    /// (default 20).
-    #[serde(default = "default_learn_every")]
-    pub learn_every: u64,
+    /// Removed with `learn`; refused when given.
+    #[serde(default)]
+    pub learn_every: Option<u64>,
     /// Reward weights (free, throughput, miss, throughput_ref); documented in tuner::reward.
     #[serde(default)]
     pub reward_weights: Option<tuner::reward::RewardWeights>,
@@ -135,9 +134,11 @@ pub fn parse_slo(spec: &str) -> Result<tuner::slo::Slo, ConfigError> {
     tuner::slo::Slo::parse_spec(spec).map_err(|e| ConfigError::new(e.field(), e.problem()))
 }
 
-fn default_learn_every() -> u64 {
-    20
-}
+/// Why `learn` and `learn_every` are refused: online learning runs in its own process.
+pub const LEARN_MOVED: &str = "online learning left the monitor: start the VM with \
+     --tuner or --policy, --state-db DB and --api-sock SOCK, and run \
+     `vmm-learn online --api-sock SOCK --state-db DB [--policy START.onnx] \
+     [--learn-every N]` beside it";
 
 fn default_ab_block() -> u64 {
     20
@@ -479,7 +480,7 @@ impl VmConfig {
             tuner: None,
             epsilon: 0.0,
             learn: false,
-            learn_every: default_learn_every(),
+            learn_every: None,
             reward_weights: None,
             min_vcpus: None,
             ab: None,
@@ -510,6 +511,12 @@ impl VmConfig {
     ///
     /// `max_vcpus` is KVM's limit and `host_mem_mib` the host's memory, both from the caller.
     pub fn validate(&self, max_vcpus: u32, host_mem_mib: u64) -> Result<KernelFormat, ConfigError> {
+        if self.learn {
+            return Err(ConfigError::new("learn", LEARN_MOVED));
+        }
+        if self.learn_every.is_some() {
+            return Err(ConfigError::new("learn_every", LEARN_MOVED));
+        }
         if self.vcpus == 0 {
             return Err(ConfigError::new("vcpus", "must be at least 1"));
         }
@@ -636,30 +643,6 @@ impl VmConfig {
                 ConfigError::new("metrics_addr", format!("{addr:?}: {e} (expected IP:PORT)"))
             })?;
         }
-        if !(1..=100_000).contains(&self.learn_every) {
-            return Err(ConfigError::new(
-                "learn_every",
-                format!("{} is outside 1..=100000", self.learn_every),
-            ));
-        }
-        if self.learn && self.ab.is_some() {
-            return Err(ConfigError::new(
-                "learn",
-                "online learning swaps the policy, which an A/B test cannot share".to_string(),
-            ));
-        }
-        if self.learn && self.policy.is_some() {
-            // The learner starts from fresh weights and its first network (after
-            // `learn_every` transitions) would replace the model: a trained policy would
-            // be thrown away for one that saw a few seconds of data.
-            return Err(ConfigError::new(
-                "learn",
-                "online learning trains a network from scratch and would replace the \
-                 --policy model at its first refresh (starting from a model's weights is not \
-                 supported): give one of them"
-                    .to_string(),
-            ));
-        }
         if !(0.0..=1.0).contains(&self.epsilon) {
             return Err(ConfigError::new(
                 "epsilon",
@@ -749,9 +732,9 @@ impl VmConfig {
         self.active_vcpus.unwrap_or(self.vcpus)
     }
 
-    /// Whether a tuner runs: a model, a built-in policy, an A/B test or online learning.
+    /// Whether a tuner runs: a model, a built-in policy or an A/B test.
     pub fn tuner_on(&self) -> bool {
-        self.policy.is_some() || self.tuner.is_some() || self.ab.is_some() || self.learn
+        self.policy.is_some() || self.tuner.is_some() || self.ab.is_some()
     }
 
     /// The id of network device `index` (its own or `net<index>`).
@@ -948,11 +931,13 @@ mod tests {
         assert_eq!(c.validate(8, 1024).unwrap_err().field, "cmdline");
         c.cmdline = String::new();
         c.learn = true;
-        c.policy = Some("models/general.onnx".into());
         let e = c.validate(8, 1024).unwrap_err();
         assert_eq!(e.field, "learn");
-        assert!(e.problem.contains("from scratch"), "{e}");
-        c.policy = None;
+        assert!(e.problem.contains("vmm-learn online"), "{e}");
+        c.learn = false;
+        c.learn_every = Some(10);
+        assert_eq!(c.validate(8, 1024).unwrap_err().field, "learn_every");
+        c.learn_every = None;
         assert!(c.validate(8, 1024).is_ok());
     }
 

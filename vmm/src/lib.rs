@@ -11,7 +11,6 @@
 //! - [`runtime`]: the running VM's counters and knobs for the tuner and the control API.
 //! - [`cpu_quota`]: the vCPU threads' host CPU quota through cgroups (v2, v1 or none).
 //! - [`grant`]: the host arbiter's grant to this VM (`PUT /grant`), a cap on its knobs.
-//! - [`learning`]: online learning (`--learn`): the learner thread and its hot swaps.
 //! - [`host`]: `vmm host`, many VMs (each its own `vmm run`) under one arbiter.
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
@@ -26,7 +25,6 @@ pub mod cpuid;
 pub mod grant;
 pub mod host;
 pub mod kvm_stats;
-pub mod learning;
 pub mod memory;
 pub mod panics;
 pub mod runtime;

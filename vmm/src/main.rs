@@ -40,9 +40,15 @@ enum Command {
         #[command(subcommand)]
         command: AbCommand,
     },
-    /// Train a Q-network policy with DQN on a state repository and export it to ONNX
-    /// (NAME.onnx and NAME.card.json, checked through tract).
-    Train(Box<TrainArgs>),
+    /// Train a Q-network policy offline: runs `vmm-learn train` with the same arguments
+    /// (the `vmm-learn` binary beside this one holds the learner; see `vmm-learn train
+    /// --help`).
+    #[command(disable_help_flag = true)]
+    Train {
+        /// The arguments of `vmm-learn train`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Run several VMs on this host, each its own `vmm run` process, under one arbiter
     /// of the host's cores and bandwidth (host.json: the budget and the VMs).
     Host {
@@ -83,7 +89,7 @@ enum StateCommand {
         /// The repository (SQLite file written by `vmm run --state-db`).
         #[arg(long, value_name = "PATH")]
         state_db: PathBuf,
-        /// Output format.
+        /// Output format (parquet only in a vmm built with `--features parquet`).
         #[arg(long, value_parser = ["csv", "parquet"], default_value = "csv")]
         format: String,
         /// Output file.
@@ -156,12 +162,11 @@ struct RunArgs {
     /// Exploration rate of the tuner (0..=1; 0 in production).
     #[arg(long, value_name = "E")]
     epsilon: Option<f64>,
-    /// Learn online: train a Q-network from the live transitions in the background and
-    /// hot-swap it into the tuner every --learn-every transitions.
-    #[arg(long)]
+    /// Removed: online learning runs beside the VM (`vmm-learn online`); refused.
+    #[arg(long, hide = true)]
     learn: bool,
-    /// Online learning: transitions between two refreshes of the served network.
-    #[arg(long, value_name = "N")]
+    /// Removed with --learn; refused.
+    #[arg(long, value_name = "N", hide = true)]
     learn_every: Option<u64>,
     /// Fewest vCPUs the tuner may leave the guest.
     #[arg(long, value_name = "N")]
@@ -181,144 +186,27 @@ struct RunArgs {
     slo: Option<String>,
 }
 
-#[derive(Args)]
-struct TrainArgs {
-    /// The state repository to learn from (written by `vmm run --state-db`).
-    #[arg(long, value_name = "PATH")]
-    state_db: PathBuf,
-    /// The model to write: NAME.onnx (the card goes beside it as NAME.card.json).
-    #[arg(long, value_name = "PATH")]
-    out: PathBuf,
-    /// DQN steps (minibatch updates).
-    #[arg(long, value_name = "N", default_value_t = learner::train::DEFAULT_STEPS)]
-    steps: u64,
-    /// Seed of the initial weights and of the minibatches.
-    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().seed)]
-    seed: u64,
-    /// Discount factor, in [0, 1).
-    #[arg(long, value_name = "G", default_value_t = learner::DqnConfig::default().gamma)]
-    gamma: f64,
-    /// Width of the two hidden layers.
-    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().hidden)]
-    hidden: usize,
-    /// Minibatch size.
-    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().batch)]
-    batch: usize,
-    /// Adam's learning rate.
-    #[arg(long, value_name = "LR", default_value_t = learner::DqnConfig::default().lr)]
-    lr: f64,
-    /// Steps between copies of the online network into the target network.
-    #[arg(long, value_name = "N", default_value_t = learner::DqnConfig::default().target_every)]
-    target_every: u64,
-    /// Plain DQN targets (max of the target network) instead of Double DQN.
-    #[arg(long)]
-    no_double: bool,
-    /// Subtracted from the reward of every change (any action but noop) when learning, so
-    /// that the policy changes a knob only when it expects a gain.
-    #[arg(long, value_name = "R", default_value_t = learner::DqnConfig::default().change_penalty)]
-    change_penalty: f32,
-    /// Squared-error loss instead of Huber.
-    #[arg(long)]
-    mse: bool,
-    /// Leave out the VMs whose id starts with PREFIX, e.g. a held-out scenario (repeatable).
-    #[arg(long = "exclude-prefix", value_name = "PREFIX")]
-    exclude_prefix: Vec<String>,
-    /// The policy's name in its card (default: the file stem of --out).
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-    /// Free text for the card.
-    #[arg(long, value_name = "TEXT")]
-    description: Option<String>,
-    /// Reward weights for the card when the data does not record them:
-    /// FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] of reward v3 (must match the data's when it
-    /// does; THROUGHPUT_REF defaults to 2e6 ops/s).
-    #[arg(long, value_name = "F,T,M[,REF]")]
-    reward_weights: Option<String>,
-    /// Do not train: re-derive the start configuration of the model already at --out
-    /// from the data (its own Q-values walk the data's idle states) and rewrite only its
-    /// card's `start`.
-    #[arg(long)]
-    refresh_start: bool,
-}
-
-fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> {
-    let mut opts = learner::TrainOptions::new(args.state_db, args.out);
-    opts.steps = args.steps;
-    opts.dqn = learner::DqnConfig {
-        hidden: args.hidden,
-        gamma: args.gamma,
-        lr: args.lr,
-        batch: args.batch,
-        target_every: args.target_every,
-        double: !args.no_double,
-        seed: args.seed,
-        change_penalty: args.change_penalty,
-        ..learner::DqnConfig::default()
+/// `vmm train`: runs `vmm-learn train ARGS` from the directory of this executable (the
+/// learner and burn are not linked into the monitor). Returns only on failure.
+fn run_train(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let learn = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("vmm-learn")));
+    let Some(learn) = learn.filter(|p| p.is_file()) else {
+        eprintln!(
+            "vmm: error: train: `vmm train` runs `vmm-learn train`, and no vmm-learn binary \
+             is beside this vmm (build it with `cargo build --release -p learner`, or run \
+             vmm-learn train directly)"
+        );
+        return ExitCode::FAILURE;
     };
-    if args.mse {
-        opts.dqn.loss = learner::Loss::Mse;
-    }
-    opts.dataset.exclude_prefixes = args.exclude_prefix;
-    opts.dataset.max_devices_in_space = vmm::tuning::MAX_DEVICES_IN_SPACE;
-    opts.name = args.name;
-    opts.description = args.description;
-    if let Some(text) = args.reward_weights {
-        let w: Vec<f64> = text
-            .split(',')
-            .map(|x| x.trim().parse::<f64>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| ConfigError::new("reward_weights", format!("{text:?}: {e}")))?;
-        let (free, throughput, miss, throughput_ref) = match w[..] {
-            [f, t, m] => (f, t, m, tuner::reward::DEFAULT_THROUGHPUT_REF),
-            [f, t, m, r] => (f, t, m, r),
-            _ => {
-                return Err(ConfigError::new(
-                    "reward_weights",
-                    format!(
-                    "{text:?}: give three or four numbers FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] \
-                         (reward v{})",
-                    tuner::reward::REWARD_VERSION
-                ),
-                ))
-            }
-        };
-        opts.reward_weights = Some(tuner::reward::RewardWeights {
-            free,
-            throughput,
-            miss,
-            throughput_ref,
-        });
-    }
-    Ok(opts)
-}
-
-fn run_train(args: TrainArgs) -> ExitCode {
-    let refresh = args.refresh_start;
-    let opts = match train_options(args) {
-        Ok(o) => o,
-        Err(e) => return usage_error(&e),
-    };
-    // What to print on success: the summary and start lines of a training run, or the
-    // start line alone when only the start configuration is refreshed.
-    let lines = if refresh {
-        learner::train::refresh_start(&opts)
-            .map(|start| vec![learner::train::start_line(start.as_ref())])
-    } else {
-        learner::train(&opts).map(|report| vec![report.summary_line(), report.start_line()])
-    };
-    match lines {
-        Ok(lines) => {
-            for line in lines {
-                println!("{line}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) if e.is_input_error() => usage_error(&ConfigError::new(e.option(), e.to_string())),
-        Err(e) => {
-            eprintln!("vmm: error: train: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let e = std::process::Command::new(&learn)
+        .arg("train")
+        .args(args)
+        .exec();
+    eprintln!("vmm: error: train: cannot run {}: {e}", learn.display());
+    ExitCode::FAILURE
 }
 
 /// The command-line flag for a configuration field, for error messages.
@@ -397,8 +285,8 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     if args.learn {
         cfg.learn = true;
     }
-    if let Some(n) = args.learn_every {
-        cfg.learn_every = n;
+    if args.learn_every.is_some() {
+        cfg.learn_every = args.learn_every;
     }
     if args.min_vcpus.is_some() {
         cfg.min_vcpus = args.min_vcpus;
@@ -471,6 +359,13 @@ fn main() -> ExitCode {
                     format!("{} does not exist", state_db.display()),
                 ));
             }
+            if format == "parquet" && !cfg!(feature = "parquet") {
+                return usage_error(&ConfigError::new(
+                    "format",
+                    "parquet export is not built into this vmm: build it with \
+                     `cargo build --release -p vmm --features parquet` (or export csv)",
+                ));
+            }
             // Read-only: the export never changes the file it reads (issue 14).
             let repo = match tuner::state_repo::StateRepo::open_read_only(&state_db) {
                 Ok(r) => r,
@@ -529,7 +424,7 @@ fn main() -> ExitCode {
                 )),
             }
         }
-        Command::Train(args) => run_train(*args),
+        Command::Train { args } => run_train(args),
         Command::Host { config } => match vmm::host::run(&config) {
             Ok(status) => std::process::exit(status),
             Err(vmm::host::HostError::Config(e)) => {
@@ -546,7 +441,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Api { sock, request } => match vmm::api::call(&sock, &request) {
+        Command::Api { sock, request } => match api_client::call(&sock, &request) {
             Ok(answer) => {
                 println!("{answer}");
                 let ok = answer.get("status").and_then(|s| s.as_u64()) == Some(200);

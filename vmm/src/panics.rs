@@ -1,7 +1,7 @@
 //! What a panic does in the monitor. The release profile unwinds (`Cargo.toml`), so:
 //!
 //! - a helper thread (sampler, tuner, sinks, state repository writer, metrics server,
-//!   watchdog, learner) catches its own panic (`tuner::sandbox::run_helper`), logs it and
+//!   watchdog) catches its own panic (`tuner::sandbox::run_helper`), logs it and
 //!   stops; the tuner returns to the static configuration first;
 //! - a vCPU thread's panic stops the run with a message and exit status 1 (`vm.rs`);
 //! - a panic of the main thread outside a guard ends the process with a message and

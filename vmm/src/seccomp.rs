@@ -6,13 +6,13 @@
 //! sockets or new processes.
 //!
 //! The helper threads (the tuner's sampler, sinks, state repository writer, watchdog and
-//! metrics server, the online learner, and the control API's `vmm-api`) each get a filter of their role
+//! metrics server, and the control API's `vmm-api`) each get a filter of their role
 //! ([`HelperRole`], installed through [`tuner::sandbox`] as each thread starts). A call
 //! outside a helper's list fails with `EPERM` instead of killing the VM: these threads
 //! never touch guest memory, every failure of theirs is already handled (a knob that
 //! cannot be set is refused and logged, the tuner falls back to the static
 //! configuration), and the guest should not die for a rare library path of the tuner's
-//! (SQLite, tract, burn). The confinement is the same: the call does not happen.
+//! (SQLite, tract). The confinement is the same: the call does not happen.
 
 use std::collections::BTreeMap;
 
@@ -201,20 +201,17 @@ pub enum HelperRole {
     Tuner,
     /// `tuner-state-repo`: SQLite writes to the state repository opened before it.
     StateRepo,
-    /// `learner`: online training (burn); reads configuration files read-only.
-    Learner,
     /// `vmm-api`: the control API's HTTP server; reads model files for `PUT /policy`.
     Api,
 }
 
 impl HelperRole {
     /// Every role.
-    pub const ALL: [HelperRole; 6] = [
+    pub const ALL: [HelperRole; 5] = [
         HelperRole::Sampler,
         HelperRole::Metrics,
         HelperRole::Tuner,
         HelperRole::StateRepo,
-        HelperRole::Learner,
         HelperRole::Api,
     ];
 
@@ -225,7 +222,6 @@ impl HelperRole {
             "tuner-agent" => HelperRole::Sampler,
             "tuner-metrics" => HelperRole::Metrics,
             "tuner-state-repo" => HelperRole::StateRepo,
-            "learner" => HelperRole::Learner,
             "vmm-api" => HelperRole::Api,
             _ => HelperRole::Tuner,
         }
@@ -237,7 +233,6 @@ impl HelperRole {
             HelperRole::Metrics => "metrics",
             HelperRole::Tuner => "tuner",
             HelperRole::StateRepo => "state-repo",
-            HelperRole::Learner => "learner",
             HelperRole::Api => "api",
         }
     }
@@ -304,11 +299,6 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
                 libc::SYS_pread64,
             ]);
             ioctls.push(FIONBIO);
-            conditional = Some((libc::SYS_openat, read_only_open));
-        }
-        HelperRole::Learner => {
-            extra.extend([libc::SYS_getcwd, libc::SYS_newfstatat, libc::SYS_statx]);
-            // burn looks for its configuration file; read-only opens only.
             conditional = Some((libc::SYS_openat, read_only_open));
         }
     }
@@ -473,30 +463,11 @@ mod tests {
             let n = unsafe { libc::pread(-1, b.as_mut_ptr().cast(), 8, 0) };
             n == -1 && errno() == libc::EBADF
         }));
-        // The state repository may not spawn a process or open files; the learner may
-        // open read-only but not for writing.
+        // The state repository may not spawn a process or open files.
         let repo = helper_filter(HelperRole::StateRepo).unwrap();
         assert!(child_exit(&repo, || {
             // SAFETY: NUL-terminated path; refused by the filter.
             let fd = unsafe { libc::open(c"/tmp/vmm-seccomp-test".as_ptr(), libc::O_RDONLY) };
-            fd == -1 && errno() == libc::EPERM
-        }));
-        let learner = helper_filter(HelperRole::Learner).unwrap();
-        assert!(child_exit(&learner, || {
-            // SAFETY: NUL-terminated path, read-only: allowed (then closed).
-            let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
-            // SAFETY: closing the fd just opened.
-            fd >= 0 && unsafe { libc::close(fd) } == 0
-        }));
-        assert!(child_exit(&learner, || {
-            // SAFETY: NUL-terminated path; the write open is refused by the filter.
-            let fd = unsafe {
-                libc::open(
-                    c"/tmp/vmm-seccomp-test-w".as_ptr(),
-                    libc::O_WRONLY | libc::O_CREAT,
-                    0o600,
-                )
-            };
             fd == -1 && errno() == libc::EPERM
         }));
         // The tuner may move vCPU threads between cores but not ask for KVM ioctls.
@@ -540,12 +511,11 @@ mod tests {
             HelperRole::of_thread("tuner-state-repo"),
             HelperRole::StateRepo
         );
-        assert_eq!(HelperRole::of_thread("learner"), HelperRole::Learner);
         assert_eq!(HelperRole::of_thread("vmm-api"), HelperRole::Api);
-        for n in ["tuner-sink-tuner", "tuner-watchdog", "anything"] {
+        for n in ["tuner-sink-tuner", "tuner-watchdog", "learner", "anything"] {
             assert_eq!(HelperRole::of_thread(n), HelperRole::Tuner, "{n}");
         }
-        assert_eq!(HelperFilters::build().unwrap().0.len(), 6);
+        assert_eq!(HelperFilters::build().unwrap().0.len(), 5);
     }
 
     #[test]

@@ -41,7 +41,6 @@ fn config_json(cfg: &VmConfig) -> String {
         })).collect::<Vec<_>>(),
         "reward_weights": cfg.reward_weights.unwrap_or_default(),
         "slo": cfg.slo,
-        "learn": cfg.learn,
     })
     .to_string()
 }

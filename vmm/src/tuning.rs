@@ -25,12 +25,6 @@ use tuner::state_repo::{event_kind, Event, RepoWriter};
 use crate::config::{ConfigError, VmConfig};
 use crate::runtime::VmRuntime;
 
-/// Exploration of online learning: epsilon decays from the first value to the second
-/// (or the configured `epsilon`, if higher) over [`LEARN_EPSILON_DECAY`] decisions.
-pub const LEARN_EPSILON: (f64, f64) = (0.5, 0.05);
-/// Decisions over which the exploration of online learning decays.
-pub const LEARN_EPSILON_DECAY: u64 = 300;
-
 /// Devices the action space covers at most.
 pub const MAX_DEVICES_IN_SPACE: usize = 4;
 
@@ -395,9 +389,6 @@ pub fn build(
             Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default()))
         }
         (None, Some("static")) => Box::new(StaticPolicy::new(&space)),
-        // Learning from scratch: the static configuration (with exploration) until the
-        // first network is served.
-        (None, None) if cfg.learn => Box::new(StaticPolicy::new(&space)),
         (None, Some(other)) => {
             return Err(ConfigError::new(
                 "tuner",
@@ -407,8 +398,8 @@ pub fn build(
         (None, None) => return Ok(None),
     };
     let mut knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg)?;
-    // A policy's start configuration (a single loaded model, not A/B or learning from
-    // scratch), for the knobs the user did not set.
+    // A policy's start configuration (a single loaded model, not A/B), for the knobs the
+    // user did not set.
     if let (Some(start), false) = (policy.start_config(), ab_mode) {
         let target = start.apply_to(&static_state, &bounds, &pinned_knobs(cfg));
         let (detail, failed) = match manager.start_in(&target, &mut knobs) {
@@ -446,19 +437,10 @@ pub fn build(
     let tconfig = TunerConfig {
         vm_id: cfg.vm_id.clone(),
         weights,
-        epsilon: if cfg.learn {
-            // Learning explores: from at least LEARN_EPSILON down to the configured rate.
-            EpsilonSchedule {
-                start: cfg.epsilon.max(LEARN_EPSILON.0),
-                end: cfg.epsilon.max(LEARN_EPSILON.1),
-                decay_steps: LEARN_EPSILON_DECAY,
-            }
-        } else {
-            EpsilonSchedule {
-                start: cfg.epsilon,
-                end: cfg.epsilon,
-                decay_steps: 0,
-            }
+        epsilon: EpsilonSchedule {
+            start: cfg.epsilon,
+            end: cfg.epsilon,
+            decay_steps: 0,
         },
         ..TunerConfig::default()
     };
@@ -471,22 +453,6 @@ pub fn build(
     // In A/B mode the A/B policy labels each row with the arm in charge.
     if let (Some(slot), false) = (policy_slot, ab_mode) {
         tuner = tuner.with_policy_id_slot(slot);
-    }
-    if cfg.learn {
-        let shape = learner::SpaceShape {
-            n_drives: cfg.drives.len(),
-            n_nets: cfg.network.len(),
-            max_devices_in_space: MAX_DEVICES_IN_SPACE,
-        };
-        let settings = crate::learning::LearnSettings {
-            every: cfg.learn_every,
-            max_vcpus: cfg.vcpus,
-            ..Default::default()
-        };
-        let learning = crate::learning::start(shape, weights, settings, tuner.policy_handle())
-            .map_err(|e| ConfigError::new("learn", e.to_string()))?;
-        // The thread ends on its own when the tuner (the sender) goes away.
-        tuner = tuner.with_experience(learning.sender);
     }
     rt.set_policy_handle(tuner.policy_handle());
     Ok(Some(TunerParts { tuner, watchdog }))

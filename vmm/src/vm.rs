@@ -615,7 +615,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         if cfg.tuner_on() {
             // tract's one-time CPU probe (on an AMX host it calls `arch_prctl`, which no
             // filter allows) runs now, before any filtered thread may be the first to
-            // infer: the tuner and learner threads below, or a policy (re)loaded later
+            // infer: the tuner thread below, or a policy (re)loaded later
             // on the API thread (`PUT /policy`) under its filter.
             tuner::policy::prepare_inference();
         }

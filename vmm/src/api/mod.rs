@@ -27,9 +27,9 @@
 //! `{"error": "..."}`.
 //!
 //! The parts: [`framing`] cuts an HTTP request out of a connection's bytes, [`request`] parses a request into a typed command (pure), [`handler`] runs
-//! it, [`server`] is the `vmm-api` thread and its socket, [`client`] is `vmm api`.
+//! it, [`server`] is the `vmm-api` thread and its socket. The client side (`vmm api`,
+//! `vmm-learn online`) is the `api-client` crate.
 
-pub mod client;
 pub mod framing;
 pub mod handler;
 pub mod request;
@@ -38,7 +38,6 @@ pub mod server;
 use std::io;
 use std::path::PathBuf;
 
-pub use client::call;
 pub use server::{ApiGuard, ApiSocket, EventLoopBridge};
 
 /// Errors setting up or using the API socket.
@@ -62,19 +61,4 @@ pub enum ApiError {
     /// The API thread or its eventfd could not be made.
     #[error("cannot start the API thread: {0}")]
     Thread(#[source] io::Error),
-    /// The client could not talk to the monitor.
-    #[error("cannot reach the monitor at {path}: {source}")]
-    Connect {
-        /// Socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The command line's request is not `{"method", "path", "body"}`.
-    #[error("{0}")]
-    Request(String),
-    /// The answer was not HTTP with a JSON body.
-    #[error("malformed answer from the monitor: {0}")]
-    Answer(String),
 }

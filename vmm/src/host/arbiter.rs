@@ -37,7 +37,7 @@ const CORE_STEPS: f64 = 100.0;
 pub enum ArbiterError {
     /// The request did not reach the VM or its answer was not understood.
     #[error("{0}")]
-    Api(#[from] crate::api::ApiError),
+    Api(#[from] api_client::ClientError),
     /// The VM refused.
     #[error("{method} {path}: status {status}: {error}")]
     Refused {
@@ -260,7 +260,7 @@ fn vm_api(
     if let Some(b) = body {
         req["body"] = b;
     }
-    let answer = crate::api::call(sock, &req.to_string())?;
+    let answer = api_client::call(sock, &req.to_string())?;
     match answer["status"].as_u64() {
         Some(200) => Ok(answer["body"].clone()),
         status => Err(ArbiterError::Refused {
