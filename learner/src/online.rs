@@ -16,12 +16,12 @@
 //! memory before they are returned.
 
 use serde_json::json;
-use tuner::actions::ActionSpace;
+use tuner::actions::{ActionSpace, VmShape};
 use tuner::policy::{select_explained, EpsilonSchedule, ModelCard, Selection, XorShift64};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 
-use crate::dataset::{parse_label, Label, SpaceShape, Transition};
+use crate::dataset::{parse_label, Label, Transition};
 use crate::dqn::{Dqn, DqnConfig, TrainStats};
 use crate::error::LearnError;
 use crate::export::{self, Agreement};
@@ -45,10 +45,6 @@ pub struct OnlineConfig {
     pub description: String,
     /// States compared between the trainer and tract at each export (default 32).
     pub check_states: usize,
-    /// The VM's vCPUs, the bound of the vCPU actions when the targets skip actions the
-    /// next state does not allow ([`crate::valid_actions`]); 0 (the default) bootstraps
-    /// from every action.
-    pub max_vcpus: u32,
 }
 
 impl Default for OnlineConfig {
@@ -65,7 +61,6 @@ impl Default for OnlineConfig {
             name: "online".into(),
             description: "DQN Q-network learned online by the monitor".into(),
             check_states: 32,
-            max_vcpus: 0,
         }
     }
 }
@@ -94,7 +89,7 @@ pub struct OnlineStats {
 /// A DQN learner fed one transition at a time.
 #[derive(Debug)]
 pub struct OnlineLearner {
-    shape: SpaceShape,
+    shape: VmShape,
     space: ActionSpace,
     weights: RewardWeights,
     config: OnlineConfig,
@@ -106,9 +101,11 @@ pub struct OnlineLearner {
 }
 
 impl OnlineLearner {
-    /// A learner for VMs of `shape`, whose rewards are computed with `weights`.
+    /// A learner for a VM of `shape` (its targets skip the actions the VM's bounds and
+    /// devices do not allow, [`crate::valid_actions`]), whose rewards are computed with
+    /// `weights`.
     pub fn new(
-        shape: SpaceShape,
+        shape: VmShape,
         weights: RewardWeights,
         config: OnlineConfig,
     ) -> Result<OnlineLearner, LearnError> {
@@ -128,9 +125,8 @@ impl OnlineLearner {
                 ),
             ));
         }
-        let space = shape.space();
-        let dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?
-            .with_valid_actions(space.clone(), config.max_vcpus);
+        let space = ActionSpace::new(shape);
+        let dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?.with_valid_actions();
         Ok(OnlineLearner {
             shape,
             space,
@@ -150,7 +146,7 @@ impl OnlineLearner {
     }
 
     /// The VM shape.
-    pub fn shape(&self) -> SpaceShape {
+    pub fn shape(&self) -> VmShape {
         self.shape
     }
 
@@ -194,10 +190,11 @@ impl OnlineLearner {
                     reward: reward as f32,
                     next_state,
                     done: false,
+                    shape: self.shape,
                 })?;
                 Ok(true)
             }
-            Some(Label::Skip) => {
+            Some(Label::Skip | Label::V1Unmappable) => {
                 self.stats.skipped += 1;
                 Ok(false)
             }

@@ -155,15 +155,17 @@ pub fn cost(knobs: &KnobState, bounds: &Bounds) -> f64 {
         let tightest = len.saturating_sub(1).max(1) as f64;
         (1.0 - level as f64 / tightest).clamp(0.0, 1.0)
     };
-    let mut io: Vec<f64> = knobs
+    let io: Vec<f64> = knobs
         .rate_level
         .iter()
-        .flatten()
         .map(|level| ladder_alloc(*level, RATE_LADDER.len()))
+        .chain(
+            knobs
+                .net_qos
+                .iter()
+                .map(|level| ladder_alloc(*level, NET_QOS_LADDER.len())),
+        )
         .collect();
-    if let Some(level) = knobs.net_qos {
-        io.push(ladder_alloc(level, NET_QOS_LADDER.len()));
-    }
     if io.is_empty() {
         vcpu
     } else {
@@ -216,7 +218,7 @@ pub fn reward(sample: &Sample, knobs: &KnobState, bounds: &Bounds, weights: &Rew
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::ActionSpace;
+    use crate::actions::{ActionSpace, VmShape};
     use crate::schema::{Schema, FEATURES};
 
     fn sample(ops: f64, lat_us: f64, util: f64) -> Sample {
@@ -235,7 +237,7 @@ mod tests {
 
     #[test]
     fn formula_combines_the_weighted_terms() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let w = RewardWeights::default();
@@ -260,7 +262,7 @@ mod tests {
 
     #[test]
     fn more_throughput_less_latency_and_less_cost_score_higher() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let w = RewardWeights::default();
         let one = KnobState::initial(&space, 1);
@@ -272,20 +274,20 @@ mod tests {
         assert!(reward(&sample(1e3, 500.0, 0.9), &one, &bounds, &w) > base);
         assert!(reward(&sample(1e3, 500.0, 0.5), &four, &bounds, &w) < base);
         let mut limited = one.clone();
-        limited.rate_level[0] = Some(4);
+        limited.rate_level[0] = 4;
         assert!(reward(&sample(1e3, 500.0, 0.5), &limited, &bounds, &w) > base);
         assert_eq!(cost(&limited, &bounds), 0.5 * 0.25);
     }
 
     #[test]
     fn cost_covers_network_and_vcpu_only_spaces() {
-        let space = ActionSpace::new(0, 1, 1);
+        let space = ActionSpace::new(VmShape::new(4, 0, 1));
         let bounds = Bounds::for_space(&space, 1, 2);
         let mut knobs = KnobState::initial(&space, 2);
         assert_eq!(cost(&knobs, &bounds), 1.0);
-        knobs.net_qos = Some(3);
+        knobs.net_qos = vec![3];
         assert_eq!(cost(&knobs, &bounds), 0.5);
-        let space = ActionSpace::new(0, 0, 0);
+        let space = ActionSpace::new(VmShape::new(4, 0, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let knobs = KnobState::initial(&space, 1);
         assert_eq!(cost(&knobs, &bounds), 0.25);
@@ -326,7 +328,7 @@ mod tests {
             })
         ));
         // A non-finite weight never makes a non-finite reward.
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let inf = RewardWeights {

@@ -17,9 +17,10 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use learner::dataset::{SpaceShape, Transition as LearnerTransition};
+use learner::dataset::Transition as LearnerTransition;
 use learner::online::{OnlineConfig, OnlineLearner};
 use tuner::control::{PolicyHandle, Transition};
+use tuner::actions::VmShape;
 use tuner::policy::OnnxPolicy;
 use tuner::reward::RewardWeights;
 
@@ -48,8 +49,6 @@ pub struct LearnSettings {
     pub min_transitions: usize,
     /// Seed of the network's initialisation and minibatch sampling.
     pub seed: u64,
-    /// The VM's vCPUs (the bound the learner's targets respect; 0: unknown).
-    pub max_vcpus: u32,
 }
 
 impl Default for LearnSettings {
@@ -59,7 +58,6 @@ impl Default for LearnSettings {
             steps: 100,
             min_transitions: 32,
             seed: 1,
-            max_vcpus: 0,
         }
     }
 }
@@ -74,14 +72,13 @@ pub struct Learning {
 
 /// Starts the learner thread for a VM of `shape` whose tuner's policy slot is `handle`.
 pub fn start(
-    shape: SpaceShape,
+    shape: VmShape,
     weights: RewardWeights,
     settings: LearnSettings,
     handle: PolicyHandle,
 ) -> Result<Learning, LearningError> {
     let mut config = OnlineConfig {
         min_transitions: settings.min_transitions.max(1),
-        max_vcpus: settings.max_vcpus,
         ..OnlineConfig::default()
     };
     config.dqn.seed = settings.seed;
@@ -116,6 +113,7 @@ fn run(
             reward: t.reward as f32,
             next_state: t.next_state,
             done: false,
+            shape: learner.shape(),
         };
         if let Err(e) = learner.push(t) {
             log::debug!("learner: transition refused: {e}");

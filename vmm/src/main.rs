@@ -248,7 +248,6 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
         opts.dqn.loss = learner::Loss::Mse;
     }
     opts.dataset.exclude_prefixes = args.exclude_prefix;
-    opts.dataset.max_devices_in_space = vmm::tuning::MAX_DEVICES_IN_SPACE;
     opts.name = args.name;
     opts.description = args.description;
     if let Some(text) = args.reward_weights {
