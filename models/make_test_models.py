@@ -9,22 +9,23 @@ Usage (from the repository root):
 The network is an untrained multilayer perceptron with fixed weights (numpy's legacy
 ``RandomState``, whose stream is frozen, seeded with SEED):
 
-    input  [1, N_FEATURES]  float32   the normalised performance vector (schema v2)
+    input  [1, N_FEATURES]  float32   the normalised performance vector (schema v3)
     Gemm(W1, b1) -> Relu -> Gemm(W2, b2) -> Relu -> Gemm(W3, b3)
     output [1, N_ACTIONS]   float32   one Q-value per action, in the action list's order
 
 with 32 hidden units per layer. It is a fixture, not a trained policy: its Q-values are
 arbitrary but reproducible. The model card beside it names the schema version, the input
 and output sizes, the action layout (tuner::actions, the same for every VM shape) and the
-shapes served, the reward weights (tuner::reward defaults) and, under ``evaluation``, a
+shapes served, the reward version and weights (tuner::reward defaults) and, under ``evaluation``, a
 reference input with the Q-values numpy computes for it; the Rust test
 ``tuner/tests/onnx_policy.rs`` checks tract's output against them to 1e-4.
 
 The first bias of the output layer is set to MARKER (0.4242424 as float32) so that tests
 can find its four bytes in the file and patch them (e.g. to NaN) to make a corrupt model.
 
-Keep N_FEATURES, LAYOUT, SERVES, ACTIONS_VERSION, SCHEMA_VERSION and REWARD_WEIGHTS in step with
-tuner/src/schema.rs, tuner/src/actions.rs and tuner/src/reward.rs: the Rust tests fail
+Keep N_FEATURES, LAYOUT, SERVES, ACTIONS_VERSION, SCHEMA_VERSION, REWARD_VERSION and
+REWARD_WEIGHTS in step with tuner/src/schema.rs, tuner/src/actions.rs, tuner/src/policy.rs and
+tuner/src/reward.rs: the Rust tests fail
 when they drift, and then this script is run again.
 """
 
@@ -39,8 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 SEED = 20261126
 HIDDEN = 32
-SCHEMA_VERSION = 2
-N_FEATURES = 36
+SCHEMA_VERSION = 3
+N_FEATURES = 49
+REWARD_VERSION = 3
 ACTIONS_VERSION = 2
 # tuner::actions: the one layout of every VM shape (4 drive slots, 2 network slots).
 DRIVE_SLOTS = 4
@@ -64,10 +66,9 @@ NET_PREFERRED = "qos:net0:3"
 PREFER = np.float32(100.0)
 # tuner::reward::RewardWeights::default()
 REWARD_WEIGHTS = {
+    "free": 4.0,
     "throughput": 10.0,
-    "latency": 10.0,
-    "utilisation": 0.5,
-    "cost": 4.0,
+    "miss": 10.0,
     "throughput_ref": 2e6,
 }
 MARKER = np.float32(0.4242424)
@@ -143,6 +144,7 @@ def write(out_dir, name, actions, prefer=None, description=None, then_noop=False
         "actions_version": ACTIONS_VERSION,
         "actions": actions,
         "serves": SERVES,
+        "reward_version": REWARD_VERSION,
         "reward_weights": REWARD_WEIGHTS,
         "trained_on": "nothing: weights drawn from numpy RandomState(%d), He initialisation" % SEED,
         "evaluation": {

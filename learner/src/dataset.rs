@@ -425,10 +425,11 @@ fn parse_config(text: &str) -> Result<(VmShape, Option<RewardWeights>), String> 
 }
 
 fn weights_text(w: &RewardWeights) -> String {
-    format!(
-        "throughput {}, latency {}, utilisation {}, cost {}",
-        w.throughput, w.latency, w.utilisation, w.cost
-    )
+    w.named()
+        .iter()
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Opens the database read-only, telling a missing file and a non-database apart.
@@ -800,14 +801,14 @@ mod tests {
         assert_eq!(shape, VmShape::new(2, 2, 0));
         assert_eq!(w, None);
         let (shape, w) =
-            parse_config(r#"{"drives":[],"network":[{}],"reward_weights":{"cost":2.0}}"#)
+            parse_config(r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#)
                 .unwrap();
         assert_eq!(shape, VmShape::new(0, 0, 1));
-        assert_eq!(w.map(|w| w.cost), Some(2.0));
+        assert_eq!(w.map(|w| w.free), Some(2.0));
         assert!(parse_config("[]").is_err());
         assert!(parse_config(r#"{"drives": 3}"#).is_err());
         assert!(parse_config(r#"{"vcpus": -1}"#).is_err());
-        assert!(parse_config(r#"{"reward_weights":{"cost":-1}}"#).is_err());
+        assert!(parse_config(r#"{"reward_weights":{"free":-1}}"#).is_err());
         assert!(parse_config("{").is_err());
     }
 }

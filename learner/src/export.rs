@@ -48,6 +48,7 @@ pub fn card(
         output_size: space.len(),
         actions_version: ACTIONS_VERSION,
         actions: space.names().to_vec(),
+        reward_version: tuner::reward::REWARD_VERSION,
         reward_weights,
         trained_on,
         evaluation: Evaluation::default(),

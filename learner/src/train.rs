@@ -194,12 +194,8 @@ fn card_weights(opts: &TrainOptions, data: &dataset::Dataset) -> Result<RewardWe
     if !data.summary.weights_recorded && opts.reward_weights.is_none() {
         log::warn!(
             "the data does not record reward weights; the card says the monitor's defaults \
-             (throughput {}, latency {}, utilisation {}, cost {}): give --reward-weights if the \
-             VMs ran with others",
-            weights.throughput,
-            weights.latency,
-            weights.utilisation,
-            weights.cost
+             ({:?}): give --reward-weights if the VMs ran with others",
+            weights.named()
         );
     }
     Ok(weights)

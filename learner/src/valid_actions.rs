@@ -29,6 +29,7 @@ pub fn knobs_of(space: &ActionSpace, vector: &[f32]) -> KnobState {
         let raw = match id.feature().normalisation {
             Normalisation::Linear { scale } => x * scale,
             Normalisation::Clamp | Normalisation::Log { .. } => x,
+            Normalisation::Signed { scale } => (x - 0.5) * 2.0 * scale,
         };
         raw.round().max(0.0) as usize
     };

@@ -269,7 +269,7 @@ fn vms_of_any_shape_and_one_set_of_weights() {
     write_db(&db, episode("vm0", 10, 1, 1, 1_000_000_000));
     exec(
         &db,
-        "UPDATE samples SET config = json_set(config, '$.reward_weights', json('{\"cost\": 3}')) \
+        "UPDATE samples SET config = json_set(config, '$.reward_weights', json('{\"free\": 3}')) \
          WHERE id > 5;",
     );
     let e = err(&db);

@@ -143,7 +143,7 @@ fn bad_online_settings_are_refused() {
     c.replay_capacity = 10;
     assert!(OnlineLearner::new(shape(), RewardWeights::default(), c).is_err());
     let w = RewardWeights {
-        cost: -1.0,
+        free: -1.0,
         ..RewardWeights::default()
     };
     assert!(OnlineLearner::new(shape(), w, config()).is_err());

@@ -26,6 +26,7 @@ use crate::counters::{
     CounterSnapshot, CounterSource, ExitKind, QueueCounters, VcpuCounters, LATENCY_BUCKETS_US,
 };
 use crate::schema::{FeatureId, FEATURES};
+use crate::slo::{self, SloReport, SloTarget};
 
 /// Shortest sampling interval the agent accepts.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
@@ -60,7 +61,7 @@ pub enum AgentError {
 }
 
 /// One interval's performance vector.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Sample {
     /// Time of the current snapshot ([`CounterSnapshot::at_ns`]).
     pub at_ns: u64,
@@ -70,6 +71,26 @@ pub struct Sample {
     pub raw: Vec<f64>,
     /// Normalised values in `[0, 1]`, one per feature.
     pub vector: Vec<f32>,
+    /// Per queue, the quantiles of its requests' own latencies in the interval.
+    pub queue_latency: Vec<QueueLatency>,
+    /// The VM's SLO attainment in the interval (`None` without an SLO).
+    pub slo: Option<SloReport>,
+}
+
+/// Quantiles of one queue's per-request latencies over one interval (from the delta of
+/// its histogram).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueueLatency {
+    /// Device id (`blk0`, `net0`, ...).
+    pub device: String,
+    /// Queue index within the device.
+    pub queue: u16,
+    /// Requests completed in the interval.
+    pub requests: u64,
+    /// Median latency in microseconds (0 without requests).
+    pub p50_us: f64,
+    /// 99th percentile latency in microseconds (0 without requests).
+    pub p99_us: f64,
 }
 
 impl Sample {
@@ -257,14 +278,33 @@ impl Sampler {
         let mut throttled_sum = 0.0f64;
         let mut hist = [0u64; LATENCY_BUCKETS_US.len() + 1];
         let mut drive_req = vec![0u64; cur.drives.len()];
+        let mut drive_hist = vec![[0u64; LATENCY_BUCKETS_US.len() + 1]; cur.drives.len()];
+        let mut queue_latency = Vec::with_capacity(cur.queues.len());
         for q in &cur.queues {
             let p = prev_queues
                 .get(&(q.device.as_str(), q.queue))
                 .copied()
                 .unwrap_or(&empty_queue);
             let req = deltas.d(p.requests, q.requests);
+            let mut q_hist = [0u64; LATENCY_BUCKETS_US.len() + 1];
+            for (h, (pb, cb)) in q_hist
+                .iter_mut()
+                .zip(p.latency_buckets.iter().zip(q.latency_buckets.iter()))
+            {
+                *h = deltas.d(*pb, *cb);
+            }
+            queue_latency.push(QueueLatency {
+                device: q.device.clone(),
+                queue: q.queue,
+                requests: req,
+                p50_us: histogram_quantile_us(&q_hist, 0.50),
+                p99_us: histogram_quantile_us(&q_hist, 0.99),
+            });
             if let Some(slot) = cur.drives.iter().position(|d| d.id == q.device) {
                 drive_req[slot] = drive_req[slot].saturating_add(req);
+                for (h, x) in drive_hist[slot].iter_mut().zip(q_hist.iter()) {
+                    *h = h.saturating_add(*x);
+                }
             }
             let bytes = deltas.d(p.bytes, q.bytes);
             let err = deltas.d(p.errors, q.errors);
@@ -282,11 +322,8 @@ impl Sampler {
                 io_req = io_req.saturating_add(req);
                 io_bytes = io_bytes.saturating_add(bytes);
                 io_err = io_err.saturating_add(err);
-                for (h, (pb, cb)) in hist
-                    .iter_mut()
-                    .zip(p.latency_buckets.iter().zip(q.latency_buckets.iter()))
-                {
-                    *h = h.saturating_add(deltas.d(*pb, *cb));
+                for (h, x) in hist.iter_mut().zip(q_hist.iter()) {
+                    *h = h.saturating_add(*x);
                 }
             }
         }
@@ -305,8 +342,9 @@ impl Sampler {
                 depth_sum as f64 / depth_samples as f64,
             );
         }
+        let io_p99 = histogram_quantile_us(&hist, 0.99);
         set(FeatureId::IoLatencyP50, histogram_quantile_us(&hist, 0.50));
-        set(FeatureId::IoLatencyP99, histogram_quantile_us(&hist, 0.99));
+        set(FeatureId::IoLatencyP99, io_p99);
         set(FeatureId::NetPacketRate, rate(net_req as f64));
         set(FeatureId::NetBytesRate, rate(net_bytes as f64));
 
@@ -329,10 +367,8 @@ impl Sampler {
 
         // Guest-reported workload metrics.
         let (pg, cg) = (&prev.guest, &cur.guest);
-        set(
-            FeatureId::GuestOpsRate,
-            rate(deltas.d(pg.ops, cg.ops) as f64),
-        );
+        let guest_ops_rate = rate(deltas.d(pg.ops, cg.ops) as f64);
+        set(FeatureId::GuestOpsRate, guest_ops_rate);
         let lat_sum = deltas.d(pg.latency_ns_sum, cg.latency_ns_sum);
         let lat_n = deltas.d(pg.latency_samples, cg.latency_samples);
         if lat_n > 0 {
@@ -355,6 +391,74 @@ impl Sampler {
             FeatureId::NetQosLevel,
             cur.net_qos_level.map_or(0.0, f64::from),
         );
+        for (slot, h) in drive_hist.iter().enumerate() {
+            if let Some(id) = FeatureId::drive_latency_slot(slot) {
+                set(id, histogram_quantile_us(h, 0.99));
+            }
+        }
+
+        // The SLO: the guest's own operation reports where it sends them, else the
+        // drives' request rate.
+        let slo_report = cur.slo.as_ref().map(|s| {
+            let ops_rate = if cg.ops > 0 {
+                guest_ops_rate
+            } else {
+                rate(io_req as f64)
+            };
+            slo::attain(
+                s,
+                slo::Observed {
+                    p99_us: io_p99,
+                    ops_rate,
+                },
+            )
+        });
+        if let Some(r) = &slo_report {
+            set(FeatureId::SloClass, f64::from(r.class.code()));
+            if let Some(t) = r.target(SloTarget::P99Us) {
+                set(FeatureId::SloP99Target, t.goal);
+                set(FeatureId::SloP99Margin, t.margin);
+            }
+            if let Some(t) = r.target(SloTarget::MinOps) {
+                set(FeatureId::SloOpsTarget, t.goal);
+                set(FeatureId::SloOpsMargin, t.margin);
+            }
+        }
+        set(
+            FeatureId::SloMet,
+            if slo_report.as_ref().is_none_or(|r| r.met()) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+
+        // The host: vCPU threads' run delay, the allowed CPUs' load.
+        if interval_ns > 0 && !cur.vcpus.is_empty() {
+            let (mut sum, mut max) = (0u64, 0u64);
+            for v in &cur.vcpus {
+                let p = prev
+                    .vcpus
+                    .iter()
+                    .find(|p| p.index == v.index)
+                    .unwrap_or(&empty_vcpu);
+                let d = deltas.d(p.run_delay_ns, v.run_delay_ns);
+                sum = sum.saturating_add(d);
+                max = max.max(d);
+            }
+            let interval = interval_ns as f64;
+            set(
+                FeatureId::VcpuRunDelayShare,
+                sum as f64 / (interval * cur.vcpus.len() as f64),
+            );
+            set(FeatureId::VcpuRunDelayMax, max as f64 / interval);
+        }
+        let (ph, ch) = (&prev.host, &cur.host);
+        let total = deltas.d(ph.total_ticks, ch.total_ticks);
+        if total > 0 {
+            let busy = deltas.d(ph.busy_ticks, ch.busy_ticks);
+            set(FeatureId::HostLoad, busy as f64 / total as f64);
+        }
 
         for (i, x) in raw.iter_mut().enumerate() {
             if !x.is_finite() {
@@ -381,6 +485,8 @@ impl Sampler {
             interval_ns,
             raw,
             vector,
+            queue_latency,
+            slo: slo_report,
         }
     }
 }
@@ -775,6 +881,7 @@ pub(crate) mod tests {
                 guest_ns: 500_000_000 * t,
                 monitor_ns: 100_000_000 * t,
                 kvm_stats: vec![],
+                run_delay_ns: 20_000_000 * t,
             }],
             queues: vec![
                 QueueCounters {
@@ -818,6 +925,16 @@ pub(crate) mod tests {
             }],
             net_qos_level: Some(1),
             log_lines_suppressed: 7 * t,
+            host: crate::counters::HostCounters {
+                busy_ticks: 60 * t,
+                total_ticks: 200 * t,
+                allowed_cpus: 2,
+            },
+            slo: Some(crate::slo::Slo {
+                class: crate::slo::SloClass::Critical,
+                p99_us: Some(200),
+                min_ops: Some(4000.0),
+            }),
         }
     }
 
@@ -869,6 +986,34 @@ pub(crate) mod tests {
         assert_eq!(r(FeatureId::Drive1RequestRate), 0.0);
         assert_eq!(r(FeatureId::Drive1Priority), 0.0);
         assert!(close(r(FeatureId::NetQosLevel), 1.0));
+        // Per-request latency per drive slot and per queue.
+        assert!(close(r(FeatureId::Drive0LatencyP99), 250.0));
+        assert_eq!(r(FeatureId::Drive1LatencyP99), 0.0);
+        let blk = &sample.queue_latency[0];
+        assert_eq!(
+            (blk.device.as_str(), blk.queue, blk.requests),
+            ("blk0", 0, 200)
+        );
+        assert!(close(blk.p50_us, p50) && close(blk.p99_us, 250.0));
+        assert_eq!(sample.queue_latency[1].p99_us, 0.0, "net0 has no latencies");
+        // SLO: p99 250 us against 200 (missed by 0.25), 5000 guest ops/s against 4000
+        // (met, margin 0.25).
+        let slo = sample.slo.as_ref().expect("an SLO is configured");
+        assert!(!slo.met());
+        assert!(close(r(FeatureId::SloClass), 3.0));
+        assert_eq!(r(FeatureId::SloMet), 0.0);
+        assert!(close(r(FeatureId::SloP99Target), 200.0));
+        assert!(close(r(FeatureId::SloP99Margin), -0.25));
+        assert!(close(r(FeatureId::SloOpsTarget), 4000.0));
+        assert!(close(r(FeatureId::SloOpsMargin), 0.25));
+        assert!(close(
+            f64::from(sample.value_of(FeatureId::SloP99Margin)),
+            0.375
+        ));
+        // The host: 20 ms run delay per second on the one vCPU; 60 of 200 ticks busy.
+        assert!(close(r(FeatureId::VcpuRunDelayShare), 0.02));
+        assert!(close(r(FeatureId::VcpuRunDelayMax), 0.02));
+        assert!(close(r(FeatureId::HostLoad), 0.3));
         assert_eq!(sample.vector.len(), FEATURES.len());
         assert_eq!(sample.value_of(FeatureId::CpuUtilisation), 0.5);
         assert_eq!(sample.value_of(FeatureId::HostCores), 0.25);
@@ -930,8 +1075,22 @@ pub(crate) mod tests {
         let mut s = Sampler::new();
         let empty = CounterSnapshot::default();
         let sample = s.sample(&empty, &empty);
-        assert!(sample.raw.iter().all(|x| *x == 0.0));
-        assert!(sample.vector.iter().all(|x| *x == 0.0));
+        // Everything 0, but "every SLO target met" (there is none), and the signed
+        // margins sit at their middle.
+        let met = FeatureId::SloMet.index();
+        let middle = [
+            FeatureId::SloP99Margin.index(),
+            FeatureId::SloOpsMargin.index(),
+        ];
+        for (i, (x, v)) in sample.raw.iter().zip(sample.vector.iter()).enumerate() {
+            let (want_raw, want_v) = match i {
+                i if i == met => (1.0, 1.0),
+                i if middle.contains(&i) => (0.0, 0.5),
+                _ => (0.0, 0.0),
+            };
+            assert_eq!((*x, *v), (want_raw, want_v), "feature {i}");
+        }
+        assert!(sample.slo.is_none());
         // A queue and vCPU that did not exist before count from zero.
         let mut prev = snapshot_at(1);
         prev.queues.clear();

@@ -714,6 +714,7 @@ mod tests {
             interval_ns: 100_000_000,
             raw,
             vector,
+            ..Sample::default()
         }
     }
 
@@ -761,6 +762,7 @@ mod tests {
                 interval_ns: 1,
                 raw: raw.clone(),
                 vector: Schema::normalise(raw).expect("length"),
+                ..Sample::default()
             })
         };
         assert_eq!(kind(&raw), WorkloadKind::Idle);
@@ -1285,7 +1287,7 @@ mod tests {
             Err(TunerError::Policy(_))
         ));
         let mut c = TunerConfig::default();
-        c.weights.cost = f64::NAN;
+        c.weights.free = f64::NAN;
         assert!(matches!(
             Tuner::new(c, m(), k(), p()),
             Err(TunerError::Reward(_))

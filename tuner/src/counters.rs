@@ -78,6 +78,9 @@ pub struct VcpuCounters {
     pub monitor_ns: u64,
     /// KVM's binary statistics for this vCPU (name, value), where the kernel offers them.
     pub kvm_stats: Vec<(String, u64)>,
+    /// Nanoseconds the vCPU's thread was runnable but waiting for a host CPU (the
+    /// scheduler's run delay, `/proc/self/task/TID/schedstat`; 0 where unknown).
+    pub run_delay_ns: u64,
 }
 
 /// Cumulative counters of one virtio queue.
@@ -114,10 +117,9 @@ impl QueueCounters {
     }
 }
 
-/// Upper bounds of the latency histogram buckets, in microseconds.
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
-];
+/// Upper bounds of the latency histogram buckets, in microseconds: the devices' own
+/// definition (one source of truth; the monitor fills the histograms with it).
+pub use devices::virtio::queue_metrics::LATENCY_BUCKETS_US;
 
 /// Memory counters of the VM.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -145,6 +147,17 @@ pub struct GuestMetrics {
     pub latency_samples: u64,
 }
 
+/// The host's CPUs as the VM's threads may use them (cumulative, from `/proc/stat`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostCounters {
+    /// Clock ticks the allowed CPUs spent busy (everything but idle and iowait).
+    pub busy_ticks: u64,
+    /// Clock ticks the allowed CPUs counted in all.
+    pub total_ticks: u64,
+    /// CPUs the monitor may run on.
+    pub allowed_cpus: u32,
+}
+
 /// Everything the monitor exposes at one instant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CounterSnapshot {
@@ -169,6 +182,11 @@ pub struct CounterSnapshot {
     pub net_qos_level: Option<u8>,
     /// Log lines a guest triggered that the monitor's rate limits held back (cumulative).
     pub log_lines_suppressed: u64,
+    /// The host's CPU time (the VM's neighbours included).
+    pub host: HostCounters,
+    /// The VM's service level objective, if configured (attainment is computed per
+    /// interval by the sampling agent).
+    pub slo: Option<crate::slo::Slo>,
 }
 
 /// The knobs in force on one drive, in the terms of the tuner's actions.

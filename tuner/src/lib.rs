@@ -13,6 +13,7 @@
 //!   HTTP server.
 //! - [`actions`]: the versioned action list, rate-limit ladders and action masks.
 //! - [`reward`]: the reward formula and its weights.
+//! - [`slo`]: a VM's service level objectives and their attainment per interval.
 //! - [`forecast`]: Holt's linear-trend one-step forecast of the vector.
 //! - [`policy`]: ONNX Q-network policies (tract) with model cards, the static and
 //!   threshold baselines, epsilon-greedy selection.
@@ -42,4 +43,5 @@ pub mod prometheus;
 pub mod reward;
 pub mod sandbox;
 pub mod schema;
+pub mod slo;
 pub mod state_repo;

@@ -53,7 +53,7 @@ use crate::actions::{
 };
 use crate::forecast::ForecastConfig;
 use crate::manager::KnobState;
-use crate::reward::RewardWeights;
+use crate::reward::{RewardWeights, REWARD_VERSION};
 use crate::sandbox::panic_message;
 use crate::schema::{FeatureId, Schema, SchemaSpec, SCHEMA_VERSION};
 
@@ -289,6 +289,10 @@ pub struct ModelCard {
     /// is refused.
     #[serde(default)]
     pub serves: Option<ShapeRange>,
+    /// [`REWARD_VERSION`] of the reward it was trained for (cards written before reward
+    /// v3 have none: 2).
+    #[serde(default = "legacy_reward_version")]
+    pub reward_version: u32,
     /// The reward weights it was trained for.
     pub reward_weights: RewardWeights,
     /// What it was trained on (workloads, VM shapes, episodes).
@@ -373,6 +377,19 @@ impl ShapeRange {
         one("drives", "drives", self.drives, shape.drives)?;
         one("nets", "network devices", self.nets, shape.nets)
     }
+}
+
+fn legacy_reward_version() -> u32 {
+    2
+}
+
+/// The versions a card declares, read before the rest of it, so that a card of another
+/// schema or reward version is refused by name rather than as malformed.
+#[derive(Deserialize)]
+struct CardVersions {
+    schema_version: Option<u32>,
+    #[serde(default = "legacy_reward_version")]
+    reward_version: u32,
 }
 
 /// The knobs a policy sets before the guest's first interval: the configuration it holds
@@ -481,6 +498,30 @@ impl ModelCard {
         serde_json::from_str(text)
     }
 
+    /// Checks the schema and reward versions a card's text declares, before parsing the
+    /// rest (whose fields differ between versions). Text that is not a JSON object with
+    /// them passes: the full parse reports it.
+    pub fn check_versions(text: &[u8]) -> Result<(), CardError> {
+        let Ok(v) = serde_json::from_slice::<CardVersions>(text) else {
+            return Ok(());
+        };
+        if let Some(schema) = v.schema_version.filter(|s| *s != SCHEMA_VERSION) {
+            return Err(CardError::new(
+                "schema_version",
+                format!("{SCHEMA_VERSION} (this monitor's performance vector; retrain the policy)"),
+                schema,
+            ));
+        }
+        if v.reward_version != REWARD_VERSION {
+            return Err(CardError::new(
+                "reward_version",
+                format!("{REWARD_VERSION} (this monitor's reward: SLOs and resources left to others; retrain the policy)"),
+                v.reward_version,
+            ));
+        }
+        Ok(())
+    }
+
     /// The card path of a model: `dir/NAME.onnx` -> `dir/NAME.card.json`.
     pub fn path_for(model: &Path) -> PathBuf {
         model.with_extension("card.json")
@@ -501,6 +542,13 @@ impl ModelCard {
                 "schema_version",
                 SCHEMA_VERSION,
                 self.schema_version,
+            ));
+        }
+        if self.reward_version != REWARD_VERSION {
+            return Err(CardError::new(
+                "reward_version",
+                REWARD_VERSION,
+                self.reward_version,
             ));
         }
         if let Some(spec) = &self.schema {
@@ -672,6 +720,10 @@ impl OnnxPolicy {
         let card_path = ModelCard::path_for(path);
         let card_text = read(&card_path, crate::files::TEXT_CAP, |path| {
             PolicyError::CardMissing { path }
+        })?;
+        ModelCard::check_versions(&card_text).map_err(|source| PolicyError::Card {
+            path: card_path.clone(),
+            source,
         })?;
         let card: ModelCard =
             serde_json::from_slice(&card_text).map_err(|source| PolicyError::CardJson {
@@ -1475,6 +1527,7 @@ mod tests {
             output_size: space.len(),
             actions_version: ACTIONS_VERSION,
             actions: space.names().to_vec(),
+            reward_version: REWARD_VERSION,
             reward_weights: RewardWeights::default(),
             trained_on: String::new(),
             evaluation: Evaluation::default(),
@@ -1483,6 +1536,24 @@ mod tests {
             schema: Some(Schema::spec()),
             serves: Some(ShapeRange::LAYOUT),
         }
+    }
+
+    #[test]
+    fn cards_of_another_version_are_refused_by_name() {
+        let v2 = r#"{"schema_version": 2, "reward_weights": {"latency": 10.0}}"#;
+        let e = ModelCard::check_versions(v2.as_bytes()).unwrap_err();
+        assert_eq!((e.field.as_str(), e.got.as_str()), ("schema_version", "2"));
+        let r2 = format!(
+            r#"{{"schema_version": {SCHEMA_VERSION}, "reward_weights": {{"latency": 10.0}}}}"#
+        );
+        let e = ModelCard::check_versions(r2.as_bytes()).unwrap_err();
+        assert_eq!((e.field.as_str(), e.got.as_str()), ("reward_version", "2"));
+        assert!(e.to_string().contains("retrain"), "{e}");
+        let ok = format!(
+            r#"{{"schema_version": {SCHEMA_VERSION}, "reward_version": {REWARD_VERSION}}}"#
+        );
+        ModelCard::check_versions(ok.as_bytes()).unwrap();
+        ModelCard::check_versions(b"not json").unwrap();
     }
 
     #[test]
@@ -1499,6 +1570,9 @@ mod tests {
         let mut c = good.clone();
         c.schema_version = 1;
         assert_eq!(field(&c), "schema_version");
+        let mut c = good.clone();
+        c.reward_version = 2;
+        assert_eq!(field(&c), "reward_version");
         let mut c = good.clone();
         c.input_size = 24;
         assert_eq!(field(&c), "input_size");
@@ -1565,15 +1639,15 @@ mod tests {
         c.actions.pop();
         assert_eq!(field(&c), "actions");
         let mut c = good.clone();
-        c.reward_weights.cost = 2.0;
-        assert_eq!(field(&c), "reward_weights.cost");
+        c.reward_weights.free = 2.0;
+        assert_eq!(field(&c), "reward_weights.free");
         c.validate(&space, None)
             .expect("weights unchecked without a VM's");
         let mut c = good.clone();
-        c.reward_weights.latency = -1.0;
+        c.reward_weights.miss = -1.0;
         assert_eq!(
             c.validate(&space, None).unwrap_err().field,
-            "reward_weights.latency"
+            "reward_weights.miss"
         );
         let mut c = good.clone();
         if let Some(s) = c.schema.as_mut() {

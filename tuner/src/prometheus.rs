@@ -1043,7 +1043,7 @@ mod tests {
             ),
             Some(5000.0)
         );
-        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(2.0));
+        assert_eq!(value_of(&text, "vmm_tuner_schema_version"), Some(3.0));
     }
 
     #[test]

@@ -1,48 +1,53 @@
-//! The reward: the one place where its formula is defined.
+//! The reward: the one place where its formula is defined (reward version
+//! [`REWARD_VERSION`], written into every model card; a policy trained for another
+//! version is refused).
 //!
 //! Every interval the tuner scores the interval that just ended (the consequence of the
-//! previous decision) with
+//! previous decision). Reward v3 pays a VM for meeting its service level objectives
+//! ([`crate::slo`]) with the resources it leaves to the host's other VMs:
 //!
 //! ```text
-//! reward = w_throughput  * throughput
-//!        - w_latency     * latency
-//!        + w_utilisation * utilisation
-//!        - w_cost        * cost
+//! SLO met (or no SLO):
+//!     reward = w_free * free + w_throughput * throughput          (throughput: batch and
+//!                                                                  VMs without an SLO)
+//! SLO missed:
+//!     reward = -(floor(class) + w_miss * class_factor(class) * miss)
 //! ```
 //!
-//! where every term lies in `[0, 1]`:
+//! - `free` = `1 - cost` in `[0, 1]`: the share of the VM's allocatable resources it does
+//!   not hold (cores and I/O bandwidth another VM could be granted). `cost` is
+//!   `vcpus / max_vcpus` (the VM's hard bound) when the space has no drive and no network
+//!   device; otherwise the mean of that and of the mean I/O allocation, where a drive's
+//!   allocation is `1 - level / 4` on [`crate::actions::RATE_LADDER`] (unlimited = 1,
+//!   tightest = 0) and the network's `1 - level / 3` on [`crate::actions::NET_QOS_LADDER`].
+//!   Priorities cost nothing (they share, not allocate).
+//! - `throughput` = `min(1, ops / throughput_ref)`: guest-reported operations per second
+//!   (the drives' request rate when the guest reports nothing), linear up to the
+//!   reference. Earned by `batch` VMs and VMs without an SLO; `critical` and `standard`
+//!   VMs state what they need as targets, and earn only what they leave.
+//! - `miss` = the sum over the missed targets of `-margin` (the miss as a share of the
+//!   target: a p99 of 750 us against 500 us is 0.5), each capped at
+//!   [`crate::slo::MARGIN_CAP`]: a miss costs in proportion to its size.
+//! - `class_factor`: critical 4, standard 1, batch 0.5 ([`class_factor`]).
+//! - `floor(critical)` = `w_free + w_throughput`, the most any interval can earn; 0 for
+//!   the other classes. A critical miss therefore costs more than the best met interval
+//!   earns: no setting of the knobs scores higher with a critical target missed than with
+//!   it met (unit-tested below), and trading one missed interval for savings elsewhere
+//!   loses at least as much as the savings can win.
 //!
-//! - `throughput` = `min(1, guest_ops_rate / throughput_ref)`: the guest-reported
-//!   operations per second as a share of a reference rate ([`RewardWeights::throughput_ref`],
-//!   default 2e6 ops/s). Linear, so doubling the rate doubles the term.
-//! - `latency` = the normalised `guest_latency_mean` feature (guest-reported mean
-//!   operation latency in us, `ln(1 + x) / ln(1 + 1e6)`; halving it removes ~0.05). An
-//!   interval without latency samples counts as 0.
-//! - `utilisation` = the `cpu_utilisation` feature: the share of the allocated vCPUs'
-//!   time spent running the guest (resources used rather than wasted).
-//! - `cost` = the resources allocated: `vcpus / max_vcpus` (the VM's hard bound) when the
-//!   space has no drive and no network device; otherwise the mean of that and of the
-//!   mean I/O allocation, where a drive's allocation is `1 - level / 4` on
-//!   [`crate::actions::RATE_LADDER`] (unlimited = 1, tightest = 0) and the network's is
-//!   `1 - level / 3` on [`crate::actions::NET_QOS_LADDER`]. Priorities cost nothing (they
-//!   share, not allocate).
+//! The SLO attainment, the guest's rate and the drives' rate come from the sample
+//! ([`Sample::slo`], the raw vector); the knob state from the manager. The weights are
+//! part of the VM's configuration ([`RewardWeights`], serde) and of every model card.
 //!
-//! The features come from the sample's normalised vector (see [`crate::schema`]), so the
-//! reward uses the guest-reported metrics and the monitor's counters through the same
-//! normalisation a policy sees. The weights are part of the VM's configuration
-//! ([`RewardWeights`], serde) and are written into every model card.
+//! Defaults ([`RewardWeights::default`]): free 4, throughput 10 (reference 2e6 ops/s),
+//! miss 10. For a VM without an SLO this is reward v2's trade-off between throughput and
+//! the resources held (`10 * throughput - 4 * cost`, shifted by 4), without its latency
+//! and utilisation terms.
 //!
-//! Defaults ([`RewardWeights::default`]): throughput 10 (reference 2e6 ops/s), latency 10,
-//! utilisation 0.5, cost 4: allocating everything costs as much as 40% of the reference
-//! throughput. With them, a second of 2 vCPUs (cost +0.25 with drives, so -1) pays off
-//! when it adds more than 2e5 ops/s, an idle VM is pushed back down, and an unlimited but
-//! unused drive costs 0.5 (two drives: each level of its ladder gives back 0.125).
-//!
-//! History: reward v1 (before schema v2) scored throughput as `ln(1 + ops) / ln(1 + 1e7)`
-//! with cost weight 1. That compressed a doubling of throughput into +0.43 on a reward of
-//! about 8, so no decision moved the mean reward by more than a few percent: a per-phase
-//! oracle measured on the benchmark's sweep gained only ~5% over the best static
-//! configuration.
+//! History: reward v2 (schema v2) was `10 * throughput - 10 * latency + 0.5 * utilisation
+//! - 4 * cost` with the guest's mean latency: a policy could win it while the p99 of a
+//! drive's requests rose from 92 us to 3 424 us (BENCHMARKS 9). Reward v1 scored
+//! throughput on a log scale.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -51,6 +56,10 @@ use crate::actions::{NET_QOS_LADDER, RATE_LADDER};
 use crate::agent::Sample;
 use crate::manager::{Bounds, KnobState};
 use crate::schema::FeatureId;
+use crate::slo::{SloClass, MARGIN_CAP};
+
+/// Version of the reward formula. Bump on any change to it; model cards record it.
+pub const REWARD_VERSION: u32 = 3;
 
 /// Errors of reward configuration.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -72,15 +81,15 @@ pub enum RewardError {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardWeights {
-    /// Weight of throughput (guest operations per second). Default 10.
+    /// Weight of the share of resources left to others, earned when the SLO is met.
+    /// Default 4.
+    pub free: f64,
+    /// Weight of throughput (guest operations per second), earned by batch VMs and VMs
+    /// without an SLO when met. Default 10.
     pub throughput: f64,
-    /// Weight of latency (guest mean operation latency), subtracted. Default 10.
-    pub latency: f64,
-    /// Weight of CPU utilisation of the allocated vCPUs. Default 0.5.
-    pub utilisation: f64,
-    /// Weight of the cost of the allocated resources, subtracted. Default 4.
-    pub cost: f64,
-    /// Guest operations per second that score the full throughput term (not a weight: the
+    /// Weight of a missed SLO, per unit of miss (times the class factor). Default 10.
+    pub miss: f64,
+    /// Operations per second that score the full throughput term (not a weight: the
     /// reference the rate is divided by). Default 2e6; must be positive.
     pub throughput_ref: f64,
 }
@@ -91,10 +100,9 @@ pub const DEFAULT_THROUGHPUT_REF: f64 = 2e6;
 impl Default for RewardWeights {
     fn default() -> Self {
         Self {
+            free: 4.0,
             throughput: 10.0,
-            latency: 10.0,
-            utilisation: 0.5,
-            cost: 4.0,
+            miss: 10.0,
             throughput_ref: DEFAULT_THROUGHPUT_REF,
         }
     }
@@ -102,12 +110,11 @@ impl Default for RewardWeights {
 
 impl RewardWeights {
     /// The weights by name, in formula order, then the throughput reference.
-    pub fn named(&self) -> [(&'static str, f64); 5] {
+    pub fn named(&self) -> [(&'static str, f64); 4] {
         [
+            ("free", self.free),
             ("throughput", self.throughput),
-            ("latency", self.latency),
-            ("utilisation", self.utilisation),
-            ("cost", self.cost),
+            ("miss", self.miss),
             ("throughput_ref", self.throughput_ref),
         ]
     }
@@ -127,24 +134,46 @@ impl RewardWeights {
         }
         Ok(())
     }
+
+    /// The most one interval can earn (`w_free + w_throughput`).
+    pub fn max_earning(&self) -> f64 {
+        finite_or_zero(self.free.max(0.0) + self.throughput.max(0.0))
+    }
 }
 
-/// The reward's terms for one interval, each in `[0, 1]`, and the weighted total.
+/// How much a missed target of a VM of `class` weighs, per unit of miss.
+pub fn class_factor(class: SloClass) -> f64 {
+    match class {
+        SloClass::Critical => 4.0,
+        SloClass::Standard => 1.0,
+        SloClass::Batch => 0.5,
+    }
+}
+
+/// The reward's terms for one interval and the total.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RewardTerms {
-    /// Guest throughput as a share of the reference rate.
+    /// Share of the allocatable resources left to others (`1 - cost`).
+    pub free: f64,
+    /// Operations per second as a share of the reference rate, `[0, 1]`.
     pub throughput: f64,
-    /// Normalised guest latency.
-    pub latency: f64,
-    /// CPU utilisation of the allocated vCPUs.
-    pub utilisation: f64,
-    /// Share of the allocatable resources allocated.
-    pub cost: f64,
-    /// The weighted sum.
+    /// Whether the interval met every SLO target (true without an SLO).
+    pub met: bool,
+    /// Sum of the missed targets' shortfalls (0 when met).
+    pub miss: f64,
+    /// The reward.
     pub total: f64,
 }
 
-/// Share of the allocatable resources that `knobs` allocates (the `cost` term).
+fn finite_or_zero(x: f64) -> f64 {
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
+}
+
+/// Share of the allocatable resources that `knobs` allocates (`1 - free`).
 pub fn cost(knobs: &KnobState, bounds: &Bounds) -> f64 {
     let vcpu = if bounds.max_vcpus > 0 {
         (f64::from(knobs.vcpus) / f64::from(bounds.max_vcpus)).clamp(0.0, 1.0)
@@ -173,6 +202,21 @@ pub fn cost(knobs: &KnobState, bounds: &Bounds) -> f64 {
     }
 }
 
+/// Operations per second the interval of `sample` did: guest-reported, else the drives'.
+pub fn ops_rate(sample: &Sample) -> f64 {
+    let guest = sample.raw_of(FeatureId::GuestOpsRate);
+    let ops = if guest > 0.0 {
+        guest
+    } else {
+        sample.raw_of(FeatureId::IoRequestRate)
+    };
+    if ops.is_finite() && ops > 0.0 {
+        ops
+    } else {
+        0.0
+    }
+}
+
 /// The reward's terms for the interval of `sample`, under the knob settings that were in
 /// force during it.
 pub fn reward_terms(
@@ -181,32 +225,48 @@ pub fn reward_terms(
     bounds: &Bounds,
     weights: &RewardWeights,
 ) -> RewardTerms {
-    let feature = |id: FeatureId| {
-        let v = f64::from(sample.value_of(id));
-        if v.is_finite() {
-            v.clamp(0.0, 1.0)
-        } else {
-            0.0
-        }
-    };
-    let ops = sample.raw_of(FeatureId::GuestOpsRate);
-    let throughput = if ops.is_finite() && ops > 0.0 && weights.throughput_ref > 0.0 {
-        (ops / weights.throughput_ref).clamp(0.0, 1.0)
+    let free = 1.0 - cost(knobs, bounds);
+    let throughput = if weights.throughput_ref > 0.0 {
+        (ops_rate(sample) / weights.throughput_ref).clamp(0.0, 1.0)
     } else {
         0.0
     };
-    let latency = feature(FeatureId::GuestLatencyMean);
-    let utilisation = feature(FeatureId::CpuUtilisation);
-    let cost = cost(knobs, bounds);
-    let total = weights.throughput * throughput - weights.latency * latency
-        + weights.utilisation * utilisation
-        - weights.cost * cost;
+    let class = sample.slo.as_ref().map(|r| r.class);
+    let (met, miss) = match &sample.slo {
+        Some(r) if !r.met() => {
+            let miss: f64 = r
+                .targets
+                .iter()
+                .map(|t| (-t.margin).clamp(0.0, MARGIN_CAP))
+                .sum();
+            (false, miss)
+        }
+        _ => (true, 0.0),
+    };
+    let total = if met {
+        let earns_throughput = matches!(class, None | Some(SloClass::Batch));
+        weights.free * free
+            + if earns_throughput {
+                weights.throughput * throughput
+            } else {
+                0.0
+            }
+    } else {
+        // `class` is set: only a report can be missed.
+        let class = class.unwrap_or(SloClass::Standard);
+        let floor = if class == SloClass::Critical {
+            weights.max_earning()
+        } else {
+            0.0
+        };
+        -(floor + weights.miss * class_factor(class) * miss)
+    };
     RewardTerms {
+        free,
         throughput,
-        latency,
-        utilisation,
-        cost,
-        total: if total.is_finite() { total } else { 0.0 },
+        met,
+        miss,
+        total: finite_or_zero(total),
     }
 }
 
@@ -220,63 +280,197 @@ mod tests {
     use super::*;
     use crate::actions::{ActionSpace, VmShape};
     use crate::schema::{Schema, FEATURES};
+    use crate::slo::{attain, Observed, Slo};
 
-    fn sample(ops: f64, lat_us: f64, util: f64) -> Sample {
+    fn sample(ops: f64, slo: Option<(Slo, Observed)>) -> Sample {
         let mut raw = vec![0.0; FEATURES.len()];
         raw[FeatureId::GuestOpsRate.index()] = ops;
-        raw[FeatureId::GuestLatencyMean.index()] = lat_us;
-        raw[FeatureId::CpuUtilisation.index()] = util;
         let vector = Schema::normalise(&raw).expect("schema length");
         Sample {
             at_ns: 0,
             interval_ns: 100_000_000,
             raw,
             vector,
+            slo: slo.map(|(s, o)| attain(&s, o)),
+            ..Sample::default()
+        }
+    }
+
+    fn critical(p99_us: u64) -> Slo {
+        Slo {
+            class: SloClass::Critical,
+            p99_us: Some(p99_us),
+            min_ops: None,
+        }
+    }
+
+    fn seen(p99_us: f64) -> Observed {
+        Observed {
+            p99_us,
+            ops_rate: 0.0,
         }
     }
 
     #[test]
-    fn formula_combines_the_weighted_terms() {
+    fn met_intervals_earn_what_they_leave_and_batch_its_throughput() {
         let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let w = RewardWeights::default();
-        let s = sample(1e4, 100.0, 0.6);
-        let t = reward_terms(&s, &knobs, &bounds, &w);
-        let thr = 1e4 / DEFAULT_THROUGHPUT_REF;
-        let lat = (100f64).ln_1p() / (1e6f64).ln_1p();
-        assert!((t.throughput - thr).abs() < 1e-6, "{t:?}");
-        assert!((t.latency - lat).abs() < 1e-6, "{t:?}");
-        assert!((t.utilisation - 0.6).abs() < 1e-6);
-        // 1 of 2 vCPUs (0.5) and an unlimited drive (1.0): cost 0.75.
-        assert!((t.cost - 0.75).abs() < 1e-12);
-        let expected = 10.0 * t.throughput - 10.0 * t.latency + 0.5 * t.utilisation - 4.0 * 0.75;
-        assert!((t.total - expected).abs() < 1e-12);
-        assert_eq!(reward(&s, &knobs, &bounds, &w), t.total);
-        // Linear in the rate, capped at the reference.
-        let double = reward_terms(&sample(2e4, 100.0, 0.6), &knobs, &bounds, &w);
-        assert!((double.throughput - 2.0 * t.throughput).abs() < 1e-12);
-        let over = reward_terms(&sample(1e9, 100.0, 0.6), &knobs, &bounds, &w);
-        assert_eq!(over.throughput, 1.0);
+        // 1 of 2 vCPUs (0.5) and an unlimited drive (1.0): cost 0.75, free 0.25.
+        assert!((cost(&knobs, &bounds) - 0.75).abs() < 1e-12);
+        let t = reward_terms(&sample(1e4, None), &knobs, &bounds, &w);
+        assert!(t.met);
+        assert!((t.free - 0.25).abs() < 1e-12);
+        assert!((t.throughput - 1e4 / DEFAULT_THROUGHPUT_REF).abs() < 1e-12);
+        assert!((t.total - (4.0 * 0.25 + 10.0 * t.throughput)).abs() < 1e-12);
+        // A critical VM meeting its target earns the free share only.
+        let c = reward_terms(
+            &sample(1e4, Some((critical(500), seen(100.0)))),
+            &knobs,
+            &bounds,
+            &w,
+        );
+        assert!((c.total - 4.0 * 0.25).abs() < 1e-12, "{c:?}");
+        // Batch earns throughput, linear up to the reference.
+        let batch = Slo {
+            class: SloClass::Batch,
+            p99_us: None,
+            min_ops: Some(10.0),
+        };
+        let b = |ops: f64| {
+            reward(
+                &sample(
+                    ops,
+                    Some((
+                        batch,
+                        Observed {
+                            p99_us: 0.0,
+                            ops_rate: ops,
+                        },
+                    )),
+                ),
+                &knobs,
+                &bounds,
+                &w,
+            )
+        };
+        assert!((b(2e4) - b(1e4) - 10.0 * 1e4 / DEFAULT_THROUGHPUT_REF).abs() < 1e-9);
+        assert!((b(1e9) - (1.0 + 10.0)).abs() < 1e-9);
+        // Tightening the drive leaves more to others: more reward while met.
+        let mut limited = knobs.clone();
+        limited.rate_level[0] = 4;
+        assert!(
+            reward(&sample(1e4, None), &limited, &bounds, &w)
+                > reward(&sample(1e4, None), &knobs, &bounds, &w)
+        );
+        // Without guest reports the drives' request rate counts.
+        let mut s = sample(0.0, None);
+        s.raw[FeatureId::IoRequestRate.index()] = 4e4;
+        assert!((ops_rate(&s) - 4e4).abs() < 1e-12);
     }
 
     #[test]
-    fn more_throughput_less_latency_and_less_cost_score_higher() {
+    fn a_miss_costs_in_proportion_to_its_size() {
         let space = ActionSpace::new(VmShape::new(4, 1, 0));
-        let bounds = Bounds::for_space(&space, 1, 4);
+        let bounds = Bounds::for_space(&space, 1, 2);
+        let knobs = KnobState::initial(&space, 1);
         let w = RewardWeights::default();
-        let one = KnobState::initial(&space, 1);
-        let mut four = one.clone();
-        four.vcpus = 4;
-        let base = reward(&sample(1e3, 500.0, 0.5), &one, &bounds, &w);
-        assert!(reward(&sample(2e3, 500.0, 0.5), &one, &bounds, &w) > base);
-        assert!(reward(&sample(1e3, 50.0, 0.5), &one, &bounds, &w) > base);
-        assert!(reward(&sample(1e3, 500.0, 0.9), &one, &bounds, &w) > base);
-        assert!(reward(&sample(1e3, 500.0, 0.5), &four, &bounds, &w) < base);
-        let mut limited = one.clone();
-        limited.rate_level[0] = 4;
-        assert!(reward(&sample(1e3, 500.0, 0.5), &limited, &bounds, &w) > base);
-        assert_eq!(cost(&limited, &bounds), 0.5 * 0.25);
+        let standard = Slo {
+            class: SloClass::Standard,
+            p99_us: Some(500),
+            min_ops: None,
+        };
+        let r = |p99: f64| {
+            reward(
+                &sample(0.0, Some((standard, seen(p99)))),
+                &knobs,
+                &bounds,
+                &w,
+            )
+        };
+        // 750 us against 500: miss 0.5; 1000 us: miss 1.
+        assert!((r(750.0) + 10.0 * 0.5).abs() < 1e-9);
+        assert!((r(1000.0) + 10.0 * 1.0).abs() < 1e-9);
+        assert!(r(1e9).is_finite() && r(1e9) >= -(10.0 * MARGIN_CAP) - 1e-9);
+        // Critical: the floor, then 4x the miss.
+        let c = reward(
+            &sample(0.0, Some((critical(500), seen(750.0)))),
+            &knobs,
+            &bounds,
+            &w,
+        );
+        assert!(
+            (c + (w.max_earning() + 4.0 * 10.0 * 0.5)).abs() < 1e-9,
+            "{c}"
+        );
+    }
+
+    /// The property reward v3 exists for: whatever the knobs, the throughput and the
+    /// size of the miss, an interval in which a critical VM misses its latency target
+    /// scores below every interval in which it meets it, by more than the best interval
+    /// earns; so a policy cannot win by missing it.
+    #[test]
+    fn no_knob_setting_wins_while_a_critical_latency_target_is_missed() {
+        let space = ActionSpace::new(VmShape::new(4, 2, 1));
+        let bounds = Bounds::for_space(&space, 1, 4);
+        for w in [
+            RewardWeights::default(),
+            RewardWeights {
+                free: 100.0,
+                throughput: 0.0,
+                miss: 0.0,
+                throughput_ref: 1.0,
+            },
+            RewardWeights {
+                free: 0.0,
+                throughput: 50.0,
+                miss: 0.01,
+                throughput_ref: 1e3,
+            },
+        ] {
+            let mut knob_settings = Vec::new();
+            for vcpus in 1..=4 {
+                for l0 in 0..RATE_LADDER.len() {
+                    for l1 in 0..RATE_LADDER.len() {
+                        for q in 0..NET_QOS_LADDER.len() {
+                            let mut k = KnobState::initial(&space, 4);
+                            k.vcpus = vcpus;
+                            k.rate_level[0] = l0;
+                            k.rate_level[1] = l1;
+                            k.net_qos = vec![q];
+                            knob_settings.push(k);
+                        }
+                    }
+                }
+            }
+            let mut best_met = f64::NEG_INFINITY;
+            let mut worst_met = f64::INFINITY;
+            let mut best_missed = f64::NEG_INFINITY;
+            for k in &knob_settings {
+                for ops in [0.0, 1e3, 1e6, 1e12] {
+                    for p99 in [0.0, 10.0, 499.0, 500.0] {
+                        let s = sample(ops, Some((critical(500), seen(p99))));
+                        let r = reward(&s, k, &bounds, &w);
+                        best_met = best_met.max(r);
+                        worst_met = worst_met.min(r);
+                    }
+                    for p99 in [500.001, 501.0, 750.0, 5e3, 1e9] {
+                        let s = sample(ops, Some((critical(500), seen(p99))));
+                        let r = reward(&s, k, &bounds, &w);
+                        best_missed = best_missed.max(r);
+                    }
+                }
+            }
+            assert!(
+                best_missed < worst_met,
+                "{w:?}: a missed interval scored {best_missed}, a met one {worst_met}"
+            );
+            assert!(
+                best_missed <= -best_met,
+                "{w:?}: a miss ({best_missed}) costs less than the best interval earns ({best_met})"
+            );
+        }
     }
 
     #[test]
@@ -295,19 +489,20 @@ mod tests {
 
     #[test]
     fn weights_validate_and_deserialise_with_defaults() {
-        let w: RewardWeights = serde_json::from_str(r#"{"latency": 2.5}"#).expect("partial");
-        assert_eq!(w.latency, 2.5);
+        let w: RewardWeights = serde_json::from_str(r#"{"miss": 2.5}"#).expect("partial");
+        assert_eq!(w.miss, 2.5);
         assert_eq!(w.throughput, 10.0);
-        assert!(serde_json::from_str::<RewardWeights>(r#"{"latncy": 1}"#).is_err());
+        // Reward v2's weights are not v3's.
+        assert!(serde_json::from_str::<RewardWeights>(r#"{"latency": 1}"#).is_err());
         w.validate().expect("valid");
         let bad = RewardWeights {
-            cost: -1.0,
+            free: -1.0,
             ..RewardWeights::default()
         };
         assert_eq!(
             bad.validate(),
             Err(RewardError::BadWeight {
-                name: "cost",
+                name: "free",
                 value: -1.0
             })
         );
@@ -333,9 +528,11 @@ mod tests {
         let knobs = KnobState::initial(&space, 1);
         let inf = RewardWeights {
             throughput: f64::INFINITY,
-            latency: f64::INFINITY,
+            miss: f64::INFINITY,
             ..RewardWeights::default()
         };
-        assert!(reward(&sample(1e3, 5.0, 0.5), &knobs, &bounds, &inf).is_finite());
+        assert!(reward(&sample(1e3, None), &knobs, &bounds, &inf).is_finite());
+        let missed = sample(1e3, Some((critical(500), seen(1e3))));
+        assert!(reward(&missed, &knobs, &bounds, &inf).is_finite());
     }
 }

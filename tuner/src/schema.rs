@@ -13,7 +13,14 @@
 //! drive's request rate and the rate level and priority in force on it, so that a policy
 //! sees the knobs it turns; an absent drive's slot is 0) and the network QoS level.
 //!
-//! History: v1 had the first 23 features only (no knob state besides vCPUs and cores).
+//! Since v3 it also carries, per drive slot, the p99 of the requests' own latencies (from
+//! the device seeing a request available to its completion), the VM's service level
+//! objective and its attainment in the interval ([`crate::slo`]), and the host's view: how
+//! long the vCPU threads waited for a host CPU, and how busy the host's allowed CPUs were.
+//!
+//! History: v1 had the first 23 features only (no knob state besides vCPUs and cores);
+//! v2 had the first 36 (its latency features measured the time since the batch of
+//! requests started, not each request's own time).
 //!
 //! Normalisations:
 //! - [`Normalisation::Clamp`]: the raw value is already a fraction; clamped to `[0, 1]`.
@@ -21,13 +28,17 @@
 //! - [`Normalisation::Log`]: `ln(1 + x) / ln(1 + scale)`, clamped to `[0, 1]`, for rates
 //!   that span orders of magnitude (a rate of `scale` maps to 1).
 //!
-//! Negative and non-finite raw values normalise to 0.
+//! - [`Normalisation::Signed`]: `0.5 + 0.5 * clamp(x / scale, -1, 1)`, for signed
+//!   values such as an SLO margin (0 maps to 0.5).
+//!
+//! Negative and non-finite raw values normalise to 0 (except under `Signed`, where `-inf`
+//! gives 0, `+inf` 1 and NaN 0.5).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Version of the performance vector schema. Bump on any change to [`FEATURES`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// vCPU count that normalises to 1.0 for the `active_vcpus` feature (more is clamped).
 pub const MAX_VCPUS: u32 = 8;
@@ -90,12 +101,23 @@ pub enum Normalisation {
         /// Raw value that maps to 1.
         scale: f64,
     },
+    /// `0.5 + 0.5 * clamp(x / scale, -1, 1)`: signed values, 0 at the middle.
+    Signed {
+        /// Raw magnitude that maps to 0 (negative) or 1 (positive).
+        scale: f64,
+    },
 }
 
 impl Normalisation {
     /// Normalises one raw value. Negative, NaN and infinite-negative values give 0;
     /// `+inf` gives 1.
     pub fn apply(&self, x: f64) -> f32 {
+        if let Normalisation::Signed { scale } = *self {
+            if x.is_nan() || scale <= 0.0 || scale.is_nan() {
+                return 0.5;
+            }
+            return (0.5 + 0.5 * (x / scale).clamp(-1.0, 1.0)) as f32;
+        }
         if x.is_nan() || x <= 0.0 {
             return 0.0;
         }
@@ -116,6 +138,7 @@ impl Normalisation {
                     0.0
                 }
             }
+            Normalisation::Signed { .. } => 0.5,
         };
         if y.is_nan() {
             0.0
@@ -133,6 +156,7 @@ impl Normalisation {
                 format!("clamp(ln(1+x) / ln(1+{scale:e}), 0, 1)")
             }
             Normalisation::Log { scale } => format!("clamp(ln(1+x) / ln(1+{scale}), 0, 1)"),
+            Normalisation::Signed { scale } => format!("0.5 + 0.5 * clamp(x / {scale}, -1, 1)"),
         }
     }
 
@@ -143,7 +167,10 @@ impl Normalisation {
         match (self, other) {
             (Normalisation::Clamp, Normalisation::Clamp) => true,
             (Normalisation::Linear { scale: a }, Normalisation::Linear { scale: b })
-            | (Normalisation::Log { scale: a }, Normalisation::Log { scale: b }) => close(*a, *b),
+            | (Normalisation::Log { scale: a }, Normalisation::Log { scale: b })
+            | (Normalisation::Signed { scale: a }, Normalisation::Signed { scale: b }) => {
+                close(*a, *b)
+            }
             _ => false,
         }
     }
@@ -237,11 +264,37 @@ pub enum FeatureId {
     Drive3Priority,
     /// NET_QOS_LADDER level in force on the network devices.
     NetQosLevel,
+    /// p99 request latency on drive slot 0.
+    Drive0LatencyP99,
+    /// p99 request latency on drive slot 1.
+    Drive1LatencyP99,
+    /// p99 request latency on drive slot 2.
+    Drive2LatencyP99,
+    /// p99 request latency on drive slot 3.
+    Drive3LatencyP99,
+    /// The VM's SLO class (0 none, 1 batch, 2 standard, 3 critical).
+    SloClass,
+    /// Whether every SLO target was met in the interval.
+    SloMet,
+    /// The p99 latency target (0 without one).
+    SloP99Target,
+    /// Signed margin of the p99 latency target.
+    SloP99Margin,
+    /// The minimum operation rate target (0 without one).
+    SloOpsTarget,
+    /// Signed margin of the operation rate target.
+    SloOpsMargin,
+    /// Mean share of the interval the vCPU threads waited for a host CPU.
+    VcpuRunDelayShare,
+    /// Largest share of the interval one vCPU thread waited for a host CPU.
+    VcpuRunDelayMax,
+    /// Share of the host's allowed CPUs busy (the VM and its neighbours).
+    HostLoad,
 }
 
 impl FeatureId {
     /// Every feature, in vector order.
-    pub const ALL: [FeatureId; 36] = [
+    pub const ALL: [FeatureId; 49] = [
         FeatureId::CpuUtilisation,
         FeatureId::MonitorShare,
         FeatureId::ExitRateIo,
@@ -278,6 +331,19 @@ impl FeatureId {
         FeatureId::Drive3RateLevel,
         FeatureId::Drive3Priority,
         FeatureId::NetQosLevel,
+        FeatureId::Drive0LatencyP99,
+        FeatureId::Drive1LatencyP99,
+        FeatureId::Drive2LatencyP99,
+        FeatureId::Drive3LatencyP99,
+        FeatureId::SloClass,
+        FeatureId::SloMet,
+        FeatureId::SloP99Target,
+        FeatureId::SloP99Margin,
+        FeatureId::SloOpsTarget,
+        FeatureId::SloOpsMargin,
+        FeatureId::VcpuRunDelayShare,
+        FeatureId::VcpuRunDelayMax,
+        FeatureId::HostLoad,
     ];
 
     /// Index of this feature in the vector.
@@ -294,6 +360,18 @@ impl FeatureId {
             [Drive1RequestRate, Drive1RateLevel, Drive1Priority],
             [Drive2RequestRate, Drive2RateLevel, Drive2Priority],
             [Drive3RequestRate, Drive3RateLevel, Drive3Priority],
+        ];
+        SLOTS.get(slot).copied()
+    }
+
+    /// The p99 latency feature of drive slot `slot`, or `None` past [`DRIVE_SLOTS`].
+    pub fn drive_latency_slot(slot: usize) -> Option<FeatureId> {
+        use FeatureId::*;
+        const SLOTS: [FeatureId; DRIVE_SLOTS] = [
+            Drive0LatencyP99,
+            Drive1LatencyP99,
+            Drive2LatencyP99,
+            Drive3LatencyP99,
         ];
         SLOTS.get(slot).copied()
     }
@@ -526,6 +604,84 @@ pub const FEATURES: [Feature; FeatureId::ALL.len()] = [
         normalisation: Normalisation::Linear { scale: 3.0 },
         description: "NET_QOS_LADDER level in force on the network devices (0 unlimited .. 3 tightest; 0 without a network device)",
     },
+    Feature {
+        name: "drive0_latency_p99",
+        unit: "us",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "99th percentile of the per-request latency (available to used) on drive 0's queues in the interval (histogram, interpolated; 0 without requests or without the drive)",
+    },
+    Feature {
+        name: "drive1_latency_p99",
+        unit: "us",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "99th percentile of the per-request latency (available to used) on drive 1's queues in the interval (histogram, interpolated; 0 without requests or without the drive)",
+    },
+    Feature {
+        name: "drive2_latency_p99",
+        unit: "us",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "99th percentile of the per-request latency (available to used) on drive 2's queues in the interval (histogram, interpolated; 0 without requests or without the drive)",
+    },
+    Feature {
+        name: "drive3_latency_p99",
+        unit: "us",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "99th percentile of the per-request latency (available to used) on drive 3's queues in the interval (histogram, interpolated; 0 without requests or without the drive)",
+    },
+    Feature {
+        name: "slo_class",
+        unit: "level",
+        normalisation: Normalisation::Linear { scale: 3.0 },
+        description: "the VM's SLO class: 1 batch, 2 standard, 3 critical (0 without an SLO)",
+    },
+    Feature {
+        name: "slo_met",
+        unit: "fraction",
+        normalisation: Normalisation::Clamp,
+        description: "1 when every SLO target was met in the interval (also without targets), else 0",
+    },
+    Feature {
+        name: "slo_p99_target",
+        unit: "us",
+        normalisation: Normalisation::Log { scale: 1e6 },
+        description: "the SLO's p99 request latency target (0 without one)",
+    },
+    Feature {
+        name: "slo_p99_margin",
+        unit: "share",
+        normalisation: Normalisation::Signed { scale: 1.0 },
+        description: "(target - p99 of the drives' requests) / target, capped to [-10, 10]; negative: missed (0 without the target)",
+    },
+    Feature {
+        name: "slo_ops_target",
+        unit: "ops/s",
+        normalisation: Normalisation::Log { scale: 1e7 },
+        description: "the SLO's minimum rate of guest operations (0 without one)",
+    },
+    Feature {
+        name: "slo_ops_margin",
+        unit: "share",
+        normalisation: Normalisation::Signed { scale: 1.0 },
+        description: "(ops rate - target) / target, capped to [-10, 10], ops = guest-reported operations, else the drives' requests; negative: missed (0 without the target)",
+    },
+    Feature {
+        name: "vcpu_run_delay_share",
+        unit: "fraction",
+        normalisation: Normalisation::Clamp,
+        description: "sum over vCPU threads of the schedstat run delay delta / (interval_ns * vCPU threads): time runnable but waiting for a host CPU",
+    },
+    Feature {
+        name: "vcpu_run_delay_max",
+        unit: "fraction",
+        normalisation: Normalisation::Clamp,
+        description: "largest schedstat run delay delta of one vCPU thread / interval_ns",
+    },
+    Feature {
+        name: "host_load",
+        unit: "fraction",
+        normalisation: Normalisation::Clamp,
+        description: "busy ticks delta / all ticks delta of the host CPUs the monitor may use (/proc/stat): the VM and its neighbours",
+    },
 ];
 
 /// Serialised form of one feature (for model cards).
@@ -746,11 +902,21 @@ mod tests {
         assert_eq!(Normalisation::Clamp.apply(0.3), 0.3);
         assert_eq!(Normalisation::Clamp.apply(3.0), 1.0);
         for n in [lin, log, Normalisation::Clamp] {
+            assert_eq!(n.apply(-1.0), 0.0);
             assert_eq!(n.apply(f64::NAN), 0.0);
             assert_eq!(n.apply(f64::NEG_INFINITY), 0.0);
             assert_eq!(n.apply(f64::INFINITY), 1.0);
         }
         assert_eq!(Normalisation::Log { scale: 0.0 }.apply(5.0), 0.0);
+        let signed = Normalisation::Signed { scale: 1.0 };
+        assert_eq!(signed.apply(0.0), 0.5);
+        assert_eq!(signed.apply(-0.5), 0.25);
+        assert_eq!(signed.apply(0.5), 0.75);
+        assert_eq!(signed.apply(-7.0), 0.0);
+        assert_eq!(signed.apply(f64::NEG_INFINITY), 0.0);
+        assert_eq!(signed.apply(f64::INFINITY), 1.0);
+        assert_eq!(signed.apply(f64::NAN), 0.5);
+        assert_eq!(Normalisation::Signed { scale: 0.0 }.apply(1.0), 0.5);
         assert_eq!(Normalisation::Linear { scale: 0.0 }.apply(5.0), 0.0);
     }
 
@@ -769,7 +935,7 @@ mod tests {
     #[test]
     fn describe_lists_every_feature() {
         let table = Schema::describe();
-        assert!(table.starts_with("performance vector schema v2 (36 features)"));
+        assert!(table.starts_with("performance vector schema v3 (49 features)"));
         assert_eq!(table.lines().count(), FEATURES.len() + 2);
         for f in &FEATURES {
             let line = table
@@ -785,7 +951,7 @@ mod tests {
     fn json_round_trips_and_validates() {
         let json = Schema::to_json();
         let v: serde_json::Value = serde_json::from_str(&json).expect("valid json");
-        assert_eq!(v["schema_version"], 2);
+        assert_eq!(v["schema_version"], 3);
         assert_eq!(v["features"][0]["name"], "cpu_utilisation");
         assert_eq!(v["features"][2]["normalisation"]["kind"], "log");
         Schema::check_json(&json).expect("own schema is compatible");

@@ -70,7 +70,7 @@ fn tract_reproduces_the_reference_q_values() {
     assert!(matches!(
         p.q_values(&[0.5; 5]),
         Err(PolicyError::InputLength {
-            expected: 36,
+            expected: 49,
             got: 5
         })
     ));
@@ -205,9 +205,22 @@ fn wrong_cards_are_refused_with_the_field() {
     assert_eq!(
         field_of(
             "weights",
-            edit(&|v| v["reward_weights"]["cost"] = 3.0.into())
+            edit(&|v| v["reward_weights"]["free"] = 3.0.into())
         ),
-        "reward_weights.cost"
+        "reward_weights.free"
+    );
+    // A card of reward v2 (no reward_version, v2's weights) is refused by its version,
+    // not as malformed.
+    assert_eq!(
+        field_of(
+            "reward2",
+            edit(&|v| {
+                v.as_object_mut().unwrap().remove("reward_version");
+                v["reward_weights"] = serde_json::json!({"throughput": 10.0, "latency": 10.0,
+                    "utilisation": 0.5, "cost": 4.0, "throughput_ref": 2e6});
+            })
+        ),
+        "reward_version"
     );
     assert_eq!(
         field_of("outsize", edit(&|v| v["output_size"] = 14.into())),

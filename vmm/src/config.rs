@@ -107,7 +107,7 @@ pub struct VmConfig {
     /// (default 20).
     #[serde(default = "default_learn_every")]
     pub learn_every: u64,
-    /// Reward weights (throughput, latency, utilisation, cost); documented in tuner::reward.
+    /// Reward weights (free, throughput, miss, throughput_ref); documented in tuner::reward.
     #[serde(default)]
     pub reward_weights: Option<tuner::reward::RewardWeights>,
     /// Fewest vCPUs the tuner may leave the guest (default 1).
@@ -124,6 +124,15 @@ pub struct VmConfig {
     /// what they cost).
     #[serde(default = "default_true")]
     pub exit_counters: bool,
+    /// The VM's service level objective: a class and optional p99 latency and minimum
+    /// operation rate targets (`tuner::slo`).
+    #[serde(default)]
+    pub slo: Option<tuner::slo::Slo>,
+}
+
+/// Parses the `--slo` syntax: `class=critical|standard|batch[,p99_us=N][,min_ops=N]`.
+pub fn parse_slo(spec: &str) -> Result<tuner::slo::Slo, ConfigError> {
+    tuner::slo::Slo::parse_spec(spec).map_err(|e| ConfigError::new(e.field(), e.problem()))
 }
 
 fn default_learn_every() -> u64 {
@@ -476,6 +485,7 @@ impl VmConfig {
             ab: None,
             ab_block: default_ab_block(),
             exit_counters: true,
+            slo: None,
         }
     }
 
@@ -693,6 +703,16 @@ impl VmConfig {
                 return Err(ConfigError::new(
                     "active_vcpus",
                     format!("{} is below min_vcpus {m}", self.start_vcpus()),
+                ));
+            }
+        }
+        if let Some(slo) = &self.slo {
+            slo.validate()
+                .map_err(|e| ConfigError::new(e.field(), e.problem()))?;
+            if slo.p99_us.is_some() && self.drives.is_empty() {
+                return Err(ConfigError::new(
+                    "slo.p99_us",
+                    "a p99 request latency target needs at least one drive to measure",
                 ));
             }
         }
@@ -1044,5 +1064,32 @@ mod tests {
             .problem
             .contains("not 64-bit"));
         let _ = std::io::stdout().flush();
+    }
+
+    #[test]
+    fn slo_from_the_flag_and_json_with_errors_naming_the_field() {
+        let s = parse_slo("class=critical,p99_us=500,min_ops=10000").unwrap();
+        assert_eq!((s.p99_us, s.min_ops), (Some(500), Some(10000.0)));
+        let e = parse_slo("class=gold").unwrap_err();
+        assert_eq!(e.field, "slo.class");
+        assert!(e.problem.contains("critical, standard or batch"), "{e}");
+        assert_eq!(
+            parse_slo("class=batch,min_ops=0").unwrap_err().field,
+            "slo.min_ops"
+        );
+        assert_eq!(
+            parse_slo("class=batch,min_ops=-1").unwrap_err().field,
+            "slo.min_ops"
+        );
+        let e = parse_slo("class=critical,p99_us=3").unwrap_err();
+        assert_eq!(e.field, "slo.p99_us");
+        assert!(e.problem.contains("floor"), "{e}");
+        assert_eq!(parse_slo("p99_us=500").unwrap_err().field, "slo.class");
+        assert_eq!(parse_slo("class=batch,fast").unwrap_err().field, "slo");
+        let c =
+            VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"batch","min_ops":5}}"#).unwrap();
+        assert_eq!(c.slo.map(|s| s.class), Some(tuner::slo::SloClass::Batch));
+        assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"gold"}}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"batch","p":1}}"#).is_err());
     }
 }

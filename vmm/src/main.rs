@@ -168,6 +168,10 @@ struct RunArgs {
     /// Turn the run-loop exit counters off (to measure their cost).
     #[arg(long)]
     no_exit_counters: bool,
+    /// Service level objective: class=critical|standard|batch[,p99_us=N][,min_ops=N]
+    /// (p99 request latency over the drives in us; guest operations per second).
+    #[arg(long, value_name = "SPEC")]
+    slo: Option<String>,
 }
 
 #[derive(Args)]
@@ -219,9 +223,9 @@ struct TrainArgs {
     #[arg(long, value_name = "TEXT")]
     description: Option<String>,
     /// Reward weights for the card when the data does not record them:
-    /// THROUGHPUT,LATENCY,UTILISATION,COST[,THROUGHPUT_REF] (must match the data's when it
+    /// FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] of reward v3 (must match the data's when it
     /// does; THROUGHPUT_REF defaults to 2e6 ops/s).
-    #[arg(long, value_name = "T,L,U,C[,REF]")]
+    #[arg(long, value_name = "F,T,M[,REF]")]
     reward_weights: Option<String>,
     /// Do not train: re-derive the start configuration of the model already at --out
     /// from the data (its own Q-values walk the data's idle states) and rewrite only its
@@ -256,24 +260,22 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
             .map(|x| x.trim().parse::<f64>())
             .collect::<Result<_, _>>()
             .map_err(|e| ConfigError::new("reward_weights", format!("{text:?}: {e}")))?;
-        let (throughput, latency, utilisation, cost, throughput_ref) = match w[..] {
-            [t, l, u, c] => (t, l, u, c, tuner::reward::DEFAULT_THROUGHPUT_REF),
-            [t, l, u, c, r] => (t, l, u, c, r),
-            _ => {
-                return Err(ConfigError::new(
-                    "reward_weights",
-                    format!(
-                        "{text:?}: give four or five numbers \
-                         THROUGHPUT,LATENCY,UTILISATION,COST[,THROUGHPUT_REF]"
-                    ),
-                ))
-            }
+        let (free, throughput, miss, throughput_ref) = match w[..] {
+            [f, t, m] => (f, t, m, tuner::reward::DEFAULT_THROUGHPUT_REF),
+            [f, t, m, r] => (f, t, m, r),
+            _ => return Err(ConfigError::new(
+                "reward_weights",
+                format!(
+                    "{text:?}: give three or four numbers FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] \
+                         (reward v{})",
+                    tuner::reward::REWARD_VERSION
+                ),
+            )),
         };
         opts.reward_weights = Some(tuner::reward::RewardWeights {
+            free,
             throughput,
-            latency,
-            utilisation,
-            cost,
+            miss,
             throughput_ref,
         });
     }
@@ -399,6 +401,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if args.no_exit_counters {
         cfg.exit_counters = false;
+    }
+    if let Some(spec) = &args.slo {
+        cfg.slo = Some(vmm::config::parse_slo(spec)?);
     }
     if !args.network.is_empty() {
         cfg.network = args

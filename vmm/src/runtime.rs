@@ -17,7 +17,8 @@ use devices::virtio::net::Net;
 use devices::virtio::{QueueMetrics, QueueMetricsSnapshot};
 use tuner::actions::{PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
 use tuner::counters::{
-    CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, MemoryCounters, QueueCounters,
+    CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, HostCounters, MemoryCounters,
+    QueueCounters,
 };
 
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
@@ -25,11 +26,13 @@ use crate::kvm_stats::KvmStats;
 use crate::tuning::{nearest_ladder_level, nearest_priority_level};
 use crate::vcpu_stats::VcpuStats;
 
-// The devices' latency buckets and the tuner's must describe the same histogram.
-const _: () = assert!(
-    devices::virtio::queue_metrics::LATENCY_BUCKETS_US.len()
-        == tuner::counters::LATENCY_BUCKETS_US.len()
-);
+/// Longest prefix of `/proc/stat` read per snapshot: the `cpu` lines come first, one of
+/// about 100 bytes per CPU (the `intr` line after them can be far longer and is not
+/// needed). CPUs whose line lies beyond it (more than ~300 CPUs) are not counted.
+const PROC_STAT_PREFIX: usize = 32 << 10;
+
+/// Longest `schedstat` line read (three decimal numbers).
+const SCHEDSTAT_LEN: usize = 128;
 
 /// Errors of the control operations.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -79,6 +82,13 @@ pub struct VmRuntime {
     cores_given: AtomicU32,
     cpu_quota: CpuQuota,
     policy: Mutex<Option<tuner::control::PolicyHandle>>,
+    /// Each vCPU thread's `/proc/self/task/TID/schedstat`, opened once by
+    /// [`VmRuntime::open_vcpu_schedstats`] (the sampler only `pread`s them).
+    schedstats: Mutex<Vec<Option<std::fs::File>>>,
+    /// `/proc/stat`, opened once at start.
+    proc_stat: Option<std::fs::File>,
+    /// The VM's service level objective.
+    slo: Option<tuner::slo::Slo>,
 }
 
 /// A drive's knobs in force, as the performance vector reports them.
@@ -115,6 +125,60 @@ fn resident_bytes(statm: Option<&std::fs::File>) -> u64 {
     // SAFETY: sysconf has no side effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     pages * page
+}
+
+/// The run delay (ns runnable but waiting for a CPU: the second field) of one
+/// `schedstat` file, read with one bounded `pread`; 0 when unreadable.
+fn run_delay_ns(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; SCHEDSTAT_LEN];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    parse_run_delay(&buf[..n])
+}
+
+/// The second field of a `schedstat` line (`on-cpu-ns run-delay-ns timeslices`).
+fn parse_run_delay(text: &[u8]) -> u64 {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| t.split_ascii_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Busy and total clock ticks of the CPUs in `allowed`, from `/proc/stat` text: per
+/// `cpuN` line, busy = user + nice + system + irq + softirq + steal (guest time is
+/// inside user and nice), total = busy + idle + iowait. Lines cut off at the end of the
+/// read are ignored.
+fn parse_proc_stat(text: &[u8], allowed: &[usize]) -> HostCounters {
+    let mut host = HostCounters {
+        allowed_cpus: allowed.len() as u32,
+        ..HostCounters::default()
+    };
+    let text = String::from_utf8_lossy(text);
+    // Only complete lines: the read may end inside one.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    for line in complete.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let Some(cpu) = fields
+            .next()
+            .and_then(|name| name.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if !allowed.contains(&cpu) {
+            continue;
+        }
+        let v: Vec<u64> = fields.take(8).map(|f| f.parse().unwrap_or(0)).collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        let busy = [0, 1, 2, 5, 6, 7]
+            .iter()
+            .fold(0u64, |a, i| a.saturating_add(at(*i)));
+        let total = busy.saturating_add(at(3)).saturating_add(at(4));
+        host.busy_ticks = host.busy_ticks.saturating_add(busy);
+        host.total_ticks = host.total_ticks.saturating_add(total);
+    }
+    host
 }
 
 /// Minor plus major page faults of this process.
@@ -186,6 +250,8 @@ pub struct RuntimeParts {
     pub vcpu_tids: Arc<Vec<AtomicI32>>,
     /// Dirty-page tracking, when on.
     pub dirty: Option<DirtyLog>,
+    /// The VM's service level objective, if any.
+    pub slo: Option<tuner::slo::Slo>,
 }
 
 impl VmRuntime {
@@ -202,6 +268,7 @@ impl VmRuntime {
             vcpu_control,
             vcpu_tids,
             dirty,
+            slo,
         } = parts;
         let allowed_cpus = allowed_cpus();
         let host_cores = allowed_cpus.len() as u32;
@@ -263,7 +330,62 @@ impl VmRuntime {
             cores_given: AtomicU32::new(host_cores),
             cpu_quota,
             policy: Mutex::new(None),
+            schedstats: Mutex::new(Vec::new()),
+            proc_stat: std::fs::File::open("/proc/stat").ok(),
+            slo,
         }
+    }
+
+    /// Opens each vCPU thread's `schedstat` once its thread id is known, waiting at most
+    /// `wait` for the threads to record it. Called on the main thread right after the
+    /// vCPU threads start and before its seccomp filter goes on, so the sampling thread
+    /// only reads them (`pread`, in its filter) and needs no `open`. A vCPU whose file
+    /// cannot be opened reports a run delay of 0.
+    pub fn open_vcpu_schedstats(&self, wait: std::time::Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let all_known = self
+                .vcpu_tids
+                .iter()
+                .all(|t| t.load(Ordering::Acquire) != 0);
+            if all_known || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let files = self
+            .tids()
+            .into_iter()
+            .map(|tid| {
+                if tid == 0 {
+                    return None;
+                }
+                let path = format!("/proc/self/task/{tid}/schedstat");
+                std::fs::File::open(&path)
+                    .map_err(|e| log::warn!("{path}: {e}; its run delay reads as 0"))
+                    .ok()
+            })
+            .collect();
+        *lock(&self.schedstats) = files;
+    }
+
+    /// The VM's service level objective.
+    pub fn slo(&self) -> Option<&tuner::slo::Slo> {
+        self.slo.as_ref()
+    }
+
+    /// Busy and total ticks of the CPUs the process may run on, now.
+    fn host_counters(&self) -> HostCounters {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.proc_stat else {
+            return HostCounters {
+                allowed_cpus: self.allowed_cpus.len() as u32,
+                ..HostCounters::default()
+            };
+        };
+        let mut buf = vec![0u8; PROC_STAT_PREFIX];
+        let n = f.read_at(&mut buf, 0).unwrap_or(0);
+        parse_proc_stat(&buf[..n], &self.allowed_cpus)
     }
 
     /// Registers the running tuner's policy slot (for `PUT /policy`).
@@ -506,12 +628,17 @@ impl VmRuntime {
 
     /// Every counter; `live` also reads KVM's dirty log and binary stats now.
     fn counters(&self, live: bool) -> CounterSnapshot {
+        let run_delays: Vec<u64> = lock(&self.schedstats)
+            .iter()
+            .map(|f| f.as_ref().map_or(0, run_delay_ns))
+            .collect();
         let vcpus = self
             .vcpus
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let mut c = s.snapshot(i as u32);
+                c.run_delay_ns = run_delays.get(i).copied().unwrap_or(0);
                 if !live {
                     return c;
                 }
@@ -582,6 +709,8 @@ impl VmRuntime {
             net_qos_level: (!self.nets.is_empty())
                 .then(|| self.net_qos_level.load(Ordering::Relaxed)),
             log_lines_suppressed: devices::log_limit::suppressed_total(),
+            host: self.host_counters(),
+            slo: self.slo,
         }
     }
 }

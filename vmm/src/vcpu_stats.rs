@@ -34,7 +34,8 @@ impl VcpuStats {
         self.exits[kind.index()].load(Ordering::Relaxed)
     }
 
-    /// A copy for the tuner (KVM's binary stats are added by the caller).
+    /// A copy for the tuner (KVM's binary stats and the thread's run delay are added by
+    /// the caller).
     pub fn snapshot(&self, index: u32) -> VcpuCounters {
         let mut exits = [0u64; ExitKind::COUNT];
         for (dst, src) in exits.iter_mut().zip(self.exits.iter()) {
@@ -46,6 +47,7 @@ impl VcpuStats {
             guest_ns: self.guest_ns.load(Ordering::Relaxed),
             monitor_ns: self.monitor_ns.load(Ordering::Relaxed),
             kvm_stats: Vec::new(),
+            run_delay_ns: 0,
         }
     }
 }

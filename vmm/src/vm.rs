@@ -603,6 +603,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             slots: memory::slots(&mem),
             total: Mutex::new(0),
         }),
+        slo: cfg.slo,
     }));
     let api_socket = match &cfg.api_sock {
         Some(path) => {
@@ -708,6 +709,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         threads.push(handle);
     }
     log::info!("VM set up in {:?}", started.elapsed());
+    // The vCPU threads' schedstat files (their run delay), opened before the filter.
+    runtime.open_vcpu_schedstats(Duration::from_secs(1));
     if let Some(f) = &main_filter {
         seccomp::install("main", f)?;
     }
