@@ -139,7 +139,7 @@ fn bad_rows_are_named() {
             LearnError::SchemaVersion {
                 row_id: 3,
                 found: 1,
-                expected: 2,
+                expected: tuner::schema::SCHEMA_VERSION,
                 ..
             }
         ),

@@ -80,9 +80,10 @@ fn learns_online_and_exports_bytes_tract_runs() {
     // Before enough transitions are held, training takes no step.
     assert_eq!(l.train(10).unwrap().steps, 0);
 
-    // Play: act epsilon-greedily (all actions allowed), observe the synthetic reward.
+    // Play: act epsilon-greedily (every action on a device the VM has), observe the
+    // synthetic reward.
     let mut rng = XorShift64::new(8);
-    let mask = vec![true; space.len()];
+    let mask: Vec<bool> = space.actions().iter().map(|a| space.present(a)).collect();
     let mut s = state(&mut rng);
     assert_eq!(l.epsilon(), 1.0);
     for i in 0..800 {
