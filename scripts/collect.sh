@@ -28,7 +28,8 @@
 # interval; the benchmark's), SHAPES (varied or fixed), VMM (default target/release/vmm),
 # NO_BUILD=1 to skip the release build (then the binaries must exist), POLICY (see above),
 # SUFFIX appended to every VM id (e.g. `-r2`, so that a second round's runs are episodes of
-# their own in the same repository).
+# their own in the same repository), FIRST_SEED (1: the seeds are FIRST_SEED ..
+# FIRST_SEED + SEEDS - 1, e.g. to add seeds to a repository without repeating VM ids).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,8 @@ phases=${PHASES:-6}
 interval_ms=${INTERVAL_MS:-100}
 behaviour_model=${POLICY:-}
 suffix=${SUFFIX:-}
+first_seed=${FIRST_SEED:-1}
+[[ $first_seed =~ ^[0-9]+$ ]] && [ "$first_seed" -ge 1 ] || { echo "collect.sh: FIRST_SEED must be a positive integer" >&2; exit 2; }
 shapes=${SHAPES:-varied}
 [ "$shapes" = varied ] || [ "$shapes" = fixed ] || { echo "collect.sh: SHAPES must be varied or fixed" >&2; exit 2; }
 [[ $seeds =~ ^[0-9]+$ ]] && [ "$seeds" -ge 1 ] || { echo "collect.sh: SEEDS must be a positive integer" >&2; exit 2; }
@@ -86,7 +89,7 @@ shape_of() {
 }
 
 failed=0
-for seed in $(seq 1 "$seeds"); do
+for seed in $(seq "$first_seed" $((first_seed + seeds - 1))); do
     if [ -n "$behaviour_model" ]; then
         policy=$(basename "$behaviour_model" .onnx)
         policy_args=(--policy "$behaviour_model")
@@ -99,10 +102,10 @@ for seed in $(seq 1 "$seeds"); do
     for d in $(seq 0 $((drives - 1))); do
         drive_args+=(--drive "path=$tmp/d$d.img,id=d$d")
     done
-    if [ "$shapes" = fixed ]; then
-        fg=0 bg=1
-    else
-        fg=$((seed % drives)) bg=$(((seed + 1) % drives))
+    # The io phases' foreground and background drives (a one-drive VM has no io phase).
+    devs=""
+    if [ "$shapes" = varied ] && [ "$drives" -ge 2 ]; then
+        devs=" dev_fg=$((seed % drives)) dev_bg=$(((seed + 1) % drives))"
     fi
     scenarios="cpu-idle io-contention mixed"
     [ "$drives" -ge 2 ] || scenarios="cpu-idle"
@@ -113,7 +116,7 @@ for seed in $(seq 1 "$seeds"); do
         "$vmm" run --kernel "$kernel" --vcpus "$vcpus" --mem-mib 64 "${drive_args[@]}" \
             --metrics-interval-ms "$interval_ms" "${policy_args[@]}" --epsilon "$epsilon" \
             --state-db "$out" --vm-id "$vm_id" --timeout-ms 60000 \
-            --cmdline "scenario=$scenario seed=$seed phase_ms=$phase_ms phases=$phases dev_fg=$fg dev_bg=$bg" \
+            --cmdline "scenario=$scenario seed=$seed phase_ms=$phase_ms phases=$phases$devs" \
             >"$tmp/out.txt" 2>"$tmp/err.txt" || status=$?
         ms=$((($(date +%s%N) - start) / 1000000))
         done_line=$(grep -a '^phased: done' "$tmp/out.txt" || true)
