@@ -44,10 +44,10 @@
 //! the resources held (`10 * throughput - 4 * cost`, shifted by 4), without its latency
 //! and utilisation terms.
 //!
-//! History: reward v2 (schema v2) was `10 * throughput - 10 * latency + 0.5 * utilisation
-//! - 4 * cost` with the guest's mean latency: a policy could win it while the p99 of a
-//! drive's requests rose from 92 us to 3 424 us (BENCHMARKS 9). Reward v1 scored
-//! throughput on a log scale.
+//! History: reward v2 (schema v2) was
+//! `10 * throughput - 10 * latency + 0.5 * utilisation - 4 * cost` with the guest's mean
+//! latency: a policy could win it while the p99 of a drive's requests rose from 92 us to
+//! 3 424 us (BENCHMARKS 9). Reward v1 scored throughput on a log scale.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -294,9 +294,9 @@ fn the_shipped_general_policy_loads_and_matches_its_card() {
         let tol = 1e-4 * want.abs().max(1.0);
         assert!((got - want).abs() <= tol, "q[{i}] = {got}, trainer {want}");
     }
-    let start = p
-        .start_config()
-        .expect("the card names a start configuration");
-    assert!((1..=8).contains(&start.active_vcpus), "{start:?}");
-    assert!((1..=4).contains(&start.drives.len()), "{start:?}");
+    // A start configuration, when the trainer found one, is valid for any VM.
+    if let Some(start) = p.start_config() {
+        assert!((1..=8).contains(&start.active_vcpus), "{start:?}");
+        assert!(start.drives.len() <= 4, "{start:?}");
+    }
 }
