@@ -31,7 +31,8 @@
 #
 # Environment: ROUNDS (5), SEEDS (16), EPSILON (0.4), EPSILON2 (0.3), STEPS (40000),
 # DB (target/learn/runs.db), OUT (models/general.onnx); SHAPES, PHASE_MS, PHASES as
-# scripts/collect.sh takes them. A shorter recipe: ROUNDS=2 SEEDS=8.
+# scripts/collect.sh takes them, and VMM (the monitor the VMs run on). A shorter recipe:
+# ROUNDS=2 SEEDS=16 (80 runs, ~20 min here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-5}

@@ -143,10 +143,7 @@ pub fn parse_label(space: &ActionSpace, label: &str) -> Option<Label> {
     }
     let present = |name: &str| -> Option<usize> {
         let i = space.effective_index(name)?;
-        space
-            .action(i)
-            .filter(|a| space.present(a))
-            .map(|_| i)
+        space.action(i).filter(|a| space.present(a)).map(|_| i)
     };
     // A refused or failed choice changed nothing, but must still name an action on a
     // device the VM has (anything else means the label is not this VM's): a v2 name, or
@@ -599,8 +596,8 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
         let (shape, weights) = match configs.get(&row.config) {
             Some(c) => *c,
             None => {
-                let (shape, weights) = parse_config(&row.config)
-                    .map_err(|message| LearnError::BadConfig {
+                let (shape, weights) =
+                    parse_config(&row.config).map_err(|message| LearnError::BadConfig {
                         row_id: row.id,
                         vm_id: row.vm_id.clone(),
                         message,
@@ -779,7 +776,10 @@ mod tests {
             parse_label(&one, "rollback:qos:net:0"),
             Some(Label::Action(idx("qos:net0:0")))
         );
-        assert_eq!(parse_label(&one, "refused:qos:net:2"), Some(Label::Action(0)));
+        assert_eq!(
+            parse_label(&one, "refused:qos:net:2"),
+            Some(Label::Action(0))
+        );
         // v1 network priorities never took effect.
         assert_eq!(
             parse_label(&one, "failed:prio:net0:high"),
@@ -801,8 +801,7 @@ mod tests {
         assert_eq!(shape, VmShape::new(2, 2, 0));
         assert_eq!(w, None);
         let (shape, w) =
-            parse_config(r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#)
-                .unwrap();
+            parse_config(r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#).unwrap();
         assert_eq!(shape, VmShape::new(0, 0, 1));
         assert_eq!(w.map(|w| w.free), Some(2.0));
         assert!(parse_config("[]").is_err());

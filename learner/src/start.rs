@@ -216,8 +216,7 @@ mod tests {
         let space = ActionSpace::new(VmShape::new(2, 2, 0));
         let states: Vec<Vec<f32>> = (0..30).map(|_| idle_vector()).collect();
         let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
-        let StartChoice::Chosen(start) = idle_start(&space, &refs, frugal(&space)).unwrap()
-        else {
+        let StartChoice::Chosen(start) = idle_start(&space, &refs, frugal(&space)).unwrap() else {
             panic!("expected a start configuration");
         };
         assert_eq!(start.active_vcpus, 1);
@@ -304,7 +303,12 @@ mod tests {
         let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
         let got = idle_start(&space, &refs, frugal(&space)).unwrap();
         assert!(matches!(got, StartChoice::None(ref why) if why.contains("5 idle states")));
-        let got = idle_start(&ActionSpace::new(VmShape::new(0, 2, 0)), &refs, frugal(&space)).unwrap();
+        let got = idle_start(
+            &ActionSpace::new(VmShape::new(0, 2, 0)),
+            &refs,
+            frugal(&space),
+        )
+        .unwrap();
         assert!(matches!(got, StartChoice::None(_)));
     }
 

@@ -135,8 +135,20 @@ mod tests {
         let mask = valid_actions(&big, &v);
         assert!(mask[space.names().iter().position(|n| n == "vcpu+2").unwrap()]);
         assert!(mask[space.names().iter().position(|n| n == "rl:blk3:2").unwrap()]);
-        assert!(mask[space.names().iter().position(|n| n == "qos:net1:3").unwrap()]);
-        assert!(!mask[space.names().iter().position(|n| n == "qos:net1:0").unwrap()]);
+        assert!(
+            mask[space
+                .names()
+                .iter()
+                .position(|n| n == "qos:net1:3")
+                .unwrap()]
+        );
+        assert!(
+            !mask[space
+                .names()
+                .iter()
+                .position(|n| n == "qos:net1:0")
+                .unwrap()]
+        );
         // Unknown vCPUs: every action on a present device.
         let unknown = valid_actions(&VmShape::new(0, 1, 0), &v);
         assert_eq!(

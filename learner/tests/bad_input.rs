@@ -242,13 +242,22 @@ fn vms_of_any_shape_and_one_set_of_weights() {
     assert_eq!(data.transitions.len(), 18);
     let one = tuner::actions::VmShape::new(2, 1, 0);
     let two = tuner::actions::VmShape::new(2, 2, 0);
-    assert_eq!(data.transitions.iter().filter(|t| t.shape == one).count(), 9);
-    assert_eq!(data.transitions.iter().filter(|t| t.shape == two).count(), 9);
+    assert_eq!(
+        data.transitions.iter().filter(|t| t.shape == one).count(),
+        9
+    );
+    assert_eq!(
+        data.transitions.iter().filter(|t| t.shape == two).count(),
+        9
+    );
     assert_eq!(data.summary.shapes.len(), 2, "{:?}", data.summary.shapes);
     // An action on a device the VM does not have is refused, naming the VM's shape.
     let absent = dir.path().join("absent.db");
     write_db(&absent, episode("vm-a", 10, 1, 1, 1_000_000_000));
-    exec(&absent, "UPDATE samples SET action = 'rl:blk1:2' WHERE id = 4;");
+    exec(
+        &absent,
+        "UPDATE samples SET action = 'rl:blk1:2' WHERE id = 4;",
+    );
     let e = err(&absent);
     assert!(
         matches!(&e, LearnError::UnknownAction { row_id: 4, .. }),

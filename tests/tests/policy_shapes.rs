@@ -47,7 +47,12 @@ struct Shape {
 
 /// Runs `shape` with the shipped policy exploring a little (so that many actions of the
 /// layout are tried, each through the masks) and returns the rows and events.
-fn run(dir: &Scratch, ns: Option<&Netns>, shape: &Shape, tag: &str) -> (Vec<Row>, Vec<(String, String)>) {
+fn run(
+    dir: &Scratch,
+    ns: Option<&Netns>,
+    shape: &Shape,
+    tag: &str,
+) -> (Vec<Row>, Vec<(String, String)>) {
     let db = dir.path(&format!("{tag}.db"));
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -188,15 +193,12 @@ fn the_shipped_policy_tunes_vms_of_every_shape_and_never_an_absent_device() {
             decided.iter().map(|r| &r.policy_id).collect::<Vec<_>>()
         );
         // No decision, refusal, rollback or start step ever named an absent device.
-        let labels = decided
-            .iter()
-            .filter_map(|r| r.action.as_deref())
-            .chain(
-                events
-                    .iter()
-                    .filter(|(k, _)| k == "policy_start" || k == "refusal" || k == "rollback")
-                    .flat_map(|(_, d)| d.split([',', ' '])),
-            );
+        let labels = decided.iter().filter_map(|r| r.action.as_deref()).chain(
+            events
+                .iter()
+                .filter(|(k, _)| k == "policy_start" || k == "refusal" || k == "rollback")
+                .flat_map(|(_, d)| d.split([',', ' '])),
+        );
         for label in labels {
             if let Some((kind, slot)) = slot_of(label) {
                 let have = if kind == "blk" {

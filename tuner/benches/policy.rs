@@ -118,6 +118,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             interval_ns: INTERVAL_NS as u64,
             raw: vec![0.0; n],
             vector: v.clone(),
+            queue_latency: Vec::new(),
+            slo: None,
         })
         .collect();
     let mut step_no = 0u64;

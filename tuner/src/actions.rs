@@ -394,14 +394,10 @@ fn layout() -> &'static (Vec<Action>, Vec<String>) {
         let mut actions = vec![Action::NoOp];
         actions.extend(VCPU_DELTAS.iter().map(|d| Action::VcpuDelta(*d)));
         for device in 0..DRIVE_SLOTS {
-            actions.extend(
-                PriorityLevel::ALL
-                    .iter()
-                    .map(|level| Action::Priority {
-                        device,
-                        level: *level,
-                    }),
-            );
+            actions.extend(PriorityLevel::ALL.iter().map(|level| Action::Priority {
+                device,
+                level: *level,
+            }));
             actions.extend((0..RATE_LADDER.len()).map(|level| Action::RateLimit { device, level }));
         }
         for device in 0..NET_SLOTS {
@@ -564,7 +560,11 @@ impl ActionSpace {
         }
         level?;
         if !self.shape.has(kind, index) {
-            let prefix = if kind == DeviceKind::Drive { "blk" } else { "net" };
+            let prefix = if kind == DeviceKind::Drive {
+                "blk"
+            } else {
+                "net"
+            };
             return Err(ActionError::AbsentDevice(format!("{prefix}{index}")));
         }
         Ok(())
@@ -912,7 +912,10 @@ mod tests {
         assert!(valid(&s, &mask, "vcpu-1") && valid(&s, &mask, "vcpu-2"));
         for d in 0..4 {
             assert!(valid(&s, &mask, &format!("prio:blk{d}:high")));
-            assert!(!valid(&s, &mask, &format!("prio:blk{d}:medium")), "no change");
+            assert!(
+                !valid(&s, &mask, &format!("prio:blk{d}:medium")),
+                "no change"
+            );
             assert!(valid(&s, &mask, &format!("rl:blk{d}:4")));
             assert!(!valid(&s, &mask, &format!("rl:blk{d}:0")), "no change");
         }
@@ -921,7 +924,10 @@ mod tests {
             assert!(valid(&s, &mask, &format!("qos:net{n}:3")));
         }
         // noop, two vCPU steps down, and every slot action but the settings in force.
-        assert_eq!(mask.iter().filter(|x| **x).count(), 1 + 2 + 4 * (2 + 4) + 2 * 3);
+        assert_eq!(
+            mask.iter().filter(|x| **x).count(),
+            1 + 2 + 4 * (2 + 4) + 2 * 3
+        );
     }
 
     #[test]
@@ -977,12 +983,14 @@ mod tests {
             Err(Invalid::DeviceNotAllowed("blk0".into()))
         );
         bounds.allowed_devices[1] = false;
-        assert!(!s.mask(&state, &bounds)[s
-            .index_of(&Action::NetQos {
-                device: 0,
-                level: 1
-            })
-            .unwrap()]);
+        assert!(
+            !s.mask(&state, &bounds)[s
+                .index_of(&Action::NetQos {
+                    device: 0,
+                    level: 1
+                })
+                .unwrap()]
+        );
         state.vcpus = 2;
         assert!(matches!(
             s.allowed(&Action::VcpuDelta(-2), &state, &bounds),

@@ -1278,7 +1278,11 @@ mod tests {
     #[test]
     fn bad_config_is_rejected() {
         let m = || manager(ManagerConfig::default());
-        let p = || -> Box<dyn Policy> { Box::new(StaticPolicy::new(&ActionSpace::new(crate::actions::VmShape::new(4, 1, 0)))) };
+        let p = || -> Box<dyn Policy> {
+            Box::new(StaticPolicy::new(&ActionSpace::new(
+                crate::actions::VmShape::new(4, 1, 0),
+            )))
+        };
         let k = || -> Box<dyn Knobs> { Box::new(FakeKnobs::default()) };
         let mut c = TunerConfig::default();
         c.epsilon.start = 2.0;

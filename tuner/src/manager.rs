@@ -944,9 +944,10 @@ impl ConfigManager {
 /// Whether `action` moves a limit of `before` to a tighter level (higher on its ladder).
 fn tightens(before: &KnobState, action: &Action) -> bool {
     match *action {
-        Action::RateLimit { device, level } => {
-            before.rate_level.get(device).is_some_and(|old| level > *old)
-        }
+        Action::RateLimit { device, level } => before
+            .rate_level
+            .get(device)
+            .is_some_and(|old| level > *old),
         Action::NetQos { device, level } => {
             before.net_qos.get(device).is_some_and(|old| level > *old)
         }
@@ -1231,7 +1232,14 @@ pub(crate) mod tests {
     fn absent_devices_are_masked_refused_and_never_applied() {
         // Every action of the layout, tried over many intervals on VMs of several shapes:
         // the monitor only ever sees actions on devices the VM has.
-        for (v, d, n) in [(1, 0, 0), (8, 4, 2), (4, 1, 0), (2, 2, 0), (3, 4, 1), (2, 0, 2)] {
+        for (v, d, n) in [
+            (1, 0, 0),
+            (8, 4, 2),
+            (4, 1, 0),
+            (2, 2, 0),
+            (3, 4, 1),
+            (2, 0, 2),
+        ] {
             let space = ActionSpace::new(VmShape::new(v, d, n));
             let bounds = Bounds::for_space(&space, 1, v);
             let state = KnobState::initial(&space, v);

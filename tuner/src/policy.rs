@@ -48,8 +48,7 @@ use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::actions::{
-    Action, ActionSpace, PriorityLevel, VmShape, ACTIONS_VERSION, DRIVE_SLOTS, MAX_VCPUS,
-    NET_SLOTS,
+    Action, ActionSpace, PriorityLevel, VmShape, ACTIONS_VERSION, DRIVE_SLOTS, MAX_VCPUS, NET_SLOTS,
 };
 use crate::forecast::ForecastConfig;
 use crate::manager::KnobState;
@@ -1425,7 +1424,10 @@ mod tests {
         let q = p.q_values(&input_with_util(0.99)).unwrap();
         assert_eq!(q.len(), space.len());
         let mut rng = XorShift64::new(1);
-        assert_eq!(select(&q, &vec![true; space.len()], 0.0, &mut rng).unwrap(), 0);
+        assert_eq!(
+            select(&q, &vec![true; space.len()], 0.0, &mut rng).unwrap(),
+            0
+        );
         assert_eq!(p.id(), "static");
         assert!(p.q_values(&[0.0; 3]).is_err());
     }

@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 
 use learner::dataset::Transition as LearnerTransition;
 use learner::online::{OnlineConfig, OnlineLearner};
-use tuner::control::{PolicyHandle, Transition};
 use tuner::actions::VmShape;
+use tuner::control::{PolicyHandle, Transition};
 use tuner::policy::OnnxPolicy;
 use tuner::reward::RewardWeights;
 

@@ -263,14 +263,16 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, ConfigError> 
         let (free, throughput, miss, throughput_ref) = match w[..] {
             [f, t, m] => (f, t, m, tuner::reward::DEFAULT_THROUGHPUT_REF),
             [f, t, m, r] => (f, t, m, r),
-            _ => return Err(ConfigError::new(
-                "reward_weights",
-                format!(
+            _ => {
+                return Err(ConfigError::new(
+                    "reward_weights",
+                    format!(
                     "{text:?}: give three or four numbers FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] \
                          (reward v{})",
                     tuner::reward::REWARD_VERSION
                 ),
-            )),
+                ))
+            }
         };
         opts.reward_weights = Some(tuner::reward::RewardWeights {
             free,
