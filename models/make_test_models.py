@@ -15,16 +15,17 @@ The network is an untrained multilayer perceptron with fixed weights (numpy's le
 
 with 32 hidden units per layer. It is a fixture, not a trained policy: its Q-values are
 arbitrary but reproducible. The model card beside it names the schema version, the input
-and output sizes, the action list (tuner::actions, for a VM with one drive and no network
-device), the reward version and weights (tuner::reward defaults) and, under ``evaluation``, a
+and output sizes, the action layout (tuner::actions, the same for every VM shape) and the
+shapes served, the reward version and weights (tuner::reward defaults) and, under ``evaluation``, a
 reference input with the Q-values numpy computes for it; the Rust test
 ``tuner/tests/onnx_policy.rs`` checks tract's output against them to 1e-4.
 
 The first bias of the output layer is set to MARKER (0.4242424 as float32) so that tests
 can find its four bytes in the file and patch them (e.g. to NaN) to make a corrupt model.
 
-Keep N_FEATURES, ACTIONS, ACTIONS_VERSION, SCHEMA_VERSION, REWARD_VERSION and REWARD_WEIGHTS
-in step with tuner/src/schema.rs, tuner/src/actions.rs and tuner/src/reward.rs: the Rust tests fail
+Keep N_FEATURES, LAYOUT, SERVES, ACTIONS_VERSION, SCHEMA_VERSION, REWARD_VERSION and
+REWARD_WEIGHTS in step with tuner/src/schema.rs, tuner/src/actions.rs, tuner/src/policy.rs and
+tuner/src/reward.rs: the Rust tests fail
 when they drift, and then this script is run again.
 """
 
@@ -42,30 +43,26 @@ HIDDEN = 32
 SCHEMA_VERSION = 3
 N_FEATURES = 49
 REWARD_VERSION = 3
-ACTIONS_VERSION = 1
-# tuner::actions::ActionSpace::new(1, 0, _).names()
-ACTIONS = (
+ACTIONS_VERSION = 2
+# tuner::actions: the one layout of every VM shape (4 drive slots, 2 network slots).
+DRIVE_SLOTS = 4
+NET_SLOTS = 2
+LAYOUT = (
     ["noop", "vcpu-2", "vcpu-1", "vcpu+1", "vcpu+2"]
-    + ["prio:blk0:low", "prio:blk0:medium", "prio:blk0:high"]
-    + ["rl:blk0:%d" % level for level in range(5)]
+    + [
+        name
+        for d in range(DRIVE_SLOTS)
+        for name in ["prio:blk%d:%s" % (d, p) for p in ("low", "medium", "high")]
+        + ["rl:blk%d:%d" % (d, level) for level in range(5)]
+    ]
+    + ["qos:net%d:%d" % (n, level) for n in range(NET_SLOTS) for level in range(4)]
 )
-# tuner::actions::ActionSpace::new(0, 1, _).names(): a VM with one network device only
-NET_ACTIONS = (
-    ["noop", "vcpu-2", "vcpu-1", "vcpu+1", "vcpu+2"]
-    + ["prio:net0:low", "prio:net0:medium", "prio:net0:high"]
-    + ["qos:net:%d" % level for level in range(4)]
-)
-# tuner::actions::ActionSpace::new(2, 0, _).names(): a VM with two drives
-TWO_DRIVE_ACTIONS = ["noop", "vcpu-2", "vcpu-1", "vcpu+1", "vcpu+2"] + [
-    name
-    for d in range(2)
-    for name in ["prio:blk%d:%s" % (d, p) for p in ("low", "medium", "high")]
-    + ["rl:blk%d:%d" % (d, level) for level in range(5)]
-]
+# tuner::policy::ShapeRange::LAYOUT: every shape the layout covers.
+SERVES = {"vcpus": [1, 8], "drives": [0, DRIVE_SLOTS], "nets": [0, NET_SLOTS]}
 # The priority fixture prefers raising blk0's priority, then doing nothing.
 PRIO_PREFERRED = "prio:blk0:high"
 # The network-QoS fixture always prefers this action (its output bias is raised by PREFER).
-NET_PREFERRED = "qos:net:3"
+NET_PREFERRED = "qos:net0:3"
 PREFER = np.float32(100.0)
 # tuner::reward::RewardWeights::default()
 REWARD_WEIGHTS = {
@@ -146,6 +143,7 @@ def write(out_dir, name, actions, prefer=None, description=None, then_noop=False
         "output_size": n_out,
         "actions_version": ACTIONS_VERSION,
         "actions": actions,
+        "serves": SERVES,
         "reward_version": REWARD_VERSION,
         "reward_weights": REWARD_WEIGHTS,
         "trained_on": "nothing: weights drawn from numpy RandomState(%d), He initialisation" % SEED,
@@ -173,22 +171,22 @@ def main(argv):
     )
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    write(args.out_dir, "test-policy", ACTIONS)
+    write(args.out_dir, "test-policy", LAYOUT)
     write(
         args.out_dir,
         "test-policy-qos",
-        NET_ACTIONS,
+        LAYOUT,
         prefer=NET_PREFERRED,
-        description="Test fixture for a VM with one network device: fixed weights whose "
+        description="Test fixture for VMs with a network device: fixed weights whose "
         "output bias makes %s the greedy choice in every state." % NET_PREFERRED,
     )
     write(
         args.out_dir,
         "test-policy-prio",
-        TWO_DRIVE_ACTIONS,
+        LAYOUT,
         prefer=PRIO_PREFERRED,
         then_noop=True,
-        description="Test fixture for a VM with two drives: fixed weights whose output "
+        description="Test fixture for VMs with a drive: fixed weights whose output "
         "biases make %s the greedy choice in every state, and noop the next." % PRIO_PREFERRED,
     )
 

@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use tuner::policy::ModelCard;
 
 use crate::error::LearnError;
-use crate::live::{LiveRows, VmShape};
+use crate::live::{LiveRows, LiveVm};
 use crate::online::{OnlineConfig, OnlineLearner};
 use crate::warm::StartWeights;
 
@@ -615,12 +615,11 @@ pub fn run(opts: &OnlineOptions, stop: &AtomicBool) -> Result<OnlineSummary, Bes
 /// The learner for the VM's shape: from the start model's weights, or fresh.
 fn start_session(
     opts: &OnlineOptions,
-    vm: VmShape,
+    vm: LiveVm,
     start: Option<&StartModel>,
 ) -> Result<Session, BesideError> {
     let mut config = OnlineConfig {
         min_transitions: opts.min_transitions,
-        max_vcpus: vm.vcpus,
         ..OnlineConfig::default()
     };
     config.dqn.seed = opts.seed;

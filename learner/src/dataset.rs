@@ -16,6 +16,14 @@
 //! transition crosses the gap. `vm_id`s are assumed unique among VMs running at the same
 //! time.
 //!
+//! # VM shapes
+//!
+//! Actions v2 are one fixed layout for every VM ([`tuner::actions`]), so VMs of any
+//! shape (vCPUs, drives, network devices, read from each row's configuration) train one
+//! network. Each [`Transition`] keeps its VM's [`VmShape`]: the DQN's targets only
+//! bootstrap from actions on devices that VM has, within its own vCPU bounds
+//! ([`crate::valid_actions`]).
+//!
 //! # Action labels
 //!
 //! Besides the action names of [`ActionSpace::names`], the tuner stores what happened to
@@ -23,13 +31,23 @@
 //! that was in force: `refused:X` and `failed:X` (the knobs did not change) count as
 //! `noop`; `rollback:INV` counts as `INV` (the inverse the manager applied); `static`
 //! (everything reset to the static configuration, not one action) is skipped. `X` and
-//! `INV` must still be actions of the VM's space. Any other name is an error.
+//! `INV` must be actions of the layout on a device the VM has. Any other name is an
+//! error.
+//!
+//! Labels of actions v1 (the per-shape lists, before v2) keep their meaning where v2 has
+//! the same name (`noop`, `vcpu±N`, `prio:blkD:L`, `rl:blkD:L`: drive `D` in
+//! configuration order then and now). The two v1-only names map by one rule:
+//! `qos:net:L` set every network device to level `L`, which is v2's `qos:net0:L` on a
+//! VM with one network device, and no single v2 action on a VM with more (those
+//! transitions are skipped and counted); `prio:netN:L` never took effect (the v1 monitor
+//! refused it: a network device has no I/O priority), so only its `refused:`/`failed:`
+//! forms are valid, as `noop`. A `refused:`/`failed:` of a v1 `qos:net:L` is `noop` too.
 //!
 //! # Checks
 //!
 //! Every row (after `--exclude-prefix`) is checked, whether or not it ends up in a
 //! transition: schema version, vector length, finite vector and reward, a known action,
-//! a readable configuration, one action space and one set of reward weights for all VMs.
+//! a readable configuration and one set of reward weights for all VMs.
 //! Each failure is a [`LearnError`] naming the row id. A row whose reward or action is
 //! NULL (the last of a run, or an outcome the writer dropped) only ends its transition.
 //! SQLite stores a NaN `REAL` as NULL, so a NaN reward reads as a missing one.
@@ -40,41 +58,11 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, ErrorCode};
 use serde::Serialize;
-use tuner::actions::ActionSpace;
+use tuner::actions::{Action, ActionSpace, VmShape};
 use tuner::reward::RewardWeights;
 use tuner::schema::{Schema, SCHEMA_VERSION};
 
 use crate::error::LearnError;
-
-/// The shape of the VMs a model is for: what determines the action space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct SpaceShape {
-    /// Number of drives of the VM.
-    pub n_drives: usize,
-    /// Number of network devices of the VM.
-    pub n_nets: usize,
-    /// Devices the action space covers (`vmm::tuning::MAX_DEVICES_IN_SPACE`).
-    pub max_devices_in_space: usize,
-}
-
-impl SpaceShape {
-    /// The action space of this shape.
-    pub fn space(&self) -> ActionSpace {
-        ActionSpace::new(self.n_drives, self.n_nets, self.max_devices_in_space)
-    }
-}
-
-impl fmt::Display for SpaceShape {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} drive(s) and {} network device(s) ({} actions)",
-            self.n_drives,
-            self.n_nets,
-            self.space().len()
-        )
-    }
-}
 
 /// One transition `(s, a, r, s')`.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +78,9 @@ pub struct Transition {
     /// True when `next_state` is terminal (no bootstrapping from it). The tuner's task
     /// never ends, so transitions from a state repository are never terminal.
     pub done: bool,
+    /// The shape of the VM it came from (which slots hold a device, its vCPUs; vCPUs 0
+    /// when unknown).
+    pub shape: VmShape,
 }
 
 impl Transition {
@@ -122,27 +113,58 @@ impl Transition {
 /// What a stored action label means for learning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Label {
-    /// The action in force, as an index into the space.
+    /// The action in force, as an index into the layout.
     Action(usize),
-    /// Not one action of the space (`static`): the transition is skipped.
+    /// Not one action of the layout (`static`): the transition is skipped.
     Skip,
+    /// A v1 `qos:net:L` on a VM with several network devices: it moved them all, which
+    /// no one v2 action does, so the transition is skipped.
+    V1Unmappable,
+}
+
+/// The v2 name of a v1-only action name on a VM of `shape` (see the module
+/// documentation): `Some(Some(name))` when it maps, `Some(None)` when it is a v1 name no
+/// one v2 action matches, `None` when it is no v1-only name of a VM with a network
+/// device.
+fn v1_name(shape: &VmShape, name: &str) -> Option<Option<String>> {
+    let level = name.strip_prefix("qos:net:")?;
+    match shape.nets {
+        0 => None,
+        1 => Some(Some(format!("qos:net0:{level}"))),
+        _ => Some(None),
+    }
 }
 
 /// Interprets a stored action label (see the module documentation); `None` when it is
-/// not an action of `space`.
+/// not an action of the layout on a device of `space`'s VM.
 pub fn parse_label(space: &ActionSpace, label: &str) -> Option<Label> {
     if label == "static" {
         return Some(Label::Skip);
     }
-    // A refused or failed choice changed nothing, but must still name an action of the
-    // space (anything else means the data is of another VM shape).
+    let present = |name: &str| -> Option<usize> {
+        let i = space.effective_index(name)?;
+        space.action(i).filter(|a| space.present(a)).map(|_| i)
+    };
+    // A refused or failed choice changed nothing, but must still name an action on a
+    // device the VM has (anything else means the label is not this VM's): a v2 name, or
+    // one of the two v1-only names.
     if let Some(inner) = label
         .strip_prefix("refused:")
         .or_else(|| label.strip_prefix("failed:"))
     {
-        space.effective_index(inner)?;
+        let v1 = space.shape().nets > 0
+            && (inner.starts_with("qos:net:") || inner.starts_with("prio:net"));
+        if !v1 {
+            present(inner)?;
+        }
+        return space.index_of(&Action::NoOp).map(Label::Action);
     }
-    space.effective_index(label).map(Label::Action)
+    let name = label.strip_prefix("rollback:").unwrap_or(label);
+    match v1_name(&space.shape(), name) {
+        Some(Some(v2)) => present(&v2).map(Label::Action),
+        Some(None) => Some(Label::V1Unmappable),
+        None => present(name).map(Label::Action),
+    }
 }
 
 /// How to read a state repository.
@@ -150,8 +172,6 @@ pub fn parse_label(space: &ActionSpace, label: &str) -> Option<Label> {
 pub struct DatasetOptions {
     /// Leave out VMs whose `vm_id` starts with any of these (to hold a scenario out).
     pub exclude_prefixes: Vec<String>,
-    /// Devices an action space covers (`vmm::tuning::MAX_DEVICES_IN_SPACE`, 4).
-    pub max_devices_in_space: usize,
     /// The next row continues the episode when it comes within this many intervals.
     pub max_gap_factor: f64,
 }
@@ -160,15 +180,10 @@ impl Default for DatasetOptions {
     fn default() -> Self {
         Self {
             exclude_prefixes: Vec::new(),
-            max_devices_in_space: DEFAULT_MAX_DEVICES_IN_SPACE,
             max_gap_factor: 2.5,
         }
     }
 }
-
-/// The monitor's `vmm::tuning::MAX_DEVICES_IN_SPACE` (not imported: the learner does not
-/// depend on the monitor).
-pub const DEFAULT_MAX_DEVICES_IN_SPACE: usize = 4;
 
 /// Why rows did not become transitions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -181,14 +196,17 @@ pub struct Skipped {
     pub static_reset: u64,
     /// Rows with action and reward but no next row in the same episode.
     pub episode_end: u64,
+    /// Rows whose label was a v1 `qos:net:L` on a VM with several network devices.
+    pub v1_unmappable: u64,
 }
 
 impl fmt::Display for Skipped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} without action, {} without reward, {} static resets, {} at an episode's end",
-            self.no_action, self.no_reward, self.static_reset, self.episode_end
+            "{} without action, {} without reward, {} static resets, {} at an episode's end, \
+             {} v1 network labels with no v2 action",
+            self.no_action, self.no_reward, self.static_reset, self.episode_end, self.v1_unmappable
         )
     }
 }
@@ -220,8 +238,10 @@ pub struct DataSummary {
     pub refused_as_noop: u64,
     /// `rollback:` labels learned as the inverse action.
     pub rollbacks: u64,
-    /// Transitions per action name (in space order; zero counts left out).
+    /// Transitions per action name (in layout order; zero counts left out).
     pub actions: BTreeMap<String, u64>,
+    /// Transitions per VM shape.
+    pub shapes: BTreeMap<String, u64>,
     /// Whether the rows' configurations recorded reward weights (otherwise the monitor's
     /// defaults are assumed).
     pub weights_recorded: bool,
@@ -230,12 +250,18 @@ pub struct DataSummary {
 impl DataSummary {
     /// One line for the model card's `trained_on`.
     pub fn describe(&self) -> String {
+        let shapes: Vec<String> = self
+            .shapes
+            .iter()
+            .map(|(shape, n)| format!("{shape}: {n}"))
+            .collect();
         let mut s = format!(
-            "{} transitions from {} rows of {} ({} episodes; VMs: {})",
+            "{} transitions from {} rows of {} ({} episodes; VM shapes: {}; VMs: {})",
             self.transitions,
             self.rows,
             self.db.display(),
             self.episodes,
+            shapes.join("; "),
             self.vm_ids.join(", ")
         );
         if !self.exclude_prefixes.is_empty() {
@@ -254,26 +280,43 @@ impl DataSummary {
     }
 }
 
-/// Transitions of one action space, read from a state repository.
+/// Transitions of VMs of any shape, read from a state repository.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    /// The transitions, by VM and time.
+    /// The transitions, by VM and time (each with its VM's shape).
     pub transitions: Vec<Transition>,
-    /// The VMs' shape.
-    pub shape: SpaceShape,
     /// The reward weights the rewards were computed with (recorded, or the defaults).
     pub reward_weights: RewardWeights,
-    /// The most vCPUs any of the VMs had (their configured `vcpus`; 0 when no row
-    /// records it): the bound of the vCPU actions for [`crate::valid_actions`].
-    pub max_vcpus: u32,
     /// Where they came from.
     pub summary: DataSummary,
 }
 
 impl Dataset {
-    /// The action space of the data.
+    /// The VM shape with the most transitions (the larger shape on a tie).
+    pub fn main_shape(&self) -> VmShape {
+        let mut counts: BTreeMap<VmShape, u64> = BTreeMap::new();
+        for t in &self.transitions {
+            *counts.entry(t.shape).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(shape, n)| (*n, *shape))
+            .map_or_else(VmShape::default, |(shape, _)| shape)
+    }
+
+    /// The action space of [`Dataset::main_shape`] (the layout is the same for every
+    /// shape; the space also says which devices that shape has).
     pub fn space(&self) -> ActionSpace {
-        self.shape.space()
+        ActionSpace::new(self.main_shape())
+    }
+
+    /// The states of the transitions of VMs of `shape`.
+    pub fn states_of(&self, shape: &VmShape) -> Vec<&[f32]> {
+        self.transitions
+            .iter()
+            .filter(|t| t.shape == *shape)
+            .map(|t| t.state.as_slice())
+            .collect()
     }
 }
 
@@ -298,6 +341,7 @@ struct Pending {
     state: Vec<f32>,
     label: Option<Label>,
     reward: Option<f64>,
+    shape: VmShape,
 }
 
 /// The transition starting at `p` when its episode continues to `next`, or why not
@@ -306,6 +350,7 @@ fn close(p: Pending, next: Option<&Vec<f32>>, skipped: &mut Skipped) -> Option<T
     match (p.label, p.reward, next) {
         (None, _, _) => skipped.no_action += 1,
         (Some(Label::Skip), _, _) => skipped.static_reset += 1,
+        (Some(Label::V1Unmappable), _, _) => skipped.v1_unmappable += 1,
         (Some(Label::Action(_)), None, _) => skipped.no_reward += 1,
         (Some(Label::Action(action)), Some(reward), Some(next)) => {
             return Some(Transition {
@@ -314,6 +359,7 @@ fn close(p: Pending, next: Option<&Vec<f32>>, skipped: &mut Skipped) -> Option<T
                 reward: reward as f32,
                 next_state: next.clone(),
                 done: false,
+                shape: p.shape,
             })
         }
         (Some(Label::Action(_)), Some(_), None) => skipped.episode_end += 1,
@@ -340,11 +386,9 @@ fn sqlite_error(path: &Path, e: rusqlite::Error) -> LearnError {
     }
 }
 
-/// Shape and recorded reward weights of a row's configuration JSON.
-pub(crate) fn parse_config(
-    text: &str,
-    max_devices_in_space: usize,
-) -> Result<(SpaceShape, Option<RewardWeights>), String> {
+/// VM shape (vCPUs 0 when not recorded) and recorded reward weights of a row's
+/// configuration JSON.
+pub(crate) fn parse_config(text: &str) -> Result<(VmShape, Option<RewardWeights>), String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let obj = value
@@ -357,11 +401,14 @@ pub(crate) fn parse_config(
             Some(other) => Err(format!("`{key}` is {other}, not a list")),
         }
     };
-    let shape = SpaceShape {
-        n_drives: count("drives")?,
-        n_nets: count("network")?,
-        max_devices_in_space,
+    let vcpus = match obj.get("vcpus") {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("`vcpus` is {v}, not a vCPU count"))?,
     };
+    let shape = VmShape::new(vcpus, count("drives")?, count("network")?);
     let weights = match obj.get("reward_weights") {
         None | Some(serde_json::Value::Null) => None,
         Some(w) => {
@@ -372,15 +419,6 @@ pub(crate) fn parse_config(
         }
     };
     Ok((shape, weights))
-}
-
-/// The `vcpus` a row's configuration records (0 when it does not).
-pub(crate) fn config_vcpus(text: &str) -> u32 {
-    serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| v.get("vcpus").and_then(serde_json::Value::as_u64))
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
 }
 
 fn weights_text(w: &RewardWeights) -> String {
@@ -458,9 +496,9 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut rows = stmt.query([]).map_err(|e| sqlite_error(path, e))?;
 
     let n = Schema::len();
-    // Per configuration text: shape, recorded weights and configured vCPUs.
-    let mut configs: HashMap<String, (SpaceShape, Option<RewardWeights>, u32)> = HashMap::new();
-    let mut first: Option<(String, SpaceShape, RewardWeights)> = None;
+    // Per configuration text: shape and recorded weights.
+    let mut configs: HashMap<String, (VmShape, Option<RewardWeights>)> = HashMap::new();
+    let mut first: Option<(String, RewardWeights)> = None;
     let mut weights_recorded = false;
     let mut summary = DataSummary {
         db: path.to_path_buf(),
@@ -476,16 +514,17 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
         refused_as_noop: 0,
         rollbacks: 0,
         actions: BTreeMap::new(),
+        shapes: BTreeMap::new(),
         weights_recorded: false,
     };
     let mut vm_ids = BTreeSet::new();
     let mut excluded_vm_ids = BTreeSet::new();
     let mut action_counts: Vec<u64> = Vec::new();
-    // The one action space (every row's shape is checked against the first).
-    let mut space: Option<ActionSpace> = None;
+    // Per shape, its action space (which devices it has).
+    let mut spaces: HashMap<VmShape, ActionSpace> = HashMap::new();
+    let mut shape_counts: BTreeMap<VmShape, u64> = BTreeMap::new();
     let mut transitions = Vec::new();
     let mut pending: Option<Pending> = None;
-    let mut max_vcpus = 0u32;
 
     loop {
         let r = match rows.next() {
@@ -554,35 +593,25 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                 value: r,
             });
         }
-        let (shape, weights, vcpus) = match configs.get(&row.config) {
+        let (shape, weights) = match configs.get(&row.config) {
             Some(c) => *c,
             None => {
-                let (shape, weights) = parse_config(&row.config, options.max_devices_in_space)
-                    .map_err(|message| LearnError::BadConfig {
+                let (shape, weights) =
+                    parse_config(&row.config).map_err(|message| LearnError::BadConfig {
                         row_id: row.id,
                         vm_id: row.vm_id.clone(),
                         message,
                     })?;
-                let c = (shape, weights, config_vcpus(&row.config));
+                let c = (shape, weights);
                 configs.insert(row.config.clone(), c);
                 c
             }
         };
-        max_vcpus = max_vcpus.max(vcpus);
         weights_recorded |= weights.is_some();
         let effective = weights.unwrap_or_default();
-        let (first_vm, first_shape, first_weights) = first
-            .get_or_insert_with(|| (row.vm_id.clone(), shape, effective))
+        let (first_vm, first_weights) = first
+            .get_or_insert_with(|| (row.vm_id.clone(), effective))
             .clone();
-        if shape != first_shape {
-            return Err(LearnError::MixedActionSpaces {
-                vm_id: row.vm_id,
-                row_id: row.id,
-                shape: shape.to_string(),
-                first_vm,
-                first_shape: first_shape.to_string(),
-            });
-        }
         if effective != first_weights {
             return Err(LearnError::MixedRewardWeights {
                 vm_id: row.vm_id,
@@ -592,7 +621,9 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                 first_weights: weights_text(&first_weights),
             });
         }
-        let space = space.get_or_insert_with(|| shape.space());
+        let space = spaces
+            .entry(shape)
+            .or_insert_with(|| ActionSpace::new(shape));
         if action_counts.is_empty() {
             action_counts = vec![0; space.len()];
         }
@@ -603,8 +634,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                     row_id: row.id,
                     vm_id: row.vm_id.clone(),
                     name: name.clone(),
-                    n_drives: shape.n_drives,
-                    n_nets: shape.n_nets,
+                    shape: shape.to_string(),
                 })?;
                 Some(label)
             }
@@ -624,6 +654,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
                 if let Some(c) = action_counts.get_mut(t.action) {
                     *c += 1;
                 }
+                *shape_counts.entry(t.shape).or_default() += 1;
                 transitions.push(t);
             }
         }
@@ -645,13 +676,14 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
             state,
             label,
             reward: row.reward,
+            shape,
         });
     }
     if let Some(p) = pending {
         close(p, None, &mut summary.skipped);
     }
 
-    let Some((_, shape, reward_weights)) = first else {
+    let Some((_, reward_weights)) = first else {
         return Err(LearnError::NoRows {
             path: path.to_path_buf(),
             total: summary.rows_total,
@@ -665,7 +697,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
             detail: format!("0 usable: {}", summary.skipped),
         });
     }
-    let space = shape.space();
+    let space = ActionSpace::new(VmShape::default());
     summary.transitions = transitions.len() as u64;
     summary.vm_ids = vm_ids.into_iter().collect();
     summary.excluded_vm_ids = excluded_vm_ids.into_iter().collect();
@@ -676,6 +708,10 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
         .filter(|(_, c)| **c > 0)
         .filter_map(|(i, c)| space.name(i).map(|name| (name.to_string(), *c)))
         .collect();
+    summary.shapes = shape_counts
+        .into_iter()
+        .map(|(shape, n)| (shape.to_string(), n))
+        .collect();
     log::info!(
         "{}: {} transitions from {} rows ({})",
         path.display(),
@@ -685,9 +721,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     );
     Ok(Dataset {
         transitions,
-        shape,
         reward_weights,
-        max_vcpus,
         summary,
     })
 }
@@ -698,7 +732,7 @@ mod tests {
 
     #[test]
     fn labels_map_to_the_action_in_force() {
-        let space = ActionSpace::new(1, 0, 4);
+        let space = ActionSpace::new(VmShape::new(2, 1, 0));
         let idx = |n: &str| space.index_of(&space.parse(n).unwrap()).unwrap();
         assert_eq!(
             parse_label(&space, "vcpu+1"),
@@ -718,25 +752,62 @@ mod tests {
         );
         assert_eq!(parse_label(&space, "static"), Some(Label::Skip));
         assert_eq!(parse_label(&space, "qos:net:1"), None, "no network device");
+        assert_eq!(parse_label(&space, "qos:net0:1"), None, "no network device");
         assert_eq!(parse_label(&space, "refused:rl:blk1:0"), None, "no blk1");
+        assert_eq!(parse_label(&space, "rl:blk1:0"), None, "no blk1");
         assert_eq!(parse_label(&space, "jump"), None);
     }
 
     #[test]
+    fn v1_network_labels_map_by_one_rule() {
+        let one = ActionSpace::new(VmShape::new(2, 1, 1));
+        let idx = |n: &str| one.index_of(&one.parse(n).unwrap()).unwrap();
+        // v2 names that v1 had too keep their meaning.
+        assert_eq!(
+            parse_label(&one, "rl:blk0:2"),
+            Some(Label::Action(idx("rl:blk0:2")))
+        );
+        // One network device: the VM-wide level is net0's.
+        assert_eq!(
+            parse_label(&one, "qos:net:3"),
+            Some(Label::Action(idx("qos:net0:3")))
+        );
+        assert_eq!(
+            parse_label(&one, "rollback:qos:net:0"),
+            Some(Label::Action(idx("qos:net0:0")))
+        );
+        assert_eq!(
+            parse_label(&one, "refused:qos:net:2"),
+            Some(Label::Action(0))
+        );
+        // v1 network priorities never took effect.
+        assert_eq!(
+            parse_label(&one, "failed:prio:net0:high"),
+            Some(Label::Action(0))
+        );
+        assert_eq!(parse_label(&one, "prio:net0:high"), None);
+        // Two network devices: a v1 level moved both, no v2 action did that.
+        let two = ActionSpace::new(VmShape::new(2, 1, 2));
+        assert_eq!(parse_label(&two, "qos:net:1"), Some(Label::V1Unmappable));
+        assert_eq!(
+            parse_label(&two, "qos:net1:1"),
+            Some(Label::Action(idx("qos:net1:1")))
+        );
+    }
+
+    #[test]
     fn configs_give_shape_and_weights() {
-        let (shape, w) = parse_config(r#"{"vcpus":2,"drives":[{},{}]}"#, 4).unwrap();
-        assert_eq!((shape.n_drives, shape.n_nets), (2, 0));
+        let (shape, w) = parse_config(r#"{"vcpus":2,"drives":[{},{}]}"#).unwrap();
+        assert_eq!(shape, VmShape::new(2, 2, 0));
         assert_eq!(w, None);
-        let (shape, w) = parse_config(
-            r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#,
-            4,
-        )
-        .unwrap();
-        assert_eq!((shape.n_drives, shape.n_nets), (0, 1));
+        let (shape, w) =
+            parse_config(r#"{"drives":[],"network":[{}],"reward_weights":{"free":2.0}}"#).unwrap();
+        assert_eq!(shape, VmShape::new(0, 0, 1));
         assert_eq!(w.map(|w| w.free), Some(2.0));
-        assert!(parse_config("[]", 4).is_err());
-        assert!(parse_config(r#"{"drives": 3}"#, 4).is_err());
-        assert!(parse_config(r#"{"reward_weights":{"free":-1}}"#, 4).is_err());
-        assert!(parse_config("{", 4).is_err());
+        assert!(parse_config("[]").is_err());
+        assert!(parse_config(r#"{"drives": 3}"#).is_err());
+        assert!(parse_config(r#"{"vcpus": -1}"#).is_err());
+        assert!(parse_config(r#"{"reward_weights":{"free":-1}}"#).is_err());
+        assert!(parse_config("{").is_err());
     }
 }

@@ -36,7 +36,6 @@ use crate::error::LearnError;
 use crate::net::QNet;
 use crate::replay;
 use crate::valid_actions::valid_actions;
-use tuner::actions::ActionSpace;
 
 /// The loss on the temporal-difference error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -205,9 +204,9 @@ pub struct Dqn {
     optim: ModuleOptimizer,
     rng: XorShift64,
     steps: u64,
-    /// The action space and vCPU maximum that decide which actions a next state allows
-    /// ([`crate::valid_actions`]); `None` bootstraps from every action.
-    valid: Option<(ActionSpace, u32)>,
+    /// Whether targets bootstrap only from the actions each transition's next state
+    /// allows on its VM's shape ([`crate::valid_actions`]); otherwise from every action.
+    valid: bool,
 }
 
 impl std::fmt::Debug for Dqn {
@@ -256,7 +255,7 @@ impl Dqn {
             optim: adam.init(),
             rng: XorShift64::new(config.seed),
             steps: 0,
-            valid: None,
+            valid: false,
         })
     }
 
@@ -294,15 +293,15 @@ impl Dqn {
     }
 
     /// Bootstraps only from the actions the configuration manager could take in each next
-    /// state of `space` with at most `max_vcpus` vCPUs ([`crate::valid_actions`]). The
-    /// space must have this network's number of actions.
-    pub fn with_valid_actions(mut self, space: ActionSpace, max_vcpus: u32) -> Dqn {
-        if space.len() == self.n_actions {
-            self.valid = Some((space, max_vcpus));
+    /// state, on the shape of the VM the transition came from ([`crate::valid_actions`]).
+    /// The network must have the layout's number of actions.
+    pub fn with_valid_actions(mut self) -> Dqn {
+        if self.n_actions == tuner::actions::LAYOUT_LEN {
+            self.valid = true;
         } else {
             log::warn!(
-                "valid-action masking off: the space has {} actions, the network {}",
-                space.len(),
+                "valid-action masking off: the layout has {} actions, the network {}",
+                tuner::actions::LAYOUT_LEN,
                 self.n_actions
             );
         }
@@ -390,9 +389,10 @@ impl Dqn {
                 y.push(r);
                 continue;
             }
-            let valid = match &self.valid {
-                Some((space, max_vcpus)) => valid_actions(space, *max_vcpus, &t.next_state),
-                None => vec![true; n],
+            let valid = if self.valid {
+                valid_actions(&t.shape, &t.next_state)
+            } else {
+                vec![true; n]
             };
             let choose = &q_choose[row * n..(row + 1) * n];
             let best = (0..n)
@@ -514,13 +514,14 @@ impl Dqn {
                 let qa = q.get(t.action).copied().unwrap_or(f32::NAN);
                 td_sum += f64::from((qa - y).abs());
                 // Greedy among the actions the state allows (as the tuner masks them).
-                let masked: Vec<f32> = match &self.valid {
-                    Some((space, max_vcpus)) => valid_actions(space, *max_vcpus, &t.state)
+                let masked: Vec<f32> = if self.valid {
+                    valid_actions(&t.shape, &t.state)
                         .iter()
                         .zip(q)
                         .map(|(ok, v)| if *ok { *v } else { f32::NEG_INFINITY })
-                        .collect(),
-                    None => q.clone(),
+                        .collect()
+                } else {
+                    q.clone()
                 };
                 let (best, max) = argmax(&masked);
                 max_sum += f64::from(max);

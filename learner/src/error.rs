@@ -109,8 +109,8 @@ pub enum LearnError {
         /// What is wrong.
         message: String,
     },
-    /// An action name that is not an action of the VM's space.
-    #[error("row id {row_id} (VM {vm_id}): unknown action {name:?} for a VM with {n_drives} drive(s) and {n_nets} network device(s)")]
+    /// An action name that is not an action of the layout on a device the VM has.
+    #[error("row id {row_id} (VM {vm_id}): unknown action {name:?} for a VM of {shape} (actions layout v{})", tuner::actions::ACTIONS_VERSION)]
     UnknownAction {
         /// `samples.id`.
         row_id: i64,
@@ -118,10 +118,8 @@ pub enum LearnError {
         vm_id: String,
         /// The stored name.
         name: String,
-        /// Drives of the VM's shape.
-        n_drives: usize,
-        /// Network devices of the VM's shape.
-        n_nets: usize,
+        /// The VM's shape.
+        shape: String,
     },
     /// The `config` column is not the VM configuration JSON expected.
     #[error("row id {row_id} (VM {vm_id}): configuration JSON unusable: {message}")]
@@ -132,20 +130,6 @@ pub enum LearnError {
         vm_id: String,
         /// What is wrong.
         message: String,
-    },
-    /// Rows of VMs with different action spaces.
-    #[error("VM {vm_id} (row id {row_id}) has {shape}, but VM {first_vm} has {first_shape}: one model covers one action space (exclude one with --exclude-prefix)")]
-    MixedActionSpaces {
-        /// The differing VM.
-        vm_id: String,
-        /// Its first differing row.
-        row_id: i64,
-        /// Its shape.
-        shape: String,
-        /// The VM that set the space.
-        first_vm: String,
-        /// That VM's shape.
-        first_shape: String,
     },
     /// Rows of VMs scored with different reward weights.
     #[error("VM {vm_id} (row id {row_id}) was scored with reward weights {weights}, but VM {first_vm} with {first_weights}")]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use tuner::actions::{ActionSpace, ACTIONS_VERSION};
-use tuner::policy::{Evaluation, ModelCard, OnnxPolicy, Policy, REFERENCE_TOLERANCE};
+use tuner::policy::{Evaluation, ModelCard, OnnxPolicy, Policy, ShapeRange, REFERENCE_TOLERANCE};
 use tuner::reward::RewardWeights;
 use tuner::schema::{Schema, SCHEMA_VERSION};
 
@@ -29,7 +29,9 @@ pub struct Agreement {
     pub max_rel: f32,
 }
 
-/// A model card for a network over `space` (input: the schema's vector), with an empty
+/// A model card for a network over the action layout of `space` (input: the schema's
+/// vector), serving every VM shape of the layout ([`ShapeRange::LAYOUT`]: the masks keep
+/// a policy to the devices and vCPU bounds of the VM it runs on), with an empty
 /// evaluation for the caller to fill.
 pub fn card(
     name: &str,
@@ -53,6 +55,7 @@ pub fn card(
         forecast: None,
         start: None,
         schema: Some(Schema::spec()),
+        serves: Some(ShapeRange::LAYOUT),
     }
 }
 
@@ -209,7 +212,7 @@ mod tests {
 
     #[test]
     fn compare_catches_a_difference_beyond_the_tolerance() {
-        let space = ActionSpace::new(1, 0, 4);
+        let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
         let mut p = StaticPolicy::new(&space);
         // The static policy's own Q-values match exactly.
         let state = vec![0.0; Schema::len()];

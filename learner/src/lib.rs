@@ -2,7 +2,8 @@
 //! exports it to ONNX for the tuner's tract runtime, with a model card.
 //!
 //! - [`dataset`]: transitions `(s, a, r, s')` from a state repository, with every row
-//!   checked (schema version, lengths, finite values, known actions, one action space).
+//!   checked (schema version, lengths, finite values, known actions), from VMs of any
+//!   shape (one action layout, [`tuner::actions`]).
 //! - [`net`]: the Q-network, an MLP `23 -> hidden -> hidden -> actions` with ReLU.
 //! - [`replay`]: the experience replay buffer and uniform minibatches.
 //! - [`dqn`]: DQN with a target network, Double DQN targets, Huber loss and Adam.
@@ -23,8 +24,7 @@
 //! The binary `vmm-learn` (`src/bin/vmm-learn.rs`) is the command line. The learner runs
 //! in its own process: the monitor (`vmm`) does not link it. It depends on the tuner
 //! (schema, actions, reward weights, model card, tract loader) and the control API's
-//! client (`api-client`), but not on the monitor; the monitor's `MAX_DEVICES_IN_SPACE` is a parameter
-//! ([`dataset::DatasetOptions::max_devices_in_space`], [`dataset::SpaceShape`]).
+//! client (`api-client`), but not on the monitor.
 
 #![warn(missing_docs)]
 
@@ -42,7 +42,7 @@ pub mod train;
 pub mod valid_actions;
 pub mod warm;
 
-pub use dataset::{Dataset, DatasetOptions, SpaceShape, Transition};
+pub use dataset::{Dataset, DatasetOptions, Transition};
 pub use dqn::{Dqn, DqnConfig, Loss, TrainStats};
 pub use error::LearnError;
 pub use online::{OnlineConfig, OnlineLearner};

@@ -23,8 +23,9 @@ use rusqlite::{params, Connection};
 use tuner::reward::RewardWeights;
 use tuner::schema::{Schema, SCHEMA_VERSION};
 
-use crate::dataset::{config_vcpus, parse_config, SpaceShape, DEFAULT_MAX_DEVICES_IN_SPACE};
+use crate::dataset::parse_config;
 use crate::error::LearnError;
+use tuner::actions::VmShape;
 
 /// Rows read at most per poll (the rest waits for the next one).
 pub const MAX_ROWS_PER_POLL: usize = 4096;
@@ -69,15 +70,14 @@ pub struct LabelledTransition {
     pub policy_id: String,
 }
 
-/// What the VM's rows say about it: its action space, reward weights and vCPUs.
+/// What the VM's rows say about it: its shape (vCPUs, drives, network devices: its
+/// action space) and reward weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct VmShape {
-    /// Drives and network devices (the action space).
-    pub shape: SpaceShape,
+pub struct LiveVm {
+    /// Its vCPUs, drives and network devices.
+    pub shape: VmShape,
     /// The reward weights its rows were scored with (recorded, or the defaults).
     pub weights: RewardWeights,
-    /// Its configured vCPUs (0 when not recorded).
-    pub vcpus: u32,
 }
 
 /// Counts of a [`LiveRows`].
@@ -246,19 +246,16 @@ impl LiveRows {
     }
 
     /// The shape, reward weights and vCPUs of the VM from a row's configuration.
-    pub fn shape_of(row: &LiveRow) -> Result<VmShape, LearnError> {
+    pub fn shape_of(row: &LiveRow) -> Result<LiveVm, LearnError> {
         let (shape, weights) =
-            parse_config(&row.config, DEFAULT_MAX_DEVICES_IN_SPACE).map_err(|message| {
-                LearnError::BadConfig {
-                    row_id: row.id,
-                    vm_id: row.vm_id.clone(),
-                    message,
-                }
+            parse_config(&row.config).map_err(|message| LearnError::BadConfig {
+                row_id: row.id,
+                vm_id: row.vm_id.clone(),
+                message,
             })?;
-        Ok(VmShape {
+        Ok(LiveVm {
             shape,
             weights: weights.unwrap_or_default(),
-            vcpus: config_vcpus(&row.config),
         })
     }
 }
@@ -344,7 +341,7 @@ mod tests {
         assert_eq!(newest.unwrap().ts_ns, 1100);
         assert_eq!(live.vm_id(), Some("vm"));
         let shape = LiveRows::shape_of(&live.read_new_for_test()).unwrap();
-        assert_eq!((shape.shape.n_drives, shape.vcpus), (1, 2));
+        assert_eq!((shape.shape.drives, shape.shape.vcpus), (1, 2));
         // The outcome of 1100 arrives with the next row; a gap breaks the next one.
         w.record_outcome("vm", 1100, Some("vcpu-1".into()), Some(-0.25))
             .unwrap();

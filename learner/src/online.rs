@@ -18,14 +18,14 @@
 use std::path::Path;
 
 use serde_json::json;
-use tuner::actions::ActionSpace;
+use tuner::actions::{ActionSpace, VmShape};
 use tuner::policy::{
     select_explained, EpsilonSchedule, ModelCard, Selection, XorShift64, REFERENCE_TOLERANCE,
 };
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 
-use crate::dataset::{parse_label, Label, SpaceShape, Transition};
+use crate::dataset::{parse_label, Label, Transition};
 use crate::dqn::{Dqn, DqnConfig, TrainStats};
 use crate::error::LearnError;
 use crate::export::{self, Agreement};
@@ -50,10 +50,6 @@ pub struct OnlineConfig {
     pub description: String,
     /// States compared between the trainer and tract at each export (default 32).
     pub check_states: usize,
-    /// The VM's vCPUs, the bound of the vCPU actions when the targets skip actions the
-    /// next state does not allow ([`crate::valid_actions`]); 0 (the default) bootstraps
-    /// from every action.
-    pub max_vcpus: u32,
 }
 
 impl Default for OnlineConfig {
@@ -70,7 +66,6 @@ impl Default for OnlineConfig {
             name: "online".into(),
             description: "DQN Q-network learned online by vmm-learn beside the VM".into(),
             check_states: 32,
-            max_vcpus: 0,
         }
     }
 }
@@ -99,7 +94,7 @@ pub struct OnlineStats {
 /// A DQN learner fed one transition at a time.
 #[derive(Debug)]
 pub struct OnlineLearner {
-    shape: SpaceShape,
+    shape: VmShape,
     space: ActionSpace,
     weights: RewardWeights,
     config: OnlineConfig,
@@ -111,10 +106,11 @@ pub struct OnlineLearner {
 }
 
 impl OnlineLearner {
-    /// A learner for VMs of `shape`, whose rewards are computed with `weights`, from
-    /// random weights.
+    /// A learner for a VM of `shape` (its targets skip the actions the VM's bounds and
+    /// devices do not allow, [`crate::valid_actions`]), whose rewards are computed with
+    /// `weights`, from random weights (or, warm, from a trained network's).
     pub fn new(
-        shape: SpaceShape,
+        shape: VmShape,
         weights: RewardWeights,
         config: OnlineConfig,
     ) -> Result<OnlineLearner, LearnError> {
@@ -128,7 +124,7 @@ impl OnlineLearner {
     /// Q-values on the card's reference input must equal the card's reference Q-values
     /// (within `tuner::policy::REFERENCE_TOLERANCE`): the weights were read right.
     pub fn warm_started(
-        shape: SpaceShape,
+        shape: VmShape,
         weights: RewardWeights,
         mut config: OnlineConfig,
         start: &StartWeights,
@@ -139,7 +135,7 @@ impl OnlineLearner {
             path: path.to_path_buf(),
             message,
         };
-        card.validate(&shape.space(), Some(&weights))
+        card.validate(&ActionSpace::new(shape), Some(&weights))
             .map_err(|e| bad(format!("its card does not fit this VM: {e}")))?;
         config.dqn.hidden = start.hidden();
         let mut learner = Self::build(shape, weights, config, Some(start))?;
@@ -169,7 +165,7 @@ impl OnlineLearner {
     }
 
     fn build(
-        shape: SpaceShape,
+        shape: VmShape,
         weights: RewardWeights,
         config: OnlineConfig,
         start: Option<&StartWeights>,
@@ -190,9 +186,8 @@ impl OnlineLearner {
                 ),
             ));
         }
-        let space = shape.space();
-        let mut dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?
-            .with_valid_actions(space.clone(), config.max_vcpus);
+        let space = ActionSpace::new(shape);
+        let mut dqn = Dqn::new(Schema::len(), space.len(), config.dqn)?.with_valid_actions();
         if let Some(w) = start {
             dqn = dqn.with_start_weights(w)?;
         }
@@ -215,7 +210,7 @@ impl OnlineLearner {
     }
 
     /// The VM shape.
-    pub fn shape(&self) -> SpaceShape {
+    pub fn shape(&self) -> VmShape {
         self.shape
     }
 
@@ -259,10 +254,11 @@ impl OnlineLearner {
                     reward: reward as f32,
                     next_state,
                     done: false,
+                    shape: self.shape,
                 })?;
                 Ok(true)
             }
-            Some(Label::Skip) => {
+            Some(Label::Skip | Label::V1Unmappable) => {
                 self.stats.skipped += 1;
                 Ok(false)
             }
@@ -403,11 +399,7 @@ mod tests {
     #[test]
     fn a_warm_start_computes_the_start_models_q_values_and_exports_them() {
         let (path, card, w) = general();
-        let shape = SpaceShape {
-            n_drives: 2,
-            n_nets: 0,
-            max_devices_in_space: 4,
-        };
+        let shape = VmShape::new(2, 2, 0);
         let mut l = OnlineLearner::warm_started(
             shape,
             card.reward_weights,
@@ -435,20 +427,15 @@ mod tests {
         {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0));
         }
-        // Another VM shape or other weights in the card are refused, naming the model.
-        let one_drive = SpaceShape {
-            n_drives: 1,
-            ..shape
+        // A VM the card does not serve, or other reward weights, are refused, naming the
+        // model.
+        let other = tuner::reward::RewardWeights {
+            free: card.reward_weights.free + 1.0,
+            ..card.reward_weights
         };
-        let e = OnlineLearner::warm_started(
-            one_drive,
-            card.reward_weights,
-            OnlineConfig::default(),
-            &w,
-            &card,
-            &path,
-        )
-        .unwrap_err();
+        let e =
+            OnlineLearner::warm_started(shape, other, OnlineConfig::default(), &w, &card, &path)
+                .unwrap_err();
         assert!(matches!(e, LearnError::StartModel { .. }), "{e}");
         // Weights that do not give the card's reference Q-values are refused.
         let mut off = w.clone();

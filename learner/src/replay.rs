@@ -72,6 +72,7 @@ mod tests {
             reward,
             next_state: vec![0.0],
             done: false,
+            shape: tuner::actions::VmShape::default(),
         }
     }
 

@@ -18,8 +18,13 @@
 //! configurations: one recorded at 1 vCPU but saying 2 shows one idle vCPU's exits, and
 //! the shipped policy walked 90% of those to 2 vCPUs where all 40 consistent ones went to
 //! 1 (it leaves an idle guest at 1 vCPU when it runs).
+//!
+//! One network serves every VM shape (actions v2), but a start configuration is walked
+//! for one: the trainer walks the idle states of the shape with the most data, with that
+//! shape's vCPUs as the VM's own, and the card's start applies to any VM (vCPUs clamped
+//! to its bounds, one entry per drive slot, for the drives it has).
 
-use tuner::actions::{ActionSpace, DeviceKind};
+use tuner::actions::ActionSpace;
 use tuner::manager::KnobState;
 use tuner::policy::{DriveStart, StartConfig};
 use tuner::schema::FeatureId;
@@ -53,14 +58,16 @@ pub enum StartChoice {
     None(String),
 }
 
-/// Walks the idle ones of `states` as the module documentation says, with `q` giving the
-/// trained network's Q-values for a batch of vectors and `max_vcpus` the VMs' vCPUs.
+/// Walks the idle ones of `states` (of VMs of `space`'s shape) as the module
+/// documentation says, with `q` giving the trained network's Q-values for a batch of
+/// vectors.
 pub fn idle_start(
     space: &ActionSpace,
-    max_vcpus: u32,
     states: &[&[f32]],
     mut q: impl FnMut(&[&[f32]]) -> Result<Vec<Vec<f32>>, LearnError>,
 ) -> Result<StartChoice, LearnError> {
+    let shape = space.shape();
+    let max_vcpus = shape.vcpus;
     if max_vcpus == 0 {
         return Ok(StartChoice::None(
             "the data does not record the VMs' vCPUs".into(),
@@ -94,17 +101,13 @@ pub fn idle_start(
     let mut walks: Vec<Vec<f32>> = (0..take)
         .map(|i| {
             let mut v = idle[i * idle.len() / take].to_vec();
-            set_knobs(space, &mut v, &from);
+            set_knobs(&mut v, &from);
             v
         })
         .collect();
     // Enough steps to move every knob from one end to the other; a walk still moving
     // after that goes round in circles and counts for nothing.
-    let drives = space
-        .devices()
-        .iter()
-        .filter(|d| d.kind == DeviceKind::Drive)
-        .count();
+    let drives = shape.tuned_drives();
     let max_steps = max_vcpus as usize + 2 * drives + 4;
     let mut active: Vec<usize> = (0..walks.len()).collect();
     let mut ends: Vec<(KnobState, usize)> = Vec::new();
@@ -116,7 +119,7 @@ pub fn idle_start(
         let qs = q(&batch)?;
         let mut still = Vec::new();
         for (&i, qv) in active.iter().zip(&qs) {
-            let mask = valid_actions(space, max_vcpus, &walks[i]);
+            let mask = valid_actions(&shape, &walks[i]);
             let best = qv
                 .iter()
                 .zip(&mask)
@@ -132,7 +135,7 @@ pub fn idle_start(
             };
             match next {
                 Some(next) => {
-                    set_knobs(space, &mut walks[i], &next);
+                    set_knobs(&mut walks[i], &next);
                     still.push(i);
                 }
                 None => match ends.iter_mut().find(|(s, _)| *s == state) {
@@ -153,23 +156,21 @@ pub fn idle_start(
             "no configuration holds half the walks from idle states ({count} of {take} at most)"
         )));
     }
-    let drives = space
-        .devices()
+    let drives = best
+        .rate_level
         .iter()
-        .enumerate()
-        .filter(|(_, d)| d.kind == DeviceKind::Drive)
-        .map(|(i, _)| DriveStart {
-            rate_level: best.rate_level.get(i).copied().flatten().unwrap_or(0),
-            priority: best.priority.get(i).copied().unwrap_or_default(),
+        .zip(&best.priority)
+        .map(|(rate_level, priority)| DriveStart {
+            rate_level: *rate_level,
+            priority: *priority,
         })
         .collect();
     Ok(StartChoice::Chosen(StartConfig {
         active_vcpus: best.vcpus,
         drives,
         basis: format!(
-            "where the network takes an idle guest from the VM's own configuration ({max_vcpus} \
-             vCPUs, unlimited drives, medium priorities): {count} of {take} walks from {kind} \
-             end here"
+            "where the network takes an idle guest from the VM's own configuration ({shape}; \
+             unlimited drives, medium priorities): {count} of {take} walks from {kind} end here"
         ),
     }))
 }
@@ -177,7 +178,7 @@ pub fn idle_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tuner::actions::PriorityLevel;
+    use tuner::actions::{PriorityLevel, VmShape};
     use tuner::schema::Schema;
 
     fn idle_vector() -> Vec<f32> {
@@ -212,11 +213,10 @@ mod tests {
 
     #[test]
     fn an_idle_guest_starts_where_the_network_takes_it() {
-        let space = ActionSpace::new(2, 0, 4);
+        let space = ActionSpace::new(VmShape::new(2, 2, 0));
         let states: Vec<Vec<f32>> = (0..30).map(|_| idle_vector()).collect();
         let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
-        let StartChoice::Chosen(start) = idle_start(&space, 2, &refs, frugal(&space)).unwrap()
-        else {
+        let StartChoice::Chosen(start) = idle_start(&space, &refs, frugal(&space)).unwrap() else {
             panic!("expected a start configuration");
         };
         assert_eq!(start.active_vcpus, 1);
@@ -236,11 +236,11 @@ mod tests {
     #[test]
     fn walks_start_from_idle_states_recorded_under_the_vms_configuration() {
         use crate::valid_actions::set_knobs;
-        let space = ActionSpace::new(2, 0, 4);
+        let space = ActionSpace::new(VmShape::new(2, 2, 0));
         let own = KnobState::initial(&space, 2);
         let mut scaled_down = own.clone();
         scaled_down.vcpus = 1;
-        scaled_down.rate_level = vec![Some(4), Some(4)];
+        scaled_down.rate_level = vec![4, 4];
         // 25 idle states recorded under the VM's own configuration (2 idle vCPUs: two
         // vCPUs' worth of exits) and 100 recorded at 1 vCPU (one vCPU's worth).
         let exits = FeatureId::ExitRateHlt.index();
@@ -249,7 +249,7 @@ mod tests {
             for _ in 0..n {
                 let mut v = idle_vector();
                 v[exits] = rate;
-                set_knobs(&space, &mut v, knobs);
+                set_knobs(&mut v, knobs);
                 states.push(v);
             }
         }
@@ -274,7 +274,7 @@ mod tests {
                 })
                 .collect())
         };
-        let StartChoice::Chosen(start) = idle_start(&space, 2, &refs, by_exits.clone()).unwrap()
+        let StartChoice::Chosen(start) = idle_start(&space, &refs, by_exits.clone()).unwrap()
         else {
             panic!("expected a start configuration");
         };
@@ -284,7 +284,7 @@ mod tests {
         // With too few consistent states, the knobs of every idle state are reset; here
         // most of those walks stop at once, at the VM's own configuration.
         let few: Vec<&[f32]> = refs[15..].to_vec();
-        let StartChoice::Chosen(start) = idle_start(&space, 2, &few, by_exits).unwrap() else {
+        let StartChoice::Chosen(start) = idle_start(&space, &few, by_exits).unwrap() else {
             panic!("expected a start configuration");
         };
         assert_eq!(start.active_vcpus, 2, "{start:?}");
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn busy_states_do_not_count_and_too_few_idle_ones_give_none() {
-        let space = ActionSpace::new(2, 0, 4);
+        let space = ActionSpace::new(VmShape::new(2, 2, 0));
         let mut busy = idle_vector();
         busy[FeatureId::GuestOpsRate.index()] = 0.5;
         assert!(!is_idle(&busy));
@@ -301,15 +301,20 @@ mod tests {
             .map(|i| if i < 5 { idle_vector() } else { busy.clone() })
             .collect();
         let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
-        let got = idle_start(&space, 2, &refs, frugal(&space)).unwrap();
+        let got = idle_start(&space, &refs, frugal(&space)).unwrap();
         assert!(matches!(got, StartChoice::None(ref why) if why.contains("5 idle states")));
-        let got = idle_start(&space, 0, &refs, frugal(&space)).unwrap();
+        let got = idle_start(
+            &ActionSpace::new(VmShape::new(0, 2, 0)),
+            &refs,
+            frugal(&space),
+        )
+        .unwrap();
         assert!(matches!(got, StartChoice::None(_)));
     }
 
     #[test]
     fn a_network_that_never_settles_gives_none() {
-        let space = ActionSpace::new(1, 0, 4);
+        let space = ActionSpace::new(VmShape::new(2, 1, 0));
         let states: Vec<Vec<f32>> = (0..30).map(|_| idle_vector()).collect();
         let refs: Vec<&[f32]> = states.iter().map(Vec::as_slice).collect();
         // noop is always the worst: the walk alternates forever.
@@ -321,7 +326,7 @@ mod tests {
                     q[0] = -10.0;
                     let level = v[FeatureId::Drive0RateLevel.index()];
                     // rl:blk0:0 and rl:blk0:4 by turns.
-                    let names = ActionSpace::new(1, 0, 4);
+                    let names = ActionSpace::new(VmShape::new(2, 1, 0));
                     let want = if level > 0.5 {
                         "rl:blk0:0"
                     } else {
@@ -334,9 +339,9 @@ mod tests {
                 .collect())
         };
         fn space_len() -> usize {
-            ActionSpace::new(1, 0, 4).len()
+            ActionSpace::new(VmShape::new(2, 1, 0)).len()
         }
-        let got = idle_start(&space, 2, &refs, restless).unwrap();
+        let got = idle_start(&space, &refs, restless).unwrap();
         assert!(
             matches!(got, StartChoice::None(ref why) if why.contains("settled")),
             "{got:?}"

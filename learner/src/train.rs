@@ -207,12 +207,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
     let data = dataset::load(&opts.state_db, &opts.dataset)?;
     let weights = card_weights(opts, &data)?;
     let space = data.space();
-    let mut dqn = Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?
-        .with_valid_actions(space.clone(), data.max_vcpus);
+    let mut dqn =
+        Dqn::new(tuner::schema::Schema::len(), space.len(), opts.dqn)?.with_valid_actions();
     log::info!(
-        "training on {} transitions ({}), {} steps",
+        "training on {} transitions (VM shapes: {:?}), {} steps",
         data.transitions.len(),
-        data.shape,
+        data.summary.shapes,
         opts.steps
     );
     let stats = dqn.train(&data.transitions, opts.steps)?;
@@ -240,15 +240,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
         .pop()
         .unwrap_or_default();
 
-    // Where the network takes an idle guest: the card's start configuration.
-    let all: Vec<&[f32]> = data
-        .transitions
-        .iter()
-        .map(|t| t.state.as_slice())
-        .collect();
-    let start = match crate::start::idle_start(&space, data.max_vcpus, &all, |batch| {
-        dqn.q_values(batch)
-    })? {
+    // Where the network takes an idle guest: the card's start configuration, walked on
+    // the states of the shape with the most data.
+    let all = data.states_of(&space.shape());
+    let start = match crate::start::idle_start(&space, &all, |batch| dqn.q_values(batch))? {
         crate::start::StartChoice::Chosen(s) => Some(s),
         crate::start::StartChoice::None(why) => {
             log::info!("no start configuration: {why}");
@@ -328,12 +323,8 @@ pub fn refresh_start(opts: &TrainOptions) -> Result<Option<StartConfig>, LearnEr
     let bad_model =
         |e: PolicyError| LearnError::bad_option("out", format!("{}: {e}", opts.out.display()));
     let mut policy = OnnxPolicy::load(&opts.out, &space, Some(&weights)).map_err(bad_model)?;
-    let states: Vec<&[f32]> = data
-        .transitions
-        .iter()
-        .map(|t| t.state.as_slice())
-        .collect();
-    let choice = crate::start::idle_start(&space, data.max_vcpus, &states, |batch| {
+    let states = data.states_of(&space.shape());
+    let choice = crate::start::idle_start(&space, &states, |batch| {
         batch
             .iter()
             .map(|v| policy.q_values(v).map_err(LearnError::Policy))

@@ -5,19 +5,16 @@ mod common;
 use std::path::Path;
 
 use common::{best_action, reward, state};
-use learner::{DqnConfig, LearnError, OnlineConfig, OnlineLearner, SpaceShape, Transition};
+use learner::{DqnConfig, LearnError, OnlineConfig, OnlineLearner, Transition};
+use tuner::actions::VmShape;
 use tuner::policy::{EpsilonSchedule, OnnxPolicy, Policy, XorShift64};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 
 fn assert_send<T: Send + 'static>() {}
 
-fn shape() -> SpaceShape {
-    SpaceShape {
-        n_drives: 1,
-        n_nets: 0,
-        max_devices_in_space: 4,
-    }
+fn shape() -> VmShape {
+    VmShape::new(2, 1, 0)
 }
 
 fn config() -> OnlineConfig {
@@ -57,6 +54,7 @@ fn learns_online_and_exports_bytes_tract_runs() {
         reward: 1.0,
         next_state: vec![0.5; Schema::len()],
         done: false,
+        shape: shape(),
     };
     assert!(matches!(l.push(nan), Err(LearnError::InvalidTransition(_))));
     let short = Transition {
@@ -65,6 +63,7 @@ fn learns_online_and_exports_bytes_tract_runs() {
         reward: 1.0,
         next_state: vec![0.5; Schema::len()],
         done: false,
+        shape: shape(),
     };
     assert!(l.push(short).is_err());
     let s = vec![0.5; Schema::len()];
@@ -81,9 +80,10 @@ fn learns_online_and_exports_bytes_tract_runs() {
     // Before enough transitions are held, training takes no step.
     assert_eq!(l.train(10).unwrap().steps, 0);
 
-    // Play: act epsilon-greedily (all actions allowed), observe the synthetic reward.
+    // Play: act epsilon-greedily (every action on a device the VM has), observe the
+    // synthetic reward.
     let mut rng = XorShift64::new(8);
-    let mask = vec![true; space.len()];
+    let mask: Vec<bool> = space.actions().iter().map(|a| space.present(a)).collect();
     let mut s = state(&mut rng);
     assert_eq!(l.epsilon(), 1.0);
     for i in 0..800 {

@@ -62,7 +62,7 @@ fn trains_exports_and_tract_agrees_and_prefers_the_paying_action() {
     let card_path = ModelCard::path_for(&out);
     assert_eq!(report.card, card_path);
     let card = ModelCard::from_json(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
-    let space = ActionSpace::new(1, 0, 4);
+    let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
     card.validate(&space, Some(&RewardWeights::default()))
         .unwrap();
     assert_eq!(card.name, "synthetic");

@@ -13,9 +13,9 @@ use tract_onnx::pb::{
 };
 
 /// Input and output sizes of the shipped test policy (its card is reused): the schema's
-/// vector in, one Q-value per action of a one-drive VM out.
+/// vector and the action layout.
 const INPUT: i64 = tuner::schema::FEATURES.len() as i64;
-const OUTPUT: i64 = 13;
+const OUTPUT: i64 = tuner::actions::LAYOUT_LEN as i64;
 
 fn value(name: &str, cols: i64) -> ValueInfoProto {
     let dim = |d: i64| Dimension {
@@ -101,7 +101,7 @@ fn graph(node: Vec<NodeProto>, initializer: Vec<TensorProto>) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// `q = Gather(input, [1000; 13], axis=1)`: constant indices far outside the input's
+/// `q = Gather(input, [1000; OUTPUT], axis=1)`: constant indices far outside the input's
 /// columns.
 pub fn gather_out_of_range() -> Vec<u8> {
     model(
@@ -122,7 +122,7 @@ pub fn gather_out_of_range() -> Vec<u8> {
 }
 
 /// A network that answers an all-zero input (the probe at load) and panics on any
-/// other: `q = Gather([0.0], Cast<int64>(Slice(input, 0..13) * 1e6), axis=0)`: every
+/// other: `q = Gather([0.0], Cast<int64>(Slice(input, 0..OUTPUT) * 1e6), axis=0)`: every
 /// index but 0 is outside the one-element table. It makes tract panic on the tuner's
 /// thread, under its seccomp filter, at the first real decision.
 pub fn gather_out_of_range_later() -> Vec<u8> {
@@ -153,7 +153,7 @@ pub fn gather_out_of_range_later() -> Vec<u8> {
     )
 }
 
-/// `q = Slice(input, starts=[0], ends=[13], axes=[1], steps=[0])`: a step of zero.
+/// `q = Slice(input, starts=[0], ends=[OUTPUT], axes=[1], steps=[0])`: a step of zero.
 pub fn slice_step_zero() -> Vec<u8> {
     model(
         NodeProto {

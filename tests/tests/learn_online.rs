@@ -267,7 +267,7 @@ fn a_warm_start_serves_the_start_models_network_first_and_stops_on_sigterm() {
     assert_eq!(vm_policy(&sock), "warm-0");
 
     // The network pushed before any training step computes general.onnx's Q-values.
-    let space = ActionSpace::new(2, 0, 4);
+    let space = ActionSpace::new(tuner::actions::VmShape::new(2, 0, 0));
     let weights = RewardWeights::default();
     let mut start = OnnxPolicy::load(&general, &space, Some(&weights)).unwrap();
     let mut first = OnnxPolicy::load(out_dir.join("warm-0.onnx"), &space, Some(&weights))

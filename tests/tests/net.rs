@@ -208,7 +208,7 @@ fn packet_rate_limit_holds_within_10_percent() {
 }
 
 /// A policy file drives the network QoS knob end to end: `models/test-policy-qos.onnx`
-/// prefers `qos:net:3` (10 Mbit/s + 1 kpps) in every state, and the guest's own report of
+/// prefers `qos:net0:3` (10 Mbit/s + 1 kpps) in every state, and the guest's own report of
 /// the packets it sent per second falls to that level after the first decision.
 #[test]
 fn a_policy_sets_network_qos_and_the_guest_feels_it() {
@@ -262,13 +262,13 @@ fn a_policy_sets_network_qos_and_the_guest_feels_it() {
     // throughput and so the reward fall, acts at the end of t+3 at the earliest).
     let pairs: Vec<(f64, f64)> = rows
         .windows(4)
-        .filter(|w| w[0].action.as_deref() == Some("qos:net:3"))
+        .filter(|w| w[0].action.as_deref() == Some("qos:net0:3"))
         .map(|w| (w[0].raw[ops], w[2].raw[ops].min(w[3].raw[ops])))
         .collect();
-    eprintln!("{stdout}\nguest packets/s (before, under qos:net:3): {pairs:?}");
+    eprintln!("{stdout}\nguest packets/s (before, under qos:net0:3): {pairs:?}");
     assert!(
         !pairs.is_empty(),
-        "the policy never chose qos:net:3: {rows:?}"
+        "the policy never chose qos:net0:3: {rows:?}"
     );
     for (before, under) in &pairs {
         assert!(

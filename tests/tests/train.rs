@@ -17,13 +17,19 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// `n` rows of one VM with one drive, every 100 ms: random states and actions, reward 1
 /// for `vcpu+1` when CPU utilisation (feature 0) is high.
 fn rows(vm_id: &str, n: usize, seed: u64) -> Vec<Row> {
-    let space = ActionSpace::new(1, 0, 4);
+    let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
     let mut rng = XorShift64::new(seed);
     let config = r#"{"vcpus":2,"mem_mib":64,"drives":[{"path":"/d.img"}]}"#;
     (0..n)
         .map(|i| {
             let vector: Vec<f32> = (0..Schema::len()).map(|_| rng.next_f64() as f32).collect();
-            let action = space.names()[rng.below(space.len())].clone();
+            let present: Vec<String> = space
+                .actions()
+                .iter()
+                .filter(|a| space.present(a))
+                .map(|a| a.name())
+                .collect();
+            let action = present[rng.below(present.len())].clone();
             let reward = f64::from(u8::from(vector[0] > 0.5 && action == "vcpu+1"));
             Row {
                 vm_id: vm_id.into(),
@@ -108,7 +114,7 @@ fn train_writes_a_policy_the_tuner_loads() {
         card.evaluation.extra["data"]["excluded_vm_ids"][0],
         "held-b-0"
     );
-    let space = ActionSpace::new(1, 0, 4);
+    let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
     OnnxPolicy::load(&out, &space, Some(&RewardWeights::default()))
         .expect("the tuner loads the trained policy");
 

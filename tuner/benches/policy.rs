@@ -63,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(20_000)
         .max(100);
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/test-policy.onnx");
-    let space = ActionSpace::new(1, 0, 4);
+    let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
     let n = Schema::len();
     let inputs: Vec<Vec<f32>> = (0..64)
         .map(|k| {

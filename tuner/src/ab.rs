@@ -282,7 +282,7 @@ mod tests {
         let seq: Vec<f32> = (0..12).map(|_| ab.q_values(&[]).unwrap()[0]).collect();
         assert_eq!(seq, [1., 1., 1., 2., 2., 2., 1., 1., 1., 2., 2., 2.]);
         assert_eq!(*slot.lock().unwrap(), "a");
-        let space = crate::actions::ActionSpace::new(0, 0, 4);
+        let space = crate::actions::ActionSpace::new(crate::actions::VmShape::new(4, 0, 0));
         let s1 = Box::new(StaticPolicy::new(&space));
         let s2 = Box::new(StaticPolicy::new(&space));
         assert!(matches!(

@@ -1,63 +1,77 @@
-//! The tuner's actions: a documented, versioned list.
+//! The tuner's actions: one fixed, versioned layout for every VM shape.
 //!
-//! # Actions (version [`ACTIONS_VERSION`] = 1)
+//! # Layout (version [`ACTIONS_VERSION`] = 2)
 //!
-//! | action | name | effect |
+//! | action | names | effect |
 //! | --- | --- | --- |
 //! | [`Action::NoOp`] | `noop` | nothing |
-//! | [`Action::VcpuDelta`]`(d)` | `vcpu-2`, `vcpu-1`, `vcpu+1`, `vcpu+2` | vCPU allocation (host cores given to vCPU threads and vCPUs the guest is asked to use) changes by `d` |
-//! | [`Action::Priority`] | `prio:DEV:low`, `prio:DEV:medium`, `prio:DEV:high` | I/O priority of device `DEV` in the queue scheduler |
-//! | [`Action::RateLimit`] | `rl:DEV:L` | rate limiter of drive `DEV` set to level `L` of [`RATE_LADDER`] |
-//! | [`Action::NetQos`] | `qos:net:L` | every network device's limiter set to level `L` of [`NET_QOS_LADDER`] |
+//! | [`Action::VcpuDelta`]`(d)` | `vcpu-2`, `vcpu-1`, `vcpu+1`, `vcpu+2` | vCPU allocation (host cores given to vCPU threads and vCPUs the guest is asked to use) changes by `d`, within the VM's own bounds |
+//! | [`Action::Priority`] | `prio:blkD:low`, `prio:blkD:medium`, `prio:blkD:high` | I/O priority of drive slot `D` in the queue scheduler |
+//! | [`Action::RateLimit`] | `rl:blkD:L` | rate limiter of drive slot `D` set to level `L` of [`RATE_LADDER`] |
+//! | [`Action::NetQos`] | `qos:netN:L` | limiter of network slot `N` set to level `L` of [`NET_QOS_LADDER`] |
 //!
-//! # Devices
+//! The list is the same for every VM: `noop`; `vcpu-2`, `vcpu-1`, `vcpu+1`, `vcpu+2`;
+//! then per drive slot `blk0` .. `blk3` ([`DRIVE_SLOTS`]): `prio:blkD:low|medium|high`,
+//! `rl:blkD:0` .. `rl:blkD:4`; then per network slot `net0`, `net1` ([`NET_SLOTS`]):
+//! `qos:netN:0` .. `qos:netN:3`. That is [`LAYOUT_LEN`] = 45 actions, the Q-network's
+//! output order, written into model cards. One network serves VMs of any [`VmShape`]
+//! (1 to [`MAX_VCPUS`] vCPUs, 0 to 4 drives, 0 to 2 network devices).
 //!
-//! Devices are named by position, not by the VM's device ids, so that a policy transfers
-//! between VMs of the same shape: drives are `blk0`, `blk1`, ... in the order of the VM's
-//! configuration, network devices `net0`, `net1`, .... An [`ActionSpace`] covers the
-//! first `max_devices_in_space` devices, drives first, then network devices (the others
-//! keep their static configuration). The `device` field of [`Action::Priority`] and
-//! [`Action::RateLimit`] is the index into [`ActionSpace::devices`]. Priority actions
-//! exist for every device of the space, rate-limit actions for drives only (network
-//! bandwidth is the VM-wide [`Action::NetQos`], present when the VM has a network
-//! device).
+//! # Slots and shapes
 //!
-//! # Order
+//! Devices are named by position, not by the VM's device ids: drive `i` of the VM's
+//! configuration fills slot `blki`, network device `i` slot `neti`; devices beyond the
+//! slots keep their static configuration. An action on a slot the VM has no device in
+//! is well-formed but *absent*: [`ActionSpace::mask`] masks it and the manager refuses
+//! it, so it is never applied. The vCPU actions are relative (`+1`, `-2`, ...) and
+//! masked at the VM's own `[min_vcpus, max_vcpus]`.
 //!
-//! The action list of a space (the Q-network's output order, written into model cards) is:
-//! `noop`; `vcpu-2`, `vcpu-1`, `vcpu+1`, `vcpu+2`; then per device of the space in order:
-//! `prio:DEV:low`, `prio:DEV:medium`, `prio:DEV:high`, and for a drive `rl:DEV:0` ...
-//! `rl:DEV:4`; then, when the VM has a network device, `qos:net:0` ... `qos:net:3`. For a
-//! VM with one drive and no network device that is 13 actions.
+//! History: v1 had a list per VM shape (only the devices present, priorities for network
+//! devices too, one VM-wide `qos:net:L`), so a policy served one shape only.
 //!
-//! Any change to this list (names, order, ladders) bumps [`ACTIONS_VERSION`].
+//! Any change to the layout (names, order, slots, ladders) bumps [`ACTIONS_VERSION`].
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::manager::{Bounds, KnobState};
+pub use crate::schema::{DRIVE_SLOTS, MAX_VCPUS};
 
-/// Version of the action list and ladders. Bump on any change to names, order or ladders.
-pub const ACTIONS_VERSION: u32 = 1;
+/// Version of the action layout and ladders. Bump on any change to names, order, slots
+/// or ladders.
+pub const ACTIONS_VERSION: u32 = 2;
+
+/// Network device slots of the layout.
+pub const NET_SLOTS: usize = 2;
 
 /// The vCPU deltas an [`Action::VcpuDelta`] may carry, in action-list order.
 pub const VCPU_DELTAS: [i8; 4] = [-2, -1, 1, 2];
 
+/// Number of actions of the layout (the Q-network's output size).
+pub const LAYOUT_LEN: usize = 1
+    + VCPU_DELTAS.len()
+    + DRIVE_SLOTS * (PriorityLevel::ALL.len() + RATE_LADDER.len())
+    + NET_SLOTS * NET_QOS_LADDER.len();
+
 /// Errors about actions and action lists.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ActionError {
-    /// A name that is not an action of this space.
+    /// A name that is not an action of the layout.
     #[error("unknown action {0:?}")]
     UnknownAction(String),
     /// A vCPU delta outside {-2, -1, 1, 2}.
     #[error("vCPU delta {0} is not one of -2, -1, +1, +2")]
     BadVcpuDelta(i8),
-    /// A device index beyond the space's devices (or a rate limit on a network device).
-    #[error("device {0} has no such knob in this action space")]
+    /// A slot index beyond the layout's slots of that kind.
+    #[error("slot {0} is beyond the layout's slots")]
     NoSuchDevice(usize),
+    /// A slot of the layout in which this VM has no device.
+    #[error("{0} is absent in this VM (no device in that slot)")]
+    AbsentDevice(String),
     /// A ladder level beyond the ladder.
     #[error("level {level} is beyond the {ladder} ladder ({len} levels)")]
     LevelOutOfRange {
@@ -68,23 +82,20 @@ pub enum ActionError {
         /// Levels in the ladder.
         len: usize,
     },
-    /// The space has no network device, so no network QoS actions.
-    #[error("this VM has no network device")]
-    NoNetwork,
     /// An action list of another length.
-    #[error("action list has {got} actions, this VM's space has {expected}")]
+    #[error("action list has {got} actions, the layout v{ACTIONS_VERSION} has {expected}")]
     LengthMismatch {
-        /// Actions in this space.
+        /// Actions in the layout.
         expected: usize,
         /// Actions in the list checked.
         got: usize,
     },
     /// An action list that differs at some index.
-    #[error("action {index} is {got:?}, this VM's space has {expected:?}")]
+    #[error("action {index} is {got:?}, the layout v{ACTIONS_VERSION} has {expected:?}")]
     NameMismatch {
         /// First differing index.
         index: usize,
-        /// This space's action at that index.
+        /// The layout's action at that index.
         expected: String,
         /// The checked list's action.
         got: String,
@@ -194,8 +205,8 @@ pub const RATE_LADDER: [RateLevel; 5] = [
     },
 ];
 
-/// The network QoS ladder (applies to every network device of the VM), from unlimited
-/// (level 0) to the tightest: bandwidth and packets per second.
+/// The network QoS ladder of each network slot, from unlimited (level 0) to the
+/// tightest: bandwidth and packets per second.
 pub const NET_QOS_LADDER: [RateLevel; 4] = [
     RateLevel {
         name: "unlimited",
@@ -226,22 +237,24 @@ pub enum Action {
     NoOp,
     /// Change the vCPU allocation by -2, -1, +1 or +2.
     VcpuDelta(i8),
-    /// Set the I/O priority of a device.
+    /// Set the I/O priority of a drive.
     Priority {
-        /// Index into [`ActionSpace::devices`].
+        /// Drive slot (`0` .. [`DRIVE_SLOTS`]).
         device: usize,
         /// New level.
         level: PriorityLevel,
     },
     /// Set the rate limiter of a drive to a level of [`RATE_LADDER`].
     RateLimit {
-        /// Index into [`ActionSpace::devices`] (a drive).
+        /// Drive slot (`0` .. [`DRIVE_SLOTS`]).
         device: usize,
         /// Index into [`RATE_LADDER`].
         level: usize,
     },
-    /// Set the network QoS level (index into [`NET_QOS_LADDER`]) of every network device.
+    /// Set the limiter of a network device to a level of [`NET_QOS_LADDER`].
     NetQos {
+        /// Network slot (`0` .. [`NET_SLOTS`]).
+        device: usize,
         /// Index into [`NET_QOS_LADDER`].
         level: usize,
     },
@@ -255,7 +268,29 @@ impl Action {
             Action::VcpuDelta(_) => Some(Knob::Vcpus),
             Action::Priority { device, .. } => Some(Knob::Priority(device)),
             Action::RateLimit { device, .. } => Some(Knob::RateLimit(device)),
-            Action::NetQos { .. } => Some(Knob::NetQos),
+            Action::NetQos { device, .. } => Some(Knob::NetQos(device)),
+        }
+    }
+
+    /// The device slot this action targets (`None` for `noop` and vCPU actions).
+    pub fn slot(&self) -> Option<(DeviceKind, usize)> {
+        match *self {
+            Action::NoOp | Action::VcpuDelta(_) => None,
+            Action::Priority { device, .. } | Action::RateLimit { device, .. } => {
+                Some((DeviceKind::Drive, device))
+            }
+            Action::NetQos { device, .. } => Some((DeviceKind::Net, device)),
+        }
+    }
+
+    /// The action's name in the layout (`noop`, `vcpu+1`, `rl:blk0:3`, `qos:net1:2`).
+    pub fn name(&self) -> String {
+        match *self {
+            Action::NoOp => "noop".to_string(),
+            Action::VcpuDelta(d) => format!("vcpu{d:+}"),
+            Action::Priority { device, level } => format!("prio:blk{device}:{level}"),
+            Action::RateLimit { device, level } => format!("rl:blk{device}:{level}"),
+            Action::NetQos { device, level } => format!("qos:net{device}:{level}"),
         }
     }
 }
@@ -265,16 +300,16 @@ impl Action {
 pub enum Knob {
     /// The vCPU allocation.
     Vcpus,
-    /// The I/O priority of a device (index into [`ActionSpace::devices`]).
+    /// The I/O priority of a drive slot.
     Priority(usize),
-    /// The rate limiter of a drive (index into [`ActionSpace::devices`]).
+    /// The rate limiter of a drive slot.
     RateLimit(usize),
-    /// The network QoS level.
-    NetQos,
+    /// The QoS level of a network slot.
+    NetQos(usize),
 }
 
-/// Kind of a device in the action space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Kind of a device slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceKind {
     /// A virtio-blk drive.
     Drive,
@@ -282,210 +317,264 @@ pub enum DeviceKind {
     Net,
 }
 
-/// One device of an action space.
+/// One device of a VM, in its slot of the layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSlot {
     /// Positional name (`blk0`, `net1`).
     pub name: String,
     /// Drive or network device.
     pub kind: DeviceKind,
-    /// Index among the VM's devices of that kind (the `0` of `blk0`).
+    /// Slot index among the slots of that kind (the `0` of `blk0`).
     pub index: usize,
 }
 
-/// The ordered actions available for a VM of a given shape.
+/// What a VM is made of, as far as the tuner's actions are concerned.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(deny_unknown_fields)]
+pub struct VmShape {
+    /// vCPUs the VM was created with (its most).
+    pub vcpus: u32,
+    /// Drives in its configuration.
+    pub drives: usize,
+    /// Network devices in its configuration.
+    pub nets: usize,
+}
+
+impl VmShape {
+    /// A VM of `vcpus` vCPUs, `drives` drives and `nets` network devices.
+    pub fn new(vcpus: u32, drives: usize, nets: usize) -> VmShape {
+        VmShape {
+            vcpus,
+            drives,
+            nets,
+        }
+    }
+
+    /// Drives in a slot of the layout (the first [`DRIVE_SLOTS`]).
+    pub fn tuned_drives(&self) -> usize {
+        self.drives.min(DRIVE_SLOTS)
+    }
+
+    /// Network devices in a slot of the layout (the first [`NET_SLOTS`]).
+    pub fn tuned_nets(&self) -> usize {
+        self.nets.min(NET_SLOTS)
+    }
+
+    /// Whether slot `index` of `kind` holds a device of this VM.
+    pub fn has(&self, kind: DeviceKind, index: usize) -> bool {
+        match kind {
+            DeviceKind::Drive => index < self.tuned_drives(),
+            DeviceKind::Net => index < self.tuned_nets(),
+        }
+    }
+}
+
+impl fmt::Display for VmShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = |n: usize| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} vCPU{}, {} drive{}, {} network device{}",
+            self.vcpus,
+            if self.vcpus == 1 { "" } else { "s" },
+            self.drives,
+            s(self.drives),
+            self.nets,
+            s(self.nets)
+        )
+    }
+}
+
+/// The layout's actions and names, built once.
+fn layout() -> &'static (Vec<Action>, Vec<String>) {
+    static LAYOUT: OnceLock<(Vec<Action>, Vec<String>)> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let mut actions = vec![Action::NoOp];
+        actions.extend(VCPU_DELTAS.iter().map(|d| Action::VcpuDelta(*d)));
+        for device in 0..DRIVE_SLOTS {
+            actions.extend(PriorityLevel::ALL.iter().map(|level| Action::Priority {
+                device,
+                level: *level,
+            }));
+            actions.extend((0..RATE_LADDER.len()).map(|level| Action::RateLimit { device, level }));
+        }
+        for device in 0..NET_SLOTS {
+            actions.extend((0..NET_QOS_LADDER.len()).map(|level| Action::NetQos { device, level }));
+        }
+        let names = actions.iter().map(Action::name).collect();
+        (actions, names)
+    })
+}
+
+/// The layout's actions for one VM: which slots hold a device, and the rules that mask
+/// the rest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionSpace {
+    shape: VmShape,
     devices: Vec<DeviceSlot>,
-    has_net: bool,
-    actions: Vec<Action>,
-    names: Vec<String>,
 }
 
 impl ActionSpace {
-    /// The space of a VM with `n_drives` drives and `n_nets` network devices, covering its
-    /// first `max_devices_in_space` devices (drives first). See the module documentation
-    /// for the order.
-    pub fn new(n_drives: usize, n_nets: usize, max_devices_in_space: usize) -> ActionSpace {
-        let devices: Vec<DeviceSlot> = (0..n_drives)
+    /// The layout for a VM of `shape`: its first [`DRIVE_SLOTS`] drives and first
+    /// [`NET_SLOTS`] network devices fill the slots, in configuration order.
+    pub fn new(shape: VmShape) -> ActionSpace {
+        let devices = (0..shape.tuned_drives())
             .map(|index| DeviceSlot {
                 name: format!("blk{index}"),
                 kind: DeviceKind::Drive,
                 index,
             })
-            .chain((0..n_nets).map(|index| DeviceSlot {
+            .chain((0..shape.tuned_nets()).map(|index| DeviceSlot {
                 name: format!("net{index}"),
                 kind: DeviceKind::Net,
                 index,
             }))
-            .take(max_devices_in_space)
             .collect();
-        let mut actions = vec![Action::NoOp];
-        actions.extend(VCPU_DELTAS.iter().map(|d| Action::VcpuDelta(*d)));
-        for (device, slot) in devices.iter().enumerate() {
-            actions.extend(PriorityLevel::ALL.iter().map(|level| Action::Priority {
-                device,
-                level: *level,
-            }));
-            if slot.kind == DeviceKind::Drive {
-                actions.extend(
-                    (0..RATE_LADDER.len()).map(|level| Action::RateLimit { device, level }),
-                );
-            }
-        }
-        let has_net = n_nets > 0;
-        if has_net {
-            actions.extend((0..NET_QOS_LADDER.len()).map(|level| Action::NetQos { level }));
-        }
-        let mut space = ActionSpace {
-            devices,
-            has_net,
-            actions,
-            names: Vec::new(),
-        };
-        space.names = space.actions.iter().map(|a| space.render(a)).collect();
-        space
+        ActionSpace { shape, devices }
     }
 
-    fn render(&self, action: &Action) -> String {
-        let dev = |i: usize| {
-            self.devices
-                .get(i)
-                .map_or_else(|| format!("dev{i}"), |d| d.name.clone())
-        };
-        match *action {
-            Action::NoOp => "noop".to_string(),
-            Action::VcpuDelta(d) => format!("vcpu{d:+}"),
-            Action::Priority { device, level } => format!("prio:{}:{level}", dev(device)),
-            Action::RateLimit { device, level } => format!("rl:{}:{level}", dev(device)),
-            Action::NetQos { level } => format!("qos:net:{level}"),
-        }
+    /// The VM's shape.
+    pub fn shape(&self) -> VmShape {
+        self.shape
     }
 
-    /// Number of actions (the Q-network's output size).
+    /// Number of actions (the Q-network's output size): always [`LAYOUT_LEN`].
     pub fn len(&self) -> usize {
-        self.actions.len()
+        layout().0.len()
     }
 
-    /// Always false: every space has at least `noop` and the vCPU actions.
+    /// Always false: the layout has at least `noop` and the vCPU actions.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty()
+        layout().0.is_empty()
     }
 
-    /// The devices the space covers, in order.
+    /// The VM's devices that fill a slot: drives first, then network devices.
     pub fn devices(&self) -> &[DeviceSlot] {
         &self.devices
     }
 
-    /// Whether the VM has a network device (and so [`Action::NetQos`] actions).
-    pub fn has_net(&self) -> bool {
-        self.has_net
+    /// Position in [`ActionSpace::devices`] of slot `index` of `kind`, when the VM has
+    /// a device there (the index of [`Bounds::allowed_devices`]).
+    pub fn device_position(&self, kind: DeviceKind, index: usize) -> Option<usize> {
+        self.devices
+            .iter()
+            .position(|d| d.kind == kind && d.index == index)
+    }
+
+    /// Whether `action` targets a device the VM has (always true for `noop` and vCPU
+    /// actions).
+    pub fn present(&self, action: &Action) -> bool {
+        action
+            .slot()
+            .is_none_or(|(kind, index)| self.shape.has(kind, index))
     }
 
     /// The actions in order.
     pub fn actions(&self) -> &[Action] {
-        &self.actions
+        &layout().0
     }
 
     /// The action names in order (as written into model cards).
     pub fn names(&self) -> &[String] {
-        &self.names
+        &layout().1
     }
 
     /// The action at `index`.
     pub fn action(&self, index: usize) -> Option<Action> {
-        self.actions.get(index).copied()
+        self.actions().get(index).copied()
     }
 
     /// The name of the action at `index`.
     pub fn name(&self, index: usize) -> Option<&str> {
-        self.names.get(index).map(String::as_str)
+        self.names().get(index).map(String::as_str)
     }
 
-    /// Index of `action` in the list, if it belongs to this space.
+    /// Index of `action` in the layout.
     pub fn index_of(&self, action: &Action) -> Option<usize> {
-        self.actions.iter().position(|a| a == action)
+        self.actions().iter().position(|a| a == action)
     }
 
-    /// The name of any action (also one outside the space, e.g. a rollback's inverse).
+    /// The name of any action (also one outside the layout, e.g. a rollback's inverse).
     pub fn name_of(&self, action: &Action) -> String {
-        self.render(action)
+        action.name()
     }
 
     /// What a decision label (the state repository's `action` column, written by
-    /// [`crate::manager::Decision::action_label`]) did to the knobs, as an index of this
-    /// space: `noop`, `refused:X` and `failed:X` changed nothing (the `noop` index);
+    /// [`crate::manager::Decision::action_label`]) did to the knobs, as an index of the
+    /// layout: `noop`, `refused:X` and `failed:X` changed nothing (the `noop` index);
     /// `rollback:X` and a plain action name applied that action. `static` (a reset to the
-    /// static configuration) and names outside the space give `None`: such intervals are
-    /// not experience of any one action.
+    /// static configuration) and names outside the layout give `None`: such intervals
+    /// are not experience of any one action.
     pub fn effective_index(&self, label: &str) -> Option<usize> {
-        let noop = || self.index_of(&Action::NoOp);
         if label == "noop" || label.starts_with("refused:") || label.starts_with("failed:") {
-            return noop();
+            return self.index_of(&Action::NoOp);
         }
         let name = label.strip_prefix("rollback:").unwrap_or(label);
-        self.names.iter().position(|n| n == name)
+        self.names().iter().position(|n| n == name)
     }
 
-    /// The action called `name`.
+    /// The action called `name` (whether or not the VM has its device).
     pub fn parse(&self, name: &str) -> Result<Action, ActionError> {
-        self.names
+        self.names()
             .iter()
             .position(|n| n == name)
             .and_then(|i| self.action(i))
             .ok_or_else(|| ActionError::UnknownAction(name.to_string()))
     }
 
-    /// Checks that `action` is well-formed for this space (device and level in range).
-    /// Inverses of actions (e.g. `Priority` back to a level) are valid too.
+    /// Checks that `action` is well-formed (slot and level in range) and targets a
+    /// device this VM has. Inverses of actions (e.g. `Priority` back to a level) are
+    /// valid too.
     pub fn validate(&self, action: &Action) -> Result<(), ActionError> {
-        match *action {
-            Action::NoOp => Ok(()),
-            Action::VcpuDelta(d) if VCPU_DELTAS.contains(&d) => Ok(()),
-            Action::VcpuDelta(d) => Err(ActionError::BadVcpuDelta(d)),
-            Action::Priority { device, .. } => {
-                if device < self.devices.len() {
-                    Ok(())
-                } else {
-                    Err(ActionError::NoSuchDevice(device))
-                }
+        let ladder = |name: &'static str, level: usize, len: usize| {
+            if level < len {
+                Ok(())
+            } else {
+                Err(ActionError::LevelOutOfRange {
+                    ladder: name,
+                    level,
+                    len,
+                })
             }
-            Action::RateLimit { device, level } => {
-                match self.devices.get(device) {
-                    Some(d) if d.kind == DeviceKind::Drive => {}
-                    _ => return Err(ActionError::NoSuchDevice(device)),
-                }
-                if level < RATE_LADDER.len() {
-                    Ok(())
-                } else {
-                    Err(ActionError::LevelOutOfRange {
-                        ladder: "rate limit",
-                        level,
-                        len: RATE_LADDER.len(),
-                    })
-                }
+        };
+        let (slots, level) = match *action {
+            Action::NoOp => return Ok(()),
+            Action::VcpuDelta(d) if VCPU_DELTAS.contains(&d) => return Ok(()),
+            Action::VcpuDelta(d) => return Err(ActionError::BadVcpuDelta(d)),
+            Action::Priority { .. } => (DRIVE_SLOTS, Ok(())),
+            Action::RateLimit { level, .. } => {
+                (DRIVE_SLOTS, ladder("rate limit", level, RATE_LADDER.len()))
             }
-            Action::NetQos { level } => {
-                if !self.has_net {
-                    Err(ActionError::NoNetwork)
-                } else if level < NET_QOS_LADDER.len() {
-                    Ok(())
-                } else {
-                    Err(ActionError::LevelOutOfRange {
-                        ladder: "network QoS",
-                        level,
-                        len: NET_QOS_LADDER.len(),
-                    })
-                }
-            }
+            Action::NetQos { level, .. } => (
+                NET_SLOTS,
+                ladder("network QoS", level, NET_QOS_LADDER.len()),
+            ),
+        };
+        let Some((kind, index)) = action.slot() else {
+            return Ok(());
+        };
+        if index >= slots {
+            return Err(ActionError::NoSuchDevice(index));
         }
+        level?;
+        if !self.shape.has(kind, index) {
+            let prefix = if kind == DeviceKind::Drive {
+                "blk"
+            } else {
+                "net"
+            };
+            return Err(ActionError::AbsentDevice(format!("{prefix}{index}")));
+        }
+        Ok(())
     }
 
-    /// Checks an action list (e.g. a model card's) against this space: same length, same
+    /// Checks an action list (e.g. a model card's) against the layout: same length, same
     /// names in the same order. The error names the first difference.
     pub fn check_names(&self, names: &[String]) -> Result<(), ActionError> {
         if let Some((index, (expected, got))) = self
-            .names
+            .names()
             .iter()
             .zip(names.iter())
             .enumerate()
@@ -497,22 +586,22 @@ impl ActionSpace {
                 got: got.clone(),
             });
         }
-        if names.len() != self.names.len() {
+        if names.len() != self.len() {
             return Err(ActionError::LengthMismatch {
-                expected: self.names.len(),
+                expected: self.len(),
                 got: names.len(),
             });
         }
         Ok(())
     }
 
-    /// Which actions are valid now: `true` where the action stays within `bounds` and
-    /// changes something. `noop` is always valid. A vCPU delta must keep the vCPU count
-    /// within `[min_vcpus, max_vcpus]`; a priority, rate-limit or QoS action must target
-    /// an allowed device, stay within the allowed ladder levels and differ from the
-    /// current setting.
+    /// Which actions are valid now: `true` where the action targets a device the VM has,
+    /// stays within `bounds` and changes something. `noop` is always valid. A vCPU delta
+    /// must keep the vCPU count within `[min_vcpus, max_vcpus]`; a priority, rate-limit
+    /// or QoS action must target a present, allowed device, stay within the allowed
+    /// ladder levels and differ from the current setting.
     pub fn mask(&self, state: &KnobState, bounds: &Bounds) -> Vec<bool> {
-        self.actions
+        self.actions()
             .iter()
             .map(|a| self.allowed(a, state, bounds).is_ok())
             .collect()
@@ -526,9 +615,16 @@ impl ActionSpace {
         state: &KnobState,
         bounds: &Bounds,
     ) -> Result<(), Invalid> {
-        self.validate(action).map_err(Invalid::Malformed)?;
-        let device_allowed =
-            |device: usize| bounds.allowed_devices.get(device).copied() == Some(true);
+        self.validate(action).map_err(|e| match e {
+            ActionError::AbsentDevice(name) => Invalid::Absent(name),
+            other => Invalid::Malformed(other),
+        })?;
+        let device_allowed = |kind: DeviceKind, index: usize| {
+            self.device_position(kind, index)
+                .and_then(|p| bounds.allowed_devices.get(p).copied())
+                == Some(true)
+        };
+        let missing = |index: usize| Invalid::Malformed(ActionError::NoSuchDevice(index));
         match *action {
             Action::NoOp => Ok(()),
             Action::VcpuDelta(d) => {
@@ -543,18 +639,18 @@ impl ActionSpace {
                 }
             }
             Action::Priority { device, level } => {
-                if !device_allowed(device) {
-                    return Err(Invalid::DeviceNotAllowed(device));
+                if !device_allowed(DeviceKind::Drive, device) {
+                    return Err(Invalid::DeviceNotAllowed(format!("blk{device}")));
                 }
                 match state.priority.get(device) {
                     Some(cur) if *cur == level => Err(Invalid::NoChange),
                     Some(_) => Ok(()),
-                    None => Err(Invalid::Malformed(ActionError::NoSuchDevice(device))),
+                    None => Err(missing(device)),
                 }
             }
             Action::RateLimit { device, level } => {
-                if !device_allowed(device) {
-                    return Err(Invalid::DeviceNotAllowed(device));
+                if !device_allowed(DeviceKind::Drive, device) {
+                    return Err(Invalid::DeviceNotAllowed(format!("blk{device}")));
                 }
                 if level > bounds.max_rate_level {
                     return Err(Invalid::OutOfBounds(format!(
@@ -563,23 +659,25 @@ impl ActionSpace {
                     )));
                 }
                 match state.rate_level.get(device) {
-                    Some(Some(cur)) if *cur == level => Err(Invalid::NoChange),
-                    Some(Some(_)) => Ok(()),
-                    _ => Err(Invalid::Malformed(ActionError::NoSuchDevice(device))),
+                    Some(cur) if *cur == level => Err(Invalid::NoChange),
+                    Some(_) => Ok(()),
+                    None => Err(missing(device)),
                 }
             }
-            Action::NetQos { level } => {
+            Action::NetQos { device, level } => {
+                if !device_allowed(DeviceKind::Net, device) {
+                    return Err(Invalid::DeviceNotAllowed(format!("net{device}")));
+                }
                 if level > bounds.max_net_qos_level {
-                    Err(Invalid::OutOfBounds(format!(
+                    return Err(Invalid::OutOfBounds(format!(
                         "network QoS level {level} is tighter than the allowed {}",
                         bounds.max_net_qos_level
-                    )))
-                } else {
-                    match state.net_qos {
-                        Some(cur) if cur == level => Err(Invalid::NoChange),
-                        Some(_) => Ok(()),
-                        None => Err(Invalid::Malformed(ActionError::NoNetwork)),
-                    }
+                    )));
+                }
+                match state.net_qos.get(device) {
+                    Some(cur) if *cur == level => Err(Invalid::NoChange),
+                    Some(_) => Ok(()),
+                    None => Err(missing(device)),
                 }
             }
         }
@@ -589,15 +687,18 @@ impl ActionSpace {
 /// Why an action is invalid in the current state (see [`ActionSpace::allowed`]).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Invalid {
-    /// The action does not fit the space.
+    /// The action does not fit the layout.
     #[error("malformed action: {0}")]
     Malformed(ActionError),
+    /// The action's slot holds no device of this VM.
+    #[error("{0} is absent in this VM: its actions are masked, never applied")]
+    Absent(String),
     /// The action would leave the VM's hard bounds.
     #[error("out of bounds: {0}")]
     OutOfBounds(String),
     /// The VM's configuration does not let the tuner touch this device.
-    #[error("device {0} is not tunable in this VM's configuration")]
-    DeviceNotAllowed(usize),
+    #[error("{0} is not tunable in this VM's configuration")]
+    DeviceNotAllowed(String),
     /// The knob is already at that setting.
     #[error("the knob is already at that setting")]
     NoChange,
@@ -607,144 +708,271 @@ pub enum Invalid {
 mod tests {
     use super::*;
 
-    fn strings(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
+    fn space(vcpus: u32, drives: usize, nets: usize) -> ActionSpace {
+        ActionSpace::new(VmShape::new(vcpus, drives, nets))
+    }
+
+    fn valid(space: &ActionSpace, mask: &[bool], name: &str) -> bool {
+        let i = space
+            .names()
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} is not in the layout"));
+        mask[i]
     }
 
     #[test]
-    fn one_drive_no_net_has_thirteen_named_actions() {
-        let space = ActionSpace::new(1, 0, 4);
-        let expected = strings(&[
-            "noop",
-            "vcpu-2",
-            "vcpu-1",
-            "vcpu+1",
-            "vcpu+2",
-            "prio:blk0:low",
-            "prio:blk0:medium",
-            "prio:blk0:high",
-            "rl:blk0:0",
-            "rl:blk0:1",
-            "rl:blk0:2",
-            "rl:blk0:3",
-            "rl:blk0:4",
-        ]);
-        assert_eq!(space.names(), expected.as_slice());
-        assert_eq!(space.len(), 13);
-        assert!(!space.has_net());
-        assert_eq!(space.action(3), Some(Action::VcpuDelta(1)));
+    fn the_layout_is_one_fixed_list_for_every_shape() {
+        let s = space(1, 1, 0);
+        assert_eq!(s.len(), LAYOUT_LEN);
+        assert_eq!(LAYOUT_LEN, 45);
+        let names = s.names();
         assert_eq!(
-            space.parse("rl:blk0:2"),
-            Ok(Action::RateLimit {
-                device: 0,
+            &names[..13],
+            &[
+                "noop",
+                "vcpu-2",
+                "vcpu-1",
+                "vcpu+1",
+                "vcpu+2",
+                "prio:blk0:low",
+                "prio:blk0:medium",
+                "prio:blk0:high",
+                "rl:blk0:0",
+                "rl:blk0:1",
+                "rl:blk0:2",
+                "rl:blk0:3",
+                "rl:blk0:4",
+            ]
+        );
+        assert_eq!(names[13], "prio:blk1:low");
+        assert_eq!(names[37], "qos:net0:0");
+        assert_eq!(names[44], "qos:net1:3");
+        // Same list, whatever the VM.
+        for (v, d, n) in [(1, 0, 0), (8, 4, 2), (3, 7, 5)] {
+            assert_eq!(space(v, d, n).names(), names);
+        }
+        for (i, a) in s.actions().iter().enumerate() {
+            assert_eq!(s.index_of(a), Some(i));
+            assert_eq!(s.name_of(a), names[i]);
+            assert_eq!(s.parse(&names[i]), Ok(*a));
+        }
+        assert_eq!(
+            s.parse("qos:net1:2"),
+            Ok(Action::NetQos {
+                device: 1,
                 level: 2
             })
         );
-        assert_eq!(
-            space.parse("prio:blk0:high"),
-            Ok(Action::Priority {
-                device: 0,
-                level: PriorityLevel::High
-            })
-        );
         assert!(matches!(
-            space.parse("prio:blk1:high"),
+            s.parse("qos:net:1"),
             Err(ActionError::UnknownAction(_))
         ));
-        for (i, a) in space.actions().iter().enumerate() {
-            assert_eq!(space.index_of(a), Some(i));
-            assert_eq!(space.name_of(a), space.names()[i]);
-            space.validate(a).expect("own actions are valid");
-        }
+        assert!(matches!(
+            s.parse("prio:net0:high"),
+            Err(ActionError::UnknownAction(_))
+        ));
     }
 
     #[test]
-    fn devices_are_capped_drives_first_and_net_adds_qos() {
-        let space = ActionSpace::new(2, 1, 2);
-        let names: Vec<_> = space.devices().iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["blk0", "blk1"]);
-        // 5 + 2 drives * (3 + 5) + 4 qos levels.
-        assert_eq!(space.len(), 5 + 16 + 4);
-        assert_eq!(space.names().last().map(String::as_str), Some("qos:net:3"));
-        let space = ActionSpace::new(1, 1, 8);
-        assert_eq!(space.devices()[1].name, "net0");
-        assert_eq!(space.devices()[1].kind, DeviceKind::Net);
-        // A network device gets priorities but no drive rate limits.
-        assert!(space.names().iter().any(|n| n == "prio:net0:high"));
-        assert!(!space.names().iter().any(|n| n.starts_with("rl:net0")));
+    fn devices_fill_slots_drives_first_and_extra_devices_stay_static() {
+        let s = space(2, 6, 3);
+        let names: Vec<_> = s.devices().iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["blk0", "blk1", "blk2", "blk3", "net0", "net1"]);
+        assert_eq!(s.device_position(DeviceKind::Net, 1), Some(5));
+        assert_eq!(space(2, 1, 1).device_position(DeviceKind::Net, 0), Some(1));
+        assert_eq!(space(2, 1, 1).device_position(DeviceKind::Drive, 1), None);
+        assert_eq!(VmShape::new(2, 6, 3).tuned_drives(), 4);
+        assert_eq!(VmShape::new(2, 6, 3).tuned_nets(), 2);
         assert_eq!(
-            space.validate(&Action::RateLimit {
+            VmShape::new(1, 1, 0).to_string(),
+            "1 vCPU, 1 drive, 0 network devices"
+        );
+    }
+
+    #[test]
+    fn validate_tells_absent_slots_from_malformed_actions() {
+        let s = space(4, 1, 0);
+        assert_eq!(
+            s.validate(&Action::RateLimit {
                 device: 1,
                 level: 0
             }),
-            Err(ActionError::NoSuchDevice(1))
+            Err(ActionError::AbsentDevice("blk1".into()))
         );
         assert_eq!(
-            ActionSpace::new(1, 0, 1).validate(&Action::NetQos { level: 0 }),
-            Err(ActionError::NoNetwork)
+            s.validate(&Action::NetQos {
+                device: 0,
+                level: 0
+            }),
+            Err(ActionError::AbsentDevice("net0".into()))
         );
         assert_eq!(
-            space.validate(&Action::VcpuDelta(3)),
+            s.validate(&Action::RateLimit {
+                device: 4,
+                level: 0
+            }),
+            Err(ActionError::NoSuchDevice(4))
+        );
+        assert!(matches!(
+            s.validate(&Action::RateLimit {
+                device: 0,
+                level: 5
+            }),
+            Err(ActionError::LevelOutOfRange { .. })
+        ));
+        assert!(matches!(
+            space(1, 0, 2).validate(&Action::NetQos {
+                device: 1,
+                level: 4
+            }),
+            Err(ActionError::LevelOutOfRange { .. })
+        ));
+        assert_eq!(
+            s.validate(&Action::VcpuDelta(3)),
             Err(ActionError::BadVcpuDelta(3))
         );
-        // No device at all: noop and vCPU actions only.
-        assert_eq!(ActionSpace::new(3, 2, 0).len(), 5 + 4);
+        assert!(s.present(&Action::VcpuDelta(1)));
+        assert!(!s.present(&Action::Priority {
+            device: 2,
+            level: PriorityLevel::High
+        }));
     }
 
     #[test]
     fn check_names_reports_the_first_difference() {
-        let space = ActionSpace::new(1, 0, 1);
-        let mut names = space.names().to_vec();
-        assert_eq!(space.check_names(&names), Ok(()));
+        let s = space(2, 1, 0);
+        let mut names = s.names().to_vec();
+        assert_eq!(s.check_names(&names), Ok(()));
         names.swap(1, 2);
         assert_eq!(
-            space.check_names(&names),
+            s.check_names(&names),
             Err(ActionError::NameMismatch {
                 index: 1,
                 expected: "vcpu-2".into(),
                 got: "vcpu-1".into()
             })
         );
-        let mut names = space.names().to_vec();
-        names.push("qos:net:0".into());
+        let mut names = s.names().to_vec();
+        names.push("qos:net2:0".into());
         assert_eq!(
-            space.check_names(&names),
+            s.check_names(&names),
             Err(ActionError::LengthMismatch {
-                expected: 13,
-                got: 14
+                expected: 45,
+                got: 46
             })
         );
-        assert!(space.check_names(&names[..5]).is_err());
+        assert!(s.check_names(&names[..13]).is_err());
+    }
+
+    /// Every action on an absent slot is masked, whatever the knobs and bounds.
+    fn assert_absent_masked(s: &ActionSpace, mask: &[bool]) {
+        for (a, ok) in s.actions().iter().zip(mask) {
+            if !s.present(a) {
+                assert!(!ok, "{} is on an absent device but valid", a.name());
+            }
+        }
+    }
+
+    #[test]
+    fn one_vcpu_no_device_allows_only_scaling_up_and_noop() {
+        let s = space(1, 0, 0);
+        let bounds = Bounds::for_space(&s, 1, 1);
+        let state = KnobState::initial(&s, 1);
+        let mask = s.mask(&state, &bounds);
+        assert_eq!(mask.iter().filter(|x| **x).count(), 1, "only noop");
+        assert!(mask[0]);
+        assert_absent_masked(&s, &mask);
+        // With room above, only the vCPU actions that fit.
+        let bounds = Bounds::for_space(&s, 1, 2);
+        let mask = s.mask(&state, &bounds);
+        assert!(valid(&s, &mask, "vcpu+1"));
+        assert!(!valid(&s, &mask, "vcpu+2") && !valid(&s, &mask, "vcpu-1"));
+        assert_eq!(mask.iter().filter(|x| **x).count(), 2);
+        assert_eq!(
+            s.allowed(
+                &Action::RateLimit {
+                    device: 0,
+                    level: 3
+                },
+                &state,
+                &bounds
+            ),
+            Err(Invalid::Absent("blk0".into()))
+        );
+    }
+
+    #[test]
+    fn a_full_vm_has_every_slot_and_its_bounds_mask_the_vcpus() {
+        let s = space(8, 4, 2);
+        let bounds = Bounds::for_space(&s, 1, 8);
+        let state = KnobState::initial(&s, 8);
+        let mask = s.mask(&state, &bounds);
+        assert!(!valid(&s, &mask, "vcpu+1") && !valid(&s, &mask, "vcpu+2"));
+        assert!(valid(&s, &mask, "vcpu-1") && valid(&s, &mask, "vcpu-2"));
+        for d in 0..4 {
+            assert!(valid(&s, &mask, &format!("prio:blk{d}:high")));
+            assert!(
+                !valid(&s, &mask, &format!("prio:blk{d}:medium")),
+                "no change"
+            );
+            assert!(valid(&s, &mask, &format!("rl:blk{d}:4")));
+            assert!(!valid(&s, &mask, &format!("rl:blk{d}:0")), "no change");
+        }
+        for n in 0..2 {
+            assert!(!valid(&s, &mask, &format!("qos:net{n}:0")));
+            assert!(valid(&s, &mask, &format!("qos:net{n}:3")));
+        }
+        // noop, two vCPU steps down, and every slot action but the settings in force.
+        assert_eq!(
+            mask.iter().filter(|x| **x).count(),
+            1 + 2 + 4 * (2 + 4) + 2 * 3
+        );
+    }
+
+    #[test]
+    fn partial_shapes_mask_the_missing_slots() {
+        for (v, d, n) in [(4, 1, 0), (2, 2, 0), (3, 4, 1), (1, 0, 2), (5, 3, 1)] {
+            let s = space(v, d, n);
+            let bounds = Bounds::for_space(&s, 1, v);
+            let mut state = KnobState::initial(&s, v);
+            let mask = s.mask(&state, &bounds);
+            assert_absent_masked(&s, &mask);
+            for slot in 0..DRIVE_SLOTS {
+                let name = format!("rl:blk{slot}:4");
+                assert_eq!(valid(&s, &mask, &name), slot < d, "{name} for {v}/{d}/{n}");
+            }
+            for slot in 0..NET_SLOTS {
+                let name = format!("qos:net{slot}:2");
+                assert_eq!(valid(&s, &mask, &name), slot < n, "{name} for {v}/{d}/{n}");
+            }
+            // Relative vCPU actions at the VM's own maximum and minimum.
+            assert!(!valid(&s, &mask, "vcpu+1"));
+            assert_eq!(valid(&s, &mask, "vcpu-1"), v > 1);
+            assert_eq!(valid(&s, &mask, "vcpu-2"), v > 2);
+            state.vcpus = 1;
+            let mask = s.mask(&state, &bounds);
+            assert_eq!(valid(&s, &mask, "vcpu+2"), v >= 3);
+            assert!(!valid(&s, &mask, "vcpu-1"));
+            assert_absent_masked(&s, &mask);
+        }
     }
 
     #[test]
     fn mask_respects_bounds_and_current_settings() {
-        let space = ActionSpace::new(1, 1, 2);
-        let mut bounds = Bounds::for_space(&space, 1, 4);
-        let mut state = KnobState::initial(&space, 4);
-        let mask = space.mask(&state, &bounds);
-        let valid = |name: &str| mask[space.names().iter().position(|n| n == name).unwrap()];
-        assert!(valid("noop"));
-        // At the maximum: no scaling up.
-        assert!(!valid("vcpu+1") && !valid("vcpu+2"));
-        assert!(valid("vcpu-1") && valid("vcpu-2"));
-        // Current settings are masked (medium priority, unlimited rate, qos 0).
-        assert!(!valid("prio:blk0:medium") && valid("prio:blk0:high"));
-        assert!(!valid("rl:blk0:0") && valid("rl:blk0:4"));
-        assert!(!valid("qos:net:0") && valid("qos:net:3"));
-
+        let s = space(4, 1, 1);
+        let mut bounds = Bounds::for_space(&s, 1, 4);
+        let mut state = KnobState::initial(&s, 4);
         state.vcpus = 1;
         bounds.allowed_devices[0] = false;
         bounds.max_rate_level = 2;
         bounds.max_net_qos_level = 1;
-        let mask = space.mask(&state, &bounds);
-        let valid = |name: &str| mask[space.names().iter().position(|n| n == name).unwrap()];
-        assert!(!valid("vcpu-1") && valid("vcpu+1") && valid("vcpu+2"));
-        assert!(!valid("prio:blk0:high") && !valid("rl:blk0:1"));
-        assert!(valid("prio:net0:high"));
-        assert!(valid("qos:net:1") && !valid("qos:net:2"));
+        let mask = s.mask(&state, &bounds);
+        assert!(!valid(&s, &mask, "vcpu-1") && valid(&s, &mask, "vcpu+1"));
+        assert!(!valid(&s, &mask, "prio:blk0:high") && !valid(&s, &mask, "rl:blk0:1"));
+        assert!(valid(&s, &mask, "qos:net0:1") && !valid(&s, &mask, "qos:net0:2"));
         assert_eq!(
-            space.allowed(
+            s.allowed(
                 &Action::Priority {
                     device: 0,
                     level: PriorityLevel::High
@@ -752,11 +980,20 @@ mod tests {
                 &state,
                 &bounds
             ),
-            Err(Invalid::DeviceNotAllowed(0))
+            Err(Invalid::DeviceNotAllowed("blk0".into()))
+        );
+        bounds.allowed_devices[1] = false;
+        assert!(
+            !s.mask(&state, &bounds)[s
+                .index_of(&Action::NetQos {
+                    device: 0,
+                    level: 1
+                })
+                .unwrap()]
         );
         state.vcpus = 2;
         assert!(matches!(
-            space.allowed(&Action::VcpuDelta(-2), &state, &bounds),
+            s.allowed(&Action::VcpuDelta(-2), &state, &bounds),
             Err(Invalid::OutOfBounds(_))
         ));
     }
@@ -776,25 +1013,29 @@ mod tests {
         assert_eq!("high".parse::<PriorityLevel>(), Ok(PriorityLevel::High));
         assert!("urgent".parse::<PriorityLevel>().is_err());
         assert_eq!(Action::VcpuDelta(-1).knob(), Some(Knob::Vcpus));
+        assert_eq!(
+            Action::NetQos {
+                device: 1,
+                level: 0
+            }
+            .knob(),
+            Some(Knob::NetQos(1))
+        );
         assert_eq!(Action::NoOp.knob(), None);
     }
 
     #[test]
     fn decision_labels_map_to_the_action_that_took_effect() {
-        let space = ActionSpace::new(1, 0, 4);
-        let idx = |n: &str| space.names().iter().position(|x| x == n);
-        assert_eq!(space.effective_index("noop"), idx("noop"));
-        assert_eq!(space.effective_index("refused:vcpu+1"), idx("noop"));
-        assert_eq!(space.effective_index("failed:rl:blk0:2"), idx("noop"));
-        assert_eq!(
-            space.effective_index("rollback:rl:blk0:0"),
-            idx("rl:blk0:0")
-        );
-        assert_eq!(
-            space.effective_index("prio:blk0:high"),
-            idx("prio:blk0:high")
-        );
-        assert_eq!(space.effective_index("static"), None);
-        assert_eq!(space.effective_index("rl:blk7:1"), None);
+        let s = space(2, 1, 0);
+        let idx = |n: &str| s.names().iter().position(|x| x == n);
+        assert_eq!(s.effective_index("noop"), idx("noop"));
+        assert_eq!(s.effective_index("refused:vcpu+1"), idx("noop"));
+        assert_eq!(s.effective_index("failed:rl:blk0:2"), idx("noop"));
+        assert_eq!(s.effective_index("rollback:rl:blk0:0"), idx("rl:blk0:0"));
+        assert_eq!(s.effective_index("prio:blk0:high"), idx("prio:blk0:high"));
+        assert_eq!(s.effective_index("qos:net1:3"), idx("qos:net1:3"));
+        assert_eq!(s.effective_index("static"), None);
+        assert_eq!(s.effective_index("rl:blk7:1"), None);
+        assert_eq!(s.effective_index("qos:net:1"), None, "a v1 name");
     }
 }

@@ -722,7 +722,7 @@ mod tests {
     }
 
     fn manager(config: ManagerConfig) -> ConfigManager {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(crate::actions::VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let state = KnobState::initial(&space, 2);
         ConfigManager::new(space, bounds, state, config).expect("manager")
@@ -906,7 +906,7 @@ mod tests {
         let report = t.step(&sample(7, 0.5, 1e1));
         assert_eq!(report.label, "rollback:rl:blk0:0", "{report:?}");
         assert_eq!(t.stats().rollbacks, 1);
-        assert_eq!(t.manager().state().rate_level[0], Some(0));
+        assert_eq!(t.manager().state().rate_level[0], 0);
         // Cooling down: the policy's favourite is masked now.
         assert_eq!(t.step(&sample(8, 0.5, 1e1)).label, "noop");
         repo.flush().unwrap();
@@ -1077,7 +1077,7 @@ mod tests {
 
     #[test]
     fn exploration_and_busiest_device_context() {
-        let space = ActionSpace::new(2, 0, 2);
+        let space = ActionSpace::new(crate::actions::VmShape::new(4, 2, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let m = ConfigManager::new(
             space.clone(),
@@ -1136,7 +1136,7 @@ mod tests {
                 vec![10 * t, 1000 * t]
             }
         }
-        let space = ActionSpace::new(2, 0, 2);
+        let space = ActionSpace::new(crate::actions::VmShape::new(4, 2, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let m = ConfigManager::new(
             space.clone(),
@@ -1281,7 +1281,11 @@ mod tests {
     #[test]
     fn bad_config_is_rejected() {
         let m = || manager(ManagerConfig::default());
-        let p = || -> Box<dyn Policy> { Box::new(StaticPolicy::new(&ActionSpace::new(1, 0, 1))) };
+        let p = || -> Box<dyn Policy> {
+            Box::new(StaticPolicy::new(&ActionSpace::new(
+                crate::actions::VmShape::new(4, 1, 0),
+            )))
+        };
         let k = || -> Box<dyn Knobs> { Box::new(FakeKnobs::default()) };
         let mut c = TunerConfig::default();
         c.epsilon.start = 2.0;

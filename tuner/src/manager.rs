@@ -7,8 +7,9 @@
 //!
 //! - **Hard bounds** ([`Bounds`], from the VM's configuration): vCPUs within
 //!   `[min_vcpus, max_vcpus]`, only allowed devices, ladder levels no tighter than
-//!   allowed. Actions that would leave them, or that change nothing, are refused (and
-//!   masked before selection, see [`ActionSpace::mask`]).
+//!   allowed. Actions that would leave them, that change nothing, or that target a slot
+//!   of the layout in which the VM has no device, are refused (and masked before
+//!   selection, see [`ActionSpace::mask`]): an absent device is never touched.
 //! - **One change per interval**, and **at most one change per knob per cooldown**
 //!   ([`ManagerConfig::cooldown_intervals`]).
 //! - **Rollback**: the baseline of a change is the mean reward of the
@@ -58,8 +59,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::actions::{
-    Action, ActionError, ActionSpace, DeviceKind, Invalid, Knob, PriorityLevel, NET_QOS_LADDER,
-    RATE_LADDER,
+    Action, ActionError, ActionSpace, Invalid, Knob, PriorityLevel, NET_QOS_LADDER, RATE_LADDER,
 };
 use crate::state_repo::event_kind;
 
@@ -87,7 +87,8 @@ pub struct Bounds {
     pub min_vcpus: u32,
     /// Most vCPUs (at most the vCPUs the VM was created with).
     pub max_vcpus: u32,
-    /// Per device of the action space: whether the tuner may change it.
+    /// Per device of [`ActionSpace::devices`] (the VM's devices in a slot, drives
+    /// first): whether the tuner may change it.
     pub allowed_devices: Vec<bool>,
     /// Tightest [`RATE_LADDER`] level allowed.
     pub max_rate_level: usize,
@@ -144,59 +145,68 @@ impl Bounds {
     }
 }
 
-/// The current setting of every knob the tuner controls.
+/// The current setting of every knob the tuner controls, for the VM's devices in a slot
+/// of the layout (the vector index is the slot: `priority[1]` is `blk1`'s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnobState {
     /// vCPUs allocated.
     pub vcpus: u32,
-    /// I/O priority per device of the action space.
+    /// I/O priority per drive slot the VM fills.
     pub priority: Vec<PriorityLevel>,
-    /// [`RATE_LADDER`] level per device of the action space (`None` for network devices,
-    /// which have no drive rate limiter).
-    pub rate_level: Vec<Option<usize>>,
-    /// [`NET_QOS_LADDER`] level (`None` when the VM has no network device).
-    pub net_qos: Option<usize>,
+    /// [`RATE_LADDER`] level per drive slot the VM fills.
+    pub rate_level: Vec<usize>,
+    /// [`NET_QOS_LADDER`] level per network slot the VM fills.
+    pub net_qos: Vec<usize>,
 }
 
 impl KnobState {
     /// `vcpus` vCPUs, medium priority, unlimited rates and network: the usual static
     /// configuration (the lead maps the VM's own configuration onto it).
     pub fn initial(space: &ActionSpace, vcpus: u32) -> KnobState {
+        let shape = space.shape();
         KnobState {
             vcpus,
-            priority: vec![PriorityLevel::Medium; space.devices().len()],
-            rate_level: space
-                .devices()
-                .iter()
-                .map(|d| (d.kind == DeviceKind::Drive).then_some(0))
-                .collect(),
-            net_qos: space.has_net().then_some(0),
+            priority: vec![PriorityLevel::Medium; shape.tuned_drives()],
+            rate_level: vec![0; shape.tuned_drives()],
+            net_qos: vec![0; shape.tuned_nets()],
         }
     }
 
-    /// Checks that the state fits `space` (one entry per device, levels in range).
+    /// Checks that the state fits `space` (one entry per device in a slot, levels in
+    /// range).
     pub fn validate(&self, space: &ActionSpace) -> Result<(), ManagerError> {
         let bad = |m: String| Err(ManagerError::InvalidState(m));
-        let n = space.devices().len();
-        if self.priority.len() != n || self.rate_level.len() != n {
+        let (drives, nets) = (space.shape().tuned_drives(), space.shape().tuned_nets());
+        if self.priority.len() != drives || self.rate_level.len() != drives {
             return bad(format!(
-                "{} priorities and {} rate levels for {n} devices",
+                "{} priorities and {} rate levels for {drives} drives",
                 self.priority.len(),
                 self.rate_level.len()
             ));
         }
-        for (i, (d, level)) in space.devices().iter().zip(&self.rate_level).enumerate() {
-            match (d.kind, level) {
-                (DeviceKind::Drive, Some(l)) if *l < RATE_LADDER.len() => {}
-                (DeviceKind::Net, None) => {}
-                _ => return bad(format!("rate level {level:?} of device {i} ({})", d.name)),
-            }
+        if self.net_qos.len() != nets {
+            return bad(format!(
+                "{} network QoS levels for {nets} network devices",
+                self.net_qos.len()
+            ));
         }
-        match (space.has_net(), self.net_qos) {
-            (true, Some(l)) if l < NET_QOS_LADDER.len() => Ok(()),
-            (false, None) => Ok(()),
-            (_, q) => bad(format!("network QoS {q:?}")),
+        if let Some((i, l)) = self
+            .rate_level
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l >= RATE_LADDER.len())
+        {
+            return bad(format!("rate level {l} of blk{i}"));
         }
+        if let Some((i, l)) = self
+            .net_qos
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l >= NET_QOS_LADDER.len())
+        {
+            return bad(format!("network QoS level {l} of net{i}"));
+        }
+        Ok(())
     }
 
     /// The state after `action` (no bounds check; see [`ActionSpace::allowed`]).
@@ -214,14 +224,18 @@ impl KnobState {
                     .get_mut(device)
                     .ok_or(ActionError::NoSuchDevice(device))? = level;
             }
-            Action::RateLimit { device, level } => match next.rate_level.get_mut(device) {
-                Some(Some(l)) => *l = level,
-                _ => return Err(ActionError::NoSuchDevice(device)),
-            },
-            Action::NetQos { level } => match next.net_qos.as_mut() {
-                Some(l) => *l = level,
-                None => return Err(ActionError::NoNetwork),
-            },
+            Action::RateLimit { device, level } => {
+                *next
+                    .rate_level
+                    .get_mut(device)
+                    .ok_or(ActionError::NoSuchDevice(device))? = level;
+            }
+            Action::NetQos { device, level } => {
+                *next
+                    .net_qos
+                    .get_mut(device)
+                    .ok_or(ActionError::NoSuchDevice(device))? = level;
+            }
         }
         Ok(next)
     }
@@ -242,15 +256,17 @@ impl KnobState {
             },
             Action::RateLimit { device, .. } => Action::RateLimit {
                 device,
-                level: self
+                level: *self
                     .rate_level
                     .get(device)
-                    .copied()
-                    .flatten()
                     .ok_or(ActionError::NoSuchDevice(device))?,
             },
-            Action::NetQos { .. } => Action::NetQos {
-                level: self.net_qos.ok_or(ActionError::NoNetwork)?,
+            Action::NetQos { device, .. } => Action::NetQos {
+                device,
+                level: *self
+                    .net_qos
+                    .get(device)
+                    .ok_or(ActionError::NoSuchDevice(device))?,
             },
         })
     }
@@ -259,9 +275,10 @@ impl KnobState {
 /// The narrow path through which the tuner changes the monitor. The monitor implements
 /// it; tests implement it with a fake.
 pub trait Knobs: Send {
-    /// Applies one action (vCPU allocation, a device's priority or rate limiter, the
-    /// network QoS level; device indices and levels as in [`crate::actions`]). An error
-    /// says why the monitor could not, and leaves the knob unchanged.
+    /// Applies one action (vCPU allocation, a drive's priority or rate limiter, a network
+    /// device's QoS level; slots and levels as in [`crate::actions`]). The manager only
+    /// passes actions on devices the VM has. An error says why the monitor could not,
+    /// and leaves the knob unchanged.
     fn apply(&mut self, action: &Action) -> Result<(), String>;
     /// Puts every knob back to the VM's static configuration. Must not fail.
     fn restore_static(&mut self);
@@ -776,7 +793,8 @@ impl ConfigManager {
         }
     }
 
-    /// Why `action` would be refused now (`Ok` when it would be applied).
+    /// Why `action` would be refused now (`Ok` when it would be applied). An action on a
+    /// slot without a device is refused first ([`Invalid::Absent`]), whatever else holds.
     pub fn check(&self, action: &Action) -> Result<(), Refusal> {
         if *action == Action::NoOp {
             return Ok(());
@@ -817,7 +835,7 @@ impl ConfigManager {
                 let since = self.interval.saturating_sub(*at);
                 if since < self.config.cooldown_intervals {
                     return Err(Refusal::Cooldown {
-                        knob: knob_name(&self.space, knob),
+                        knob: knob_name(knob),
                         remaining: self.config.cooldown_intervals - since,
                     });
                 }
@@ -918,10 +936,11 @@ impl ConfigManager {
             vcpus += d;
         }
         for (device, level) in target.rate_level.iter().enumerate() {
-            if let Some(level) = *level {
-                if self.state.rate_level.get(device) != Some(&Some(level)) {
-                    steps.push(Action::RateLimit { device, level });
-                }
+            if self.state.rate_level.get(device) != Some(level) {
+                steps.push(Action::RateLimit {
+                    device,
+                    level: *level,
+                });
             }
         }
         for (device, level) in target.priority.iter().enumerate() {
@@ -972,6 +991,7 @@ impl ConfigManager {
             .space
             .actions()
             .iter()
+            .filter(|a| self.space.present(a))
             .filter_map(Action::knob)
             .collect();
         for k in knobs {
@@ -986,26 +1006,20 @@ fn tightens(before: &KnobState, action: &Action) -> bool {
         Action::RateLimit { device, level } => before
             .rate_level
             .get(device)
-            .copied()
-            .flatten()
-            .is_some_and(|old| level > old),
-        Action::NetQos { level } => before.net_qos.is_some_and(|old| level > old),
+            .is_some_and(|old| level > *old),
+        Action::NetQos { device, level } => {
+            before.net_qos.get(device).is_some_and(|old| level > *old)
+        }
         Action::NoOp | Action::VcpuDelta(_) | Action::Priority { .. } => false,
     }
 }
 
-fn knob_name(space: &ActionSpace, knob: Knob) -> String {
-    let dev = |i: usize| {
-        space
-            .devices()
-            .get(i)
-            .map_or_else(|| format!("dev{i}"), |d| d.name.clone())
-    };
+fn knob_name(knob: Knob) -> String {
     match knob {
         Knob::Vcpus => "vcpus".to_string(),
-        Knob::Priority(d) => format!("priority of {}", dev(d)),
-        Knob::RateLimit(d) => format!("rate limit of {}", dev(d)),
-        Knob::NetQos => "network QoS".to_string(),
+        Knob::Priority(d) => format!("priority of blk{d}"),
+        Knob::RateLimit(d) => format!("rate limit of blk{d}"),
+        Knob::NetQos(n) => format!("network QoS of net{n}"),
     }
 }
 
@@ -1172,6 +1186,7 @@ impl Drop for WatchdogHandle {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::actions::VmShape;
     use std::sync::Mutex;
 
     /// A fake monitor recording what it was asked to do.
@@ -1209,7 +1224,7 @@ pub(crate) mod tests {
     }
 
     fn manager(config: ManagerConfig) -> ConfigManager {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let state = KnobState::initial(&space, 2);
         ConfigManager::new(space, bounds, state, config).expect("valid manager")
@@ -1242,11 +1257,33 @@ pub(crate) mod tests {
                 ..
             }
         ));
-        // Not an action of the space.
-        assert!(matches!(
-            m.apply(Action::NetQos { level: 1 }, &mut k),
-            Decision::Refused { .. }
-        ));
+        // An absent device: refused with the reason, never applied.
+        let d = m.apply(
+            Action::NetQos {
+                device: 0,
+                level: 1,
+            },
+            &mut k,
+        );
+        assert!(
+            matches!(
+                d,
+                Decision::Refused {
+                    reason: Refusal::Invalid(Invalid::Absent(ref name)),
+                    ..
+                } if name == "net0"
+            ),
+            "{d:?}"
+        );
+        assert!(d.detail().contains("net0 is absent"), "{d}");
+        let d = m.apply(
+            Action::RateLimit {
+                device: 1,
+                level: 4,
+            },
+            &mut k,
+        );
+        assert!(matches!(d, Decision::Refused { .. }), "{d:?}");
         assert_eq!(k.entries(), vec!["VcpuDelta(2)"]);
     }
 
@@ -1265,7 +1302,7 @@ pub(crate) mod tests {
         // 50 MB/s and tighter fit a 60 MB/s grant; 200 MB/s and unlimited do not.
         for (level, ok) in [(0, false), (1, false), (2, true), (3, true), (4, true)] {
             let a = Action::RateLimit { device: 0, level };
-            if m.state().rate_level.first() == Some(&Some(level)) {
+            if m.state().rate_level.first() == Some(&level) {
                 continue;
             }
             assert_eq!(mask[idx(&m, a)], ok, "level {level}");
@@ -1297,8 +1334,67 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn absent_devices_are_masked_refused_and_never_applied() {
+        // Every action of the layout, tried over many intervals on VMs of several shapes:
+        // the monitor only ever sees actions on devices the VM has.
+        for (v, d, n) in [
+            (1, 0, 0),
+            (8, 4, 2),
+            (4, 1, 0),
+            (2, 2, 0),
+            (3, 4, 1),
+            (2, 0, 2),
+        ] {
+            let space = ActionSpace::new(VmShape::new(v, d, n));
+            let bounds = Bounds::for_space(&space, 1, v);
+            let state = KnobState::initial(&space, v);
+            let config = ManagerConfig {
+                cooldown_intervals: 0,
+                rollback_after: 0,
+                ..ManagerConfig::default()
+            };
+            let mut m = ConfigManager::new(space.clone(), bounds, state, config).expect("valid");
+            let mut k = FakeKnobs::default();
+            let mut applied = 0;
+            for round in 0..3 {
+                for (i, a) in space.actions().iter().enumerate() {
+                    m.next_interval(Some(round as f64), &mut k);
+                    let masked = !m.mask()[i];
+                    let dec = m.apply(*a, &mut k);
+                    if !space.present(a) {
+                        assert!(masked, "{} masked on {v}/{d}/{n}", a.name());
+                        assert!(
+                            matches!(
+                                dec,
+                                Decision::Refused {
+                                    reason: Refusal::Invalid(Invalid::Absent(_)),
+                                    ..
+                                }
+                            ),
+                            "{dec:?}"
+                        );
+                    }
+                    assert_eq!(matches!(dec, Decision::Applied { .. }), !masked && i != 0);
+                    applied += usize::from(matches!(dec, Decision::Applied { .. }));
+                }
+            }
+            assert_eq!(k.entries().len(), applied);
+            for e in k.entries() {
+                for slot in d.min(4)..4 {
+                    assert!(!e.contains(&format!("RateLimit {{ device: {slot},")), "{e}");
+                    assert!(!e.contains(&format!("Priority {{ device: {slot},")), "{e}");
+                }
+                for slot in n.min(2)..2 {
+                    assert!(!e.contains(&format!("NetQos {{ device: {slot},")), "{e}");
+                }
+            }
+            assert!(applied > 0 || v == 1 && d == 0 && n == 0);
+        }
+    }
+
+    #[test]
     fn start_in_sets_each_differing_knob_without_cooldown_or_watch() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 8);
         let static_state = KnobState::initial(&space, 8);
         let mut m = ConfigManager::new(
@@ -1311,7 +1407,7 @@ pub(crate) mod tests {
         let mut k = FakeKnobs::default();
         let mut target = static_state.clone();
         target.vcpus = 3;
-        target.rate_level[0] = Some(4);
+        target.rate_level[0] = 4;
         target.priority[0] = PriorityLevel::High;
         let applied = m.start_in(&target, &mut k).expect("applies");
         assert_eq!(
@@ -1346,7 +1442,7 @@ pub(crate) mod tests {
         // The monitor refusing a knob stops the start and says which.
         *k.fail.lock().unwrap() = Some("no such drive".into());
         let mut tight = same.clone();
-        tight.rate_level[0] = Some(2);
+        tight.rate_level[0] = 2;
         let e = m2.start_in(&tight, &mut k).unwrap_err();
         assert!(
             e.contains("rl:blk0:2") && e.contains("no such drive"),
@@ -1450,7 +1546,7 @@ pub(crate) mod tests {
         assert_eq!(d.event_kind(), Some(event_kind::ROLLBACK));
         assert!(d.detail().contains("stayed below baseline"));
         assert_eq!(d.action_label(), "rollback:rl:blk0:0");
-        assert_eq!(m.state().rate_level[0], Some(0));
+        assert_eq!(m.state().rate_level[0], 0);
         assert_eq!(m.pending(), None);
         assert_eq!(
             k.entries(),
@@ -1499,7 +1595,7 @@ pub(crate) mod tests {
             matches!(&d, Decision::RolledBack { rewards, .. } if rewards == &vec![2.5, 1.0, 1.2]),
             "{d:?}"
         );
-        assert_eq!(m.state().rate_level[0], Some(0));
+        assert_eq!(m.state().rate_level[0], 0);
         // Past its cooldown the knob may move again, but not to the step just undone.
         for _ in 0..2 {
             m.next_interval(Some(2.0), &mut k);
@@ -1525,7 +1621,7 @@ pub(crate) mod tests {
         for r in [2.5, 1.0, 1.0] {
             m.next_interval(Some(r), &mut k);
         }
-        assert_eq!(m.state().rate_level[0], Some(0), "rolled back again");
+        assert_eq!(m.state().rate_level[0], 0, "rolled back again");
         m.next_interval(Some(2.0), &mut k);
         assert!(matches!(
             m.check(&tighten),
@@ -1598,7 +1694,7 @@ pub(crate) mod tests {
         for _ in 0..3 {
             assert_eq!(m.next_interval(Some(-1.0), &mut k), None);
         }
-        assert_eq!(m.state().rate_level[0], Some(3));
+        assert_eq!(m.state().rate_level[0], 3);
         assert_eq!(m.baseline(), Some(-1.0));
 
         // Switched off: the same sequence is judged across the shift and rolled back.
@@ -1694,7 +1790,7 @@ pub(crate) mod tests {
 
     #[test]
     fn setup_is_validated() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let state = KnobState::initial(&space, 2);
         let cfg = ManagerConfig::default();
         let mut b = Bounds::for_space(&space, 3, 4);
@@ -1713,10 +1809,13 @@ pub(crate) mod tests {
         b.max_rate_level = 9;
         assert!(b.validate(&space).is_err());
         let mut s = state.clone();
-        s.net_qos = Some(0);
+        s.net_qos = vec![0];
         assert!(s.validate(&space).is_err());
         let mut s = state.clone();
-        s.rate_level[0] = None;
+        s.rate_level[0] = RATE_LADDER.len();
+        assert!(s.validate(&space).is_err());
+        let mut s = state.clone();
+        s.rate_level.push(0);
         assert!(s.validate(&space).is_err());
         let bad = ManagerConfig {
             baseline_window: 0,
@@ -1732,21 +1831,27 @@ pub(crate) mod tests {
 
     #[test]
     fn inverse_restores_the_previous_setting() {
-        let space = ActionSpace::new(1, 1, 2);
+        let space = ActionSpace::new(VmShape::new(4, 1, 1));
         let s = KnobState::initial(&space, 2);
-        let a = Action::Priority {
-            device: 1,
-            level: PriorityLevel::Low,
+        let a = Action::NetQos {
+            device: 0,
+            level: 2,
         };
         let after = s.after(&a).unwrap();
-        assert_eq!(after.priority[1], PriorityLevel::Low);
+        assert_eq!(after.net_qos[0], 2);
         assert_eq!(after.after(&s.inverse(&a).unwrap()).unwrap(), s);
-        for a in space.actions() {
+        for a in space.actions().iter().filter(|a| space.present(a)) {
             let after = s.after(a).unwrap();
             assert_eq!(after.after(&s.inverse(a).unwrap()).unwrap(), s, "{a:?}");
         }
         assert!(s
             .after(&Action::RateLimit {
+                device: 1,
+                level: 1
+            })
+            .is_err());
+        assert!(s
+            .after(&Action::NetQos {
                 device: 1,
                 level: 1
             })

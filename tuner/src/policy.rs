@@ -47,7 +47,9 @@ use tract_onnx::prelude::{
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::actions::{Action, ActionSpace, PriorityLevel, ACTIONS_VERSION};
+use crate::actions::{
+    Action, ActionSpace, PriorityLevel, VmShape, ACTIONS_VERSION, DRIVE_SLOTS, MAX_VCPUS, NET_SLOTS,
+};
 use crate::forecast::ForecastConfig;
 use crate::manager::KnobState;
 use crate::reward::{RewardWeights, REWARD_VERSION};
@@ -278,10 +280,14 @@ pub struct ModelCard {
     pub input_size: usize,
     /// Output length: the number of actions.
     pub output_size: usize,
-    /// [`ACTIONS_VERSION`] of the action list.
+    /// [`ACTIONS_VERSION`] of the action layout.
     pub actions_version: u32,
     /// The action names in output order (see [`crate::actions`]).
     pub actions: Vec<String>,
+    /// The VM shapes the policy serves (required since actions v2); a VM outside them
+    /// is refused.
+    #[serde(default)]
+    pub serves: Option<ShapeRange>,
     /// [`REWARD_VERSION`] of the reward it was trained for (cards written before reward
     /// v3 have none: 2).
     #[serde(default = "legacy_reward_version")]
@@ -306,6 +312,72 @@ pub struct ModelCard {
     pub start: Option<StartConfig>,
 }
 
+/// The VM shapes a policy serves: inclusive `[lowest, highest]` ranges of vCPUs, drives
+/// and network devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeRange {
+    /// vCPUs the VM was created with.
+    pub vcpus: [u32; 2],
+    /// Drives.
+    pub drives: [usize; 2],
+    /// Network devices.
+    pub nets: [usize; 2],
+}
+
+impl ShapeRange {
+    /// Every shape the action layout covers: 1 to [`MAX_VCPUS`] vCPUs (the vector's
+    /// scale), 0 to [`DRIVE_SLOTS`] drives, 0 to [`NET_SLOTS`] network devices.
+    pub const LAYOUT: ShapeRange = ShapeRange {
+        vcpus: [1, MAX_VCPUS],
+        drives: [0, DRIVE_SLOTS],
+        nets: [0, NET_SLOTS],
+    };
+
+    /// Checks the ranges: ordered, at least one vCPU, within [`ShapeRange::LAYOUT`].
+    fn validate(&self) -> Result<(), CardError> {
+        fn one<T: PartialOrd + Copy + fmt::Display>(
+            field: &str,
+            [lo, hi]: [T; 2],
+            [min, max]: [T; 2],
+        ) -> Result<(), CardError> {
+            if lo > hi || lo < min || hi > max {
+                return Err(CardError::new(
+                    format!("serves.{field}"),
+                    format!("an ordered range within [{min}, {max}] (the action layout's)"),
+                    format!("[{lo}, {hi}]"),
+                ));
+            }
+            Ok(())
+        }
+        one("vcpus", self.vcpus, Self::LAYOUT.vcpus)?;
+        one("drives", self.drives, Self::LAYOUT.drives)?;
+        one("nets", self.nets, Self::LAYOUT.nets)
+    }
+
+    /// Whether `shape` is within the ranges; the error names the first that is not.
+    pub fn check(&self, shape: &VmShape) -> Result<(), CardError> {
+        fn one<T: PartialOrd + Copy + fmt::Display>(
+            field: &str,
+            what: &str,
+            [lo, hi]: [T; 2],
+            have: T,
+        ) -> Result<(), CardError> {
+            if have < lo || have > hi {
+                return Err(CardError::new(
+                    format!("serves.{field}"),
+                    format!("a range that includes this VM's {have} {what}"),
+                    format!("[{lo}, {hi}] (the policy serves VMs of {lo} to {hi} {what})"),
+                ));
+            }
+            Ok(())
+        }
+        one("vcpus", "vCPUs", self.vcpus, shape.vcpus)?;
+        one("drives", "drives", self.drives, shape.drives)?;
+        one("nets", "network devices", self.nets, shape.nets)
+    }
+}
+
 fn legacy_reward_version() -> u32 {
     2
 }
@@ -328,7 +400,8 @@ struct CardVersions {
 pub struct StartConfig {
     /// vCPUs the guest starts with (clamped to the VM's bounds).
     pub active_vcpus: u32,
-    /// Per drive of the action space, in order.
+    /// Per drive slot, in order (at most [`DRIVE_SLOTS`]); applied to the drives the
+    /// VM has, the others ignored.
     pub drives: Vec<DriveStart>,
     /// How the trainer chose it (for people reading the card).
     #[serde(default)]
@@ -361,7 +434,7 @@ impl StartConfig {
         }
         for (i, d) in self.drives.iter().enumerate() {
             let pin = pinned.drives.get(i).copied().unwrap_or_default();
-            if let (false, Some(Some(level))) = (pin.rate_level, s.rate_level.get_mut(i)) {
+            if let (false, Some(level)) = (pin.rate_level, s.rate_level.get_mut(i)) {
                 *level = d.rate_level;
             }
             if let (false, Some(p)) = (pin.priority, s.priority.get_mut(i)) {
@@ -371,7 +444,7 @@ impl StartConfig {
         s
     }
 
-    fn validate(&self, space: &ActionSpace) -> Result<(), CardError> {
+    fn validate(&self) -> Result<(), CardError> {
         if self.active_vcpus == 0 {
             return Err(CardError::new(
                 "start.active_vcpus",
@@ -379,15 +452,10 @@ impl StartConfig {
                 self.active_vcpus,
             ));
         }
-        let drives = space
-            .devices()
-            .iter()
-            .filter(|d| d.kind == crate::actions::DeviceKind::Drive)
-            .count();
-        if self.drives.len() != drives {
+        if self.drives.len() > DRIVE_SLOTS {
             return Err(CardError::new(
                 "start.drives",
-                format!("{drives} entries (drives of this VM)"),
+                format!("at most {DRIVE_SLOTS} entries (the drive slots)"),
                 format!("{} entries", self.drives.len()),
             ));
         }
@@ -459,9 +527,10 @@ impl ModelCard {
     }
 
     /// Checks the card against the running monitor: schema version (and schema, when
-    /// given), input size, output size, actions version, action list, reward weights
-    /// (against `weights` when given; always finite and non-negative), forecast factors
-    /// and the shape of the reference evaluation. The error names the first bad field.
+    /// given), input size, actions version, output size, action layout, the VM shapes it
+    /// serves (this VM's, `space.shape()`, must be within them), reward weights (against
+    /// `weights` when given; always finite and non-negative), forecast factors and the
+    /// shape of the reference evaluation. The error names the first bad field.
     pub fn validate(
         &self,
         space: &ActionSpace,
@@ -493,18 +562,22 @@ impl ModelCard {
                 self.input_size,
             ));
         }
-        if self.output_size != space.len() {
-            return Err(CardError::new(
-                "output_size",
-                format!("{} (actions of this VM)", space.len()),
-                self.output_size,
-            ));
-        }
         if self.actions_version != ACTIONS_VERSION {
             return Err(CardError::new(
                 "actions_version",
-                ACTIONS_VERSION,
+                format!(
+                    "{ACTIONS_VERSION} (one action layout for every VM shape; a policy of \
+                     layout {} must be retrained)",
+                    self.actions_version
+                ),
                 self.actions_version,
+            ));
+        }
+        if self.output_size != space.len() {
+            return Err(CardError::new(
+                "output_size",
+                format!("{} (the actions of layout v{ACTIONS_VERSION})", space.len()),
+                self.output_size,
             ));
         }
         space.check_names(&self.actions).map_err(|e| match e {
@@ -515,6 +588,15 @@ impl ModelCard {
             } => CardError::new(format!("actions[{index}]"), expected, got),
             other => CardError::new("actions", format!("{} actions", space.len()), other),
         })?;
+        let serves = self.serves.as_ref().ok_or_else(|| {
+            CardError::new(
+                "serves",
+                "the VM shapes the policy serves (vcpus, drives, nets ranges)",
+                "nothing",
+            )
+        })?;
+        serves.validate()?;
+        serves.check(&space.shape())?;
         for (name, value) in self.reward_weights.named() {
             if !value.is_finite() || value < 0.0 {
                 return Err(CardError::new(
@@ -540,7 +622,7 @@ impl ModelCard {
                 .map_err(|e| CardError::new("forecast", "valid Holt factors", e))?;
         }
         if let Some(start) = &self.start {
-            start.validate(space)?;
+            start.validate()?;
         }
         let ev = &self.evaluation;
         if !ev.reference_input.is_empty() || !ev.reference_q.is_empty() {
@@ -1009,7 +1091,7 @@ impl ThresholdPolicy {
             .device_load
             .iter()
             .enumerate()
-            .take(self.space.devices().len())
+            .take(self.space.shape().tuned_drives())
             .filter(|(_, l)| l.is_finite() && **l > 0.0)
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| i);
@@ -1337,19 +1419,22 @@ mod tests {
 
     #[test]
     fn static_policy_always_prefers_noop() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let mut p = StaticPolicy::new(&space);
         let q = p.q_values(&input_with_util(0.99)).unwrap();
         assert_eq!(q.len(), space.len());
         let mut rng = XorShift64::new(1);
-        assert_eq!(select(&q, &[true; 13], 0.0, &mut rng).unwrap(), 0);
+        assert_eq!(
+            select(&q, &vec![true; space.len()], 0.0, &mut rng).unwrap(),
+            0
+        );
         assert_eq!(p.id(), "static");
         assert!(p.q_values(&[0.0; 3]).is_err());
     }
 
     #[test]
     fn threshold_policy_scales_with_hysteresis() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let mut p = ThresholdPolicy::new(&space, ThresholdConfig::default());
         let up = space.index_of(&Action::VcpuDelta(1)).unwrap();
         let down = space.index_of(&Action::VcpuDelta(-1)).unwrap();
@@ -1380,7 +1465,7 @@ mod tests {
 
     #[test]
     fn threshold_policy_predicts_and_prioritises_the_busiest_device() {
-        let space = ActionSpace::new(2, 0, 2);
+        let space = ActionSpace::new(VmShape::new(4, 2, 0));
         let config = ThresholdConfig {
             hold: 1,
             predictive: true,
@@ -1451,6 +1536,7 @@ mod tests {
             forecast: None,
             start: None,
             schema: Some(Schema::spec()),
+            serves: Some(ShapeRange::LAYOUT),
         }
     }
 
@@ -1474,7 +1560,7 @@ mod tests {
 
     #[test]
     fn card_validation_names_the_field() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let good = card(&space);
         good.validate(&space, Some(&RewardWeights::default()))
             .unwrap();
@@ -1496,11 +1582,56 @@ mod tests {
         c.input_size = 2 * Schema::len();
         c.validate(&space, None).expect("forecast input is fine");
         let mut c = good.clone();
-        c.output_size = 12;
+        c.output_size = 13;
         assert_eq!(field(&c), "output_size");
+        // A policy of the old per-shape list: the layout version is named first.
         let mut c = good.clone();
-        c.actions_version = 0;
-        assert_eq!(field(&c), "actions_version");
+        c.actions_version = 1;
+        c.output_size = 21;
+        let e = c.validate(&space, None).unwrap_err();
+        assert_eq!(e.field, "actions_version");
+        assert!(e.to_string().contains("retrained"), "{e}");
+        // The shapes it serves: required, sane, and including this VM's.
+        let mut c = good.clone();
+        c.serves = None;
+        assert_eq!(field(&c), "serves");
+        c.serves = Some(ShapeRange {
+            drives: [2, 1],
+            ..ShapeRange::LAYOUT
+        });
+        assert_eq!(field(&c), "serves.drives");
+        c.serves = Some(ShapeRange {
+            nets: [0, 3],
+            ..ShapeRange::LAYOUT
+        });
+        assert_eq!(field(&c), "serves.nets");
+        c.serves = Some(ShapeRange {
+            vcpus: [2, 2],
+            drives: [2, 2],
+            nets: [0, 0],
+        });
+        let e = c.validate(&space, None).unwrap_err();
+        assert_eq!(e.field, "serves.vcpus");
+        assert!(e.to_string().contains("this VM's 4 vCPUs"), "{e}");
+        assert!(e.to_string().contains("[2, 2]"), "{e}");
+        let two_by_two = ActionSpace::new(VmShape::new(2, 2, 0));
+        c.validate(&two_by_two, None).expect("a 2/2 VM fits");
+        let e = c
+            .validate(&ActionSpace::new(VmShape::new(2, 1, 0)), None)
+            .unwrap_err();
+        assert_eq!(e.field, "serves.drives");
+        assert!(e.to_string().contains("this VM's 1 drives"), "{e}");
+        // One card for every shape of the layout.
+        for (v, d, n) in [(1, 0, 0), (8, 4, 2), (4, 1, 0), (3, 4, 1)] {
+            good.validate(&ActionSpace::new(VmShape::new(v, d, n)), None)
+                .expect("within the layout");
+        }
+        for (v, d, n, f) in [(9, 1, 0, "vcpus"), (2, 5, 0, "drives"), (2, 1, 3, "nets")] {
+            let e = good
+                .validate(&ActionSpace::new(VmShape::new(v, d, n)), None)
+                .unwrap_err();
+            assert_eq!(e.field, format!("serves.{f}"), "{e}");
+        }
         let mut c = good.clone();
         c.actions[4] = "vcpu+3".into();
         assert_eq!(field(&c), "actions[4]");
@@ -1558,7 +1689,7 @@ mod tests {
         });
         assert_eq!(field(&c), "start.active_vcpus");
         c.start = Some(StartConfig {
-            drives: vec![],
+            drives: vec![start.drives[0]; 5],
             ..start.clone()
         });
         assert_eq!(field(&c), "start.drives");
@@ -1580,7 +1711,7 @@ mod tests {
 
     #[test]
     fn a_start_configuration_leaves_pinned_knobs_and_the_bounds_alone() {
-        let space = ActionSpace::new(2, 0, 2);
+        let space = ActionSpace::new(VmShape::new(4, 2, 0));
         let bounds = Bounds::for_space(&space, 2, 4);
         let base = KnobState::initial(&space, 4);
         let start = StartConfig {
@@ -1596,7 +1727,7 @@ mod tests {
         };
         let free = start.apply_to(&base, &bounds, &Pinned::default());
         assert_eq!(free.vcpus, 2, "clamped to min_vcpus");
-        assert_eq!(free.rate_level, vec![Some(4), Some(4)]);
+        assert_eq!(free.rate_level, vec![4, 4]);
         assert_eq!(free.priority, vec![PriorityLevel::Low; 2]);
         let pinned = Pinned {
             vcpus: true,
@@ -1613,7 +1744,7 @@ mod tests {
         };
         let kept = start.apply_to(&base, &bounds, &pinned);
         assert_eq!(kept.vcpus, 4);
-        assert_eq!(kept.rate_level, vec![Some(0), Some(4)]);
+        assert_eq!(kept.rate_level, vec![0, 4]);
         assert_eq!(
             kept.priority,
             vec![PriorityLevel::Low, PriorityLevel::Medium]

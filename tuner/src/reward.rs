@@ -184,15 +184,17 @@ pub fn cost(knobs: &KnobState, bounds: &Bounds) -> f64 {
         let tightest = len.saturating_sub(1).max(1) as f64;
         (1.0 - level as f64 / tightest).clamp(0.0, 1.0)
     };
-    let mut io: Vec<f64> = knobs
+    let io: Vec<f64> = knobs
         .rate_level
         .iter()
-        .flatten()
         .map(|level| ladder_alloc(*level, RATE_LADDER.len()))
+        .chain(
+            knobs
+                .net_qos
+                .iter()
+                .map(|level| ladder_alloc(*level, NET_QOS_LADDER.len())),
+        )
         .collect();
-    if let Some(level) = knobs.net_qos {
-        io.push(ladder_alloc(level, NET_QOS_LADDER.len()));
-    }
     if io.is_empty() {
         vcpu
     } else {
@@ -276,7 +278,7 @@ pub fn reward(sample: &Sample, knobs: &KnobState, bounds: &Bounds, weights: &Rew
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actions::ActionSpace;
+    use crate::actions::{ActionSpace, VmShape};
     use crate::schema::{Schema, FEATURES};
     use crate::slo::{attain, Observed, Slo};
 
@@ -311,7 +313,7 @@ mod tests {
 
     #[test]
     fn met_intervals_earn_what_they_leave_and_batch_its_throughput() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let w = RewardWeights::default();
@@ -357,7 +359,7 @@ mod tests {
         assert!((b(1e9) - (1.0 + 10.0)).abs() < 1e-9);
         // Tightening the drive leaves more to others: more reward while met.
         let mut limited = knobs.clone();
-        limited.rate_level[0] = Some(4);
+        limited.rate_level[0] = 4;
         assert!(
             reward(&sample(1e4, None), &limited, &bounds, &w)
                 > reward(&sample(1e4, None), &knobs, &bounds, &w)
@@ -370,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_miss_costs_in_proportion_to_its_size() {
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let w = RewardWeights::default();
@@ -410,7 +412,7 @@ mod tests {
     /// earns; so a policy cannot win by missing it.
     #[test]
     fn no_knob_setting_wins_while_a_critical_latency_target_is_missed() {
-        let space = ActionSpace::new(2, 1, 3);
+        let space = ActionSpace::new(VmShape::new(4, 2, 1));
         let bounds = Bounds::for_space(&space, 1, 4);
         for w in [
             RewardWeights::default(),
@@ -434,9 +436,9 @@ mod tests {
                         for q in 0..NET_QOS_LADDER.len() {
                             let mut k = KnobState::initial(&space, 4);
                             k.vcpus = vcpus;
-                            k.rate_level[0] = Some(l0);
-                            k.rate_level[1] = Some(l1);
-                            k.net_qos = Some(q);
+                            k.rate_level[0] = l0;
+                            k.rate_level[1] = l1;
+                            k.net_qos = vec![q];
                             knob_settings.push(k);
                         }
                     }
@@ -473,13 +475,13 @@ mod tests {
 
     #[test]
     fn cost_covers_network_and_vcpu_only_spaces() {
-        let space = ActionSpace::new(0, 1, 1);
+        let space = ActionSpace::new(VmShape::new(4, 0, 1));
         let bounds = Bounds::for_space(&space, 1, 2);
         let mut knobs = KnobState::initial(&space, 2);
         assert_eq!(cost(&knobs, &bounds), 1.0);
-        knobs.net_qos = Some(3);
+        knobs.net_qos = vec![3];
         assert_eq!(cost(&knobs, &bounds), 0.5);
-        let space = ActionSpace::new(0, 0, 0);
+        let space = ActionSpace::new(VmShape::new(4, 0, 0));
         let bounds = Bounds::for_space(&space, 1, 4);
         let knobs = KnobState::initial(&space, 1);
         assert_eq!(cost(&knobs, &bounds), 0.25);
@@ -521,7 +523,7 @@ mod tests {
             })
         ));
         // A non-finite weight never makes a non-finite reward.
-        let space = ActionSpace::new(1, 0, 1);
+        let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let bounds = Bounds::for_space(&space, 1, 2);
         let knobs = KnobState::initial(&space, 1);
         let inf = RewardWeights {

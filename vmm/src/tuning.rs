@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use devices::io_scheduler::Priority;
 use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
-use tuner::actions::{Action, ActionSpace, PriorityLevel, RateLevel, NET_QOS_LADDER, RATE_LADDER};
+use tuner::actions::{
+    Action, ActionSpace, PriorityLevel, RateLevel, VmShape, NET_QOS_LADDER, RATE_LADDER,
+};
 use tuner::control::{Tuner, TunerConfig};
 use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
@@ -24,9 +26,6 @@ use tuner::state_repo::{event_kind, Event, RepoWriter};
 
 use crate::config::{ConfigError, VmConfig};
 use crate::runtime::VmRuntime;
-
-/// Devices the action space covers at most.
-pub const MAX_DEVICES_IN_SPACE: usize = 4;
 
 /// The monitor's knobs as the configuration manager sees them.
 pub struct RuntimeKnobs {
@@ -227,17 +226,19 @@ impl Knobs for RuntimeKnobs {
                     .set_rate_limit(&id, ladder_limits(l))
                     .map_err(|e| e.to_string())
             }
-            Action::NetQos { level } => {
+            Action::NetQos { device, level } => {
                 let l = NET_QOS_LADDER
                     .get(*level)
                     .ok_or_else(|| format!("no network QoS level {level}"))?;
-                let cfg = ladder_limits(l);
-                for id in self.rt.net_ids() {
-                    self.rt
-                        .set_net_rate_limit(&id, cfg)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
+                let id = self
+                    .rt
+                    .net_ids()
+                    .get(*device)
+                    .cloned()
+                    .ok_or_else(|| format!("no network device net{device}"))?;
+                self.rt
+                    .set_net_rate_limit(&id, ladder_limits(l))
+                    .map_err(|e| e.to_string())
             }
         }
     }
@@ -320,14 +321,15 @@ pub fn build(
     if !cfg.tuner_on() {
         return Ok(None);
     }
-    let space = ActionSpace::new(cfg.drives.len(), cfg.network.len(), MAX_DEVICES_IN_SPACE);
+    let shape = VmShape::new(cfg.vcpus, cfg.drives.len(), cfg.network.len());
+    let space = ActionSpace::new(shape);
     let bounds = Bounds::for_space(&space, cfg.min_vcpus.unwrap_or(1), cfg.vcpus);
     let mut static_state = KnobState::initial(&space, cfg.start_vcpus());
     // Drives come first in the space: their configured levels and named priorities are the
     // static state (the reward's cost term counts the levels).
     for (i, d) in cfg.drives.iter().enumerate().take(space.devices().len()) {
         if let (Some(level), Some(slot)) = (d.rate_level, static_state.rate_level.get_mut(i)) {
-            *slot = Some(level);
+            *slot = level;
         }
         if let (Some(p), Some(slot)) = (&d.priority, static_state.priority.get_mut(i)) {
             if let Ok(p) = p.parse::<PriorityLevel>() {

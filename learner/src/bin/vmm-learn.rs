@@ -190,7 +190,6 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, UsageError> {
         opts.dqn.loss = learner::Loss::Mse;
     }
     opts.dataset.exclude_prefixes = args.exclude_prefix;
-    opts.dataset.max_devices_in_space = learner::dataset::DEFAULT_MAX_DEVICES_IN_SPACE;
     opts.name = args.name;
     opts.description = args.description;
     if let Some(text) = args.reward_weights {
@@ -202,14 +201,16 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, UsageError> {
         let (free, throughput, miss, throughput_ref) = match w[..] {
             [f, t, m] => (f, t, m, tuner::reward::DEFAULT_THROUGHPUT_REF),
             [f, t, m, r] => (f, t, m, r),
-            _ => return Err(UsageError::new(
-                "reward_weights",
-                format!(
+            _ => {
+                return Err(UsageError::new(
+                    "reward_weights",
+                    format!(
                     "{text:?}: give three or four numbers FREE,THROUGHPUT,MISS[,THROUGHPUT_REF] \
                          (reward v{})",
                     tuner::reward::REWARD_VERSION
                 ),
-            )),
+                ))
+            }
         };
         opts.reward_weights = Some(tuner::reward::RewardWeights {
             free,

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tuner::actions::ActionSpace;
+use tuner::actions::{ActionSpace, VmShape};
 use tuner::policy::XorShift64;
 use tuner::schema::{Schema, SCHEMA_VERSION};
 use tuner::state_repo::{RepoConfig, Row, StateRepo};
@@ -41,16 +41,23 @@ pub fn state(rng: &mut XorShift64) -> Vec<f32> {
     (0..Schema::len()).map(|_| rng.next_f64() as f32).collect()
 }
 
-/// `n` rows of one VM every 100 ms: random states, uniformly random actions of `space`,
-/// rewards from [`reward`]; the last row has no reward, like the tuner's.
+/// `n` rows of one 2-vCPU VM with `drives` drives every 100 ms: random states, uniformly
+/// random actions of the layout on devices the VM has, rewards from [`reward`]; the last
+/// row has no reward, like the tuner's.
 pub fn episode(vm_id: &str, n: usize, seed: u64, drives: usize, start_ns: u64) -> Vec<Row> {
-    let space = ActionSpace::new(drives, 0, 4);
+    let space = ActionSpace::new(VmShape::new(2, drives, 0));
+    let names: Vec<String> = space
+        .actions()
+        .iter()
+        .filter(|a| space.present(a))
+        .map(|a| a.name())
+        .collect();
     let mut rng = XorShift64::new(seed);
     let cfg = config(drives);
     (0..n)
         .map(|i| {
             let vector = state(&mut rng);
-            let action = space.names()[rng.below(space.len())].clone();
+            let action = names[rng.below(names.len())].clone();
             let r = reward(&vector, &action);
             Row {
                 vm_id: vm_id.to_string(),
