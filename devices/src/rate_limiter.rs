@@ -170,6 +170,20 @@ impl RateLimiterConfig {
     pub fn is_unlimited(&self) -> bool {
         self.bandwidth.is_none_or(|b| b.is_unlimited()) && self.ops.is_none_or(|o| o.is_unlimited())
     }
+
+    /// One operation per `refill_time_ms`, no burst, unlimited bytes: the tests' way to
+    /// make a second request wait.
+    #[cfg(test)]
+    pub(crate) fn one_op_per(refill_time_ms: u64) -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(BucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms,
+            }),
+        }
+    }
 }
 
 /// A token bucket with exact integer accounting.

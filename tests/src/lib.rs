@@ -256,6 +256,23 @@ pub fn wait_for(path: &str) {
     }
 }
 
+/// Rows of `sql` (a text column, NULL read as "", then an integer column) from the state
+/// repository `db`, opened read-only (the VM may still be writing it).
+pub fn query_pairs(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c.prepare(sql).unwrap();
+    st.query_map([], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            r.get(1)?,
+        ))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
 /// `curl --unix-socket sock -X method [-d body] http://localhost<path>`: (HTTP status,
 /// JSON body); panics when the answer is not JSON.
 pub fn curl(sock: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {

@@ -36,19 +36,8 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn query(db: &Path, sql: &str) -> Vec<(String, i64)> {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
-    let mut st = c.prepare(sql).unwrap();
-    st.query_map([], |r| {
-        Ok((
-            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-            r.get(1)?,
-        ))
-    })
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
+fn query(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
+    integration_tests::query_pairs(db, sql)
 }
 
 /// A `phased` VM with two drives (the shape of `models/general.onnx`), the threshold
@@ -423,7 +412,7 @@ fn bad_input_is_refused_by_name() {
         &std::fs::read_to_string(repo_dir().join("models/general.card.json")).unwrap(),
     )
     .unwrap();
-    card["reward_weights"]["cost"] = serde_json::json!(1.0);
+    card["reward_weights"]["free"] = serde_json::json!(1.0);
     std::fs::write(dir.path("other.card.json"), card.to_string()).unwrap();
     let r = run_with(&other);
     expect_usage(&r, "--policy", "does not fit this VM");

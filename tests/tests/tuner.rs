@@ -47,17 +47,7 @@ fn disk(dir: &Scratch) -> String {
 }
 
 fn query(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
-    let c = rusqlite::Connection::open(db).unwrap();
-    let mut st = c.prepare(sql).unwrap();
-    st.query_map([], |r| {
-        Ok((
-            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-            r.get(1)?,
-        ))
-    })
-    .unwrap()
-    .map(Result::unwrap)
-    .collect()
+    integration_tests::query_pairs(db, sql)
 }
 
 #[test]

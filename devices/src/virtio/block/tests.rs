@@ -318,14 +318,7 @@ fn throttled_requests_wait_and_are_not_lost() {
     use crate::rate_limiter::{BucketConfig, RateLimiterConfig};
     let mut h = harness("throttle", 64, false);
     h.block
-        .set_rate_limit(RateLimiterConfig {
-            bandwidth: None,
-            ops: Some(BucketConfig {
-                size: 1,
-                one_time_burst: 0,
-                refill_time_ms: 100,
-            }),
-        })
+        .set_rate_limit(RateLimiterConfig::one_op_per(100))
         .unwrap();
     // Two requests in distinct chains: the second must wait for a refill.
     h.header(VIRTIO_BLK_T_IN, 0);
@@ -371,18 +364,11 @@ fn throttled_requests_wait_and_are_not_lost() {
 /// used-ring write: the time it waited for the rate limiter's refill is in it.
 #[test]
 fn a_throttled_requests_latency_includes_its_wait() {
-    use crate::rate_limiter::{BucketConfig, RateLimiterConfig};
+    use crate::rate_limiter::RateLimiterConfig;
     use crate::virtio::queue_metrics::LATENCY_BUCKETS_US;
     let mut h = harness("throttle-latency", 64, false);
     h.block
-        .set_rate_limit(RateLimiterConfig {
-            bandwidth: None,
-            ops: Some(BucketConfig {
-                size: 1,
-                one_time_burst: 0,
-                refill_time_ms: 100,
-            }),
-        })
+        .set_rate_limit(RateLimiterConfig::one_op_per(100))
         .unwrap();
     h.header(VIRTIO_BLK_T_IN, 0);
     h.desc(0, HDR, 16, NEXT, 1);

@@ -126,19 +126,11 @@ fn a_runaway_available_index_stops_the_device() {
 /// the wake that first saw it to its used-ring write: its wait for the refill included.
 #[test]
 fn a_throttled_frames_latency_includes_its_wait() {
-    use crate::rate_limiter::BucketConfig;
     use crate::virtio::queue_metrics::LATENCY_BUCKETS_US;
     let mut r = rig();
     r.activate();
     r.net
-        .set_rate_limit(RateLimiterConfig {
-            bandwidth: None,
-            ops: Some(BucketConfig {
-                size: 1,
-                one_time_burst: 0,
-                refill_time_ms: 100,
-            }),
-        })
+        .set_rate_limit(RateLimiterConfig::one_op_per(100))
         .unwrap();
     // Two frames (chain 0 twice): the first goes at once, the second waits ~100 ms.
     let (_, a, _) = ring(TX_QUEUE);
