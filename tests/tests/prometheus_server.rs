@@ -105,6 +105,13 @@ fn prometheus_scrapes_two_monitors_and_answers_queries() {
                 &addr,
                 "--vm-id",
                 &id,
+                // vm-0 asks for an operation rate cpu-burn reaches, vm-1 for one it cannot.
+                "--slo",
+                if i == 0 {
+                    "class=batch,min_ops=1"
+                } else {
+                    "class=critical,min_ops=1000000000"
+                },
                 "--timeout-ms",
                 "90000",
             ],
@@ -207,5 +214,37 @@ fn prometheus_scrapes_two_monitors_and_answers_queries() {
         features.iter().any(|(_, v)| *v > 0.5),
         "cpu-burn's utilisation should be high: {features:?}"
     );
+    // Each series names its VM (and host) itself, whatever Prometheus calls the target.
+    let mut vms_seen: Vec<String> = features
+        .iter()
+        .map(|(m, _)| m["vm"].as_str().unwrap_or_default().to_string())
+        .collect();
+    vms_seen.sort();
+    assert_eq!(vms_seen, ["vm-0", "vm-1"], "{features:?}");
+    assert!(
+        features
+            .iter()
+            .all(|(m, _)| !m["host"].as_str().unwrap_or_default().is_empty()),
+        "{features:?}"
+    );
+    // The SLO verdict comes back through PromQL, per VM: met for the reachable target,
+    // missed for the other.
+    let start = Instant::now();
+    loop {
+        let met = query(prom_port, "vmm_slo_met{target=\"min_ops\"}");
+        let of = |vm: &str| {
+            met.iter()
+                .find(|(m, _)| m["vm"].as_str() == Some(vm))
+                .map(|(_, v)| *v)
+        };
+        if of("vm-0") == Some(1.0) && of("vm-1") == Some(0.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the SLO verdicts did not come back through Prometheus: {met:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     drop(vms);
 }

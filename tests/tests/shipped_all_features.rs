@@ -223,9 +223,15 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
         "scrape: {metrics}"
     );
     // The SLO and the host view (run delays read from the vCPU threads' schedstat).
+    // Every series carries the VM's id and the host's name.
+    let series = |name: &str, label: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with(&format!("{name}{{vm=\"")) && l.contains(",host=\"") && l.contains(label)
+        })
+    };
     assert!(
-        metrics.contains("vmm_slo_class{class=\"critical\"} 1")
-            && metrics.contains("vmm_vcpu_run_delay_seconds_total{vcpu=\"1\"}"),
+        series("vmm_slo_class", "class=\"critical\"} 1")
+            && series("vmm_vcpu_run_delay_seconds_total", "vcpu=\"1\"}"),
         "scrape: {metrics}"
     );
     let (code, text) = curl(&sock, "GET", "/vm", None);

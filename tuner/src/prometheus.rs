@@ -93,34 +93,64 @@ fn secs(ns: u64) -> String {
 /// Extracts one exported value from a queue's counters.
 type QueueValue = fn(&crate::counters::QueueCounters) -> String;
 
-/// Accumulates exposition text.
-struct Out(String);
+/// The labels every series of one monitor carries, so that one Prometheus scraping many
+/// monitors tells them apart: the VM's id and the host's name (an empty value is left
+/// out).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesLabels {
+    /// The VM's id (`vm_id`, the same as in the state repository's rows).
+    pub vm: String,
+    /// The host's name.
+    pub host: String,
+}
+
+/// Accumulates exposition text; `base` is the `vm`/`host` label text every sample starts
+/// with (already escaped).
+struct Out {
+    text: String,
+    base: String,
+}
 
 impl Out {
+    fn new(labels: &SeriesLabels) -> Out {
+        let base = [("vm", &labels.vm), ("host", &labels.host)]
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+            .collect::<Vec<_>>()
+            .join(",");
+        Out {
+            text: String::with_capacity(8192),
+            base,
+        }
+    }
+
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
+        self.text.push_str(name);
+        if !labels.is_empty() || !self.base.is_empty() {
+            self.text.push('{');
+            self.text.push_str(&self.base);
             for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
+                if i > 0 || !self.base.is_empty() {
+                    self.text.push(',');
                 }
-                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
+                let _ = write!(self.text, "{k}=\"{}\"", escape_label(v));
             }
-            self.0.push('}');
+            self.text.push('}');
         }
-        let _ = writeln!(self.0, " {value}");
+        let _ = writeln!(self.text, " {value}");
     }
 }
 
 /// Renders a snapshot (and, if given, the latest sample's features) in the text format.
-pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
-    let mut o = Out(String::with_capacity(8192));
+/// Every series carries `labels` (the VM and host it comes from).
+pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>, labels: &SeriesLabels) -> String {
+    let mut o = Out::new(labels);
 
     o.family(
         "vmm_vcpu_exits_total",
@@ -486,7 +516,7 @@ pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>) -> String {
             );
         }
     }
-    o.0
+    o.text
 }
 
 /// Limits that keep one bad client from hurting the server.
@@ -581,6 +611,7 @@ struct Responder {
     latest: Option<LatestSample>,
     limits: ServerLimits,
     counters: Arc<Counters>,
+    labels: SeriesLabels,
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -867,7 +898,7 @@ impl Responder {
         let body = catch_unwind(AssertUnwindSafe(|| {
             let snapshot = self.source.snapshot();
             let sample = self.latest.as_ref().and_then(|l| l.get());
-            render(&snapshot, sample.as_deref())
+            render(&snapshot, sample.as_deref(), &self.labels)
         }));
         let Ok(body) = body else {
             log::error!("metrics: reading the counters panicked");
@@ -916,18 +947,26 @@ impl MetricsServer {
         addr: impl ToSocketAddrs + std::fmt::Debug,
         source: Arc<dyn CounterSource>,
     ) -> Result<MetricsServer, MetricsError> {
-        Self::start_with(addr, source, None, ServerLimits::default())
+        Self::start_with(
+            addr,
+            source,
+            None,
+            ServerLimits::default(),
+            SeriesLabels::default(),
+        )
     }
 
     /// Like [`MetricsServer::start`], also exporting the latest sample held in `latest`
     /// (see [`crate::agent::Agent::latest_handle`]), with the given limits. Every thread
     /// (the polling thread and `limits.workers` workers) starts here, none later: the
-    /// monitor confines them and they could not create threads.
+    /// monitor confines them and they could not create threads. Every series carries
+    /// `labels`.
     pub fn start_with(
         addr: impl ToSocketAddrs + std::fmt::Debug,
         source: Arc<dyn CounterSource>,
         latest: Option<LatestSample>,
         limits: ServerLimits,
+        labels: SeriesLabels,
     ) -> Result<MetricsServer, MetricsError> {
         let shown = format!("{addr:?}");
         let resolved = addr
@@ -953,6 +992,7 @@ impl MetricsServer {
             latest,
             limits,
             counters: Arc::clone(&counters),
+            labels,
         });
         let mut server = MetricsServer {
             addr: local,
@@ -1076,7 +1116,7 @@ mod tests {
             device: "blk\"odd\\name\n".into(),
             ..QueueCounters::default()
         });
-        let text = render(&snap, None);
+        let text = render(&snap, None, &SeriesLabels::default());
         for family in [
             "vmm_vcpu_exits_total",
             "vmm_vcpu_guest_seconds_total",
@@ -1156,7 +1196,7 @@ mod tests {
 
         let mut sampler = Sampler::new();
         let sample = sampler.sample(&snapshot_at(1), &snapshot_at(2));
-        let text = render(&snap, Some(&sample));
+        let text = render(&snap, Some(&sample), &SeriesLabels::default());
         assert_eq!(
             value_of(&text, "vmm_tuner_feature{feature=\"cpu_utilisation\"}"),
             Some(0.5)
@@ -1181,7 +1221,7 @@ mod tests {
             text.contains("vmm_queue_request_latency_p50_seconds{device=\"net0\",queue=\"1\"} 0")
         );
         // The SLO of snapshot_at: critical, p99 200 us (missed: 250), 4000 ops/s (met).
-        let slo_text = render(&snapshot_at(2), Some(&sample));
+        let slo_text = render(&snapshot_at(2), Some(&sample), &SeriesLabels::default());
         assert_eq!(
             value_of(&slo_text, "vmm_slo_class{class=\"critical\"}"),
             Some(1.0)
@@ -1228,6 +1268,29 @@ mod tests {
     }
 
     #[test]
+    fn every_series_carries_the_vm_and_host_labels() {
+        let labels = SeriesLabels {
+            vm: "web-\"1\"".into(),
+            host: "h1".into(),
+        };
+        let text = render(&snapshot_at(2), None, &labels);
+        let mut samples = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.contains("{vm=\"web-\\\"1\\\"\",host=\"h1\""), "{line}");
+            assert!(!line.contains(",,") && !line.contains("{,"), "{line}");
+            samples += 1;
+        }
+        assert!(samples > 10, "{text}");
+        assert_eq!(
+            value_of(
+                &text,
+                "vmm_guest_ops_total{vm=\"web-\\\"1\\\"\",host=\"h1\"}"
+            ),
+            Some(10000.0)
+        );
+    }
+
+    #[test]
     fn idle_connections_do_not_delay_a_scrape() {
         // Issue 14: 20 idle clients held the one-at-a-time server 2 s each (40 s).
         let source = Arc::new(Rising(AtomicU64::new(0)));
@@ -1251,6 +1314,7 @@ mod tests {
             Arc::new(Rising(AtomicU64::new(0))),
             None,
             limits,
+            SeriesLabels::default(),
         )
         .expect("start");
         let a = small.local_addr();
@@ -1275,9 +1339,14 @@ mod tests {
         let latest = LatestSample::new();
         let mut sampler = Sampler::new();
         latest.set(Arc::new(sampler.sample(&snapshot_at(1), &snapshot_at(2))));
-        let server =
-            MetricsServer::start_with("127.0.0.1:0", source, Some(latest), ServerLimits::default())
-                .expect("start");
+        let server = MetricsServer::start_with(
+            "127.0.0.1:0",
+            source,
+            Some(latest),
+            ServerLimits::default(),
+            SeriesLabels::default(),
+        )
+        .expect("start");
         let addr = server.local_addr();
         assert_ne!(addr.port(), 0);
 
@@ -1320,7 +1389,9 @@ mod tests {
             read_timeout: Duration::from_millis(200),
             ..ServerLimits::default()
         };
-        let server = MetricsServer::start_with("127.0.0.1:0", source, None, limits).expect("start");
+        let server =
+            MetricsServer::start_with("127.0.0.1:0", source, None, limits, SeriesLabels::default())
+                .expect("start");
         let addr = server.local_addr();
         let status = |raw: &[u8]| {
             let r = request(addr, raw);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tuner::agent::{Agent, AgentConfig, Sink};
 use tuner::counters::CounterSource;
-use tuner::prometheus::{MetricsServer, ServerLimits};
+use tuner::prometheus::{MetricsServer, SeriesLabels, ServerLimits};
 use tuner::state_repo::{RepoConfig, StateRepo};
 
 use crate::config::{ConfigError, VmConfig};
@@ -82,11 +82,16 @@ impl Telemetry {
         .map_err(|e| ConfigError::new("metrics_interval_ms", e.to_string()))?;
         api_view.set_latest_sample(agent.latest_handle());
         if let Some(addr) = &cfg.metrics_addr {
+            let labels = SeriesLabels {
+                vm: cfg.vm_id.clone(),
+                host: host_name(),
+            };
             let server = MetricsServer::start_with(
                 addr.as_str(),
                 source,
                 Some(agent.latest_handle()),
                 ServerLimits::default(),
+                labels,
             )
             .map_err(|e| ConfigError::new("metrics_addr", e.to_string()))?;
             t.server = Some(server);
@@ -121,4 +126,17 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// This host's name (`gethostname`), for the `host` label of the metrics; empty when it
+/// cannot be read. Read on the main thread before any filter goes on.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
