@@ -166,6 +166,22 @@ fn three_vms_under(bin: &Path, name: &str, kill_one: bool) -> (Scratch, String) 
         let cores = g["body"]["cores"].as_f64().expect("a core grant");
         let host_cores = g["body"]["host_cores"].as_u64().unwrap() as f64;
         assert!(host_cores <= cores.ceil(), "VM {id}: {g}");
+        // With a cgroup quota to hold the share, no VM's vCPU threads are stacked on the
+        // budget's first cores: they may run on every CPU of the budget.
+        let quota = api_with(bin, sock_vm, r#"{"method":"GET","path":"/vm"}"#);
+        if quota["body"]["cpu_quota"]["mode"] != "none" {
+            let mine = allowed_list("/proc/self/status");
+            for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+            {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if comm.starts_with("vcpu") {
+                    let theirs = allowed_list(&t.path().join("status").display().to_string());
+                    assert_eq!(theirs, mine, "VM {id}: vCPU thread {comm:?} pinned");
+                }
+            }
+        }
     }
     // The critical VM's drive sits on the budgeted device: it has a bandwidth grant.
     assert!(
@@ -532,4 +548,14 @@ fn a_host_killed_outright_leaves_no_vm_behind() {
         "{:?}",
         std::fs::read_to_string(dir.path("burn.log"))
     );
+}
+
+/// The `Cpus_allowed_list` line of a `/proc/.../status` file.
+fn allowed_list(status: &str) -> String {
+    std::fs::read_to_string(status)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default()
 }

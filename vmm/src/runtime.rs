@@ -481,15 +481,27 @@ impl VmRuntime {
                 self.host_cores
             )));
         }
-        let (n, quota) = {
+        let (n, quota, granted) = {
             let mut g = lock(&self.grant);
             g.cores_asked = Some(n);
             (
                 g.grant.cap_cores(n, self.host_cores),
                 g.grant.cap_quota(f64::from(n)),
+                g.grant.cores.is_some(),
             )
         };
-        let set = first_cpus(&self.allowed_cpus, n as usize);
+        // Under a host's grant several VMs share the budget's CPUs: pinning each VM to
+        // the first n of them stacked every VM on the same cores (BENCHMARKS section 11:
+        // all vCPU threads of both VMs on CPU 0). There the share is the CPU quota's
+        // alone and the threads may run on any allowed CPU; without a grant, or without
+        // a cgroup quota to enforce it, the threads are pinned to n cores.
+        let quota_only = granted && self.cpu_quota.mode() != crate::cpu_quota::Mode::None;
+        let pinned = if quota_only {
+            self.allowed_cpus.len()
+        } else {
+            n as usize
+        };
+        let set = first_cpus(&self.allowed_cpus, pinned);
         for (i, tid) in self.vcpu_tids.iter().enumerate() {
             let tid = tid.load(Ordering::Acquire);
             if tid == 0 {
@@ -507,7 +519,11 @@ impl VmRuntime {
             }
         }
         self.cores_given.store(n, Ordering::Release);
-        log::info!("vCPU threads confined to {n} host core(s)");
+        if quota_only {
+            log::info!("vCPU threads held to {quota} core(s) of CPU time on any allowed CPU");
+        } else {
+            log::info!("vCPU threads confined to {n} host core(s)");
+        }
         if self.cpu_quota.mode() != crate::cpu_quota::Mode::None {
             if let Err(e) = self.cpu_quota.set_quota(quota, &self.tids()) {
                 log::warn!("CPU quota of {n} core(s) not applied: {e}");

@@ -197,11 +197,14 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    // The arbiter stops first, before the VMs are told to: a grant pushed to a VM that
+    // is shutting down would only fail.
+    let arbiter_stop = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_millis(cfg.interval_ms);
     let arbiter = arbiter::Arbiter::new(plan, status.clone());
     let threads = [
         {
-            let stop = stop.clone();
+            let stop = arbiter_stop.clone();
             std::thread::Builder::new()
                 .name("vmm-arbiter".into())
                 .spawn(move || arbiter.run(interval, stop))
@@ -220,6 +223,7 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
             Ok(h) => handles.push(h),
             Err(e) => {
                 stop.store(true, Ordering::Release);
+                arbiter_stop.store(true, Ordering::Release);
                 supervisor::stop_all(&mut procs, Duration::from_millis(cfg.stop_timeout_ms));
                 return Err(HostError::Setup(format!("cannot start a host thread: {e}")));
             }
@@ -242,6 +246,10 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
             break None;
         }
     };
+    arbiter_stop.store(true, Ordering::Release);
+    if !handles.is_empty() {
+        let _ = handles.remove(0).join();
+    }
     if let Some(sig) = signal {
         eprintln!(
             "vmm host: signal {sig}: stopping {} VM(s)",
