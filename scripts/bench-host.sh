@@ -43,13 +43,18 @@ if ! [[ $SEEDS =~ ^[1-9][0-9]*$ ]]; then echo "bench-host: SEEDS must be a posit
 
 TMP=$(mktemp -d)
 PIDS=()
+POLLERS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do
-        [[ -n $p ]] && kill -TERM -- "$p" 2>/dev/null || true
+        # Each VM (or host) was started with setsid: its pid is its process group's id.
+        [[ -n $p ]] && kill -TERM -- "-$p" 2>/dev/null || true
     done
     sleep 0.5
     for p in "${PIDS[@]:-}"; do
-        [[ -n $p ]] && kill -KILL -- "$p" 2>/dev/null || true
+        [[ -n $p ]] && kill -KILL -- "-$p" 2>/dev/null || true
+    done
+    for p in "${POLLERS[@]:-}"; do
+        [[ -n $p ]] && kill -- "$p" 2>/dev/null || true
     done
     rm -rf "$TMP"
 }
@@ -116,6 +121,7 @@ run_arm() {
         local p1=$!
         poll "$dir" 0 &
         local pp=$!
+        POLLERS+=("$pp")
         wait "$p1" || echo "bench-host: $arm seed $seed: crit exited $?" >&2
         wait "$pp" || true
     elif [[ $arm == arbiter ]]; then
@@ -127,6 +133,7 @@ run_arm() {
         local hp=$!
         poll "$dir" 1 &
         local pp=$!
+        POLLERS+=("$pp")
         wait "$hp" || echo "bench-host: $arm seed $seed: vmm host exited $?" >&2
         wait "$pp" || true
     else
@@ -148,11 +155,13 @@ run_arm() {
         local p2=$!
         poll "$dir" 0 &
         local pp=$!
+        POLLERS+=("$pp")
         wait "$p1" || echo "bench-host: $arm seed $seed: $first exited $?" >&2
         wait "$p2" || echo "bench-host: $arm seed $seed: $second exited $?" >&2
         wait "$pp" || true
     fi
     PIDS=()
+    POLLERS=()
     python3 - "$dir" "$arm" "$seed" "$first" "$gap" "$RUN_MS" "$WARM_MS" "$P99_US" "$MIN_OPS" >>"$RESULTS" <<'EOF'
 import json, sqlite3, statistics, sys
 d, arm, seed, first, gap, run_ms, warm_ms, p99_goal = sys.argv[1:9]
