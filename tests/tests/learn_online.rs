@@ -263,7 +263,19 @@ fn a_warm_start_serves_the_start_models_network_first_and_stops_on_sigterm() {
         .expect("the pushed network loads");
     let card = start.card().clone();
     let mut states = vec![card.evaluation.reference_input.clone()];
-    // And on the VM's own states.
+    // And on the VM's own states: the VM keeps running and writing (its writer commits
+    // every 200 ms), so wait for enough rows rather than read what is there now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while query(&db, "select 'rows', count(*) from samples")
+        .first()
+        .is_none_or(|(_, n)| *n < 10)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM wrote too few rows"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap();
     let mut st = c.prepare("select vector from samples limit 20").unwrap();
