@@ -36,9 +36,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn query(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
-    integration_tests::query_pairs(db, sql)
-}
+use integration_tests::query_pairs as query;
 
 /// A `phased` VM with two drives (the shape of `models/general.onnx`), the threshold
 /// tuner exploring, a state repository and a control socket; runs `schedule`.

@@ -46,9 +46,7 @@ fn disk(dir: &Scratch) -> String {
     p.to_str().unwrap().to_string()
 }
 
-fn query(db: &std::path::Path, sql: &str) -> Vec<(String, i64)> {
-    integration_tests::query_pairs(db, sql)
-}
+use integration_tests::query_pairs as query;
 
 #[test]
 fn an_onnx_policy_drives_rate_limits_and_the_guest_feels_them() {

@@ -105,6 +105,18 @@ impl Harness {
         self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
     }
 
+    /// Two one-sector reads of sector 0 in distinct chains, heads 0 and 3 (not yet
+    /// available).
+    pub(crate) fn two_read_chains(&self) {
+        self.header(VIRTIO_BLK_T_IN, 0);
+        self.desc(0, HDR, 16, NEXT, 1);
+        self.desc(1, DATA, 512, NEXT | WRITE, 2);
+        self.desc(2, STATUS, 1, WRITE, 0);
+        self.desc(3, HDR, 16, NEXT, 4);
+        self.desc(4, DATA + 4096, 512, NEXT | WRITE, 5);
+        self.desc(5, STATUS + 16, 1, WRITE, 0);
+    }
+
     /// Makes chain `head` available without processing it.
     pub(crate) fn make_available(&mut self, head: u16) {
         self.avail_idx = push_avail(&self.mem, self.avail_idx, head);
@@ -321,13 +333,7 @@ fn throttled_requests_wait_and_are_not_lost() {
         .set_rate_limit(RateLimiterConfig::one_op_per(100))
         .unwrap();
     // Two requests in distinct chains: the second must wait for a refill.
-    h.header(VIRTIO_BLK_T_IN, 0);
-    h.desc(0, HDR, 16, NEXT, 1);
-    h.desc(1, DATA, 512, NEXT | WRITE, 2);
-    h.desc(2, STATUS, 1, WRITE, 0);
-    h.desc(3, HDR, 16, NEXT, 4);
-    h.desc(4, DATA + 4096, 512, NEXT | WRITE, 5);
-    h.desc(5, STATUS + 16, 1, WRITE, 0);
+    h.two_read_chains();
     h.submit(0);
     h.submit(3);
     assert_eq!(h.used_idx(), 1, "second request throttled");
@@ -370,13 +376,7 @@ fn a_throttled_requests_latency_includes_its_wait() {
     h.block
         .set_rate_limit(RateLimiterConfig::one_op_per(100))
         .unwrap();
-    h.header(VIRTIO_BLK_T_IN, 0);
-    h.desc(0, HDR, 16, NEXT, 1);
-    h.desc(1, DATA, 512, NEXT | WRITE, 2);
-    h.desc(2, STATUS, 1, WRITE, 0);
-    h.desc(3, HDR, 16, NEXT, 4);
-    h.desc(4, DATA + 4096, 512, NEXT | WRITE, 5);
-    h.desc(5, STATUS + 16, 1, WRITE, 0);
+    h.two_read_chains();
     // Both made available before one wake: the first is served at once, the second
     // waits for the refill (>= 100 ms).
     h.make_available(0);
