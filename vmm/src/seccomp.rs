@@ -150,6 +150,9 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
             // virtio-blk back ends and rate-limiter timers run on the event loop.
             libc::SYS_pread64,
             libc::SYS_pwrite64,
+            // virtio-blk moves data straight between the file and guest memory.
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
             libc::SYS_fdatasync,
             libc::SYS_timerfd_settime,
             libc::SYS_timerfd_gettime,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -79,7 +80,6 @@ pub struct Block {
     active: Option<Active>,
     broken: Arc<AtomicBool>,
     metrics: Arc<QueueMetrics>,
-    buffer: Vec<u8>,
     limiter: RateLimiter,
     throttled_since: Option<Instant>,
     /// When each available request was first seen: its latency starts there.
@@ -133,7 +133,6 @@ impl Block {
             active: None,
             broken: Arc::new(AtomicBool::new(false)),
             metrics: Arc::new(QueueMetrics::default()),
-            buffer: Vec::new(),
             limiter: RateLimiter::unlimited()?,
             throttled_since: None,
             arrivals: ArrivalStamps::new(QUEUE_SIZE),
@@ -202,11 +201,6 @@ impl Block {
     /// Counters of the request queue.
     pub fn metrics(&self) -> Arc<QueueMetrics> {
         self.metrics.clone()
-    }
-
-    /// Bytes the bounce buffer holds now (at most [`super::BOUNCE_CHUNK`]).
-    pub fn bounce_buffer_len(&self) -> usize {
-        self.buffer.len()
     }
 
     /// Whether the device stopped because the guest broke the protocol.
@@ -294,6 +288,12 @@ impl Block {
         match ring_check::pending(&active.queue, &active.mem) {
             Ok(depth) => {
                 self.metrics.sample_depth(u64::from(depth));
+                // While the device drains the queue the driver need not notify it (each
+                // notify is a VM exit); `finish_batch` turns notifications back on.
+                if let Err(e) = active.queue.disable_notification(&active.mem) {
+                    self.mark_broken(&format!("cannot suppress notifications: {e}"));
+                    return false;
+                }
                 true
             }
             Err(e) => {
@@ -365,7 +365,6 @@ impl Block {
             capacity: self.capacity,
             read_only: self.config.read_only,
             id: &self.serial,
-            buffer: &mut self.buffer,
         };
         let outcome = request::handle(chain, &mem, &mut disk);
         if let Some(e) = &outcome.error {
@@ -386,18 +385,34 @@ impl Block {
 
     /// Ends a batch: interrupts the guest if it asked to be told of used buffers.
     pub fn finish_batch(&mut self) {
-        if !std::mem::take(&mut self.used_in_batch) {
-            return;
-        }
+        let used = std::mem::take(&mut self.used_in_batch);
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        match active.queue.needs_notification(&active.mem) {
-            Ok(true) => active.interrupt.signal_used_queue(),
-            Ok(false) => {}
+        // Notifications back on; requests the driver added meanwhile (it was told not to
+        // notify) are picked up through the event loop, unless the queue is throttled
+        // (its timer brings the device back) or stopped.
+        let added = match active.queue.enable_notification(&active.mem) {
+            Ok(added) => added,
             Err(e) => {
-                crate::guest_warn!("virtio-blk {}: cannot read used event: {e}", self.config.id)
+                crate::guest_warn!(
+                    "virtio-blk {}: cannot re-enable notifications: {e}",
+                    self.config.id
+                );
+                false
             }
+        };
+        if used {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => {
+                    crate::guest_warn!("virtio-blk {}: cannot read used event: {e}", self.config.id)
+                }
+            }
+        }
+        if added && self.has_pending() {
+            self.kick_event_loop();
         }
     }
 }
@@ -436,7 +451,9 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX);
         if self.config.read_only {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         }
@@ -476,7 +493,8 @@ impl VirtioDevice for Block {
                 got: queues.len(),
             });
         }
-        let queue = queues.remove(0);
+        let mut queue = queues.remove(0);
+        queue.set_event_idx(self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.arrivals.reset(queue.next_avail());
         if let Err(e) = ring_check::check_layout(&queue, &mem) {
             crate::guest_warn!("virtio-blk {}: queue refused: {e}", self.config.id);

@@ -15,9 +15,6 @@ pub use device::{Block, BlockConfig, BlockError, Step};
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data payload of one request the device accepts (bigger ones get IOERR).
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
-/// Largest piece of a request copied through the device's bounce buffer at once: a
-/// 16 MiB request is done in 16 pieces, and the buffer stays at most this big.
-pub const BOUNCE_CHUNK: usize = 1 << 20;
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 
