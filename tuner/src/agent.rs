@@ -75,6 +75,9 @@ pub struct Sample {
     pub queue_latency: Vec<QueueLatency>,
     /// The VM's SLO attainment in the interval (`None` without an SLO).
     pub slo: Option<SloReport>,
+    /// The guest profiler's shares of the interval's samples (`None` when the profiler
+    /// took none); not in the policy's vector yet (`crate::guest_profile`).
+    pub profile: Option<crate::guest_profile::ProfileShares>,
 }
 
 /// Quantiles of one queue's per-request latencies over one interval (from the delta of
@@ -487,6 +490,9 @@ impl Sampler {
             vector,
             queue_latency,
             slo: slo_report,
+            profile: cur.profile.as_ref().and_then(|c| {
+                crate::guest_profile::ProfileShares::between(prev.profile.as_ref(), c)
+            }),
         }
     }
 }
