@@ -89,9 +89,12 @@ impl Vcpu {
             if let Err(fault) = self.run_once() {
                 let report = self.crash_report(&fault);
                 self.exit.request(ExitReason::Crash(report));
-                return;
+                break;
             }
         }
+        // The kvm_run mapping goes with the vCPU fd: a profiler signal arriving after
+        // this must not write to it.
+        crate::profiler::set_immediate_exit_target(std::ptr::null_mut());
     }
 
     /// One `KVM_RUN` and the handling of its exit.

@@ -221,6 +221,11 @@ impl SymbolTable {
         self.symbols.get(index)
     }
 
+    /// Every function, by address.
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
     /// Number of functions.
     pub fn len(&self) -> usize {
         self.symbols.len()
