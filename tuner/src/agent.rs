@@ -941,7 +941,43 @@ pub(crate) mod tests {
                 p99_us: Some(200),
                 min_ops: Some(4000.0),
             }),
+            // Per second: 7 samples in a compute function, 2 in an idle one, 1 in I/O.
+            profile: Some(crate::guest_profile::ProfileCounters {
+                hz: 10,
+                functions: vec![
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Compute,
+                        count: 7 * t,
+                    },
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Idle,
+                        count: 2 * t,
+                    },
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Io,
+                        count: t,
+                    },
+                ],
+            }),
         }
+    }
+
+    #[test]
+    fn a_sample_carries_the_profilers_shares_of_its_interval() {
+        let mut s = Sampler::new();
+        let p = s
+            .sample(&snapshot_at(1), &snapshot_at(3))
+            .profile
+            .expect("shares");
+        assert_eq!(p.samples, 20);
+        assert!(close(p.compute, 0.7) && close(p.idle, 0.2) && close(p.io, 0.1));
+        assert!(close(p.hottest, 0.7));
+        // Without a profiler, no shares.
+        let mut a = snapshot_at(1);
+        let mut b = snapshot_at(3);
+        a.profile = None;
+        b.profile = None;
+        assert_eq!(s.sample(&a, &b).profile, None);
     }
 
     fn close(a: f64, b: f64) -> bool {
