@@ -1109,4 +1109,25 @@ mod tests {
         assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"gold"}}"#).is_err());
         assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"batch","p":1}}"#).is_err());
     }
+
+    #[test]
+    fn the_profiler_fields_are_checked_naming_them() {
+        let c = VmConfig::from_json(r#"{"kernel":"k","profile_hz":100,"symbols":"S.map"}"#)
+            .expect("json");
+        assert_eq!(c.profile_hz, Some(100));
+        assert!(c.profiler_wanted());
+        assert!(!VmConfig::new("k").profiler_wanted());
+        for hz in [0, 10_001] {
+            let mut c = VmConfig::new("/nonexistent-kernel");
+            c.profile_hz = Some(hz);
+            let e = c.validate(8, 1 << 20).unwrap_err();
+            assert_eq!(e.field, "profile_hz", "{e:?}");
+            assert!(e.problem.contains("outside 1..=10000"), "{e:?}");
+        }
+        let mut c = VmConfig::new("/nonexistent-kernel");
+        c.symbols = Some(PathBuf::from("/dev/null"));
+        let e = c.validate(8, 1 << 20).unwrap_err();
+        assert_eq!(e.field, "symbols", "{e:?}");
+        assert!(e.problem.contains("not a regular file"), "{e:?}");
+    }
 }
