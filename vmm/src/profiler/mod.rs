@@ -114,7 +114,8 @@ pub struct Profiler {
     slots: Vec<Arc<SampleSlot>>,
     symbols: SymbolTable,
     counts: Mutex<Counts>,
-    /// Samples asked for that no vCPU delivered before the next tick (parked vCPUs).
+    /// Samples asked for that no vCPU delivered before the next tick (a parked vCPU, or
+    /// one the host did not schedule in time).
     missed: AtomicU64,
     /// Where the symbols came from.
     source: String,
@@ -180,7 +181,7 @@ impl Profiler {
         (&self.source, self.symbols.len())
     }
 
-    /// Samples asked for and not delivered (parked vCPUs).
+    /// Samples asked for and not delivered before the next tick.
     pub fn missed(&self) -> u64 {
         self.missed.load(Ordering::Relaxed)
     }
