@@ -8,6 +8,7 @@
 //!   pread/pwrite loop on the same file (and QEMU microvm's virtio-blk).
 //! - `ratelimit`: achieved over configured rate of the drive rate limiter.
 //! - `telemetry`: the cost of the telemetry agent and state repository.
+//! - `profile`: the guest profiler's cost on guest compute (off, 100 Hz, 1000 Hz).
 //! - `tuner`: tuner policies (best static, threshold, random, learned, online) on the
 //!   `phased` workload suite; report, results and plots in `target/bench-tuner/`.
 //! - `all`: all of them in a row; `summary`: a table of the latest result files.
@@ -22,6 +23,7 @@ mod child;
 mod error;
 mod memory;
 mod pio;
+mod profile;
 mod pvh;
 mod qemu;
 mod ratelimit;
@@ -87,6 +89,9 @@ enum Cmd {
     /// Telemetry overhead: exit round trip and compute with and without the agent, and
     /// the state repository's rows per second.
     Telemetry(TelemetryArgs),
+    /// Guest profiler overhead: cpu-burn iterations off, at 100 Hz and at 1000 Hz,
+    /// interleaved.
+    Profile(ProfileArgs),
     /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
     Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
@@ -211,6 +216,16 @@ struct TelemetryArgs {
     /// Runs of the state repository throughput test.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     repo_runs: u64,
+}
+
+#[derive(Args, Clone)]
+struct ProfileArgs {
+    /// Runs of each rate.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// cpu-burn ms=.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
+    burn_ms: u64,
 }
 
 #[derive(Args, Clone)]
@@ -407,6 +422,15 @@ impl Env {
         })
     }
 
+    fn profile(&self, a: &ProfileArgs) -> Result<profile::ProfileReport, BenchError> {
+        profile::run(&profile::ProfileSettings {
+            vmm: self.vmm.clone(),
+            burn_kernel: kernel(&None, "cpu-burn")?,
+            runs: a.runs as usize,
+            burn_ms: a.burn_ms,
+        })
+    }
+
     fn tuner(&self, a: &TunerArgs) -> Result<(), BenchError> {
         if let Some(dir) = &a.reanalyse {
             let r = tuner::reanalyse(dir)?;
@@ -543,6 +567,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Blk(a) => env.emit("blk", &env.blk(&a)?),
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
+        Cmd::Profile(a) => env.emit("profile", &env.profile(&a)?),
         Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {

@@ -175,12 +175,14 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
         "class=critical,p99_us=500,min_ops=100".into(),
         "--timeout-ms".into(),
         "90000".into(),
+        "--profile-hz".into(),
+        "1000".into(),
     ];
     let child = traced(None, &log, &bin, &args);
     wait_for(&sock);
 
     // Every route, reads and writes, with good and bad bodies.
-    let calls: [(&str, &str, Option<&str>, u16); 11] = [
+    let calls: [(&str, &str, Option<&str>, u16); 15] = [
         ("GET", "/vm", None, 200),
         ("GET", "/drives", None, 200),
         ("GET", "/policy", None, 200),
@@ -204,11 +206,27 @@ fn drives_policy_repository_metrics_and_every_api_route_run_without_a_refused_ca
             200,
         ),
         ("GET", "/grant", None, 200),
+        ("GET", "/profile", None, 200),
+        ("PUT", "/profile", Some(r#"{"hz":0}"#), 200),
+        ("PUT", "/profile", Some(r#"{"hz":20000}"#), 400),
+        ("PUT", "/profile", Some(r#"{"hz":997}"#), 200),
     ];
     for (method, path, body, want) in calls {
         let (code, text) = curl(&sock, method, path, body);
         assert_eq!(code, want, "{method} {path}: {text}");
     }
+    // The profiler's client: a flame graph of one second.
+    let svg = dir.path("flame.svg");
+    let prof = Command::new(&bin)
+        .args(["profile", "--api-sock", &sock, "--seconds", "1", "--out"])
+        .arg(&svg)
+        .output()
+        .expect("vmm profile");
+    assert!(
+        prof.status.success() && svg.exists(),
+        "vmm profile: {}",
+        String::from_utf8_lossy(&prof.stderr)
+    );
     let general = policy.display().to_string();
     let (code, text) = curl(
         &sock,

@@ -75,6 +75,9 @@ pub struct Sample {
     pub queue_latency: Vec<QueueLatency>,
     /// The VM's SLO attainment in the interval (`None` without an SLO).
     pub slo: Option<SloReport>,
+    /// The guest profiler's shares of the interval's samples (`None` when the profiler
+    /// took none); not in the policy's vector yet (`crate::guest_profile`).
+    pub profile: Option<crate::guest_profile::ProfileShares>,
 }
 
 /// Quantiles of one queue's per-request latencies over one interval (from the delta of
@@ -487,6 +490,9 @@ impl Sampler {
             vector,
             queue_latency,
             slo: slo_report,
+            profile: cur.profile.as_ref().and_then(|c| {
+                crate::guest_profile::ProfileShares::between(prev.profile.as_ref(), c)
+            }),
         }
     }
 }
@@ -935,7 +941,43 @@ pub(crate) mod tests {
                 p99_us: Some(200),
                 min_ops: Some(4000.0),
             }),
+            // Per second: 7 samples in a compute function, 2 in an idle one, 1 in I/O.
+            profile: Some(crate::guest_profile::ProfileCounters {
+                hz: 10,
+                functions: vec![
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Compute,
+                        count: 7 * t,
+                    },
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Idle,
+                        count: 2 * t,
+                    },
+                    crate::guest_profile::FunctionCount {
+                        class: crate::guest_profile::CodeClass::Io,
+                        count: t,
+                    },
+                ],
+            }),
         }
+    }
+
+    #[test]
+    fn a_sample_carries_the_profilers_shares_of_its_interval() {
+        let mut s = Sampler::new();
+        let p = s
+            .sample(&snapshot_at(1), &snapshot_at(3))
+            .profile
+            .expect("shares");
+        assert_eq!(p.samples, 20);
+        assert!(close(p.compute, 0.7) && close(p.idle, 0.2) && close(p.io, 0.1));
+        assert!(close(p.hottest, 0.7));
+        // Without a profiler, no shares.
+        let mut a = snapshot_at(1);
+        let mut b = snapshot_at(3);
+        a.profile = None;
+        b.profile = None;
+        assert_eq!(s.sample(&a, &b).profile, None);
     }
 
     fn close(a: f64, b: f64) -> bool {

@@ -187,6 +187,8 @@ pub struct CounterSnapshot {
     /// The VM's service level objective, if configured (attainment is computed per
     /// interval by the sampling agent).
     pub slo: Option<crate::slo::Slo>,
+    /// The guest profiler's cumulative counts (`None` in a monitor without one).
+    pub profile: Option<crate::guest_profile::ProfileCounters>,
 }
 
 /// The knobs in force on one drive, in the terms of the tuner's actions.

@@ -15,6 +15,7 @@
 //! - [`reward`]: the reward formula and its weights.
 //! - [`slo`]: a VM's service level objectives and their attainment per interval.
 //! - [`forecast`]: Holt's linear-trend one-step forecast of the vector.
+//! - [`guest_profile`]: the guest profiler's counts and per-interval shares (idle, I/O, compute, hottest).
 //! - [`policy`]: ONNX Q-network policies (tract) with model cards, the static and
 //!   threshold baselines, epsilon-greedy selection.
 //! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
@@ -37,6 +38,7 @@ pub mod control;
 pub mod counters;
 pub mod files;
 pub mod forecast;
+pub mod guest_profile;
 pub mod manager;
 pub mod policy;
 pub mod prometheus;

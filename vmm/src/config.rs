@@ -127,6 +127,14 @@ pub struct VmConfig {
     /// operation rate targets (`tuner::slo`).
     #[serde(default)]
     pub slo: Option<tuner::slo::Slo>,
+    /// Guest profiler: samples of each vCPU's instruction pointer per second
+    /// (1..=`profiler::MAX_HZ`); off when absent (the control API can turn it on).
+    #[serde(default)]
+    pub profile_hz: Option<u64>,
+    /// The guest kernel's symbols for the profiler as a `System.map`; without it, the
+    /// ELF symbol table of `kernel`.
+    #[serde(default)]
+    pub symbols: Option<PathBuf>,
 }
 
 /// Parses the `--slo` syntax: `class=critical|standard|batch[,p99_us=N][,min_ops=N]`.
@@ -487,7 +495,15 @@ impl VmConfig {
             ab_block: default_ab_block(),
             exit_counters: true,
             slo: None,
+            profile_hz: None,
+            symbols: None,
         }
+    }
+
+    /// Whether the VM gets a guest profiler: asked for at start (`profile_hz`,
+    /// `symbols`), or possible at run time through the control API.
+    pub fn profiler_wanted(&self) -> bool {
+        self.profile_hz.is_some() || self.symbols.is_some() || self.api_sock.is_some()
     }
 
     /// Parses a JSON configuration; unknown fields are rejected.
@@ -566,6 +582,22 @@ impl VmConfig {
         }
         if self.timeout_ms == Some(0) {
             return Err(ConfigError::new("timeout_ms", "must be greater than 0"));
+        }
+        if let Some(hz) = self.profile_hz {
+            if hz == 0 || hz > u64::from(crate::profiler::MAX_HZ) {
+                return Err(ConfigError::new(
+                    "profile_hz",
+                    format!(
+                        "{hz} is outside 1..={} samples per second (leave it out to keep \
+                         the profiler off)",
+                        crate::profiler::MAX_HZ
+                    ),
+                ));
+            }
+        }
+        if let Some(path) = &self.symbols {
+            tuner::files::open_regular(path)
+                .map_err(|e| ConfigError::new("symbols", e.to_string()))?;
         }
         if let Some(initrd) = &self.initrd {
             let meta = std::fs::metadata(initrd)
@@ -1076,5 +1108,26 @@ mod tests {
         assert_eq!(c.slo.map(|s| s.class), Some(tuner::slo::SloClass::Batch));
         assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"gold"}}"#).is_err());
         assert!(VmConfig::from_json(r#"{"kernel":"k","slo":{"class":"batch","p":1}}"#).is_err());
+    }
+
+    #[test]
+    fn the_profiler_fields_are_checked_naming_them() {
+        let c = VmConfig::from_json(r#"{"kernel":"k","profile_hz":100,"symbols":"S.map"}"#)
+            .expect("json");
+        assert_eq!(c.profile_hz, Some(100));
+        assert!(c.profiler_wanted());
+        assert!(!VmConfig::new("k").profiler_wanted());
+        for hz in [0, 10_001] {
+            let mut c = VmConfig::new("/nonexistent-kernel");
+            c.profile_hz = Some(hz);
+            let e = c.validate(8, 1 << 20).unwrap_err();
+            assert_eq!(e.field, "profile_hz", "{e:?}");
+            assert!(e.problem.contains("outside 1..=10000"), "{e:?}");
+        }
+        let mut c = VmConfig::new("/nonexistent-kernel");
+        c.symbols = Some(PathBuf::from("/dev/null"));
+        let e = c.validate(8, 1 << 20).unwrap_err();
+        assert_eq!(e.field, "symbols", "{e:?}");
+        assert!(e.problem.contains("not a regular file"), "{e:?}");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`cpu_quota`]: the vCPU threads' host CPU quota through cgroups (v2, v1 or none).
 //! - [`grant`]: the host arbiter's grant to this VM (`PUT /grant`), a cap on its knobs.
 //! - [`host`]: `vmm host`, many VMs (each its own `vmm run`) under one arbiter.
+//! - [`profiler`]: the guest profiler (instruction-pointer samples per guest function).
 //! - [`vm`]: putting it all together and running a VM to its end.
 //! - [`seccomp`]: the filters of the monitor's threads.
 //! - [`signals`]: SIGTERM and SIGINT stop the VM gracefully.
@@ -27,6 +28,7 @@ pub mod host;
 pub mod kvm_stats;
 pub mod memory;
 pub mod panics;
+pub mod profiler;
 pub mod runtime;
 pub mod seccomp;
 pub mod signals;

@@ -56,6 +56,25 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
     },
+    /// Profile a running guest for a while: an SVG flame graph of where its vCPUs spent
+    /// their time (one frame per sample: the function holding the instruction pointer).
+    Profile {
+        /// The monitor's --api-sock.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// Length of the window in seconds.
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        seconds: u64,
+        /// The SVG flame graph to write.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// Also write the window's folded stacks (`function count` lines) here.
+        #[arg(long, value_name = "PATH")]
+        folded: Option<PathBuf>,
+        /// Sample at this rate during the window (the rate in force before is restored).
+        #[arg(long, value_name = "HZ")]
+        hz: Option<u64>,
+    },
     /// Send one request to a running monitor's control socket and print the answer.
     Api {
         /// The monitor's --api-sock.
@@ -184,6 +203,14 @@ struct RunArgs {
     /// (p99 request latency over the drives in us; guest operations per second).
     #[arg(long, value_name = "SPEC")]
     slo: Option<String>,
+    /// Sample each vCPU's instruction pointer N times a second (1..=10000; off by
+    /// default; `PUT /profile` changes it at run time).
+    #[arg(long, value_name = "N")]
+    profile_hz: Option<u64>,
+    /// The guest kernel's symbols for the profiler as a System.map (default: the ELF
+    /// symbol table of --kernel).
+    #[arg(long, value_name = "PATH")]
+    symbols: Option<PathBuf>,
 }
 
 /// `vmm train`: runs `vmm-learn train ARGS` from the directory of this executable (the
@@ -299,6 +326,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     }
     if args.no_exit_counters {
         cfg.exit_counters = false;
+    }
+    if args.profile_hz.is_some() {
+        cfg.profile_hz = args.profile_hz;
+    }
+    if args.symbols.is_some() {
+        cfg.symbols = args.symbols;
     }
     if let Some(spec) = &args.slo {
         cfg.slo = Some(vmm::config::parse_slo(spec)?);
@@ -441,6 +474,41 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Profile {
+            api_sock,
+            seconds,
+            out,
+            folded,
+            hz,
+        } => {
+            let req = vmm::profiler::flame::FlameRequest {
+                sock: api_sock,
+                seconds,
+                out,
+                folded,
+                hz,
+            };
+            match vmm::profiler::flame::profile(&req) {
+                Ok(summary) => {
+                    println!(
+                        "{} samples; flame graph in {}",
+                        summary.samples,
+                        req.out.display()
+                    );
+                    for (name, n) in summary.functions.iter().take(10) {
+                        println!(
+                            "{:6.2}% {n:8} {name}",
+                            100.0 * *n as f64 / summary.samples as f64
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm: error: profile: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Api { sock, request } => match api_client::call(&sock, &request) {
             Ok(answer) => {
                 println!("{answer}");

@@ -94,6 +94,9 @@ pub struct VmRuntime {
     slo: Option<tuner::slo::Slo>,
     /// The sampling agent's latest sample (for `GET /vm`), once telemetry runs.
     latest: Mutex<Option<tuner::agent::LatestSample>>,
+    /// The guest profiler, when the VM has one (`--profile-hz`, `--symbols` or an API
+    /// socket).
+    profiler: Option<Arc<crate::profiler::Profiler>>,
 }
 
 /// The grant in force and the settings asked for, before the cap (given back when a
@@ -267,6 +270,8 @@ pub struct RuntimeParts {
     pub dirty: Option<DirtyLog>,
     /// The VM's service level objective, if any.
     pub slo: Option<tuner::slo::Slo>,
+    /// The guest profiler, if any.
+    pub profiler: Option<Arc<crate::profiler::Profiler>>,
 }
 
 impl VmRuntime {
@@ -284,6 +289,7 @@ impl VmRuntime {
             vcpu_tids,
             dirty,
             slo,
+            profiler,
         } = parts;
         let allowed_cpus = allowed_cpus();
         let host_cores = allowed_cpus.len() as u32;
@@ -350,6 +356,7 @@ impl VmRuntime {
             proc_stat: std::fs::File::open("/proc/stat").ok(),
             slo,
             latest: Mutex::new(None),
+            profiler,
         }
     }
 
@@ -399,6 +406,11 @@ impl VmRuntime {
     /// The VM's service level objective.
     pub fn slo(&self) -> Option<&tuner::slo::Slo> {
         self.slo.as_ref()
+    }
+
+    /// The guest profiler, if the VM has one.
+    pub fn profiler(&self) -> Option<&Arc<crate::profiler::Profiler>> {
+        self.profiler.as_ref()
     }
 
     /// Busy and total ticks of the CPUs the process may run on, now.
@@ -831,6 +843,7 @@ impl VmRuntime {
             log_lines_suppressed: devices::log_limit::suppressed_total(),
             host: self.host_counters(),
             slo: self.slo,
+            profile: self.profiler.as_ref().map(|p| p.counters()),
         }
     }
 }

@@ -191,6 +191,17 @@ fn read_only_open() -> Result<SeccompRule, seccompiler::BackendError> {
     )?])
 }
 
+/// The profiler may send one signal only: its own ([`crate::profiler::profile_signal`],
+/// argument 2 of `tgkill`), to the vCPU threads.
+fn profile_signal_only() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        crate::profiler::profile_signal() as u64,
+    )?])
+}
+
 /// The roles of the helper threads, each with a filter of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum HelperRole {
@@ -206,16 +217,20 @@ pub enum HelperRole {
     StateRepo,
     /// `vmm-api`: the control API's HTTP server; reads model files for `PUT /policy`.
     Api,
+    /// `vmm-profiler`: the guest profiler; signals the vCPU threads (`tgkill` with the
+    /// profiler's signal only) and counts their samples.
+    Profiler,
 }
 
 impl HelperRole {
     /// Every role.
-    pub const ALL: [HelperRole; 5] = [
+    pub const ALL: [HelperRole; 6] = [
         HelperRole::Sampler,
         HelperRole::Metrics,
         HelperRole::Tuner,
         HelperRole::StateRepo,
         HelperRole::Api,
+        HelperRole::Profiler,
     ];
 
     /// The role of a thread by its name; names this monitor does not know get
@@ -226,6 +241,7 @@ impl HelperRole {
             "tuner-metrics" => HelperRole::Metrics,
             "tuner-state-repo" => HelperRole::StateRepo,
             "vmm-api" => HelperRole::Api,
+            crate::profiler::THREAD_NAME => HelperRole::Profiler,
             _ => HelperRole::Tuner,
         }
     }
@@ -237,6 +253,7 @@ impl HelperRole {
             HelperRole::Tuner => "tuner",
             HelperRole::StateRepo => "state-repo",
             HelperRole::Api => "api",
+            HelperRole::Profiler => "profiler",
         }
     }
 }
@@ -303,6 +320,9 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
             ]);
             ioctls.push(FIONBIO);
             conditional = Some((libc::SYS_openat, read_only_open));
+        }
+        HelperRole::Profiler => {
+            conditional = Some((libc::SYS_tgkill, profile_signal_only));
         }
     }
     build(
@@ -483,6 +503,31 @@ mod tests {
     }
 
     #[test]
+    fn the_profiler_may_send_its_signal_and_no_other() {
+        let filter = helper_filter(HelperRole::Profiler).unwrap();
+        // Its own signal to a thread that does not exist: ESRCH, not EPERM.
+        assert!(child_exit(&filter, || {
+            // SAFETY: tgkill to a thread id that does not exist in this process.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    i32::MAX,
+                    crate::profiler::profile_signal(),
+                )
+            };
+            r == -1 && errno() == libc::ESRCH
+        }));
+        // Any other signal is refused.
+        assert!(child_exit(&filter, || {
+            // SAFETY: as above; refused by the filter before it runs.
+            let r =
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), i32::MAX, libc::SIGKILL) };
+            r == -1 && errno() == libc::EPERM
+        }));
+    }
+
+    #[test]
     fn an_abort_under_a_helper_filter_ends_the_process_instead_of_hanging() {
         let filter = helper_filter(HelperRole::Tuner).unwrap();
         // SAFETY: the child only makes raw syscalls before it dies.
@@ -515,10 +560,11 @@ mod tests {
             HelperRole::StateRepo
         );
         assert_eq!(HelperRole::of_thread("vmm-api"), HelperRole::Api);
+        assert_eq!(HelperRole::of_thread("vmm-profiler"), HelperRole::Profiler);
         for n in ["tuner-sink-tuner", "tuner-watchdog", "learner", "anything"] {
             assert_eq!(HelperRole::of_thread(n), HelperRole::Tuner, "{n}");
         }
-        assert_eq!(HelperFilters::build().unwrap().0.len(), 5);
+        assert_eq!(HelperFilters::build().unwrap().0.len(), 6);
     }
 
     #[test]

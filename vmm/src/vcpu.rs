@@ -10,6 +10,7 @@ use tuner::counters::ExitKind;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
+use crate::profiler::SampleSlot;
 use crate::vcpu_stats::VcpuStats;
 
 /// Unhandled accesses logged in full per vCPU before the log thins out.
@@ -38,6 +39,8 @@ pub struct Vcpu {
     unhandled: u64,
     stats: Arc<VcpuStats>,
     count: bool,
+    /// The guest profiler's hand-off, when the VM has a profiler.
+    sample: Option<Arc<SampleSlot>>,
 }
 
 impl Vcpu {
@@ -51,6 +54,7 @@ impl Vcpu {
             unhandled: 0,
             stats: Arc::new(VcpuStats::default()),
             count: true,
+            sample: None,
         }
     }
 
@@ -64,6 +68,11 @@ impl Vcpu {
         self.count = on;
     }
 
+    /// Connects the vCPU to the guest profiler (`crate::profiler`).
+    pub fn set_sample_slot(&mut self, slot: Option<Arc<SampleSlot>>) {
+        self.sample = slot;
+    }
+
     /// This vCPU's index.
     pub fn index(&self) -> u32 {
         self.index
@@ -71,13 +80,21 @@ impl Vcpu {
 
     /// Runs the guest until the VM is asked to stop or this vCPU faults.
     pub fn run(&mut self) {
+        if self.sample.is_some() {
+            // The profiler's signal handler sets this byte so that KVM_RUN returns at once.
+            let byte: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+            crate::profiler::set_immediate_exit_target(byte);
+        }
         while !self.exit.is_requested() {
             if let Err(fault) = self.run_once() {
                 let report = self.crash_report(&fault);
                 self.exit.request(ExitReason::Crash(report));
-                return;
+                break;
             }
         }
+        // The kvm_run mapping goes with the vCPU fd: a profiler signal arriving after
+        // this must not write to it.
+        crate::profiler::set_immediate_exit_target(std::ptr::null_mut());
     }
 
     /// One `KVM_RUN` and the handling of its exit.
@@ -177,6 +194,17 @@ impl Vcpu {
             }
             Err(e) => Err(Fault::Unexpected(format!("KVM_RUN failed: {e}"))),
         };
+        if let Some(slot) = &self.sample {
+            // Cleared before the check: a signal landing after it forces one more
+            // (harmless) exit; one landing before it is seen here.
+            self.fd.set_kvm_immediate_exit(0);
+            if slot.wanted() {
+                match self.fd.get_regs() {
+                    Ok(regs) => slot.record(regs.rip),
+                    Err(e) => log::debug!("vCPU {index}: no registers for a sample: {e}"),
+                }
+            }
+        }
         if count {
             stats.count_exit(kind);
             if let Some((left, entered)) = left {

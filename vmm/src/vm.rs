@@ -42,6 +42,7 @@ use crate::config::{host_mem_mib, ConfigError, VmConfig};
 use crate::cpuid::{self, VcpuTopology};
 use crate::kvm_stats::KvmStats;
 use crate::memory::{self, MemoryError};
+use crate::profiler::{Profiler, SymbolTable};
 use crate::runtime::{DirtyLog, DriveHandle, RuntimeParts, VmRuntime};
 use crate::seccomp::{self, SeccompError};
 use crate::telemetry::Telemetry;
@@ -318,11 +319,60 @@ fn stdin_is_pollable(f: &File) -> bool {
     kind.is_fifo() || kind.is_socket() || unsafe { libc::isatty(f.as_raw_fd()) } == 1
 }
 
+/// The guest profiler of `cfg`, if it wants one: its symbols from `symbols` (a
+/// `System.map`; a bad one is the user's error) or else from the kernel's ELF symbol
+/// table (a kernel without one is profiled by address: every sample `[unknown]`).
+fn build_profiler(
+    cfg: &VmConfig,
+    format: crate::config::KernelFormat,
+) -> Result<Option<Arc<Profiler>>, VmError> {
+    if !cfg.profiler_wanted() {
+        return Ok(None);
+    }
+    let (symbols, source) = match &cfg.symbols {
+        Some(path) => (
+            SymbolTable::from_system_map(path)
+                .map_err(|e| ConfigError::new("symbols", e.to_string()))?,
+            path.display().to_string(),
+        ),
+        None if format == crate::config::KernelFormat::Elf => {
+            match SymbolTable::from_elf(&cfg.kernel) {
+                Ok(t) => (t, cfg.kernel.display().to_string()),
+                Err(e) => {
+                    log::warn!("profiler: no symbols ({e}); samples are counted as [unknown]");
+                    (SymbolTable::default(), "none".to_string())
+                }
+            }
+        }
+        None => {
+            log::info!("profiler: a bzImage has no symbol table; give --symbols System.map");
+            (SymbolTable::default(), "none".to_string())
+        }
+    };
+    let hz = match cfg.profile_hz {
+        Some(hz) => crate::profiler::check_hz(hz)
+            .map_err(|e| ConfigError::new("profile_hz", e.to_string()))?,
+        None => 0,
+    };
+    crate::profiler::install_signal_handler().map_err(|e| VmError::Device {
+        device: "profiler",
+        reason: e.to_string(),
+    })?;
+    log::info!(
+        "profiler: {} function symbols from {source}, {hz} Hz",
+        symbols.len()
+    );
+    Ok(Some(Arc::new(Profiler::new(
+        cfg.vcpus, symbols, source, hz,
+    ))))
+}
+
 /// Creates the VM and its vCPUs from `cfg`, runs it, and returns how it ended.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     let format = cfg.validate(max_vcpus, host_mem_mib())?;
+    let profiler = build_profiler(cfg, format)?;
     let started = Instant::now();
     // Before any thread starts, so that every thread inherits the blocked mask.
     let stop_signals = crate::signals::StopSignals::block()
@@ -572,6 +622,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         });
         let mut vcpu = Vcpu::new(index, fd, io_manager.clone(), exit.clone());
         vcpu.set_counting(cfg.exit_counters);
+        if let Some(p) = &profiler {
+            vcpu.set_sample_slot(p.slot(index));
+        }
         vcpu_stats.push(vcpu.stats());
         vcpus.push(vcpu);
     }
@@ -604,6 +657,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             total: Mutex::new(0),
         }),
         slo: cfg.slo,
+        profiler: profiler.clone(),
     }));
     let api_socket = match &cfg.api_sock {
         Some(path) => {
@@ -632,6 +686,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                 .map_err(|e| VmError::EventLoop(e.to_string()))?;
             subscribers.push(Arc::new(Mutex::new(bridge)));
             Some(guard)
+        }
+        None => None,
+    };
+    // The profiler thread installs its filter through the hook too; it signals the vCPU
+    // threads once their ids are known.
+    let _profiler_guard = match &profiler {
+        Some(p) => {
+            Some(crate::profiler::spawn(p.clone(), vcpu_tids.clone()).map_err(VmError::Thread)?)
         }
         None => None,
     };

@@ -81,7 +81,47 @@ pub fn execute(rt: &VmRuntime, cmd: Command) -> Reply {
         Command::PutPolicy { path } => put_policy(rt, &path),
         Command::GetGrant => Reply::ok(grant_json(rt)),
         Command::PutGrant(body) => put_grant(rt, body),
+        Command::GetProfile => match rt.profiler() {
+            Some(p) => Reply::ok(profile_json(p)),
+            None => Reply::error(404, "this VM has no profiler"),
+        },
+        Command::PutProfile(body) => match rt.profiler() {
+            Some(p) => match p.set_hz(body.hz) {
+                Ok(hz) => {
+                    log::info!("profiler: {hz} Hz");
+                    Reply::ok(profile_json(p))
+                }
+                Err(e) => Reply::error(400, format!("hz: {e}")),
+            },
+            None => Reply::error(404, "this VM has no profiler"),
+        },
     }
+}
+
+/// Most functions listed by `GET /profile` (the rest are summed in `other_samples`).
+pub const PROFILE_MAX_FUNCTIONS: usize = 10_000;
+
+/// `GET /profile`: the rate, the symbols' source, and samples per function since the
+/// start, most first.
+fn profile_json(p: &crate::profiler::Profiler) -> Value {
+    let (samples, functions) = p.report();
+    let (source, symbols) = p.symbol_source();
+    let other: u64 = functions
+        .iter()
+        .skip(PROFILE_MAX_FUNCTIONS)
+        .map(|f| f.count)
+        .sum();
+    let listed: Vec<Value> = functions
+        .iter()
+        .take(PROFILE_MAX_FUNCTIONS)
+        .map(|f| {
+            json!({"name": f.name, "class": f.class.as_str(), "count": f.count,
+                   "share": if samples > 0 { f.count as f64 / samples as f64 } else { 0.0 }})
+        })
+        .collect();
+    json!({"hz": p.hz(), "samples": samples, "missed": p.missed(),
+           "symbols": {"source": source, "functions": symbols},
+           "functions": listed, "other_samples": other})
 }
 
 /// The grant in force and what the VM holds under it.
@@ -175,6 +215,12 @@ fn get_vm(rt: &VmRuntime) -> Reply {
         "slo": slo,
         "vcpu_run_delay_ns": snap.vcpus.iter().map(|v| v.run_delay_ns).collect::<Vec<_>>(),
         "vcpu_run_delay_share": feature(tuner::schema::FeatureId::VcpuRunDelayShare),
+        "profile": rt.profiler().map(|p| {
+            let shares = latest.as_ref().and_then(|s| s.profile);
+            json!({"hz": p.hz(), "interval": shares.map(|s| json!({
+                "samples": s.samples, "idle_share": s.idle, "io_share": s.io,
+                "compute_share": s.compute, "hottest_share": s.hottest}))})
+        }),
         "host": {"load": feature(tuner::schema::FeatureId::HostLoad),
                  "allowed_cpus": snap.host.allowed_cpus,
                  "busy_ticks": snap.host.busy_ticks, "total_ticks": snap.host.total_ticks},

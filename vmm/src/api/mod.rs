@@ -20,6 +20,10 @@
 //! - `PUT /grant` with body `{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": N}}}`:
 //!   the host arbiter's caps (from `vmm host`), applied at once and to every later
 //!   setting of the knobs; `GET /grant` shows them (`vmm::grant`).
+//! - `GET /profile`: the guest profiler's rate, symbol source and samples per guest
+//!   function since the start (most first, at most 10,000 listed); `PUT /profile` with
+//!   body `{"hz": N}` sets the rate (0: off; at most 10,000). 404 in a VM without a
+//!   profiler (no `--profile-hz`, `--symbols` or `--api-sock`).
 //!
 //! Answers: 200 with the JSON body, or 400 (bad body), 404 (unknown resource or drive),
 //! 405 (method), 408 (request not complete within 5 s), 413 (request larger than 64 KiB

@@ -34,6 +34,18 @@ pub enum Command {
     GetGrant,
     /// `PUT /grant`: the host arbiter's new grant (replaces the old one).
     PutGrant(GrantBody),
+    /// `GET /profile`: the guest profiler's samples per function.
+    GetProfile,
+    /// `PUT /profile`: the profiler's sampling rate (0 turns it off).
+    PutProfile(ProfileBody),
+}
+
+/// The body of `PUT /profile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBody {
+    /// Samples per second per vCPU (0: off).
+    pub hz: u64,
 }
 
 impl Command {
@@ -216,6 +228,11 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Command, RequestEr
             }
             _ => Err(not_allowed("GET, PUT")),
         },
+        ["profile"] => match method {
+            "GET" => Ok(Command::GetProfile),
+            "PUT" => Ok(Command::PutProfile(body_of("PUT /profile", body)?)),
+            _ => Err(not_allowed("GET, PUT")),
+        },
         ["grant"] => match method {
             "GET" => Ok(Command::GetGrant),
             "PUT" => Ok(Command::PutGrant(body_of("PUT /grant", body)?)),
@@ -305,6 +322,20 @@ mod tests {
             400
         );
         assert_eq!(parse("PATCH", "/grant", b"{}").unwrap_err().status(), 405);
+    }
+
+    #[test]
+    fn the_profile_route_parses_its_body() {
+        assert_eq!(parse("GET", "/profile", b""), Ok(Command::GetProfile));
+        assert_eq!(
+            parse("PUT", "/profile", br#"{"hz": 100}"#),
+            Ok(Command::PutProfile(ProfileBody { hz: 100 }))
+        );
+        let status = |b: &[u8]| parse("PUT", "/profile", b).unwrap_err().status();
+        assert_eq!(status(b""), 400);
+        assert_eq!(status(br#"{"hz": -1}"#), 400);
+        assert_eq!(status(br#"{"rate": 1}"#), 400);
+        assert_eq!(parse("PATCH", "/profile", b"{}").unwrap_err().status(), 405);
     }
 
     #[test]
