@@ -75,6 +75,9 @@ pub struct Sample {
     pub queue_latency: Vec<QueueLatency>,
     /// The VM's SLO attainment in the interval (`None` without an SLO).
     pub slo: Option<SloReport>,
+    /// When the interval's (current) snapshot was taken, on this process's monotonic
+    /// clock (set by the [`Agent`]): a decision's sample age is measured from it.
+    pub taken: Option<Instant>,
 }
 
 /// Quantiles of one queue's per-request latencies over one interval (from the delta of
@@ -487,6 +490,7 @@ impl Sampler {
             vector,
             queue_latency,
             slo: slo_report,
+            taken: None,
         }
     }
 }
@@ -725,9 +729,11 @@ impl Agent {
                     let mut sampler = Sampler::new();
                     let mut next = Instant::now();
                     loop {
+                        let taken = Instant::now();
                         let snapshot = source.snapshot();
                         shared.snapshots.fetch_add(1, Ordering::Relaxed);
-                        if let Some(sample) = sampler.observe(snapshot) {
+                        if let Some(mut sample) = sampler.observe(snapshot) {
+                            sample.taken = Some(taken);
                             *shared
                                 .sampler
                                 .lock()

@@ -132,6 +132,24 @@ pub struct TunerStats {
     pub inferences: u64,
     /// Largest share of an interval spent in inference.
     pub inference_fraction_max: f64,
+    /// Generation of the monitor's knob state the last decision was made on (see
+    /// [`crate::knob_state::VmKnobs::generation`]).
+    pub knob_generation: Option<u64>,
+    /// The knob levels the last decision was made on (vCPUs, per drive rate level and
+    /// priority, per network device QoS level), as read from the monitor.
+    pub knobs_seen: Option<crate::manager::KnobState>,
+    /// Names of the actions the last decision's mask allowed.
+    pub allowed_last: Vec<String>,
+    /// Age of the sample the last decision was made on, from its snapshot to the
+    /// decision's action applied, ns.
+    pub sample_age_ns_last: u64,
+    /// Oldest sample a decision was made on, ns.
+    pub sample_age_ns_max: u64,
+    /// Time from the snapshot to the applied decision (sample, vector, inference, mask,
+    /// apply) of the last decision, ns: the same as its sample age on the one loop.
+    pub decision_ns_last: u64,
+    /// Knob changes seen that this tuner did not make (API, host grant).
+    pub outside_changes: u64,
 }
 
 impl TunerStats {
@@ -268,6 +286,12 @@ pub struct StepReport {
     pub inference_ns: u64,
     /// The action label stored for this interval.
     pub label: String,
+    /// Names of the actions the mask allowed (empty when the policy was not consulted).
+    pub allowed: Vec<String>,
+    /// Generation of the monitor's knob state the decision was made on.
+    pub knob_generation: Option<u64>,
+    /// The knob levels the decision was made on.
+    pub knobs_seen: crate::manager::KnobState,
 }
 
 /// The kind of work the guest reported through the metrics device in one interval: the
@@ -474,6 +498,13 @@ impl Tuner {
             });
         }
 
+        // The knobs in force, as the monitor's controller holds them: another writer
+        // (the control API, the host's grant) may have changed them since the last step.
+        let outside = self.manager.observe(&*self.knobs);
+        if let Some(detail) = &outside {
+            log::info!("tuner {}: {detail}", self.config.vm_id);
+        }
+
         let reset = lock(&self.shared.policy).take_reset_request();
         if reset {
             decisions.push(self.manager.restore_static(
@@ -526,6 +557,9 @@ impl Tuner {
             explored: false,
             inference_ns: 0,
             label: "noop".to_string(),
+            allowed: Vec::new(),
+            knob_generation: self.manager.generation(),
+            knobs_seen: self.manager.state().clone(),
         };
         // The host arbiter's grant is part of the mask.
         let grant = self.knobs.host_grant();
@@ -542,6 +576,15 @@ impl Tuner {
                         let space = self.manager.space();
                         space.mask(self.manager.state(), self.manager.bounds())
                     };
+                    report.allowed = self
+                        .manager
+                        .space()
+                        .actions()
+                        .iter()
+                        .zip(&mask)
+                        .filter(|(_, ok)| **ok)
+                        .map(|(a, _)| self.manager.space().name_of(a))
+                        .collect();
                     let epsilon = self.config.epsilon.value(self.steps);
                     match select_explained(&q, &mask, epsilon, &mut self.rng) {
                         Ok(sel) => {
@@ -572,9 +615,19 @@ impl Tuner {
             .rev()
             .find(|d| !matches!(d, Decision::NoOp | Decision::Kept { .. }))
             .map_or_else(|| "noop".to_string(), Decision::action_label);
+        let age_ns = sample.taken.map_or(0, |t| {
+            u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        });
         {
             let mut s = lock(&self.shared.stats);
             s.decisions += 1;
+            s.outside_changes += u64::from(outside.is_some());
+            s.knob_generation = report.knob_generation;
+            s.knobs_seen = Some(report.knobs_seen.clone());
+            s.allowed_last = report.allowed.clone();
+            s.sample_age_ns_last = age_ns;
+            s.decision_ns_last = age_ns;
+            s.sample_age_ns_max = s.sample_age_ns_max.max(age_ns);
             s.explored += u64::from(report.explored);
             s.last_reward = Some(r);
             s.last_action = Some(report.label.clone());

@@ -17,6 +17,8 @@
 //! - [`forecast`]: Holt's linear-trend one-step forecast of the vector.
 //! - [`policy`]: ONNX Q-network policies (tract) with model cards, the static and
 //!   threshold baselines, epsilon-greedy selection.
+//! - [`knob_state`]: the one typed state of a VM's knobs, with its generation, as the
+//!   monitor's knob controller keeps it.
 //! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
 //!   watchdog) and the [`manager::Knobs`] trait the monitor implements.
 //! - [`control`]: the tuner loop tying them together as an agent sink, with hot reload.
@@ -37,6 +39,7 @@ pub mod control;
 pub mod counters;
 pub mod files;
 pub mod forecast;
+pub mod knob_state;
 pub mod manager;
 pub mod policy;
 pub mod prometheus;
