@@ -1,6 +1,12 @@
-//! The tuner loop: one decision per sampled interval, as an agent [`Sink`].
+//! The tuner: one decision per sampled interval, the decide-and-apply step of the
+//! control loop ([`crate::agent::Agent::start_loop`]: snapshot, sample, decide, apply,
+//! record on one thread, with no queue in front of the decision).
 //!
 //! For every [`Sample`] the [`Tuner`]:
+//!
+//! 0. reads the knobs in force from the monitor's knob controller
+//!    ([`ConfigManager::observe`]): a change made by another writer (the control API,
+//!    the host's grant) is what the masks and the reward see, and ends a watched change;
 //!
 //! 1. beats the watchdog's [`Heartbeat`]; if the watchdog fired meanwhile (the static
 //!    configuration was restored behind the tuner's back), resets the manager's view;
