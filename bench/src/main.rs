@@ -8,6 +8,8 @@
 //!   pread/pwrite loop on the same file (and QEMU microvm's virtio-blk).
 //! - `ratelimit`: achieved over configured rate of the drive rate limiter.
 //! - `telemetry`: the cost of the telemetry agent and state repository.
+//! - `decision`: the tuner's decision time and the age of the sample it decides on, on
+//!   the control loop of a running VM.
 //! - `tuner`: tuner policies (best static, threshold, random, learned, online) on the
 //!   `phased` workload suite; report, results and plots in `target/bench-tuner/`.
 //! - `all`: all of them in a row; `summary`: a table of the latest result files.
@@ -19,6 +21,7 @@ mod bare;
 mod blk;
 mod boot;
 mod child;
+mod decision;
 mod error;
 mod memory;
 mod pio;
@@ -87,6 +90,8 @@ enum Cmd {
     /// Telemetry overhead: exit round trip and compute with and without the agent, and
     /// the state repository's rows per second.
     Telemetry(TelemetryArgs),
+    /// The tuner's decision time and the age of the sample it decides on (control loop).
+    Decision(DecisionArgs),
     /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
     Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
@@ -192,6 +197,19 @@ struct RateLimitArgs {
     /// The kernel [default: the `blk-io` test kernel].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct DecisionArgs {
+    /// The control loop's interval, ms.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    interval_ms: u64,
+    /// How long the guest runs, s.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    seconds: u64,
+    /// The policy [default: models/general.onnx of this repository].
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -407,6 +425,21 @@ impl Env {
         })
     }
 
+    fn decision(&self, a: &DecisionArgs) -> Result<decision::DecisionReport, BenchError> {
+        let policy = match &a.policy {
+            Some(p) => p.clone(),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/general.onnx"),
+        };
+        decision::run(&decision::DecisionSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&None, "blk-io")?,
+            policy: existing("the policy", policy, "pass --policy")?,
+            scratch: self.out_dir.join("decision-scratch"),
+            interval: Duration::from_millis(a.interval_ms),
+            run: Duration::from_secs(a.seconds),
+        })
+    }
+
     fn tuner(&self, a: &TunerArgs) -> Result<(), BenchError> {
         if let Some(dir) = &a.reanalyse {
             let r = tuner::reanalyse(dir)?;
@@ -543,6 +576,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Blk(a) => env.emit("blk", &env.blk(&a)?),
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
+        Cmd::Decision(a) => env.emit("decision", &env.decision(&a)?),
         Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {

@@ -151,8 +151,9 @@ pub struct TunerStats {
     pub sample_age_ns_last: u64,
     /// Oldest sample a decision was made on, ns.
     pub sample_age_ns_max: u64,
-    /// Time from the snapshot to the applied decision (sample, vector, inference, mask,
-    /// apply) of the last decision, ns: the same as its sample age on the one loop.
+    /// Duration of the last decision, ns: from the sample handed to the tuner to its
+    /// action applied (observed knobs, reward, forecast, inference, mask, selection,
+    /// apply, records). The sample age adds the snapshot and the vector before it.
     pub decision_ns_last: u64,
     /// Knob changes seen that this tuner did not make (API, host grant).
     pub outside_changes: u64,
@@ -492,6 +493,7 @@ impl Tuner {
 
     /// Takes one decision for `sample` (see the module documentation).
     pub fn step(&mut self, sample: &Sample) -> StepReport {
+        let started = Instant::now();
         if let Some(hb) = &self.heartbeat {
             hb.beat();
         }
@@ -632,7 +634,7 @@ impl Tuner {
             s.knobs_seen = Some(report.knobs_seen.clone());
             s.allowed_last = report.allowed.clone();
             s.sample_age_ns_last = age_ns;
-            s.decision_ns_last = age_ns;
+            s.decision_ns_last = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             s.sample_age_ns_max = s.sample_age_ns_max.max(age_ns);
             s.explored += u64::from(report.explored);
             s.last_reward = Some(r);

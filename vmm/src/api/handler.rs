@@ -87,7 +87,7 @@ fn tuner_json(rt: &VmRuntime) -> Value {
             json!({"policy": s.policy_id, "decisions": s.decisions,
                    "knob_generation": s.knob_generation, "knobs_seen": s.knobs_seen,
                    "allowed": s.allowed_last, "last_action": s.last_action,
-                   "sample_age_ns": s.sample_age_ns_last,
+                   "sample_age_ns": s.sample_age_ns_last, "decision_ns": s.decision_ns_last,
                    "sample_age_ns_max": s.sample_age_ns_max,
                    "outside_changes": s.outside_changes})
         }
