@@ -18,8 +18,7 @@ use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
 };
 use tuner::policy::{
-    load_or_static, EpsilonSchedule, Pinned, PinnedDrive, Policy, StaticPolicy, ThresholdConfig,
-    ThresholdPolicy,
+    load_or_static, EpsilonSchedule, Pinned, PinnedDrive, Policy, ThresholdConfig, ThresholdPolicy,
 };
 use tuner::state_repo::{event_kind, Event, RepoWriter};
 
@@ -291,10 +290,12 @@ pub fn build(
     )
     .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
     let weights = cfg.reward_weights.unwrap_or_default();
-    let arm = |name: &str| -> Box<dyn Policy> {
+    let arm = |name: &str| -> Policy {
         match name {
-            "static" => Box::new(StaticPolicy::new(&space)),
-            "threshold" => Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default())),
+            "static" => Policy::static_for(&space),
+            "threshold" => {
+                Policy::baseline(ThresholdPolicy::new(&space, ThresholdConfig::default()))
+            }
             path => {
                 let (p, error) = load_or_static(path, &space, Some(&weights));
                 if let Some(e) = error {
@@ -304,16 +305,15 @@ pub fn build(
             }
         }
     };
-    let mut ab_mode = false;
-    let policy: Box<dyn Policy> = match (&cfg.policy, cfg.tuner.as_deref()) {
+    let mut ab = None;
+    let policy: Policy = match (&cfg.policy, cfg.tuner.as_deref()) {
         (None, None) if cfg.ab.is_some() => {
             let spec = cfg.ab.clone().unwrap_or_default();
             let (a, b) = spec.split_once(',').unwrap_or((spec.as_str(), ""));
-            ab_mode = true;
-            Box::new(
-                tuner::ab::AbPolicy::new(arm(a), arm(b), cfg.ab_block, policy_slot.clone())
-                    .map_err(|e| ConfigError::new("ab", e.to_string()))?,
-            )
+            let (schedule, first) = tuner::ab::AbSchedule::new(arm(a), arm(b), cfg.ab_block)
+                .map_err(|e| ConfigError::new("ab", e.to_string()))?;
+            ab = Some(schedule);
+            first
         }
         (Some(path), _) => {
             let (policy, error) = load_or_static(path, &space, Some(&weights));
@@ -334,9 +334,9 @@ pub fn build(
             policy
         }
         (None, Some("threshold")) => {
-            Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default()))
+            Policy::baseline(ThresholdPolicy::new(&space, ThresholdConfig::default()))
         }
-        (None, Some("static")) => Box::new(StaticPolicy::new(&space)),
+        (None, Some("static")) => Policy::static_for(&space),
         (None, Some(other)) => {
             return Err(ConfigError::new(
                 "tuner",
@@ -348,7 +348,9 @@ pub fn build(
     let mut knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg);
     // A policy's start configuration (a single loaded model, not A/B), for the knobs the
     // user did not set.
-    if let (Some(start), false) = (policy.start_config(), ab_mode) {
+    // The start configuration step: a single network's card (not A/B).
+    let start = policy.model_card().and_then(|c| c.start.clone());
+    if let (Some(start), true) = (start, ab.is_none()) {
         let target = start.apply_to(&static_state, &bounds, &pinned_knobs(cfg));
         let (detail, failed) = match manager.start_in(&target, &mut knobs) {
             Ok(applied) if applied.is_empty() => (None, false),
@@ -398,8 +400,11 @@ pub fn build(
     if let Some(w) = repo {
         tuner = tuner.with_repo(w);
     }
-    // In A/B mode the A/B policy labels each row with the arm in charge.
-    if let (Some(slot), false) = (policy_slot, ab_mode) {
+    if let Some(schedule) = ab {
+        tuner = tuner.with_ab(schedule);
+    }
+    // Each row is labelled with the policy in charge (in A/B mode: the arm).
+    if let Some(slot) = policy_slot {
         tuner = tuner.with_policy_id_slot(slot);
     }
     rt.set_policy_handle(tuner.policy_handle());
