@@ -4,22 +4,26 @@
 //!
 //! For every [`Sample`] the [`Tuner`]:
 //!
-//! 0. reads the knobs in force from the monitor's knob controller
-//!    ([`ConfigManager::observe`]): a change made by another writer (the control API,
-//!    the host's grant) is what the masks and the reward see, and ends a watched change;
-//!
 //! 1. beats the watchdog's [`Heartbeat`]; if the watchdog fired meanwhile (the static
 //!    configuration was restored behind the tuner's back), resets the manager's view;
+//!    reads the knobs in force from the monitor's knob controller
+//!    ([`ConfigManager::observe`]): a change made by another writer (the control API,
+//!    the host's grant) is what the masks and the reward see, and ends a watched change;
+//!    at an A/B block's start ([`AbSchedule`]) restores the static configuration;
 //! 2. scores the interval that ended ([`crate::reward`]) under the knobs in force during
 //!    it, and stores `(action, reward)` on the previous interval's row
 //!    ([`RepoWriter::record_outcome`]);
 //! 3. lets the [`ConfigManager`] evaluate the change being watched (which may roll it
 //!    back);
-//! 4. updates the Holt forecaster ([`crate::forecast`]) and builds the policy's input
-//!    (the vector, or the vector and its one-step forecast);
-//! 5. asks the policy for Q-values (timed), masks the actions the manager would refuse,
-//!    chooses epsilon-greedily ([`crate::policy::select`]) and applies the choice through
-//!    the manager and the monitor's [`Knobs`].
+//! 4. updates the Holt forecaster ([`crate::forecast`], with the factors of the
+//!    network's card) and builds the policy's input (the vector, or the vector and its
+//!    one-step forecast);
+//! 5. asks the policy for its proposal (timed): a Q-network's Q-values or a baseline's
+//!    action; masks the actions the manager would refuse; selects (epsilon-greedy over
+//!    Q-values, [`crate::policy::select`]; a baseline's action when the mask allows it,
+//!    else `noop`) and applies the choice through the manager and the monitor's
+//!    [`Knobs`]; counts the decision for the A/B schedule (at a block's end the other
+//!    arm takes the policy slot).
 //!
 //! A policy error (NaN output, wrong length, tract failure) restores the static
 //! configuration and replaces the policy by [`StaticPolicy`]. Refusals, rollbacks,
