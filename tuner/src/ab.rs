@@ -73,7 +73,7 @@ impl AbSchedule {
     /// next decision belongs to the other arm).
     pub fn after_decision(&mut self) -> bool {
         self.step += 1;
-        self.step % self.block == 0
+        self.step.is_multiple_of(self.block)
     }
 
     /// Puts `current` (the arm whose block ended) to wait and returns the other one.
