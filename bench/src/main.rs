@@ -9,6 +9,8 @@
 //! - `ratelimit`: achieved over configured rate of the drive rate limiter.
 //! - `telemetry`: the cost of the telemetry agent and state repository.
 //! - `profile`: the guest profiler's cost on guest compute (off, 100 Hz, 1000 Hz).
+//! - `decision`: the tuner's decision time and the age of the sample it decides on, on
+//!   the control loop of a running VM.
 //! - `tuner`: tuner policies (best static, threshold, random, learned, online) on the
 //!   `phased` workload suite; report, results and plots in `target/bench-tuner/`.
 //! - `all`: all of them in a row; `summary`: a table of the latest result files.
@@ -20,6 +22,7 @@ mod bare;
 mod blk;
 mod boot;
 mod child;
+mod decision;
 mod error;
 mod memory;
 mod pio;
@@ -92,6 +95,8 @@ enum Cmd {
     /// Guest profiler overhead: cpu-burn iterations off, at 100 Hz and at 1000 Hz,
     /// interleaved.
     Profile(ProfileArgs),
+    /// The tuner's decision time and the age of the sample it decides on (control loop).
+    Decision(DecisionArgs),
     /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
     Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
@@ -197,6 +202,19 @@ struct RateLimitArgs {
     /// The kernel [default: the `blk-io` test kernel].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct DecisionArgs {
+    /// The control loop's interval, ms.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    interval_ms: u64,
+    /// How long the guest runs, s.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    seconds: u64,
+    /// The policy [default: models/general.onnx of this repository].
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -431,6 +449,21 @@ impl Env {
         })
     }
 
+    fn decision(&self, a: &DecisionArgs) -> Result<decision::DecisionReport, BenchError> {
+        let policy = match &a.policy {
+            Some(p) => p.clone(),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/general.onnx"),
+        };
+        decision::run(&decision::DecisionSettings {
+            vmm: self.vmm.clone(),
+            kernel: kernel(&None, "blk-io")?,
+            policy: existing("the policy", policy, "pass --policy")?,
+            scratch: self.out_dir.join("decision-scratch"),
+            interval: Duration::from_millis(a.interval_ms),
+            run: Duration::from_secs(a.seconds),
+        })
+    }
+
     fn tuner(&self, a: &TunerArgs) -> Result<(), BenchError> {
         if let Some(dir) = &a.reanalyse {
             let r = tuner::reanalyse(dir)?;
@@ -568,6 +601,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
         Cmd::Profile(a) => env.emit("profile", &env.profile(&a)?),
+        Cmd::Decision(a) => env.emit("decision", &env.decision(&a)?),
         Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {

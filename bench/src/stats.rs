@@ -30,6 +30,16 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
+/// The `q`-quantile (0..=1) of `samples` (any order; NaN when empty).
+pub fn quantile_of(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    quantile(&sorted, q)
+}
+
 /// Summarises `samples`; `None` if there are none (or any is NaN).
 pub fn summarize(samples: &[f64]) -> Option<Summary> {
     if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use tuner::actions::{ActionSpace, ACTIONS_VERSION};
-use tuner::policy::{Evaluation, ModelCard, OnnxPolicy, Policy, ShapeRange, REFERENCE_TOLERANCE};
+use tuner::policy::{Evaluation, ModelCard, OnnxPolicy, QNetwork, ShapeRange, REFERENCE_TOLERANCE};
 use tuner::reward::RewardWeights;
 use tuner::schema::{Schema, SCHEMA_VERSION};
 
@@ -63,7 +63,7 @@ pub fn card(
 /// errors on the first difference beyond [`REFERENCE_TOLERANCE`] (relative to the
 /// trainer's value, absolute below 1).
 pub fn compare(
-    policy: &mut dyn Policy,
+    policy: &mut dyn QNetwork,
     space: &ActionSpace,
     states: &[Vec<f32>],
     ours: &[Vec<f32>],
@@ -208,13 +208,12 @@ pub fn write_verified(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tuner::policy::StaticPolicy;
 
     #[test]
     fn compare_catches_a_difference_beyond_the_tolerance() {
         let space = ActionSpace::new(tuner::actions::VmShape::new(2, 1, 0));
-        let mut p = StaticPolicy::new(&space);
-        // The static policy's own Q-values match exactly.
+        let mut p = FixedPolicy(vec![0.0; space.len()]);
+        // A network's own Q-values match exactly.
         let state = vec![0.0; Schema::len()];
         let ours = p.q_values(&state).unwrap();
         let a = compare(
@@ -245,7 +244,7 @@ mod tests {
 
     struct FixedPolicy(Vec<f32>);
 
-    impl Policy for FixedPolicy {
+    impl QNetwork for FixedPolicy {
         fn id(&self) -> &str {
             "fixed"
         }

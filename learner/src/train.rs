@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
-use tuner::policy::{ModelCard, OnnxPolicy, Policy, PolicyError, StartConfig};
+use tuner::policy::{ModelCard, OnnxPolicy, PolicyError, QNetwork, StartConfig};
 use tuner::reward::RewardWeights;
 
 use crate::dataset::{self, DatasetOptions};

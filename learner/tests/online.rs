@@ -7,7 +7,7 @@ use std::path::Path;
 use common::{best_action, reward, state};
 use learner::{DqnConfig, LearnError, OnlineConfig, OnlineLearner, Transition};
 use tuner::actions::VmShape;
-use tuner::policy::{EpsilonSchedule, OnnxPolicy, Policy, XorShift64};
+use tuner::policy::{EpsilonSchedule, OnnxPolicy, QNetwork, XorShift64};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 

@@ -6,7 +6,7 @@ use common::{best_action, episode, exec, state, write_db};
 use learner::dataset::{load, DatasetOptions};
 use learner::{train, Dqn, DqnConfig, TrainOptions};
 use tuner::actions::ActionSpace;
-use tuner::policy::{ModelCard, OnnxPolicy, Policy, XorShift64, REFERENCE_TOLERANCE};
+use tuner::policy::{ModelCard, OnnxPolicy, QNetwork, XorShift64, REFERENCE_TOLERANCE};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 

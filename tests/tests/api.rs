@@ -299,9 +299,23 @@ fn a_full_descriptor_table_backs_off_without_flooding_the_log() {
         .unwrap();
     wait_for(sock);
     let pid = child.id();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // The socket appears before the vCPU threads start and the monitor opens their
+    // schedstat files: on a slow (cold) start those came after the count, and the table
+    // was full before the first connection. Count once the number holds still.
+    let mut open = fds();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fds();
+        if now == open {
+            break;
+        }
+        open = now;
+    }
     // Room for two more descriptors only.
     let limit = open + 2;
     let ok = Command::new("prlimit")

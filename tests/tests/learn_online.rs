@@ -14,7 +14,7 @@ use integration_tests::{
     Scratch,
 };
 use tuner::actions::ActionSpace;
-use tuner::policy::{ModelCard, OnnxPolicy, Policy};
+use tuner::policy::{ModelCard, OnnxPolicy, QNetwork};
 use tuner::reward::RewardWeights;
 
 const LIMIT: Duration = Duration::from_secs(90);

@@ -14,7 +14,10 @@ use tuner::actions::{Action, ActionSpace};
 use tuner::agent::Sample;
 use tuner::control::{Tuner, TunerConfig};
 use tuner::manager::{Bounds, ConfigManager, KnobState, Knobs, ManagerConfig};
-use tuner::policy::{select, OnnxPolicy, Policy, ThresholdConfig, ThresholdPolicy, XorShift64};
+use tuner::policy::{
+    select, Baseline, OnnxPolicy, Policy, PolicyContext, QNetwork, ThresholdConfig,
+    ThresholdPolicy, XorShift64,
+};
 use tuner::schema::Schema;
 
 /// Interval the tuner decides at by default (the agent's default).
@@ -87,8 +90,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut threshold = ThresholdPolicy::new(&space, ThresholdConfig::default());
+    let ctx = PolicyContext::default();
     let threshold_t = time(iters, |i| {
-        let _ = threshold.q_values(&inputs[i % inputs.len()]);
+        let _ = threshold.choose(&inputs[i % inputs.len()], &ctx);
     });
 
     let q: Vec<f32> = (0..space.len()).map(|i| i as f32 * 0.1).collect();
@@ -109,7 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         TunerConfig::default(),
         manager,
         Box::new(Nothing),
-        Box::new(OnnxPolicy::load(&model, &space, None)?),
+        Policy::network(OnnxPolicy::load(&model, &space, None)?),
     )?;
     let samples: Vec<Sample> = inputs
         .iter()

@@ -10,9 +10,7 @@
 //! and called significant when |t| > 1.96 (two-sided, 5%). Consecutive intervals are
 //! correlated, so the intervals are optimistic; longer blocks and runs make them honest.
 
-use std::sync::{Arc, Mutex};
-
-use crate::policy::{Policy, PolicyContext, PolicyError};
+use crate::policy::Policy;
 use crate::state_repo::Row;
 
 /// Errors of the A/B framework.
@@ -29,87 +27,63 @@ pub enum AbError {
     NotTwoArms(usize),
 }
 
-/// Two policies taking turns in blocks of `block` decisions.
-pub struct AbPolicy {
-    arms: [Box<dyn Policy>; 2],
+/// The A/B schedule, a step of the tuner's loop: two policies take turns in blocks of
+/// `block` decisions. The arm in charge sits in the tuner's policy slot (so `GET /policy`
+/// and every stored row name it); the other waits here. After the last decision of a
+/// block the tuner exchanges them ([`AbSchedule::exchange`]) and, before the next
+/// decision, restores the static configuration, so each arm starts its block from the
+/// same knobs.
+pub struct AbSchedule {
+    waiting: Policy,
     block: u64,
     step: u64,
-    id: String,
-    slot: Option<Arc<Mutex<String>>>,
-    reset_pending: bool,
 }
 
-impl AbPolicy {
-    /// Alternates `a` and `b` every `block` decisions, starting with `a`. `slot` (the state
-    /// repository's policy-id slot) is kept set to the arm in charge.
-    pub fn new(
-        a: Box<dyn Policy>,
-        b: Box<dyn Policy>,
-        block: u64,
-        slot: Option<Arc<Mutex<String>>>,
-    ) -> Result<Self, AbError> {
+impl std::fmt::Debug for AbSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbSchedule")
+            .field("waiting", &self.waiting.id())
+            .field("block", &self.block)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl AbSchedule {
+    /// Alternates `a` and `b` every `block` decisions, starting with `a`: returns the
+    /// schedule (holding `b`) and `a`, the policy to start with.
+    pub fn new(a: Policy, b: Policy, block: u64) -> Result<(Self, Policy), AbError> {
         if block == 0 {
             return Err(AbError::ZeroBlock);
         }
         if a.id() == b.id() {
             return Err(AbError::SameId(a.id().to_string()));
         }
-        let id = format!("ab({},{})", a.id(), b.id());
-        let ab = Self {
-            arms: [a, b],
-            block,
-            step: 0,
-            id,
-            slot,
-            reset_pending: false,
-        };
-        ab.label();
-        Ok(ab)
+        Ok((
+            Self {
+                waiting: b,
+                block,
+                step: 0,
+            },
+            a,
+        ))
     }
 
-    fn current(&self) -> usize {
-        ((self.step / self.block) % 2) as usize
-    }
-
-    fn label(&self) {
-        if let Some(s) = &self.slot {
-            let mut g = match s.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            *g = self.arms[self.current()].id().to_string();
-        }
-    }
-}
-
-impl Policy for AbPolicy {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn q_values(&mut self, input: &[f32]) -> Result<Vec<f32>, PolicyError> {
-        let arm = self.current();
-        let q = self.arms[arm].q_values(input);
+    /// Counts one decision of the arm in charge; true when it ended the arm's block (the
+    /// next decision belongs to the other arm).
+    pub fn after_decision(&mut self) -> bool {
         self.step += 1;
-        if self.current() != arm {
-            // The next decision belongs to the other arm: start it from the static knobs.
-            self.reset_pending = true;
-        }
-        self.label();
-        q
+        self.step.is_multiple_of(self.block)
     }
 
-    fn take_reset_request(&mut self) -> bool {
-        std::mem::take(&mut self.reset_pending)
+    /// Puts `current` (the arm whose block ended) to wait and returns the other one.
+    pub fn exchange(&mut self, current: Policy) -> Policy {
+        std::mem::replace(&mut self.waiting, current)
     }
 
-    fn input_size(&self) -> usize {
-        self.arms[self.current()].input_size()
-    }
-
-    fn set_context(&mut self, ctx: &PolicyContext) {
-        let arm = self.current();
-        self.arms[arm].set_context(ctx);
+    /// The id of the arm waiting.
+    pub fn waiting_id(&self) -> &str {
+        self.waiting.id()
     }
 }
 
@@ -256,41 +230,40 @@ pub fn render(r: &AbReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::StaticPolicy;
 
-    struct Fixed(&'static str, f32);
-    impl Policy for Fixed {
+    struct Fixed(&'static str);
+    impl crate::policy::QNetwork for Fixed {
         fn id(&self) -> &str {
             self.0
         }
-        fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, PolicyError> {
-            Ok(vec![self.1])
+        fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, crate::policy::PolicyError> {
+            Ok(vec![0.0])
         }
     }
 
     #[test]
-    fn arms_alternate_in_blocks_and_label_the_rows() {
-        let slot = Arc::new(Mutex::new(String::new()));
-        let mut ab = AbPolicy::new(
-            Box::new(Fixed("a", 1.0)),
-            Box::new(Fixed("b", 2.0)),
-            3,
-            Some(slot.clone()),
-        )
-        .unwrap();
-        assert_eq!(*slot.lock().unwrap(), "a");
-        let seq: Vec<f32> = (0..12).map(|_| ab.q_values(&[]).unwrap()[0]).collect();
-        assert_eq!(seq, [1., 1., 1., 2., 2., 2., 1., 1., 1., 2., 2., 2.]);
-        assert_eq!(*slot.lock().unwrap(), "a");
+    fn arms_alternate_in_blocks() {
+        let (mut ab, mut current) =
+            AbSchedule::new(Policy::network(Fixed("a")), Policy::network(Fixed("b")), 3).unwrap();
+        let mut seq = Vec::new();
+        for _ in 0..12 {
+            seq.push(current.id().to_string());
+            if ab.after_decision() {
+                current = ab.exchange(current);
+            }
+        }
+        assert_eq!(
+            seq,
+            ["a", "a", "a", "b", "b", "b", "a", "a", "a", "b", "b", "b"]
+        );
+        assert_eq!(ab.waiting_id(), "b");
         let space = crate::actions::ActionSpace::new(crate::actions::VmShape::new(4, 0, 0));
-        let s1 = Box::new(StaticPolicy::new(&space));
-        let s2 = Box::new(StaticPolicy::new(&space));
         assert!(matches!(
-            AbPolicy::new(s1, s2, 3, None),
+            AbSchedule::new(Policy::static_for(&space), Policy::static_for(&space), 3),
             Err(AbError::SameId(_))
         ));
         assert!(
-            AbPolicy::new(Box::new(Fixed("a", 0.)), Box::new(Fixed("b", 0.)), 0, None).is_err()
+            AbSchedule::new(Policy::network(Fixed("a")), Policy::network(Fixed("b")), 0).is_err()
         );
     }
 

@@ -78,6 +78,9 @@ pub struct Sample {
     /// The guest profiler's shares of the interval's samples (`None` when the profiler
     /// took none); not in the policy's vector yet (`crate::guest_profile`).
     pub profile: Option<crate::guest_profile::ProfileShares>,
+    /// When the interval's (current) snapshot was taken, on this process's monotonic
+    /// clock (set by the [`Agent`]): a decision's sample age is measured from it.
+    pub taken: Option<Instant>,
 }
 
 /// Quantiles of one queue's per-request latencies over one interval (from the delta of
@@ -493,6 +496,7 @@ impl Sampler {
             profile: cur.profile.as_ref().and_then(|c| {
                 crate::guest_profile::ProfileShares::between(prev.profile.as_ref(), c)
             }),
+            taken: None,
         }
     }
 }
@@ -540,9 +544,14 @@ impl<F: FnMut(&Sample) + Send> Sink for FnSink<F> {
 }
 
 /// A shared slot holding the latest sample (cheap to clone; all clones share the slot).
-/// As a [`Sink`] it stores every sample it gets; the metrics server reads it.
+/// As a [`Sink`] it stores every sample it gets; the metrics server and `GET /vm` read it
+/// (slow readers take the latest value; they never hold up the control loop). Beside it,
+/// the agent keeps each sink's count of samples dropped because the sink fell behind.
 #[derive(Debug, Clone, Default)]
-pub struct LatestSample(Arc<Mutex<Option<Arc<Sample>>>>);
+pub struct LatestSample {
+    sample: Arc<Mutex<Option<Arc<Sample>>>>,
+    drops: Arc<Mutex<Vec<(String, u64)>>>,
+}
 
 impl LatestSample {
     /// An empty slot.
@@ -552,7 +561,7 @@ impl LatestSample {
 
     /// The latest sample, if any.
     pub fn get(&self) -> Option<Arc<Sample>> {
-        self.0
+        self.sample
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -560,7 +569,19 @@ impl LatestSample {
 
     /// Replaces the latest sample.
     pub fn set(&self, sample: Arc<Sample>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(sample);
+        *self.sample.lock().unwrap_or_else(PoisonError::into_inner) = Some(sample);
+    }
+
+    /// Per sink (by name), samples dropped so far because its bounded queue was full.
+    pub fn sink_drops(&self) -> Vec<(String, u64)> {
+        self.drops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_sink_drops(&self, drops: Vec<(String, u64)>) {
+        *self.drops.lock().unwrap_or_else(PoisonError::into_inner) = drops;
     }
 }
 
@@ -661,6 +682,21 @@ impl Agent {
         config: AgentConfig,
         sinks: Vec<Box<dyn Sink>>,
     ) -> Result<Agent, AgentError> {
+        Self::start_loop(source, config, None, sinks)
+    }
+
+    /// Starts the control loop: one thread that, every interval, snapshots the source,
+    /// makes the sample and hands it to `control` (the tuner: decide and apply) at once,
+    /// on the same thread, with no queue in front of it; then offers the sample to the
+    /// slow readers (`sinks`, each behind a bounded queue that drops with a counter, and
+    /// the latest-sample slot). A panic in `control` calls its [`Sink::panicked`] (the
+    /// tuner restores the static configuration) and the loop goes on sampling without it.
+    pub fn start_loop(
+        source: Arc<dyn CounterSource>,
+        config: AgentConfig,
+        mut control: Option<Box<dyn Sink>>,
+        sinks: Vec<Box<dyn Sink>>,
+    ) -> Result<Agent, AgentError> {
         if config.interval < MIN_INTERVAL {
             return Err(AgentError::IntervalTooShort(config.interval));
         }
@@ -731,14 +767,29 @@ impl Agent {
                     let mut sampler = Sampler::new();
                     let mut next = Instant::now();
                     loop {
+                        let taken = Instant::now();
                         let snapshot = source.snapshot();
                         shared.snapshots.fetch_add(1, Ordering::Relaxed);
-                        if let Some(sample) = sampler.observe(snapshot) {
+                        if let Some(mut sample) = sampler.observe(snapshot) {
+                            sample.taken = Some(taken);
                             *shared
                                 .sampler
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner) = sampler.stats();
                             let sample = Arc::new(sample);
+                            if let Some(c) = control.as_mut() {
+                                let done =
+                                    panic::catch_unwind(AssertUnwindSafe(|| c.accept(&sample)));
+                                if let Err(p) = done {
+                                    let message = crate::sandbox::panic_message(&*p);
+                                    log::error!(
+                                        "control step {} panicked: {message}; it stops",
+                                        c.name()
+                                    );
+                                    c.panicked(&message);
+                                    control = None;
+                                }
+                            }
                             latest.set(Arc::clone(&sample));
                             for (i, tx) in senders.iter().enumerate() {
                                 let Some(c) = shared.sinks.get(i) else {
@@ -764,6 +815,13 @@ impl Agent {
                                 }
                             }
                         }
+                        latest.set_sink_drops(
+                            shared
+                                .sinks
+                                .iter()
+                                .map(|c| (c.name.clone(), c.dropped.load(Ordering::Relaxed)))
+                                .collect(),
+                        );
                         next += interval;
                         let now = Instant::now();
                         if next <= now {
@@ -775,6 +833,9 @@ impl Agent {
                             Err(RecvTimeoutError::Timeout) => {}
                             Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
                         }
+                    }
+                    if let Some(c) = control.as_mut() {
+                        c.finish();
                     }
                     // `senders` drop here: the sink threads drain their queues and finish.
                 });

@@ -1,19 +1,29 @@
-//! The tuner loop: one decision per sampled interval, as an agent [`Sink`].
+//! The tuner: one decision per sampled interval, the decide-and-apply step of the
+//! control loop ([`crate::agent::Agent::start_loop`]: snapshot, sample, decide, apply,
+//! record on one thread, with no queue in front of the decision).
 //!
 //! For every [`Sample`] the [`Tuner`]:
 //!
 //! 1. beats the watchdog's [`Heartbeat`]; if the watchdog fired meanwhile (the static
 //!    configuration was restored behind the tuner's back), resets the manager's view;
+//!    reads the knobs in force from the monitor's knob controller
+//!    ([`ConfigManager::observe`]): a change made by another writer (the control API,
+//!    the host's grant) is what the masks and the reward see, and ends a watched change;
+//!    at an A/B block's start ([`AbSchedule`]) restores the static configuration;
 //! 2. scores the interval that ended ([`crate::reward`]) under the knobs in force during
 //!    it, and stores `(action, reward)` on the previous interval's row
 //!    ([`RepoWriter::record_outcome`]);
 //! 3. lets the [`ConfigManager`] evaluate the change being watched (which may roll it
 //!    back);
-//! 4. updates the Holt forecaster ([`crate::forecast`]) and builds the policy's input
-//!    (the vector, or the vector and its one-step forecast);
-//! 5. asks the policy for Q-values (timed), masks the actions the manager would refuse,
-//!    chooses epsilon-greedily ([`crate::policy::select`]) and applies the choice through
-//!    the manager and the monitor's [`Knobs`].
+//! 4. updates the Holt forecaster ([`crate::forecast`], with the factors of the
+//!    network's card) and builds the policy's input (the vector, or the vector and its
+//!    one-step forecast);
+//! 5. asks the policy for its proposal (timed): a Q-network's Q-values or a baseline's
+//!    action; masks the actions the manager would refuse; selects (epsilon-greedy over
+//!    Q-values, [`crate::policy::select`]; a baseline's action when the mask allows it,
+//!    else `noop`) and applies the choice through the manager and the monitor's
+//!    [`Knobs`]; counts the decision for the A/B schedule (at a block's end the other
+//!    arm takes the policy slot).
 //!
 //! A policy error (NaN output, wrong length, tract failure) restores the static
 //! configuration and replaces the policy by [`StaticPolicy`]. Refusals, rollbacks,
@@ -33,17 +43,53 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::ab::AbSchedule;
 use crate::actions::{Action, ActionSpace};
 use crate::agent::{Sample, Sink};
 use crate::forecast::{ForecastConfig, ForecastError, HoltForecaster};
 use crate::manager::{ConfigManager, Decision, Heartbeat, Knobs};
 use crate::policy::{
     check_q, select_explained, EpsilonSchedule, OnnxPolicy, Policy, PolicyContext, PolicyError,
-    StaticPolicy, XorShift64,
+    Proposal, QNetwork, Selection, XorShift64,
 };
 use crate::reward::{reward, RewardError, RewardWeights};
 use crate::schema::{FeatureId, Schema};
 use crate::state_repo::{event_kind, Event, RepoWriter};
+
+/// A baseline's choice (`chosen`: its index in the space) under the mask, with the
+/// loop's exploration: with probability `epsilon` a uniformly random valid action;
+/// otherwise the choice when the mask allows it, else `noop` (index 0, always valid).
+fn select_baseline(
+    chosen: Option<usize>,
+    mask: &[bool],
+    epsilon: f64,
+    rng: &mut XorShift64,
+) -> Result<Selection, PolicyError> {
+    if !(0.0..=1.0).contains(&epsilon) {
+        return Err(PolicyError::BadEpsilon(epsilon));
+    }
+    let valid: Vec<usize> = mask
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ok)| ok.then_some(i))
+        .collect();
+    if valid.is_empty() {
+        return Err(PolicyError::NoValidAction);
+    }
+    if epsilon > 0.0 && rng.next_f64() < epsilon {
+        return Ok(Selection {
+            index: valid[rng.below(valid.len())],
+            explored: true,
+        });
+    }
+    let index = chosen
+        .filter(|i| mask.get(*i).copied().unwrap_or(false))
+        .unwrap_or(0);
+    Ok(Selection {
+        index,
+        explored: false,
+    })
+}
 
 /// Event kind stored when a new policy was swapped in.
 pub const POLICY_SWAP: &str = "policy_swap";
@@ -132,6 +178,25 @@ pub struct TunerStats {
     pub inferences: u64,
     /// Largest share of an interval spent in inference.
     pub inference_fraction_max: f64,
+    /// Generation of the monitor's knob state the last decision was made on (see
+    /// [`crate::knob_state::VmKnobs::generation`]).
+    pub knob_generation: Option<u64>,
+    /// The knob levels the last decision was made on (vCPUs, per drive rate level and
+    /// priority, per network device QoS level), as read from the monitor.
+    pub knobs_seen: Option<crate::manager::KnobState>,
+    /// Names of the actions the last decision's mask allowed.
+    pub allowed_last: Vec<String>,
+    /// Age of the sample the last decision was made on, from its snapshot to the
+    /// decision's action applied, ns.
+    pub sample_age_ns_last: u64,
+    /// Oldest sample a decision was made on, ns.
+    pub sample_age_ns_max: u64,
+    /// Duration of the last decision, ns: from the sample handed to the tuner to its
+    /// action applied (observed knobs, reward, forecast, inference, mask, selection,
+    /// apply, records). The sample age adds the snapshot and the vector before it.
+    pub decision_ns_last: u64,
+    /// Knob changes seen that this tuner did not make (API, host grant).
+    pub outside_changes: u64,
 }
 
 impl TunerStats {
@@ -149,7 +214,7 @@ struct Shared {
     vm_id: String,
     space: ActionSpace,
     weights: RewardWeights,
-    policy: Mutex<Box<dyn Policy>>,
+    policy: Mutex<Policy>,
     stats: Mutex<TunerStats>,
     repo: Mutex<Option<RepoWriter>>,
     id_slots: Mutex<Vec<Arc<Mutex<String>>>>,
@@ -175,7 +240,8 @@ impl Shared {
         }
     }
 
-    fn swap(&self, policy: Box<dyn Policy>) -> String {
+    /// Puts `policy` in charge; returns the one it replaces.
+    fn swap(&self, policy: Policy) -> Policy {
         let new_id = policy.id().to_string();
         let old = std::mem::replace(&mut *lock(&self.policy), policy);
         for slot in lock(&self.id_slots).iter() {
@@ -183,7 +249,7 @@ impl Shared {
         }
         let mut stats = lock(&self.stats);
         stats.policy_id = new_id;
-        old.id().to_string()
+        old
     }
 }
 
@@ -202,9 +268,10 @@ impl std::fmt::Debug for PolicyHandle {
 impl PolicyHandle {
     /// Replaces the policy between two decisions; returns the old policy's id. Stored
     /// as a `policy_swap` event.
-    pub fn swap(&self, policy: Box<dyn Policy>) -> String {
+    /// In an A/B run it replaces the arm in charge.
+    pub fn swap(&self, policy: Policy) -> String {
         let new_id = policy.id().to_string();
-        let old = self.0.swap(policy);
+        let old = self.0.swap(policy).id().to_string();
         lock(&self.0.stats).policy_swaps += 1;
         log::info!("tuner policy {old} replaced by {new_id}");
         self.0.event(
@@ -223,7 +290,7 @@ impl PolicyHandle {
         match OnnxPolicy::load(path, &self.0.space, Some(&self.0.weights)) {
             Ok(policy) => {
                 let id = policy.id().to_string();
-                self.swap(Box::new(policy));
+                self.swap(Policy::network(policy));
                 Ok(id)
             }
             Err(e) => {
@@ -268,6 +335,12 @@ pub struct StepReport {
     pub inference_ns: u64,
     /// The action label stored for this interval.
     pub label: String,
+    /// Names of the actions the mask allowed (empty when the policy was not consulted).
+    pub allowed: Vec<String>,
+    /// Generation of the monitor's knob state the decision was made on.
+    pub knob_generation: Option<u64>,
+    /// The knob levels the decision was made on.
+    pub knobs_seen: crate::manager::KnobState,
 }
 
 /// The kind of work the guest reported through the metrics device in one interval: the
@@ -315,6 +388,10 @@ pub struct Tuner {
     experience: Option<SyncSender<Transition>>,
     /// The vector of the last decision and the action that took effect after it.
     pending: Option<(Vec<f32>, usize)>,
+    /// The A/B schedule (the arm waiting), in an A/B run.
+    ab: Option<AbSchedule>,
+    /// An A/B block ended: restore the static configuration before the next decision.
+    ab_reset: bool,
 }
 
 /// One step of live experience, for online learning: the vector the tuner decided on,
@@ -348,7 +425,7 @@ impl Tuner {
         config: TunerConfig,
         manager: ConfigManager,
         knobs: Box<dyn Knobs>,
-        policy: Box<dyn Policy>,
+        policy: Policy,
     ) -> Result<Tuner, TunerError> {
         config.weights.validate()?;
         config.epsilon.validate()?;
@@ -381,7 +458,16 @@ impl Tuner {
             last_kind: None,
             experience: None,
             pending: None,
+            ab: None,
+            ab_reset: false,
         })
+    }
+
+    /// Runs an A/B test: `schedule` holds the arm waiting, the policy given to
+    /// [`Tuner::new`] is the first arm (see [`AbSchedule`]).
+    pub fn with_ab(mut self, schedule: AbSchedule) -> Self {
+        self.ab = Some(schedule);
+        self
     }
 
     /// Stores outcomes and events through `writer`.
@@ -455,13 +541,16 @@ impl Tuner {
 
     fn fall_back(&mut self, reason: String) -> Decision {
         let d = self.manager.restore_static(&mut *self.knobs, &reason);
-        self.shared
-            .swap(Box::new(StaticPolicy::new(self.manager.space())));
+        self.shared.swap(Policy::static_for(self.manager.space()));
+        // The static configuration stays in charge: an A/B run ends here.
+        self.ab = None;
+        self.ab_reset = false;
         d
     }
 
     /// Takes one decision for `sample` (see the module documentation).
     pub fn step(&mut self, sample: &Sample) -> StepReport {
+        let started = Instant::now();
         if let Some(hb) = &self.heartbeat {
             hb.beat();
         }
@@ -474,8 +563,15 @@ impl Tuner {
             });
         }
 
-        let reset = lock(&self.shared.policy).take_reset_request();
-        if reset {
+        // The knobs in force, as the monitor's controller holds them: another writer
+        // (the control API, the host's grant) may have changed them since the last step.
+        let outside = self.manager.observe(&*self.knobs);
+        if let Some(detail) = &outside {
+            log::info!("tuner {}: {detail}", self.config.vm_id);
+        }
+
+        // A/B: the other arm's block starts from the static configuration.
+        if std::mem::take(&mut self.ab_reset) {
             decisions.push(self.manager.restore_static(
                 &mut *self.knobs,
                 "A/B block boundary: each arm starts from the static configuration",
@@ -526,6 +622,9 @@ impl Tuner {
             explored: false,
             inference_ns: 0,
             label: "noop".to_string(),
+            allowed: Vec::new(),
+            knob_generation: self.manager.generation(),
+            knobs_seen: self.manager.state().clone(),
         };
         // The host arbiter's grant is part of the mask.
         let grant = self.knobs.host_grant();
@@ -533,8 +632,8 @@ impl Tuner {
         // A rollback or fallback already changed the knobs in this interval.
         if !decisions.iter().any(Decision::changed) {
             let device_load = self.device_load(sample.at_ns);
-            match self.infer(sample, device_load) {
-                Ok((q, ns)) => {
+            match self.propose(sample, device_load) {
+                Ok((proposal, ns)) => {
                     report.inference_ns = ns;
                     let mask = if self.config.mask_safeguards {
                         self.manager.mask()
@@ -542,8 +641,26 @@ impl Tuner {
                         let space = self.manager.space();
                         space.mask(self.manager.state(), self.manager.bounds())
                     };
+                    report.allowed = self
+                        .manager
+                        .space()
+                        .actions()
+                        .iter()
+                        .zip(&mask)
+                        .filter(|(_, ok)| **ok)
+                        .map(|(a, _)| self.manager.space().name_of(a))
+                        .collect();
                     let epsilon = self.config.epsilon.value(self.steps);
-                    match select_explained(&q, &mask, epsilon, &mut self.rng) {
+                    let selection = match &proposal {
+                        Proposal::QValues(q) => select_explained(q, &mask, epsilon, &mut self.rng),
+                        Proposal::Action(a) => select_baseline(
+                            self.manager.space().index_of(a),
+                            &mask,
+                            epsilon,
+                            &mut self.rng,
+                        ),
+                    };
+                    match selection {
                         Ok(sel) => {
                             report.selected = Some(sel.index);
                             report.explored = sel.explored;
@@ -554,6 +671,17 @@ impl Tuner {
                             decisions.push(d);
                         }
                         Err(e) => log::error!("tuner: selection failed: {e}"),
+                    }
+                    // A/B: the arm in charge made one more decision; at the end of its
+                    // block the other arm takes the slot (and starts from the static
+                    // configuration at the next decision).
+                    if let Some(ab) = self.ab.as_mut() {
+                        if ab.after_decision() {
+                            let waiting = ab.exchange(Policy::static_for(self.manager.space()));
+                            let ended = self.shared.swap(waiting);
+                            ab.exchange(ended);
+                            self.ab_reset = true;
+                        }
                     }
                 }
                 Err(e) => {
@@ -572,9 +700,19 @@ impl Tuner {
             .rev()
             .find(|d| !matches!(d, Decision::NoOp | Decision::Kept { .. }))
             .map_or_else(|| "noop".to_string(), Decision::action_label);
+        let age_ns = sample.taken.map_or(0, |t| {
+            u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        });
         {
             let mut s = lock(&self.shared.stats);
             s.decisions += 1;
+            s.outside_changes += u64::from(outside.is_some());
+            s.knob_generation = report.knob_generation;
+            s.knobs_seen = Some(report.knobs_seen.clone());
+            s.allowed_last = report.allowed.clone();
+            s.sample_age_ns_last = age_ns;
+            s.decision_ns_last = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.sample_age_ns_max = s.sample_age_ns_max.max(age_ns);
             s.explored += u64::from(report.explored);
             s.last_reward = Some(r);
             s.last_action = Some(report.label.clone());
@@ -618,26 +756,27 @@ impl Tuner {
         report
     }
 
-    /// Runs the policy on the sample (with the forecast appended when it asks for it).
-    fn infer(
+    /// Runs the policy on the sample (with the forecast appended when it asks for it):
+    /// a network's Q-values (checked) or a baseline's action, and the time it took.
+    fn propose(
         &mut self,
         sample: &Sample,
         device_load: Vec<f64>,
-    ) -> Result<(Vec<f32>, u64), PolicyError> {
+    ) -> Result<(Proposal, u64), PolicyError> {
         let ctx = PolicyContext {
             knobs: Some(self.manager.state().clone()),
             device_load,
         };
         let n = Schema::len();
         let mut policy = lock(&self.shared.policy);
-        policy.set_context(&ctx);
         let size = policy.input_size();
         let mut input = Vec::with_capacity(size);
         input.extend_from_slice(&sample.vector);
         if size == 2 * n {
-            if let Some(fc) = policy.forecast_config() {
+            // The forecast step: as the network was trained to see it (its card's
+            // factors; the history restarts when they change).
+            if let Some(fc) = policy.model_card().and_then(|c| c.forecast) {
                 if fc != self.forecaster.config() {
-                    // Forecast as the policy was trained to see it (history restarts).
                     if let Ok(mut f) = HoltForecaster::new(n, fc) {
                         if f.observe(&sample.vector).is_ok() {
                             self.forecaster = f;
@@ -654,11 +793,13 @@ impl Tuner {
             });
         }
         let t0 = Instant::now();
-        let q = policy.q_values(&input)?;
+        let proposal = policy.propose(&input, &ctx)?;
         let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         drop(policy);
-        check_q(&q, self.manager.space().len())?;
-        Ok((q, ns))
+        if let Proposal::QValues(q) = &proposal {
+            check_q(q, self.manager.space().len())?;
+        }
+        Ok((proposal, ns))
     }
 
     fn store_outcome(&self, ts_ns: u64, label: String, reward: Option<f64>) {
@@ -701,7 +842,7 @@ mod tests {
     use crate::actions::PriorityLevel;
     use crate::manager::tests::FakeKnobs;
     use crate::manager::{Bounds, KnobState, ManagerConfig, Watchdog};
-    use crate::policy::{ThresholdConfig, ThresholdPolicy};
+    use crate::policy::{ModelCard, ThresholdConfig, ThresholdPolicy};
     use crate::schema::FEATURES;
     use crate::state_repo::{RepoConfig, Row, StateRepo};
     use std::time::Duration;
@@ -747,13 +888,29 @@ mod tests {
         }
     }
 
-    impl Policy for Scripted {
+    impl QNetwork for Scripted {
         fn id(&self) -> &str {
             &self.id
         }
         fn q_values(&mut self, _input: &[f32]) -> Result<Vec<f32>, PolicyError> {
             Ok(self.q.clone())
         }
+    }
+
+    #[test]
+    fn a_baseline_s_masked_choice_becomes_noop_and_exploration_stays_in_the_mask() {
+        let mut rng = XorShift64::new(7);
+        let mask = [true, false, true, true];
+        let pick = |c, e, rng: &mut XorShift64| select_baseline(c, &mask, e, rng).unwrap();
+        assert_eq!(pick(Some(2), 0.0, &mut rng).index, 2);
+        assert_eq!(pick(Some(1), 0.0, &mut rng).index, 0, "masked: noop");
+        assert_eq!(pick(None, 0.0, &mut rng).index, 0);
+        for _ in 0..50 {
+            let s = pick(Some(2), 1.0, &mut rng);
+            assert!(s.explored && mask[s.index], "{s:?}");
+        }
+        assert!(select_baseline(Some(0), &mask, 1.5, &mut rng).is_err());
+        assert!(select_baseline(Some(0), &[false; 3], 0.0, &mut rng).is_err());
     }
 
     #[test]
@@ -786,7 +943,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(knobs.clone()),
-            Box::new(policy),
+            Policy::baseline(policy),
         )
         .unwrap();
         let r1 = t.step(&sample(1, 0.95, 1e4));
@@ -811,7 +968,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(FakeKnobs::default()),
-            Box::new(Scripted::prefer(&space, "vcpu+1")),
+            Policy::network(Scripted::prefer(&space, "vcpu+1")),
         )
         .unwrap()
         .with_experience(tx);
@@ -845,7 +1002,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(knobs.clone()),
-            Box::new(Scripted::prefer(&space, "vcpu+2")),
+            Policy::network(Scripted::prefer(&space, "vcpu+2")),
         )
         .unwrap()
         .with_repo(writer.clone());
@@ -890,14 +1047,14 @@ mod tests {
             },
             m,
             Box::new(knobs.clone()),
-            Box::new(Scripted::prefer(&space, "noop")),
+            Policy::network(Scripted::prefer(&space, "noop")),
         )
         .unwrap()
         .with_repo(writer.clone());
         let handle = t.policy_handle();
         t.step(&sample(1, 0.5, 1e6));
         t.step(&sample(2, 0.5, 1e6));
-        handle.swap(Box::new(Scripted::prefer(&space, "rl:blk0:4")));
+        handle.swap(Policy::network(Scripted::prefer(&space, "rl:blk0:4")));
         assert_eq!(t.step(&sample(3, 0.5, 1e6)).label, "rl:blk0:4");
         // A tightening: its first interval settles, the next three judge it.
         t.step(&sample(4, 0.5, 1e1));
@@ -934,7 +1091,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(knobs.clone()),
-            Box::new(nan),
+            Policy::network(nan),
         )
         .unwrap()
         .with_repo(repo.writer())
@@ -970,7 +1127,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(FakeKnobs::default()),
-            Box::new(StaticPolicy::new(&space)),
+            Policy::static_for(&space),
         )
         .unwrap()
         .with_repo(repo.writer());
@@ -1023,7 +1180,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(knobs.clone()),
-            Box::new(policy),
+            Policy::baseline(policy),
         )
         .unwrap();
         // Utilisation rising 0.5, 0.65, 0.75, 0.79: the forecast crosses 0.8 before the value.
@@ -1041,8 +1198,17 @@ mod tests {
 
     #[test]
     fn a_policy_brings_its_own_forecast_factors() {
-        struct Wide(Vec<usize>);
-        impl Policy for Wide {
+        struct Wide(Vec<usize>, ModelCard);
+        fn wide_card() -> ModelCard {
+            let mut card =
+                ModelCard::from_json(include_str!("../../models/test-policy.card.json")).unwrap();
+            card.forecast = Some(ForecastConfig {
+                alpha: 1.0,
+                beta: 1.0,
+            });
+            card
+        }
+        impl QNetwork for Wide {
             fn id(&self) -> &str {
                 "wide"
             }
@@ -1053,18 +1219,15 @@ mod tests {
             fn input_size(&self) -> usize {
                 2 * Schema::len()
             }
-            fn forecast_config(&self) -> Option<ForecastConfig> {
-                Some(ForecastConfig {
-                    alpha: 1.0,
-                    beta: 1.0,
-                })
+            fn model_card(&self) -> Option<&ModelCard> {
+                Some(&self.1)
             }
         }
         let mut t = Tuner::new(
             TunerConfig::default(),
             manager(ManagerConfig::default()),
             Box::new(FakeKnobs::default()),
-            Box::new(Wide(Vec::new())),
+            Policy::network(Wide(Vec::new(), wide_card())),
         )
         .unwrap();
         t.step(&sample(1, 0.5, 1e3));
@@ -1091,8 +1254,13 @@ mod tests {
             ..FakeKnobs::default()
         };
         let policy = ThresholdPolicy::new(&space, ThresholdConfig::default());
-        let mut t =
-            Tuner::new(TunerConfig::default(), m, Box::new(knobs), Box::new(policy)).unwrap();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs),
+            Policy::baseline(policy),
+        )
+        .unwrap();
         // First step has no activity delta yet; the constant counters give zero load then.
         assert_eq!(t.step(&sample(1, 0.5, 1e3)).label, "noop");
         assert_eq!(t.step(&sample(2, 0.5, 1e3)).label, "noop");
@@ -1108,7 +1276,7 @@ mod tests {
             config,
             m,
             Box::new(FakeKnobs::default()),
-            Box::new(StaticPolicy::new(&space)),
+            Policy::static_for(&space),
         )
         .unwrap();
         for i in 1..=20 {
@@ -1148,8 +1316,13 @@ mod tests {
         let fake = FakeKnobs::default();
         let knobs = Growing(Arc::new(AtomicU64::new(0)), fake.clone());
         let policy = ThresholdPolicy::new(&space, ThresholdConfig::default());
-        let mut t =
-            Tuner::new(TunerConfig::default(), m, Box::new(knobs), Box::new(policy)).unwrap();
+        let mut t = Tuner::new(
+            TunerConfig::default(),
+            m,
+            Box::new(knobs),
+            Policy::baseline(policy),
+        )
+        .unwrap();
         assert_eq!(t.step(&sample(1, 0.5, 1e3)).label, "noop");
         assert_eq!(t.step(&sample(2, 0.5, 1e3)).label, "prio:blk1:high");
         assert_eq!(
@@ -1168,7 +1341,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(knobs.clone()),
-            Box::new(Scripted::prefer(&space, "vcpu+1")),
+            Policy::network(Scripted::prefer(&space, "vcpu+1")),
         )
         .unwrap()
         .with_heartbeat(w.heartbeat());
@@ -1209,7 +1382,7 @@ mod tests {
             TunerConfig::default(),
             m,
             Box::new(FakeKnobs::default()),
-            Box::new(StaticPolicy::new(&space)),
+            Policy::static_for(&space),
         )
         .unwrap();
         let handle = t.policy_handle();
@@ -1236,7 +1409,7 @@ mod tests {
     fn a_panicking_policy_ends_in_the_static_configuration() {
         use crate::agent::{Agent, AgentConfig};
         struct Panics;
-        impl Policy for Panics {
+        impl QNetwork for Panics {
             fn id(&self) -> &str {
                 "panics"
             }
@@ -1249,7 +1422,7 @@ mod tests {
             TunerConfig::default(),
             manager(ManagerConfig::default()),
             Box::new(knobs.clone()),
-            Box::new(Panics),
+            Policy::network(Panics),
         )
         .unwrap();
         let handle = t.policy_handle();
@@ -1281,10 +1454,8 @@ mod tests {
     #[test]
     fn bad_config_is_rejected() {
         let m = || manager(ManagerConfig::default());
-        let p = || -> Box<dyn Policy> {
-            Box::new(StaticPolicy::new(&ActionSpace::new(
-                crate::actions::VmShape::new(4, 1, 0),
-            )))
+        let p = || -> Policy {
+            Policy::static_for(&ActionSpace::new(crate::actions::VmShape::new(4, 1, 0)))
         };
         let k = || -> Box<dyn Knobs> { Box::new(FakeKnobs::default()) };
         let mut c = TunerConfig::default();

@@ -18,6 +18,8 @@
 //! - [`guest_profile`]: the guest profiler's counts and per-interval shares (idle, I/O, compute, hottest).
 //! - [`policy`]: ONNX Q-network policies (tract) with model cards, the static and
 //!   threshold baselines, epsilon-greedy selection.
+//! - [`knob_state`]: the one typed state of a VM's knobs, with its generation, as the
+//!   monitor's knob controller keeps it.
 //! - [`manager`]: the configuration manager's safeguards (bounds, cooldown, rollback,
 //!   watchdog) and the [`manager::Knobs`] trait the monitor implements.
 //! - [`control`]: the tuner loop tying them together as an agent sink, with hot reload.
@@ -39,6 +41,7 @@ pub mod counters;
 pub mod files;
 pub mod forecast;
 pub mod guest_profile;
+pub mod knob_state;
 pub mod manager;
 pub mod policy;
 pub mod prometheus;

@@ -147,7 +147,7 @@ impl Bounds {
 
 /// The current setting of every knob the tuner controls, for the VM's devices in a slot
 /// of the layout (the vector index is the slot: `priority[1]` is `blk1`'s).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KnobState {
     /// vCPUs allocated.
     pub vcpus: u32,
@@ -290,6 +290,12 @@ pub trait Knobs: Send {
     /// What the host's arbiter grants (`vmm host`); everything without one.
     fn host_grant(&self) -> HostGrant {
         HostGrant::default()
+    }
+    /// The knobs in force as the monitor's knob controller holds them, with their
+    /// generation (see [`crate::knob_state::VmKnobs`]); `None` when the monitor keeps no
+    /// such state (test fakes): the manager then tracks the knobs it set itself.
+    fn observed(&self) -> Option<(u64, KnobState)> {
+        None
     }
 }
 
@@ -574,6 +580,8 @@ pub struct ConfigManager {
     /// What the host's arbiter grants this VM (`vmm host`); a step above it is refused
     /// and masked.
     grant: HostGrant,
+    /// Generation of the knob state last read from the monitor ([`Knobs::observed`]).
+    generation: Option<u64>,
 }
 
 /// The host arbiter's grant as the tuner sees it (`vmm host`); the default grants all.
@@ -637,6 +645,7 @@ impl ConfigManager {
             pending: None,
             rolled_back: HashMap::new(),
             grant: HostGrant::default(),
+            generation: None,
         })
     }
 
@@ -665,6 +674,48 @@ impl ConfigManager {
     /// The knobs as the manager last set them.
     pub fn state(&self) -> &KnobState {
         &self.state
+    }
+
+    /// Generation of the monitor's knob state the manager last read (`None` before the
+    /// first read, or with a monitor that keeps none).
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
+    }
+
+    /// Reads the knobs in force from the monitor ([`Knobs::observed`]): they become the
+    /// state the masks, the bounds checks and the reward's cost term see. When a writer
+    /// other than this manager changed a knob it turns (the control API, the host's
+    /// grant), a change being watched is no longer attributable and its inverse would
+    /// undo the other writer's setting: the watch ends (the change is kept) and the
+    /// reward history, taken under other knobs, is cleared. Returns a description of
+    /// such an outside change.
+    pub fn observe(&mut self, knobs: &dyn Knobs) -> Option<String> {
+        let (generation, observed) = knobs.observed()?;
+        if self.generation == Some(generation) {
+            return None;
+        }
+        self.generation = Some(generation);
+        if observed == self.state {
+            return None;
+        }
+        let detail = format!(
+            "knobs changed outside the tuner (generation {generation}): {:?} -> {:?}",
+            self.state, observed
+        );
+        self.state = observed;
+        if let Some(p) = self.pending.take() {
+            log::info!("tuner: watch of {} ends: {detail}", p.name);
+        }
+        self.history.clear();
+        Some(detail)
+    }
+
+    /// After a write of this manager: the state is what the monitor now holds.
+    fn sync(&mut self, knobs: &dyn Knobs) {
+        if let Some((generation, observed)) = knobs.observed() {
+            self.generation = Some(generation);
+            self.state = observed;
+        }
     }
 
     /// The static configuration.
@@ -767,6 +818,7 @@ impl ConfigManager {
         match knobs.apply(&p.inverse) {
             Ok(()) => {
                 self.state = p.before;
+                self.sync(knobs);
                 if let Some(k) = p.action.knob() {
                     self.last_change.insert(k, self.interval);
                 }
@@ -886,6 +938,7 @@ impl ConfigManager {
             };
         }
         let before = std::mem::replace(&mut self.state, next);
+        self.sync(knobs);
         if let Some(k) = action.knob() {
             self.last_change.insert(k, self.interval);
         }
@@ -964,6 +1017,7 @@ impl ConfigManager {
                 .map_err(|e| format!("{name}: {e}"))?;
             knobs.apply(&action).map_err(|e| format!("{name}: {e}"))?;
             self.state = next;
+            self.sync(knobs);
             applied.push(name);
         }
         Ok(applied)
@@ -973,6 +1027,7 @@ impl ConfigManager {
     pub fn restore_static(&mut self, knobs: &mut dyn Knobs, reason: &str) -> Decision {
         knobs.restore_static();
         self.reset_to_static();
+        self.sync(knobs);
         Decision::RestoredStatic {
             reason: reason.to_string(),
         }

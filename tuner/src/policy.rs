@@ -1,12 +1,13 @@
 //! Policies: what maps a performance vector to one Q-value per action, and the
 //! epsilon-greedy choice among the valid actions.
 //!
-//! - [`Policy`]: the interface. [`OnnxPolicy`] runs a Q-network exported to ONNX with
-//!   tract; [`StaticPolicy`] (always `noop`) and [`ThresholdPolicy`] (scale up above 80%
-//!   CPU utilisation, down below 30%, with hysteresis; raise the priority of the busiest
-//!   device) are the baselines behind the same interface. Baselines produce Q-values too:
-//!   1 for the action they choose, 0.5 for `noop` (the fallback when the choice is masked)
-//!   and 0 elsewhere.
+//! - [`QNetwork`]: a Q-network's interface (one Q-value per action); [`OnnxPolicy`] runs
+//!   one exported to ONNX with tract. [`Baseline`]: a baseline's interface (an action,
+//!   no Q-values): [`StaticPolicy`] (always `noop`) and [`ThresholdPolicy`] (scale up
+//!   above 80% CPU utilisation, down below 30%, with hysteresis; raise the priority of
+//!   the busiest device). [`Policy`] is either; the tuner's loop masks, explores and
+//!   selects, forecasts for a network that asks for it and applies a network's start
+//!   configuration (from its card).
 //! - [`ModelCard`]: the JSON file beside a model (`NAME.onnx` -> `NAME.card.json`) naming
 //!   the schema version, the input and output sizes, the action list, the reward weights
 //!   it was trained for, what it was trained on and its evaluation (a reference input and
@@ -19,7 +20,7 @@
 //! # Inputs
 //!
 //! A policy's input is the normalised performance vector of [`crate::schema`]
-//! (`Schema::len()` features); a policy whose [`Policy::input_size`] is twice that gets
+//! (`Schema::len()` features); a policy whose [`QNetwork::input_size`] is twice that gets
 //! the vector followed by its one-step forecast ([`crate::forecast`]).
 //!
 //! # Loading an ONNX policy
@@ -212,10 +213,11 @@ pub struct PolicyContext {
     pub device_load: Vec<f64>,
 }
 
-/// A policy: maps the input vector to one Q-value per action of the space.
-pub trait Policy: Send {
-    /// Identifies the policy (model name, `static`, `threshold`) in logs and the state
-    /// repository.
+/// A Q-network: maps the input vector to one Q-value per action of the space. The
+/// tuner's loop masks them, explores epsilon-greedily and picks; it reads the network's
+/// forecast factors and start configuration from its card.
+pub trait QNetwork: Send {
+    /// Identifies the network (model name) in logs and the state repository.
     fn id(&self) -> &str;
 
     /// One Q-value per action (higher is better). Errors on a wrong input length and on
@@ -228,25 +230,106 @@ pub trait Policy: Send {
         Schema::len()
     }
 
-    /// Gives the policy the context of the coming decision (called before
-    /// [`Policy::q_values`]; learned policies ignore it).
-    fn set_context(&mut self, _ctx: &PolicyContext) {}
-
-    /// True once when the knobs should go back to the static configuration before the
-    /// next decision (an A/B test starting a new block, so each arm starts alike).
-    fn take_reset_request(&mut self) -> bool {
-        false
-    }
-
-    /// The Holt factors the policy was trained with, when it takes the forecast as input
-    /// and they differ from the defaults (the tuner then forecasts with them).
-    fn forecast_config(&self) -> Option<ForecastConfig> {
+    /// The network's model card (its forecast factors, its start configuration), when it
+    /// has one.
+    fn model_card(&self) -> Option<&ModelCard> {
         None
     }
+}
 
-    /// The configuration the policy starts a VM in, when its model card names one.
-    fn start_config(&self) -> Option<StartConfig> {
-        None
+/// A baseline: chooses an action from the input vector and the knobs in force (no
+/// Q-values). The tuner's loop applies it when the mask allows it, else `noop`.
+pub trait Baseline: Send {
+    /// Identifies the baseline (`static`, `threshold`) in logs and the state repository.
+    fn id(&self) -> &str;
+
+    /// Length of the input it reads (as [`QNetwork::input_size`]).
+    fn input_size(&self) -> usize {
+        Schema::len()
+    }
+
+    /// The action for this interval, knowing the knobs in force and the devices' load.
+    fn choose(&mut self, input: &[f32], ctx: &PolicyContext) -> Action;
+}
+
+/// What decides for the tuner: a Q-network or a baseline.
+pub enum Policy {
+    /// A Q-network (ONNX through tract, or a test's).
+    Network(Box<dyn QNetwork>),
+    /// A baseline.
+    Baseline(Box<dyn Baseline>),
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Policy({})", self.id())
+    }
+}
+
+/// One decision's proposal: Q-values to select from, or a baseline's action.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Proposal {
+    /// One Q-value per action.
+    QValues(Vec<f32>),
+    /// The action a baseline chose.
+    Action(Action),
+}
+
+impl Policy {
+    /// A Q-network as a policy.
+    pub fn network(n: impl QNetwork + 'static) -> Policy {
+        Policy::Network(Box::new(n))
+    }
+
+    /// A baseline as a policy.
+    pub fn baseline(b: impl Baseline + 'static) -> Policy {
+        Policy::Baseline(Box::new(b))
+    }
+
+    /// The static configuration (always `noop`).
+    pub fn static_for(space: &ActionSpace) -> Policy {
+        Policy::baseline(StaticPolicy::new(space))
+    }
+
+    /// The id of the network or baseline.
+    pub fn id(&self) -> &str {
+        match self {
+            Policy::Network(n) => n.id(),
+            Policy::Baseline(b) => b.id(),
+        }
+    }
+
+    /// The input length it reads.
+    pub fn input_size(&self) -> usize {
+        match self {
+            Policy::Network(n) => n.input_size(),
+            Policy::Baseline(b) => b.input_size(),
+        }
+    }
+
+    /// The network's model card, if a network with one.
+    pub fn model_card(&self) -> Option<&ModelCard> {
+        match self {
+            Policy::Network(n) => n.model_card(),
+            Policy::Baseline(_) => None,
+        }
+    }
+
+    /// Its proposal for `input` (`ctx`: the knobs in force and the devices' load, which
+    /// only baselines read).
+    pub fn propose(&mut self, input: &[f32], ctx: &PolicyContext) -> Result<Proposal, PolicyError> {
+        match self {
+            Policy::Network(n) => n.q_values(input).map(Proposal::QValues),
+            Policy::Baseline(b) => {
+                if input.len() != b.input_size() {
+                    return Err(PolicyError::InputLength {
+                        expected: b.input_size(),
+                        got: input.len(),
+                    });
+                }
+                Ok(Proposal::Action(b.choose(input, ctx)))
+            }
+        }
     }
 }
 
@@ -906,7 +989,7 @@ pub fn check_q(q: &[f32], n_actions: usize) -> Result<(), PolicyError> {
     Ok(())
 }
 
-impl Policy for OnnxPolicy {
+impl QNetwork for OnnxPolicy {
     fn id(&self) -> &str {
         &self.id
     }
@@ -928,12 +1011,8 @@ impl Policy for OnnxPolicy {
         self.input_size
     }
 
-    fn forecast_config(&self) -> Option<ForecastConfig> {
-        self.card.forecast
-    }
-
-    fn start_config(&self) -> Option<StartConfig> {
-        self.card.start.clone()
+    fn model_card(&self) -> Option<&ModelCard> {
+        Some(&self.card)
     }
 }
 
@@ -944,57 +1023,34 @@ pub fn load_or_static(
     path: impl AsRef<Path>,
     space: &ActionSpace,
     weights: Option<&RewardWeights>,
-) -> (Box<dyn Policy>, Option<PolicyError>) {
+) -> (Policy, Option<PolicyError>) {
     match OnnxPolicy::load(path.as_ref(), space, weights) {
-        Ok(p) => (Box::new(p), None),
+        Ok(p) => (Policy::network(p), None),
         Err(e) => {
             log::error!("policy not loaded, running on the static configuration: {e}");
-            (Box::new(StaticPolicy::new(space)), Some(e))
+            (Policy::static_for(space), Some(e))
         }
     }
 }
 
-/// Q-values of a baseline choosing `chosen`: 1 for it, 0.5 for `noop` (index 0), 0
-/// elsewhere.
-fn baseline_q(n: usize, chosen: Option<usize>) -> Vec<f32> {
-    let mut q = vec![0.0; n];
-    if let Some(first) = q.first_mut() {
-        *first = 0.5;
-    }
-    if let Some(v) = chosen.and_then(|i| q.get_mut(i)) {
-        *v = 1.0;
-    }
-    q
-}
-
-/// The static configuration as a policy: always `noop`.
+/// The static configuration as a baseline: always `noop`.
 #[derive(Debug, Clone)]
-pub struct StaticPolicy {
-    n_actions: usize,
-}
+pub struct StaticPolicy;
 
 impl StaticPolicy {
-    /// The static policy for `space`.
-    pub fn new(space: &ActionSpace) -> StaticPolicy {
-        StaticPolicy {
-            n_actions: space.len(),
-        }
+    /// The static policy (for any action space: `noop` is in every one).
+    pub fn new(_space: &ActionSpace) -> StaticPolicy {
+        StaticPolicy
     }
 }
 
-impl Policy for StaticPolicy {
+impl Baseline for StaticPolicy {
     fn id(&self) -> &str {
         "static"
     }
 
-    fn q_values(&mut self, input: &[f32]) -> Result<Vec<f32>, PolicyError> {
-        if input.len() < Schema::len() {
-            return Err(PolicyError::InputLength {
-                expected: Schema::len(),
-                got: input.len(),
-            });
-        }
-        Ok(baseline_q(self.n_actions, Some(0)))
+    fn choose(&mut self, _input: &[f32], _ctx: &PolicyContext) -> Action {
+        Action::NoOp
     }
 }
 
@@ -1055,7 +1111,7 @@ impl ThresholdPolicy {
         }
     }
 
-    fn choose(&mut self, input: &[f32]) -> Action {
+    fn pick(&mut self, input: &[f32]) -> Action {
         let n = Schema::len();
         let at = FeatureId::CpuUtilisation.index();
         let current = input.get(at).copied().unwrap_or(0.0);
@@ -1118,24 +1174,13 @@ impl ThresholdPolicy {
     }
 }
 
-impl Policy for ThresholdPolicy {
+impl Baseline for ThresholdPolicy {
     fn id(&self) -> &str {
         if self.config.predictive {
             "threshold-predictive"
         } else {
             "threshold"
         }
-    }
-
-    fn q_values(&mut self, input: &[f32]) -> Result<Vec<f32>, PolicyError> {
-        if input.len() != self.input_size() {
-            return Err(PolicyError::InputLength {
-                expected: self.input_size(),
-                got: input.len(),
-            });
-        }
-        let action = self.choose(input);
-        Ok(baseline_q(self.space.len(), self.space.index_of(&action)))
     }
 
     fn input_size(&self) -> usize {
@@ -1146,8 +1191,9 @@ impl Policy for ThresholdPolicy {
         }
     }
 
-    fn set_context(&mut self, ctx: &PolicyContext) {
+    fn choose(&mut self, input: &[f32], ctx: &PolicyContext) -> Action {
         self.ctx = ctx.clone();
+        self.pick(input)
     }
 }
 
@@ -1418,47 +1464,38 @@ mod tests {
     }
 
     #[test]
-    fn static_policy_always_prefers_noop() {
+    fn static_policy_always_chooses_noop() {
         let space = ActionSpace::new(VmShape::new(4, 1, 0));
-        let mut p = StaticPolicy::new(&space);
-        let q = p.q_values(&input_with_util(0.99)).unwrap();
-        assert_eq!(q.len(), space.len());
-        let mut rng = XorShift64::new(1);
+        let mut p = Policy::static_for(&space);
+        let ctx = PolicyContext::default();
         assert_eq!(
-            select(&q, &vec![true; space.len()], 0.0, &mut rng).unwrap(),
-            0
+            p.propose(&input_with_util(0.99), &ctx).unwrap(),
+            Proposal::Action(Action::NoOp)
         );
         assert_eq!(p.id(), "static");
-        assert!(p.q_values(&[0.0; 3]).is_err());
+        assert!(p.model_card().is_none());
+        assert!(p.propose(&[0.0; 3], &ctx).is_err());
     }
 
     #[test]
     fn threshold_policy_scales_with_hysteresis() {
         let space = ActionSpace::new(VmShape::new(4, 1, 0));
         let mut p = ThresholdPolicy::new(&space, ThresholdConfig::default());
-        let up = space.index_of(&Action::VcpuDelta(1)).unwrap();
-        let down = space.index_of(&Action::VcpuDelta(-1)).unwrap();
-        let pick = |p: &mut ThresholdPolicy, util: f32| {
-            let q = p.q_values(&input_with_util(util)).unwrap();
-            let mut rng = XorShift64::new(1);
-            select(&q, &vec![true; q.len()], 0.0, &mut rng).unwrap()
-        };
-        assert_eq!(pick(&mut p, 0.9), 0, "one interval above is not enough");
-        assert_eq!(pick(&mut p, 0.9), up);
-        assert_eq!(pick(&mut p, 0.9), 0, "count restarts after acting");
-        assert_eq!(pick(&mut p, 0.5), 0);
-        assert_eq!(pick(&mut p, 0.2), 0);
-        assert_eq!(pick(&mut p, 0.6), 0, "back in the band resets");
-        assert_eq!(pick(&mut p, 0.2), 0);
-        assert_eq!(pick(&mut p, 0.1), down);
-        // When vcpu+1 is masked, noop (0.5) beats everything else (0).
-        assert_eq!(pick(&mut p, 0.95), 0);
-        let q = p.q_values(&input_with_util(0.95)).unwrap();
-        let mut mask = vec![true; q.len()];
-        mask[up] = false;
-        assert_eq!(select(&q, &mask, 0.0, &mut XorShift64::new(1)).unwrap(), 0);
+        let ctx = PolicyContext::default();
+        let up = Action::VcpuDelta(1);
+        let down = Action::VcpuDelta(-1);
+        let mut pick = |util: f32| p.choose(&input_with_util(util), &ctx);
+        assert_eq!(pick(0.9), Action::NoOp, "one interval above is not enough");
+        assert_eq!(pick(0.9), up);
+        assert_eq!(pick(0.9), Action::NoOp, "count restarts after acting");
+        assert_eq!(pick(0.5), Action::NoOp);
+        assert_eq!(pick(0.2), Action::NoOp);
+        assert_eq!(pick(0.6), Action::NoOp, "back in the band resets");
+        assert_eq!(pick(0.2), Action::NoOp);
+        assert_eq!(pick(0.1), down);
+        let mut policy = Policy::baseline(ThresholdPolicy::new(&space, ThresholdConfig::default()));
         assert!(matches!(
-            p.q_values(&[0.0; 5]),
+            policy.propose(&[0.0; 5], &ctx),
             Err(PolicyError::InputLength { .. })
         ));
     }
@@ -1472,52 +1509,41 @@ mod tests {
             ..ThresholdConfig::default()
         };
         let mut p = ThresholdPolicy::new(&space, config);
-        assert_eq!(p.input_size(), 2 * Schema::len());
-        assert_eq!(p.id(), "threshold-predictive");
+        assert_eq!(Baseline::input_size(&p), 2 * Schema::len());
+        assert_eq!(Baseline::id(&p), "threshold-predictive");
         let n = Schema::len();
         let util = FeatureId::CpuUtilisation.index();
         let mut input = vec![0.5; 2 * n];
         input[util] = 0.7;
         input[n + util] = 0.85; // rising: the forecast crosses the threshold first
-        let q = p.q_values(&input).unwrap();
-        assert_eq!(q[space.index_of(&Action::VcpuDelta(1)).unwrap()], 1.0);
+        let none = PolicyContext::default();
+        assert_eq!(p.choose(&input, &none), Action::VcpuDelta(1));
 
         let mut knobs = KnobState::initial(&space, 2);
-        p.set_context(&PolicyContext {
+        let ctx = |knobs: &KnobState, load: Vec<f64>| PolicyContext {
             knobs: Some(knobs.clone()),
-            device_load: vec![10.0, 500.0],
-        });
+            device_load: load,
+        };
         input[util] = 0.5;
         input[n + util] = 0.5;
-        let q = p.q_values(&input).unwrap();
         let raise = Action::Priority {
             device: 1,
             level: PriorityLevel::High,
         };
-        assert_eq!(q[space.index_of(&raise).unwrap()], 1.0);
+        assert_eq!(p.choose(&input, &ctx(&knobs, vec![10.0, 500.0])), raise);
         // Once blk1 is high and blk0 becomes the busiest: raise blk0, then lower blk1.
         knobs.priority[1] = PriorityLevel::High;
-        p.set_context(&PolicyContext {
-            knobs: Some(knobs.clone()),
-            device_load: vec![900.0, 5.0],
-        });
-        let q = p.q_values(&input).unwrap();
         let raise0 = Action::Priority {
             device: 0,
             level: PriorityLevel::High,
         };
-        assert_eq!(q[space.index_of(&raise0).unwrap()], 1.0);
+        assert_eq!(p.choose(&input, &ctx(&knobs, vec![900.0, 5.0])), raise0);
         knobs.priority[0] = PriorityLevel::High;
-        p.set_context(&PolicyContext {
-            knobs: Some(knobs),
-            device_load: vec![900.0, 5.0],
-        });
-        let q = p.q_values(&input).unwrap();
         let lower1 = Action::Priority {
             device: 1,
             level: PriorityLevel::Medium,
         };
-        assert_eq!(q[space.index_of(&lower1).unwrap()], 1.0);
+        assert_eq!(p.choose(&input, &ctx(&knobs, vec![900.0, 5.0])), lower1);
     }
 
     fn card(space: &ActionSpace) -> ModelCard {

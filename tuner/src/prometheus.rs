@@ -147,6 +147,21 @@ impl Out {
     }
 }
 
+/// The slow readers' dropped samples (each sink's bounded queue drops when full), by
+/// sink, in the text format.
+pub fn render_sink_drops(drops: &[(String, u64)], labels: &SeriesLabels) -> String {
+    let mut o = Out::new(labels);
+    o.family(
+        "vmm_tuner_sink_dropped_total",
+        "counter",
+        "Samples a slow reader (state repository writer, ...) did not take in time, by sink.",
+    );
+    for (name, n) in drops {
+        o.sample("vmm_tuner_sink_dropped_total", &[("sink", name)], n);
+    }
+    o.text
+}
+
 /// Renders a snapshot (and, if given, the latest sample's features) in the text format.
 /// Every series carries `labels` (the VM and host it comes from).
 pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>, labels: &SeriesLabels) -> String {
@@ -898,7 +913,11 @@ impl Responder {
         let body = catch_unwind(AssertUnwindSafe(|| {
             let snapshot = self.source.snapshot();
             let sample = self.latest.as_ref().and_then(|l| l.get());
-            render(&snapshot, sample.as_deref(), &self.labels)
+            let mut text = render(&snapshot, sample.as_deref(), &self.labels);
+            if let Some(l) = &self.latest {
+                text.push_str(&render_sink_drops(&l.sink_drops(), &self.labels));
+            }
+            text
         }));
         let Ok(body) = body else {
             log::error!("metrics: reading the counters panicked");

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tuner::actions::{ActionSpace, VmShape};
-use tuner::policy::{load_or_static, ModelCard, OnnxPolicy, Policy, PolicyError};
+use tuner::policy::{
+    load_or_static, ModelCard, OnnxPolicy, PolicyContext, PolicyError, Proposal, QNetwork,
+};
 use tuner::reward::RewardWeights;
 use tuner::schema::Schema;
 
@@ -117,7 +119,12 @@ fn missing_files_are_reported_by_name() {
     let (mut p, err) = load_or_static(&path, &space(), None);
     assert!(err.is_some());
     assert_eq!(p.id(), "static");
-    assert_eq!(p.q_values(&vec![0.0; Schema::len()]).unwrap()[0], 1.0);
+    // A baseline: it proposes `noop`, no Q-values.
+    assert_eq!(
+        p.propose(&vec![0.0; Schema::len()], &PolicyContext::default())
+            .unwrap(),
+        Proposal::Action(tuner::actions::Action::NoOp)
+    );
 }
 
 #[test]
@@ -295,7 +302,7 @@ fn the_shipped_general_policy_loads_and_matches_its_card() {
         assert!((got - want).abs() <= tol, "q[{i}] = {got}, trainer {want}");
     }
     // A start configuration, when the trainer found one, is valid for any VM.
-    if let Some(start) = p.start_config() {
+    if let Some(start) = p.card().start.clone() {
         assert!((1..=8).contains(&start.active_vcpus), "{start:?}");
         assert!(start.drives.len() <= 4, "{start:?}");
     }

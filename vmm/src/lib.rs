@@ -11,6 +11,8 @@
 //! - [`runtime`]: the running VM's counters and knobs for the tuner and the control API.
 //! - [`cpu_quota`]: the vCPU threads' host CPU quota through cgroups (v2, v1 or none).
 //! - [`grant`]: the host arbiter's grant to this VM (`PUT /grant`), a cap on its knobs.
+//! - [`knobs`]: the knob controller: the one knob state (with its generation) and the one
+//!   path by which the API, the tuner, the watchdog and the grant change a knob.
 //! - [`host`]: `vmm host`, many VMs (each its own `vmm run`) under one arbiter.
 //! - [`profiler`]: the guest profiler (instruction-pointer samples per guest function).
 //! - [`vm`]: putting it all together and running a VM to its end.
@@ -25,6 +27,7 @@ pub mod cpu_quota;
 pub mod cpuid;
 pub mod grant;
 pub mod host;
+pub mod knobs;
 pub mod kvm_stats;
 pub mod memory;
 pub mod panics;

@@ -4,7 +4,7 @@
 //! turned while the guest runs.
 
 use devices::lock;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,14 +15,16 @@ use devices::vcpu_control::VcpuControl;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::{QueueMetrics, QueueMetricsSnapshot};
-use tuner::actions::{PriorityLevel, NET_QOS_LADDER, RATE_LADDER};
+use tuner::actions::NET_QOS_LADDER;
 use tuner::counters::{
     CounterSnapshot, CounterSource, DriveKnobs, GuestMetrics, HostCounters, MemoryCounters,
     QueueCounters,
 };
+use tuner::knob_state::{DriveKnobState, NetKnobState, VmKnobs};
 
 use crate::cpu_quota::{CpuQuota, ProbeRoots, QuotaStatus};
 use crate::grant::Grant;
+use crate::knobs::KnobController;
 use crate::kvm_stats::KvmStats;
 use crate::tuning::{nearest_ladder_level, nearest_priority_level};
 use crate::vcpu_stats::VcpuStats;
@@ -52,6 +54,9 @@ pub struct DriveHandle {
     pub id: String,
     /// The device.
     pub block: Arc<Mutex<Block>>,
+    /// Its [`tuner::actions::RATE_LADDER`] level at start (the configured `rate_level`,
+    /// or the nearest to its configured limits, computed once).
+    pub rate_level: usize,
 }
 
 /// Everything readable and adjustable about a running VM.
@@ -61,12 +66,10 @@ pub struct VmRuntime {
     vcpus: Vec<Arc<VcpuStats>>,
     kvm_stats: Vec<Mutex<Option<KvmStats>>>,
     drives: Vec<DriveHandle>,
-    /// Each drive's knobs in force (rate-ladder level, priority code), kept beside the
-    /// devices so the sampler reads them without a device or scheduler lock.
-    drive_knobs: Vec<KnobMirror>,
+    /// The knob controller: the one knob state, the one write path
+    /// ([`VmRuntime::control`]); the sampler reads it without a device or scheduler lock.
+    knobs: KnobController,
     nets: Vec<(String, Arc<Mutex<Net>>)>,
-    /// The network devices' QoS ladder level in force (same reason).
-    net_qos_level: AtomicU8,
     /// Each drive's and network queue's counters, taken out of the devices once so the
     /// sampler never waits on a device lock held by a busy I/O thread: (device id, queue,
     /// counters).
@@ -107,15 +110,6 @@ struct GrantState {
     cores_asked: Option<u32>,
     quota_asked: Option<f64>,
     limits_asked: std::collections::BTreeMap<String, RateLimiterConfig>,
-}
-
-/// A drive's knobs in force, as the performance vector reports them.
-#[derive(Debug, Default)]
-struct KnobMirror {
-    /// [`RATE_LADDER`] level (nearest for a limit off the ladder).
-    rate_level: AtomicU8,
-    /// [`PriorityLevel::code`] of the nearest named level.
-    priority: AtomicU8,
 }
 
 /// What reading KVM's dirty log needs, and the running total.
@@ -312,27 +306,44 @@ impl VmRuntime {
             queue_metrics.push((id.clone(), 0, n.rx_metrics()));
             queue_metrics.push((id.clone(), 1, n.tx_metrics()));
         }
-        let drive_knobs = drives
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let level = nearest_ladder_level(&lock(&d.block).rate_limit(), &RATE_LADDER);
-                let priority = scheduler
-                    .as_ref()
-                    .and_then(|s| lock(s).priority(QueueId(i as u32)).ok())
-                    .unwrap_or(Priority::Medium);
-                KnobMirror {
-                    rate_level: AtomicU8::new(level),
-                    priority: AtomicU8::new(nearest_priority_level(priority).code()),
-                }
-            })
-            .collect();
-        let net_qos_level = nets.first().map_or(0, |(_, n)| {
-            nearest_ladder_level(&lock(n).rate_limit(), &NET_QOS_LADDER)
+        let knobs = KnobController::new(VmKnobs {
+            generation: 0,
+            active_vcpus: vcpu_control.active(),
+            host_cores,
+            cpu_quota: None,
+            drives: drives
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let priority = scheduler
+                        .as_ref()
+                        .and_then(|s| lock(s).priority(QueueId(i as u32)).ok())
+                        .unwrap_or(Priority::Medium);
+                    DriveKnobState {
+                        id: d.id.clone(),
+                        limits: lock(&d.block).rate_limit(),
+                        rate_level: d.rate_level,
+                        priority,
+                        priority_level: nearest_priority_level(priority),
+                    }
+                })
+                .collect(),
+            // A network device's limits come from its configuration (one value for every
+            // device): the nearest level is computed once, here.
+            nets: nets
+                .iter()
+                .map(|(id, n)| {
+                    let limits = lock(n).rate_limit();
+                    NetKnobState {
+                        id: id.clone(),
+                        limits,
+                        qos_level: usize::from(nearest_ladder_level(&limits, &NET_QOS_LADDER)),
+                    }
+                })
+                .collect(),
         });
         Self {
-            drive_knobs,
-            net_qos_level: AtomicU8::new(net_qos_level),
+            knobs,
             queue_metrics,
             started: Instant::now(),
             mem_bytes,
@@ -358,6 +369,11 @@ impl VmRuntime {
             latest: Mutex::new(None),
             profiler,
         }
+    }
+
+    /// The knob controller (see [`crate::knobs`]).
+    pub(crate) fn knob_controller(&self) -> &KnobController {
+        &self.knobs
     }
 
     /// Registers the sampling agent's latest-sample slot (for `GET /vm`).
@@ -459,7 +475,8 @@ impl VmRuntime {
 
     /// Asks the guest to use `n` vCPUs (the others park; their threads block in the
     /// monitor and cost no host CPU).
-    pub fn set_vcpus(&self, n: u32) -> Result<(), ControlError> {
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_vcpus(&self, n: u32) -> Result<(), ControlError> {
         self.vcpu_control
             .set_active(n)
             .map_err(|e| ControlError::Refused(e.to_string()))
@@ -486,7 +503,8 @@ impl VmRuntime {
     /// The host arbiter's grant caps it ([`Self::set_grant`]): n above the grant gives
     /// the grant (rounded up, its fraction as CPU quota), and n is given back when a
     /// larger grant arrives.
-    pub fn set_host_cores(&self, n: u32) -> Result<(), ControlError> {
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_host_cores(&self, n: u32) -> Result<(), ControlError> {
         if n == 0 || n > self.host_cores {
             return Err(ControlError::Refused(format!(
                 "host_cores must be between 1 and {}, not {n}",
@@ -554,7 +572,8 @@ impl VmRuntime {
     /// Caps the vCPU threads at `cores` (fractional) host cores of CPU time together,
     /// without changing their affinity; `cores` >= the host's cores lifts the cap.
     /// The grant caps it as it caps [`Self::set_host_cores`].
-    pub fn set_cpu_quota(&self, cores: f64) -> Result<(), ControlError> {
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_cpu_quota(&self, cores: f64) -> Result<(), ControlError> {
         let cores = {
             let mut g = lock(&self.grant);
             g.quota_asked = Some(cores);
@@ -588,7 +607,8 @@ impl VmRuntime {
     /// Takes the host arbiter's grant and applies it at once: host cores, CPU quota and
     /// drive bandwidth above it are lowered to it; what was asked before a tighter grant
     /// is given back (up to the new one) when it grows.
-    pub fn set_grant(&self, grant: Grant) -> Result<(), ControlError> {
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_grant(&self, grant: Grant) -> Result<(), ControlError> {
         grant
             .validate(&self.drive_ids())
             .map_err(|e| ControlError::Refused(e.to_string()))?;
@@ -614,15 +634,15 @@ impl VmRuntime {
             )
         };
         log::info!("host grant: {:?}", self.grant());
-        self.set_host_cores(cores.clamp(1, self.host_cores))?;
+        self.device_set_host_cores(cores.clamp(1, self.host_cores))?;
         if let Some(q) = quota {
             // A quota asked alone (PATCH /vm cpu_quota) stays capped by the new grant.
-            if let Err(e) = self.set_cpu_quota(q) {
+            if let Err(e) = self.device_set_cpu_quota(q) {
                 log::warn!("CPU quota under the grant: {e}");
             }
         }
         for (id, asked) in limits {
-            self.set_rate_limit(&id, asked)?;
+            self.device_set_rate_limit(&id, asked)?;
         }
         Ok(())
     }
@@ -654,7 +674,8 @@ impl VmRuntime {
     }
 
     /// Changes a network device's limits (both directions) while the guest runs.
-    pub fn set_net_rate_limit(
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_net_rate_limit(
         &self,
         id: &str,
         config: RateLimiterConfig,
@@ -666,12 +687,7 @@ impl VmRuntime {
             .ok_or_else(|| ControlError::UnknownDrive(id.to_string()))?;
         lock(net)
             .set_rate_limit(config)
-            .map_err(|e| ControlError::Refused(e.to_string()))?;
-        self.net_qos_level.store(
-            nearest_ladder_level(&config, &NET_QOS_LADDER),
-            Ordering::Relaxed,
-        );
-        Ok(())
+            .map_err(|e| ControlError::Refused(e.to_string()))
     }
 
     /// Ids of the network devices.
@@ -681,8 +697,13 @@ impl VmRuntime {
 
     /// Changes a drive's rate limits while the guest runs (tokens already spent stay spent).
     /// A bandwidth above the host arbiter's grant for the drive is lowered to it.
-    pub fn set_rate_limit(&self, id: &str, config: RateLimiterConfig) -> Result<(), ControlError> {
-        let (index, d) = self.drive(id)?;
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_rate_limit(
+        &self,
+        id: &str,
+        config: RateLimiterConfig,
+    ) -> Result<RateLimiterConfig, ControlError> {
+        let (_, d) = self.drive(id)?;
         let config = {
             let mut g = lock(&self.grant);
             let capped = g.grant.cap_limits(id, config);
@@ -692,13 +713,7 @@ impl VmRuntime {
         lock(&d.block)
             .set_rate_limit(config)
             .map_err(|e| ControlError::Refused(e.to_string()))?;
-        if let Some(m) = self.drive_knobs.get(index) {
-            m.rate_level.store(
-                nearest_ladder_level(&config, &RATE_LADDER),
-                Ordering::Relaxed,
-            );
-        }
-        Ok(())
+        Ok(config)
     }
 
     /// A drive's rate limits in force.
@@ -708,7 +723,12 @@ impl VmRuntime {
     }
 
     /// Changes a drive's I/O priority while the guest runs.
-    pub fn set_priority(&self, id: &str, priority: Priority) -> Result<(), ControlError> {
+    /// Only the knob controller calls this ([`VmRuntime::control`]).
+    pub(crate) fn device_set_priority(
+        &self,
+        id: &str,
+        priority: Priority,
+    ) -> Result<(), ControlError> {
         let (index, _) = self.drive(id)?;
         let sched = self
             .scheduler
@@ -717,10 +737,6 @@ impl VmRuntime {
         lock(sched)
             .set_priority(QueueId(index as u32), priority)
             .map_err(|e| ControlError::Refused(e.to_string()))?;
-        if let Some(m) = self.drive_knobs.get(index) {
-            m.priority
-                .store(nearest_priority_level(priority).code(), Ordering::Relaxed);
-        }
         log::info!("{id}: I/O priority set to {priority}");
         Ok(())
     }
@@ -805,6 +821,7 @@ impl VmRuntime {
             .map(|(id, queue, m)| counters(id, *queue, m.snapshot()))
             .collect();
         let g = self.guest.report();
+        let knobs = self.knob_state();
         CounterSnapshot {
             at_ns: self.started.elapsed().as_nanos() as u64,
             vcpus,
@@ -825,21 +842,21 @@ impl VmRuntime {
                 latency_ns_sum: g.latency_ns_sum,
                 latency_samples: g.latency_samples,
             },
-            active_vcpus: self.active_vcpus(),
-            host_cores: self.host_cores_given(),
-            drives: self
+            active_vcpus: knobs.active_vcpus,
+            host_cores: knobs.host_cores,
+            drives: knobs
                 .drives
                 .iter()
-                .zip(&self.drive_knobs)
-                .map(|(d, m)| DriveKnobs {
+                .map(|d| DriveKnobs {
                     id: d.id.clone(),
-                    rate_level: m.rate_level.load(Ordering::Relaxed),
-                    priority: PriorityLevel::from_code(m.priority.load(Ordering::Relaxed))
-                        .unwrap_or_default(),
+                    rate_level: u8::try_from(d.rate_level).unwrap_or(u8::MAX),
+                    priority: d.priority_level,
                 })
                 .collect(),
-            net_qos_level: (!self.nets.is_empty())
-                .then(|| self.net_qos_level.load(Ordering::Relaxed)),
+            net_qos_level: knobs
+                .nets
+                .first()
+                .map(|n| u8::try_from(n.qos_level).unwrap_or(u8::MAX)),
             log_lines_suppressed: devices::log_limit::suppressed_total(),
             host: self.host_counters(),
             slo: self.slo,

@@ -205,13 +205,15 @@ fn profile_signal_only() -> Result<SeccompRule, seccompiler::BackendError> {
 /// The roles of the helper threads, each with a filter of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum HelperRole {
-    /// `tuner-agent`: reads the counters every interval (KVM stats fds, the dirty log).
+    /// `tuner-agent`: the control loop: reads the counters every interval (KVM stats
+    /// fds, the dirty log), then the tuner decides and sets the knobs (rate limiter
+    /// timers, vCPU affinity and cgroup quota writes) on the same thread.
     Sampler,
     /// `tuner-metrics`: the Prometheus endpoint; reads the counters and serves HTTP on
     /// the socket bound before it started.
     Metrics,
-    /// `tuner-sink-*` and `tuner-watchdog`: the tuner loop (inference, the knobs: rate
-    /// limiter timers, vCPU affinity and cgroup quota writes) and the fallback.
+    /// `tuner-sink-*` and `tuner-watchdog`: sinks and the fallback (the static
+    /// configuration: rate limiter timers, vCPU affinity and cgroup quota writes).
     Tuner,
     /// `tuner-state-repo`: SQLite writes to the state repository opened before it.
     StateRepo,
@@ -272,7 +274,12 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
     let mut conditional: Option<ConditionalRule> = None;
     match role {
         HelperRole::Sampler => {
-            extra.push(libc::SYS_pread64);
+            extra.extend([
+                libc::SYS_pread64,
+                libc::SYS_timerfd_settime,
+                libc::SYS_timerfd_gettime,
+                libc::SYS_sched_setaffinity,
+            ]);
             ioctls.push(KVM_GET_DIRTY_LOG);
         }
         HelperRole::Metrics => {

@@ -67,16 +67,20 @@ impl Telemetry {
             t.repo = Some(repo);
         }
         let writer = t.repo.as_ref().map(|r| r.writer());
+        // The tuner is the control loop's decide-and-apply step, on the sampling thread
+        // (no queue in front of it); the other sinks are slow readers.
+        let mut control: Option<Box<dyn Sink>> = None;
         if let Some(parts) = crate::tuning::build(cfg, runtime, writer, policy_slot)? {
-            sinks.push(Box::new(parts.tuner));
+            control = Some(Box::new(parts.tuner));
             t.watchdog = Some(parts.watchdog);
         }
-        let agent = Agent::start(
+        let agent = Agent::start_loop(
             source.clone(),
             AgentConfig {
                 interval: Duration::from_millis(cfg.metrics_interval_ms),
                 ..AgentConfig::default()
             },
+            control,
             sinks,
         )
         .map_err(|e| ConfigError::new("metrics_interval_ms", e.to_string()))?;

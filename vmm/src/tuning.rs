@@ -11,32 +11,29 @@ use std::time::Duration;
 
 use devices::io_scheduler::Priority;
 use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
-use tuner::actions::{
-    Action, ActionSpace, PriorityLevel, RateLevel, VmShape, NET_QOS_LADDER, RATE_LADDER,
-};
+use tuner::actions::{Action, ActionSpace, PriorityLevel, RateLevel, VmShape};
 use tuner::control::{Tuner, TunerConfig};
+use tuner::knob_state::VmKnobs;
 use tuner::manager::{
     Bounds, ConfigManager, KnobState, Knobs, ManagerConfig, Watchdog, WatchdogHandle,
 };
 use tuner::policy::{
-    load_or_static, EpsilonSchedule, Pinned, PinnedDrive, Policy, StaticPolicy, ThresholdConfig,
-    ThresholdPolicy,
+    load_or_static, EpsilonSchedule, Pinned, PinnedDrive, Policy, ThresholdConfig, ThresholdPolicy,
 };
 use tuner::state_repo::{event_kind, Event, RepoWriter};
 
 use crate::config::{ConfigError, VmConfig};
+use crate::knobs::KnobWrite;
 use crate::runtime::VmRuntime;
 
-/// The monitor's knobs as the configuration manager sees them.
+/// The monitor's knobs as the configuration manager sees them: every write goes through
+/// the runtime's knob controller ([`VmRuntime::control`]), every read is its state.
 pub struct RuntimeKnobs {
     rt: Arc<VmRuntime>,
     space: ActionSpace,
-    drive_ids: Vec<String>,
-    static_vcpus: u32,
     max_vcpus: u32,
-    static_priorities: Vec<Priority>,
-    static_limits: Vec<RateLimiterConfig>,
-    static_net_limits: Vec<RateLimiterConfig>,
+    /// The VM's static configuration: the knob state it started with.
+    static_knobs: VmKnobs,
 }
 
 /// The limiter of one ladder level ([`RATE_LADDER`], [`NET_QOS_LADDER`]): each per-second
@@ -56,11 +53,12 @@ pub fn ladder_limits(level: &RateLevel) -> RateLimiterConfig {
     }
 }
 
-/// The level of `ladder` that `config` is, or the nearest one when it was set off the
-/// ladder (through the API or a drive's explicit limits): unlimited is level 0; otherwise
-/// the level whose per-second rates are closest in log space to the configured ones
-/// (bandwidth and operations compared where both sides limit them). This is what the
-/// performance vector reports as the rate level in force.
+/// The level of `ladder` that `config` is, or the nearest one when it was given off the
+/// ladder by a user (`PATCH /drives`, a drive's or network device's explicit limits):
+/// unlimited is level 0; otherwise the level whose per-second rates are closest in log
+/// space to the given ones (bandwidth and operations compared where both sides limit
+/// them). Computed once, when such a limit is set, and stored by the knob controller
+/// ([`crate::knobs`]); levels are never recovered from a limiter in force.
 pub fn nearest_ladder_level(config: &RateLimiterConfig, ladder: &[RateLevel]) -> u8 {
     let per_sec = |b: &Option<BucketConfig>| {
         b.as_ref()
@@ -122,46 +120,16 @@ pub fn nearest_priority_level(p: Priority) -> PriorityLevel {
 }
 
 impl RuntimeKnobs {
-    /// Knobs over `rt`, with the VM's configuration as the static state.
-    pub fn new(
-        rt: Arc<VmRuntime>,
-        space: ActionSpace,
-        cfg: &VmConfig,
-    ) -> Result<Self, ConfigError> {
-        let drive_ids = rt.drive_ids();
-        let mut static_priorities = Vec::new();
-        let mut static_limits = Vec::new();
-        for d in &cfg.drives {
-            static_priorities.push(match &d.priority {
-                Some(p) => p
-                    .parse()
-                    .map_err(|e: devices::io_scheduler::SchedulerError| {
-                        ConfigError::new("drives.priority", e.to_string())
-                    })?,
-                None => Priority::Medium,
-            });
-            static_limits.push(match d.start_limits()? {
-                Some(l) => l.to_limiter("drives.rate_limiter")?,
-                None => RateLimiterConfig::default(),
-            });
-        }
-        let mut static_net_limits = Vec::new();
-        for n in &cfg.network {
-            static_net_limits.push(match n.rate_limiter {
-                Some(l) => l.to_limiter("network.rate_limiter")?,
-                None => RateLimiterConfig::default(),
-            });
-        }
-        Ok(Self {
-            static_net_limits,
+    /// Knobs over `rt`, with the knob state the VM started with as the static state.
+    pub fn new(rt: Arc<VmRuntime>, space: ActionSpace, cfg: &VmConfig) -> Self {
+        let mut static_knobs = rt.knob_state();
+        static_knobs.active_vcpus = cfg.start_vcpus();
+        Self {
             rt,
             space,
-            drive_ids,
-            static_vcpus: cfg.start_vcpus(),
             max_vcpus: cfg.vcpus,
-            static_priorities,
-            static_limits,
-        })
+            static_knobs,
+        }
     }
 
     /// The host side of the vCPU knob: the vCPU threads get as many host cores (affinity
@@ -178,12 +146,12 @@ impl RuntimeKnobs {
         if cores == self.rt.host_cores_given() {
             return;
         }
-        if let Err(e) = self.rt.set_host_cores(cores) {
+        if let Err(e) = self.rt.control(KnobWrite::HostCores(cores)) {
             log::warn!("vCPU threads not confined to {cores} host core(s): {e}");
         }
     }
 
-    fn drive(&self, device: usize) -> Result<&str, String> {
+    fn drive(&self, device: usize) -> Result<usize, String> {
         let slot = self
             .space
             .devices()
@@ -192,79 +160,58 @@ impl RuntimeKnobs {
         if !slot.name.starts_with("blk") {
             return Err(format!("{} is not a drive", slot.name));
         }
-        self.drive_ids
-            .get(device)
-            .map(String::as_str)
-            .ok_or_else(|| format!("no drive {device}"))
+        Ok(device)
     }
 }
 
 impl Knobs for RuntimeKnobs {
     fn apply(&mut self, action: &Action) -> Result<(), String> {
-        match action {
-            Action::NoOp => Ok(()),
+        let write = match action {
+            Action::NoOp => return Ok(()),
             Action::VcpuDelta(d) => {
-                let now = i64::from(self.rt.active_vcpus());
+                let now = i64::from(self.rt.knob_state().active_vcpus);
                 let want = now + i64::from(*d);
                 let want = u32::try_from(want).map_err(|_| format!("vCPUs would be {want}"))?;
-                self.rt.set_vcpus(want).map_err(|e| e.to_string())?;
+                self.rt
+                    .control(KnobWrite::Vcpus(want))
+                    .map_err(|e| e.to_string())?;
                 self.follow_vcpus(want);
-                Ok(())
+                return Ok(());
             }
             Action::Priority { device, level } => {
-                let id = self.drive(*device)?.to_string();
-                self.rt
-                    .set_priority(&id, device_priority(*level))
-                    .map_err(|e| e.to_string())
-            }
-            Action::RateLimit { device, level } => {
-                let id = self.drive(*device)?.to_string();
-                let l = RATE_LADDER
-                    .get(*level)
-                    .ok_or_else(|| format!("no rate level {level}"))?;
-                self.rt
-                    .set_rate_limit(&id, ladder_limits(l))
-                    .map_err(|e| e.to_string())
-            }
-            Action::NetQos { device, level } => {
-                let l = NET_QOS_LADDER
-                    .get(*level)
-                    .ok_or_else(|| format!("no network QoS level {level}"))?;
+                let index = self.drive(*device)?;
                 let id = self
                     .rt
-                    .net_ids()
-                    .get(*device)
+                    .drive_ids()
+                    .get(index)
                     .cloned()
-                    .ok_or_else(|| format!("no network device net{device}"))?;
-                self.rt
-                    .set_net_rate_limit(&id, ladder_limits(l))
-                    .map_err(|e| e.to_string())
+                    .ok_or_else(|| format!("no drive {index}"))?;
+                KnobWrite::DrivePriority {
+                    id,
+                    priority: device_priority(*level),
+                }
             }
-        }
+            Action::RateLimit { device, level } => KnobWrite::DriveLevel {
+                index: self.drive(*device)?,
+                level: *level,
+            },
+            Action::NetQos { device, level } => KnobWrite::NetLevel {
+                index: *device,
+                level: *level,
+            },
+        };
+        self.rt
+            .control(write)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn restore_static(&mut self) {
-        if let Err(e) = self.rt.set_vcpus(self.static_vcpus) {
-            log::warn!("restore static vCPUs: {e}");
+        let target = Box::new(self.static_knobs.clone());
+        if let Err(e) = self.rt.control(KnobWrite::Target(target)) {
+            log::warn!("restore the static configuration: {e}");
         }
-        self.follow_vcpus(self.static_vcpus);
-        for (i, id) in self.drive_ids.iter().enumerate() {
-            if let Some(p) = self.static_priorities.get(i) {
-                if let Err(e) = self.rt.set_priority(id, *p) {
-                    log::warn!("restore static priority of {id}: {e}");
-                }
-            }
-            if let Some(l) = self.static_limits.get(i) {
-                if let Err(e) = self.rt.set_rate_limit(id, *l) {
-                    log::warn!("restore static rate limit of {id}: {e}");
-                }
-            }
-        }
-        for (id, l) in self.rt.net_ids().iter().zip(&self.static_net_limits) {
-            if let Err(e) = self.rt.set_net_rate_limit(id, *l) {
-                log::warn!("restore static rate limit of {id}: {e}");
-            }
-        }
+        self.follow_vcpus(self.static_knobs.active_vcpus);
         log::info!("tuner: static configuration restored");
     }
 
@@ -274,16 +221,23 @@ impl Knobs for RuntimeKnobs {
 
     fn host_grant(&self) -> tuner::manager::HostGrant {
         let g = self.rt.grant();
+        let ids = self.rt.drive_ids();
         tuner::manager::HostGrant {
             vcpus: g.cores.map(|_| self.rt.granted_core_cap()),
             bytes_per_sec: (0..self.space.devices().len())
                 .map(|i| {
                     self.drive(i)
                         .ok()
+                        .and_then(|i| ids.get(i))
                         .and_then(|id| g.drive_bps.get(id).copied())
                 })
                 .collect(),
         }
+    }
+
+    fn observed(&self) -> Option<(u64, KnobState)> {
+        let k = self.rt.knob_state();
+        Some((k.generation, k.levels(&self.space)))
     }
 }
 
@@ -324,19 +278,10 @@ pub fn build(
     let shape = VmShape::new(cfg.vcpus, cfg.drives.len(), cfg.network.len());
     let space = ActionSpace::new(shape);
     let bounds = Bounds::for_space(&space, cfg.min_vcpus.unwrap_or(1), cfg.vcpus);
-    let mut static_state = KnobState::initial(&space, cfg.start_vcpus());
-    // Drives come first in the space: their configured levels and named priorities are the
-    // static state (the reward's cost term counts the levels).
-    for (i, d) in cfg.drives.iter().enumerate().take(space.devices().len()) {
-        if let (Some(level), Some(slot)) = (d.rate_level, static_state.rate_level.get_mut(i)) {
-            *slot = level;
-        }
-        if let (Some(p), Some(slot)) = (&d.priority, static_state.priority.get_mut(i)) {
-            if let Ok(p) = p.parse::<PriorityLevel>() {
-                *slot = p;
-            }
-        }
-    }
+    // The static state is the knob state the VM started with (levels as stored by the
+    // knob controller: a drive's configured level, or the nearest to its explicit limits).
+    let mut static_state = rt.knob_state().levels(&space);
+    static_state.vcpus = cfg.start_vcpus();
     let mut manager = ConfigManager::new(
         space.clone(),
         bounds.clone(),
@@ -345,10 +290,12 @@ pub fn build(
     )
     .map_err(|e| ConfigError::new("tuner", e.to_string()))?;
     let weights = cfg.reward_weights.unwrap_or_default();
-    let arm = |name: &str| -> Box<dyn Policy> {
+    let arm = |name: &str| -> Policy {
         match name {
-            "static" => Box::new(StaticPolicy::new(&space)),
-            "threshold" => Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default())),
+            "static" => Policy::static_for(&space),
+            "threshold" => {
+                Policy::baseline(ThresholdPolicy::new(&space, ThresholdConfig::default()))
+            }
             path => {
                 let (p, error) = load_or_static(path, &space, Some(&weights));
                 if let Some(e) = error {
@@ -358,16 +305,15 @@ pub fn build(
             }
         }
     };
-    let mut ab_mode = false;
-    let policy: Box<dyn Policy> = match (&cfg.policy, cfg.tuner.as_deref()) {
+    let mut ab = None;
+    let policy: Policy = match (&cfg.policy, cfg.tuner.as_deref()) {
         (None, None) if cfg.ab.is_some() => {
             let spec = cfg.ab.clone().unwrap_or_default();
             let (a, b) = spec.split_once(',').unwrap_or((spec.as_str(), ""));
-            ab_mode = true;
-            Box::new(
-                tuner::ab::AbPolicy::new(arm(a), arm(b), cfg.ab_block, policy_slot.clone())
-                    .map_err(|e| ConfigError::new("ab", e.to_string()))?,
-            )
+            let (schedule, first) = tuner::ab::AbSchedule::new(arm(a), arm(b), cfg.ab_block)
+                .map_err(|e| ConfigError::new("ab", e.to_string()))?;
+            ab = Some(schedule);
+            first
         }
         (Some(path), _) => {
             let (policy, error) = load_or_static(path, &space, Some(&weights));
@@ -388,9 +334,9 @@ pub fn build(
             policy
         }
         (None, Some("threshold")) => {
-            Box::new(ThresholdPolicy::new(&space, ThresholdConfig::default()))
+            Policy::baseline(ThresholdPolicy::new(&space, ThresholdConfig::default()))
         }
-        (None, Some("static")) => Box::new(StaticPolicy::new(&space)),
+        (None, Some("static")) => Policy::static_for(&space),
         (None, Some(other)) => {
             return Err(ConfigError::new(
                 "tuner",
@@ -399,10 +345,12 @@ pub fn build(
         }
         (None, None) => return Ok(None),
     };
-    let mut knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg)?;
+    let mut knobs = RuntimeKnobs::new(rt.clone(), space.clone(), cfg);
     // A policy's start configuration (a single loaded model, not A/B), for the knobs the
     // user did not set.
-    if let (Some(start), false) = (policy.start_config(), ab_mode) {
+    // The start configuration step: a single network's card (not A/B).
+    let start = policy.model_card().and_then(|c| c.start.clone());
+    if let (Some(start), true) = (start, ab.is_none()) {
         let target = start.apply_to(&static_state, &bounds, &pinned_knobs(cfg));
         let (detail, failed) = match manager.start_in(&target, &mut knobs) {
             Ok(applied) if applied.is_empty() => (None, false),
@@ -425,7 +373,7 @@ pub fn build(
             }
         }
     }
-    let mut watchdog_knobs = RuntimeKnobs::new(rt.clone(), space, cfg)?;
+    let mut watchdog_knobs = RuntimeKnobs::new(rt.clone(), space, cfg);
     let interval = Duration::from_millis(cfg.metrics_interval_ms);
     let watchdog =
         Watchdog::new(interval, 20).map_err(|e| ConfigError::new("tuner", e.to_string()))?;
@@ -452,8 +400,11 @@ pub fn build(
     if let Some(w) = repo {
         tuner = tuner.with_repo(w);
     }
-    // In A/B mode the A/B policy labels each row with the arm in charge.
-    if let (Some(slot), false) = (policy_slot, ab_mode) {
+    if let Some(schedule) = ab {
+        tuner = tuner.with_ab(schedule);
+    }
+    // Each row is labelled with the policy in charge (in A/B mode: the arm).
+    if let Some(slot) = policy_slot {
         tuner = tuner.with_policy_id_slot(slot);
     }
     rt.set_policy_handle(tuner.policy_handle());
@@ -471,6 +422,7 @@ pub fn reload(rt: &VmRuntime, path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tuner::actions::{NET_QOS_LADDER, RATE_LADDER};
 
     #[test]
     fn ladder_levels_map_back_to_themselves_and_custom_limits_to_the_nearest() {

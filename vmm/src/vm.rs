@@ -641,9 +641,17 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .drives
             .iter()
             .enumerate()
-            .map(|(i, _)| DriveHandle {
+            .map(|(i, d)| DriveHandle {
                 id: cfg.drive_id(i),
                 block: blocks[i].clone(),
+                // The configured level; for explicit limits, the nearest level, computed
+                // once here and stored by the knob controller.
+                rate_level: d.rate_level.unwrap_or_else(|| {
+                    usize::from(crate::tuning::nearest_ladder_level(
+                        &devices::lock(&blocks[i]).rate_limit(),
+                        &tuner::actions::RATE_LADDER,
+                    ))
+                }),
             })
             .collect(),
         nets,

@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use super::request::{Command, DrivePatch, GrantBody, RateLimitBody, VmPatch};
 use crate::config::{BucketSpec, RateLimitSpec};
+use crate::knobs::KnobWrite;
 use crate::runtime::{ControlError, VmRuntime};
 
 /// An answer: an HTTP status and its JSON body (`{"error": "..."}` for a refusal).
@@ -44,9 +45,54 @@ fn cpu_quota_json(rt: &VmRuntime) -> Value {
 }
 
 fn drive_json(rt: &VmRuntime, id: &str) -> Value {
-    let limits = rt.rate_limit(id).map(RateLimitSpec::from_limiter).ok();
-    let priority = rt.priority(id).map(|p| p.to_string()).ok();
-    json!({"id": id, "rate_limiter": limits, "priority": priority})
+    let knobs = rt.knob_state();
+    let d = knobs.drives.iter().find(|d| d.id == id);
+    json!({"id": id,
+           "rate_limiter": d.map(|d| RateLimitSpec::from_limiter(d.limits)),
+           "priority": d.map(|d| d.priority.to_string()),
+           "rate_level": d.map(|d| d.rate_level),
+           "generation": knobs.generation})
+}
+
+/// The knob state in force (the knob controller's), with its generation.
+fn knobs_json(k: &tuner::knob_state::VmKnobs) -> Value {
+    let drives: Vec<Value> = k
+        .drives
+        .iter()
+        .map(|d| {
+            json!({"id": d.id, "rate_level": d.rate_level,
+                   "rate_limiter": RateLimitSpec::from_limiter(d.limits),
+                   "priority": d.priority.to_string(), "priority_level": d.priority_level})
+        })
+        .collect();
+    let nets: Vec<Value> = k
+        .nets
+        .iter()
+        .map(|n| {
+            json!({"id": n.id, "qos_level": n.qos_level,
+                   "rate_limiter": RateLimitSpec::from_limiter(n.limits)})
+        })
+        .collect();
+    json!({"generation": k.generation, "active_vcpus": k.active_vcpus,
+           "host_cores": k.host_cores, "cpu_quota": k.cpu_quota,
+           "drives": drives, "nets": nets})
+}
+
+/// The running tuner's last decision: the knob generation and levels it was made on,
+/// the actions its mask allowed, and the age of its sample.
+fn tuner_json(rt: &VmRuntime) -> Value {
+    match rt.policy_handle() {
+        Some(h) => {
+            let s = h.stats();
+            json!({"policy": s.policy_id, "decisions": s.decisions,
+                   "knob_generation": s.knob_generation, "knobs_seen": s.knobs_seen,
+                   "allowed": s.allowed_last, "last_action": s.last_action,
+                   "sample_age_ns": s.sample_age_ns_last, "decision_ns": s.decision_ns_last,
+                   "sample_age_ns_max": s.sample_age_ns_max,
+                   "outside_changes": s.outside_changes})
+        }
+        None => Value::Null,
+    }
 }
 
 fn rate_limit_spec(body: RateLimitBody) -> RateLimitSpec {
@@ -147,8 +193,8 @@ fn put_grant(rt: &VmRuntime, body: GrantBody) -> Reply {
             .map(|(id, d)| (id, d.bandwidth_bps))
             .collect(),
     };
-    match rt.set_grant(grant) {
-        Ok(()) => Reply::ok(grant_json(rt)),
+    match rt.control(KnobWrite::Grant(grant)) {
+        Ok(_) => Reply::ok(grant_json(rt)),
         Err(e) => Reply::error(status_of(&e), format!("grant: {e}")),
     }
 }
@@ -213,6 +259,8 @@ fn get_vm(rt: &VmRuntime) -> Reply {
         "drives": drives,
         "log_lines_suppressed": snap.log_lines_suppressed,
         "slo": slo,
+        "knobs": knobs_json(&rt.knob_state()),
+        "tuner": tuner_json(rt),
         "vcpu_run_delay_ns": snap.vcpus.iter().map(|v| v.run_delay_ns).collect::<Vec<_>>(),
         "vcpu_run_delay_share": feature(tuner::schema::FeatureId::VcpuRunDelayShare),
         "profile": rt.profiler().map(|p| {
@@ -229,23 +277,25 @@ fn get_vm(rt: &VmRuntime) -> Reply {
 
 fn patch_vm(rt: &VmRuntime, patch: VmPatch) -> Reply {
     if let Some(n) = patch.vcpus {
-        if let Err(e) = rt.set_vcpus(n) {
+        if let Err(e) = rt.control(KnobWrite::Vcpus(n)) {
             return Reply::error(400, format!("vcpus: {e}"));
         }
     }
     if let Some(n) = patch.host_cores {
-        if let Err(e) = rt.set_host_cores(n) {
+        if let Err(e) = rt.control(KnobWrite::HostCores(n)) {
             return Reply::error(400, format!("host_cores: {e}"));
         }
     }
     if let Some(c) = patch.cpu_quota {
-        if let Err(e) = rt.set_cpu_quota(c) {
+        if let Err(e) = rt.control(KnobWrite::CpuQuota(c)) {
             return Reply::error(400, format!("cpu_quota: {e}"));
         }
     }
-    Reply::ok(json!({"active_vcpus": rt.active_vcpus(),
-                     "host_cores": rt.host_cores_given(),
-                     "cpu_quota": cpu_quota_json(rt)}))
+    let knobs = rt.knob_state();
+    Reply::ok(json!({"active_vcpus": knobs.active_vcpus,
+                     "host_cores": knobs.host_cores,
+                     "cpu_quota": cpu_quota_json(rt),
+                     "knobs": knobs_json(&knobs)}))
 }
 
 fn patch_drive(rt: &VmRuntime, id: &str, patch: DrivePatch) -> Reply {
@@ -257,7 +307,10 @@ fn patch_drive(rt: &VmRuntime, id: &str, patch: DrivePatch) -> Reply {
             Ok(p) => p,
             Err(e) => return Reply::error(400, format!("priority: {e}")),
         };
-        if let Err(e) = rt.set_priority(id, prio) {
+        if let Err(e) = rt.control(KnobWrite::DrivePriority {
+            id: id.to_string(),
+            priority: prio,
+        }) {
             return Reply::error(status_of(&e), format!("priority: {e}"));
         }
     }
@@ -266,7 +319,10 @@ fn patch_drive(rt: &VmRuntime, id: &str, patch: DrivePatch) -> Reply {
             Ok(c) => c,
             Err(e) => return Reply::error(400, e.to_string()),
         };
-        if let Err(e) = rt.set_rate_limit(id, cfg) {
+        if let Err(e) = rt.control(KnobWrite::DriveLimits {
+            id: id.to_string(),
+            limits: cfg,
+        }) {
             return Reply::error(status_of(&e), format!("rate_limiter: {e}"));
         }
     }
