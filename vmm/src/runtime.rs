@@ -77,6 +77,9 @@ pub struct VmRuntime {
     host_cores: u32,
     /// The CPUs the process was allowed at start; `host_cores = n` gives the first n.
     allowed_cpus: Vec<usize>,
+    /// Thread id of the event-loop thread (the one that builds the runtime): its I/O
+    /// thread, pinned with the vCPUs to a granted CPU list.
+    main_tid: i32,
     dirty: Option<DirtyLog>,
     vcpu_control: Arc<VcpuControl>,
     vcpu_tids: Arc<Vec<AtomicI32>>,
@@ -339,6 +342,8 @@ impl VmRuntime {
             statm: std::fs::File::open("/proc/self/statm").ok(),
             host_cores,
             allowed_cpus,
+            // SAFETY: gettid has no arguments and no side effects.
+            main_tid: i32::try_from(unsafe { libc::syscall(libc::SYS_gettid) }).unwrap_or(0),
             dirty,
             vcpu_control,
             vcpu_tids,
@@ -481,13 +486,17 @@ impl VmRuntime {
                 self.host_cores
             )));
         }
-        let (n, quota, granted) = {
+        let (n, quota, granted, pool) = {
             let mut g = lock(&self.grant);
             g.cores_asked = Some(n);
             (
                 g.grant.cap_cores(n, self.host_cores),
                 g.grant.cap_quota(f64::from(n)),
                 g.grant.cores.is_some(),
+                g.grant
+                    .cpus
+                    .clone()
+                    .unwrap_or_else(|| self.allowed_cpus.clone()),
             )
         };
         // Under a host's grant several VMs share the budget's CPUs: pinning each VM to
@@ -496,12 +505,9 @@ impl VmRuntime {
         // alone and the threads may run on any allowed CPU; without a grant, or without
         // a cgroup quota to enforce it, the threads are pinned to n cores.
         let quota_only = granted && self.cpu_quota.mode() != crate::cpu_quota::Mode::None;
-        let pinned = if quota_only {
-            self.allowed_cpus.len()
-        } else {
-            n as usize
-        };
-        let set = first_cpus(&self.allowed_cpus, pinned);
+        // A granted CPU list is the pool: placement from the arbiter, time from the quota.
+        let pinned = if quota_only { pool.len() } else { n as usize };
+        let set = first_cpus(&pool, pinned);
         for (i, tid) in self.vcpu_tids.iter().enumerate() {
             let tid = tid.load(Ordering::Acquire);
             if tid == 0 {
@@ -578,8 +584,24 @@ impl VmRuntime {
     /// is given back (up to the new one) when it grows.
     pub fn set_grant(&self, grant: Grant) -> Result<(), ControlError> {
         grant
-            .validate(&self.drive_ids())
+            .validate(&self.drive_ids(), &self.allowed_cpus)
             .map_err(|e| ControlError::Refused(e.to_string()))?;
+        // The event-loop thread (the VM's I/O) goes where the grant places the VM; the
+        // vCPU threads follow in set_host_cores. Without a list it gets its start CPUs back.
+        let place = grant.cpus.clone().unwrap_or_else(|| self.allowed_cpus.clone());
+        if self.main_tid > 0 {
+            let set = first_cpus(&place, place.len());
+            // SAFETY: valid set and size; the tid is this process's event-loop thread.
+            let rc = unsafe {
+                libc::sched_setaffinity(self.main_tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            if rc != 0 {
+                return Err(ControlError::Refused(format!(
+                    "event-loop thread: sched_setaffinity: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
         let (cores, quota, limits) = {
             let mut g = lock(&self.grant);
             g.grant = grant;

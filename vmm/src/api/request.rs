@@ -113,6 +113,10 @@ pub struct GrantBody {
     /// Per drive id, its bandwidth cap.
     #[serde(default)]
     pub drives: std::collections::BTreeMap<String, DriveGrantBody>,
+    /// The host CPUs all the VM's threads run on (placement; checked against the CPUs
+    /// the VM was started with).
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// One drive's part of a grant.
@@ -286,11 +290,12 @@ mod tests {
             parse(
                 "PUT",
                 "/grant",
-                br#"{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": 1000}}}"#
+                br#"{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": 1000}}, "cpus": [1]}"#
             ),
             Ok(Command::PutGrant(GrantBody {
                 cores: Some(1.5),
-                drives
+                drives,
+                cpus: Some(vec![1]),
             }))
         );
         assert_eq!(

@@ -33,6 +33,8 @@ pub struct GrantView {
     pub cores: f64,
     /// Per drive id, bytes per second (drives on budgeted devices only).
     pub drive_bps: BTreeMap<String, u64>,
+    /// The CPUs all the VM's threads are placed on (`None`: the whole budget, time only).
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// SLO attainment so far.
@@ -121,7 +123,7 @@ impl VmStatus {
                 .iter()
                 .map(|(id, b)| (id.clone(), json!({"bandwidth_bps": b})))
                 .collect();
-            json!({"cores": g.cores, "drives": drives})
+            json!({"cores": g.cores, "drives": drives, "cpus": g.cpus})
         });
         json!({
             "id": self.id,
