@@ -231,11 +231,13 @@ pub fn place(cpus: &[usize], claims: &[CpuClaim]) -> Vec<Placement> {
     }
     let pool: Vec<usize> = cpus[..n - taken].to_vec();
     let members: Vec<usize> = (0..claims.len()).filter(|&i| own[i] == 0).collect();
+    // Nothing left for the others: they run at their floors on all the CPUs, and the
+    // critical VMs' time shrinks by as much, so the grants still add up to the budget.
+    let mut squeeze = 0.0;
     let (pool, shared): (Vec<usize>, Vec<f64>) = if pool.is_empty() {
-        (
-            cpus.to_vec(),
-            members.iter().map(|&i| claims[i].claim.floor).collect(),
-        )
+        let floors: Vec<f64> = members.iter().map(|&i| claims[i].claim.floor).collect();
+        squeeze = floors.iter().sum::<f64>() / taken.max(1) as f64;
+        (cpus.to_vec(), floors)
     } else {
         let budget = pool.len() as f64;
         let sub: Vec<Claim> = members
@@ -256,7 +258,7 @@ pub fn place(cpus: &[usize], claims: &[CpuClaim]) -> Vec<Placement> {
         if *k > 0 {
             out.push(Placement {
                 cpus: cpus[top - k..top].to_vec(),
-                cores: *k as f64,
+                cores: (*k as f64 * (1.0 - squeeze)).max(claims[i].claim.floor),
                 exclusive: true,
             });
             top -= k;
@@ -939,6 +941,7 @@ mod tests {
         assert_eq!(p[1].cpus, vec![0, 1]);
         assert_eq!(p[0].cpus, vec![0, 1]);
         assert!((p[0].cores - 0.1).abs() < 1e-9, "{p:?}");
+        assert!((p[1].cores - 1.9).abs() < 1e-9, "{p:?}");
         // The cap is not the vCPU count: a 1-vCPU VM capped at 2 (its I/O thread) may
         // hold 2 CPUs when alone.
         let p = place(&cpus, &[cpu_claim(SloClass::Critical, 1.6, 2.0, false)]);

@@ -165,6 +165,8 @@ pub struct HostStatus {
     pub budget: BudgetView,
     /// The arbiter's interval.
     pub interval_ms: u64,
+    /// The arbiter's mode (`slo`, `threshold`, `pi`, `off`).
+    pub arbiter: &'static str,
     /// The VMs, in configuration order.
     pub vms: Vec<VmStatus>,
 }
@@ -187,6 +189,7 @@ impl HostStatus {
                     .collect::<Vec<_>>(),
             },
             "interval_ms": self.interval_ms,
+            "arbiter": self.arbiter,
             "granted_cores": granted,
             "vms": self.vms.iter().map(VmStatus::to_json).collect::<Vec<_>>(),
         })
