@@ -43,6 +43,8 @@ const CORE_SLACK: f64 = 0.1;
 const CORE_STEPS: f64 = 100.0;
 /// Cores a VM may use beyond its vCPUs: its event-loop (I/O) thread.
 const IO_THREAD_CORES: f64 = 1.0;
+/// A critical VM at risk gets one more CPU only when it uses this share of those it holds.
+const GROW_USE: f64 = 0.85;
 /// Intervals in a row a critical VM meets its SLO before its CPUs may shrink (`slo`).
 const SHRINK_AFTER: u32 = 6;
 /// Threshold autoscaler: grow above this utilisation of the grant, shrink below the low
@@ -682,8 +684,21 @@ impl Arbiter {
                         let pv = &self.plan.vms[*i];
                         let cap = cap_of(*i);
                         let risk = at_risk(*i) || used(*i).is_none();
+                        let held = self.held.get(i).map_or(0, |h| h.0);
                         let mut want = match used(*i) {
                             Some(u) if !risk => (u * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap),
+                            // A critical VM at risk grows one CPU at a time, and only while
+                            // it uses what it holds: more CPUs do not help a VM held back
+                            // by something else (its device, load from outside the budget).
+                            Some(u) if pv.class == SloClass::Critical && held > 0 => {
+                                let k = held as f64;
+                                if u >= GROW_USE * k {
+                                    (k + 1.0).min(cap)
+                                } else {
+                                    k
+                                }
+                            }
+                            _ if pv.class == SloClass::Critical => 1.0_f64.min(cap),
                             _ => cap,
                         };
                         // Hold a critical VM's CPUs until it has met its SLO a while.
