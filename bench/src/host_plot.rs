@@ -281,7 +281,9 @@ fn grants(runs: &[Value], scenario: &str, path: &Path) -> Result<bool, HostPlotE
                 .draw_series(LineSeries::new(pts, c.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
                 .label(id.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
         }
         if text {
             chart

@@ -335,7 +335,10 @@ fn the_grant_caps_host_cores_and_drive_bandwidth_through_the_api() {
     assert_eq!(g["body"]["cpus"], serde_json::json!([last_cpu]), "{g}");
     let pid = child.id();
     let threads = |want: &str| {
-        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
             let tid = t.file_name().to_string_lossy().to_string();
             if comm.starts_with("vcpu") || tid == pid.to_string() {
@@ -522,7 +525,11 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
     // At risk, the critical VM holds every CPU of the budget as its own (its cap is its
     // vCPUs plus its I/O thread); the batch VM runs at its floor.
     assert!((web - (budget - 0.1)).abs() < 0.011, "{h:#}");
-    assert_eq!(vm(&h, "web")["grant"]["cpus"].as_array().map(Vec::len), Some(cpus.len()), "{h:#}");
+    assert_eq!(
+        vm(&h, "web")["grant"]["cpus"].as_array().map(Vec::len),
+        Some(cpus.len()),
+        "{h:#}"
+    );
     assert_eq!(vm(&h, "web")["attainment"], 0.0, "{h:#}");
     // In the batch VM itself: one host core at most, and a CPU quota of 0.1 core where
     // the host has a cgroup for it.
@@ -573,7 +580,10 @@ fn the_baseline_arbiter_modes_grant_as_named() {
         // Both VMs observed for a few intervals.
         let h = wait_host(&sock, Duration::from_secs(30), |h| {
             vm(h, "web")["intervals"].as_u64() >= Some(5)
-                && (mode == "off" || ["web", "batch"].iter().all(|id| vm(h, id)["grant"].is_object()))
+                && (mode == "off"
+                    || ["web", "batch"]
+                        .iter()
+                        .all(|id| vm(h, id)["grant"].is_object()))
         });
         assert_eq!(h["arbiter"], mode, "{h:#}");
         for id in ["web", "batch"] {
@@ -582,14 +592,20 @@ fn the_baseline_arbiter_modes_grant_as_named() {
                 assert!(g.is_null(), "{mode}: {id} has a grant: {h:#}");
             } else {
                 // Time only: no placement.
-                assert!(g["cores"].as_f64().is_some_and(|c| c > 0.0), "{mode}: {h:#}");
+                assert!(
+                    g["cores"].as_f64().is_some_and(|c| c > 0.0),
+                    "{mode}: {h:#}"
+                );
                 assert!(g["cpus"].is_null(), "{mode}: {h:#}");
             }
         }
         if mode != "off" {
             let total = vm(&h, "web")["grant"]["cores"].as_f64().unwrap()
                 + vm(&h, "batch")["grant"]["cores"].as_f64().unwrap();
-            assert!(total <= h["budget"]["cores"].as_f64().unwrap() + 1e-6, "{h:#}");
+            assert!(
+                total <= h["budget"]["cores"].as_f64().unwrap() + 1e-6,
+                "{h:#}"
+            );
         }
         // SAFETY: signalling the host process this test started.
         unsafe { libc::kill(host_pid as i32, libc::SIGTERM) };
@@ -679,7 +695,9 @@ fn placement_holds(h: &Value) -> Result<(), String> {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
         for t in tasks.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let theirs = cpu_list(&allowed_list(&t.path().join("status").display().to_string()));
+            let theirs = cpu_list(&allowed_list(
+                &t.path().join("status").display().to_string(),
+            ));
             // A vCPU thread may be held to fewer of them (host_cores below the grant).
             let ok = if comm.starts_with("vcpu") {
                 !theirs.is_empty() && theirs.iter().all(|c| mine.contains(c))

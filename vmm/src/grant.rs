@@ -210,14 +210,20 @@ mod tests {
     fn bad_grants_are_refused_with_the_field() {
         let ids = vec!["blk0".to_string()];
         let cpus = [0, 1];
-        assert!(grant(Some(0.5), &[("blk0", 1)]).validate(&ids, &cpus).is_ok());
+        assert!(grant(Some(0.5), &[("blk0", 1)])
+            .validate(&ids, &cpus)
+            .is_ok());
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.01] {
             let e = grant(Some(bad), &[]).validate(&ids, &cpus).unwrap_err();
             assert!(e.to_string().starts_with("cores:"), "{e}");
         }
-        let e = grant(None, &[("blk9", 1)]).validate(&ids, &cpus).unwrap_err();
+        let e = grant(None, &[("blk9", 1)])
+            .validate(&ids, &cpus)
+            .unwrap_err();
         assert_eq!(e.to_string(), "drives.blk9: no drive with this id");
-        let e = grant(None, &[("blk0", 0)]).validate(&ids, &cpus).unwrap_err();
+        let e = grant(None, &[("blk0", 0)])
+            .validate(&ids, &cpus)
+            .unwrap_err();
         assert!(e.to_string().contains("bandwidth_bps"), "{e}");
         // CPU lists: a non-empty subset of the allowed CPUs.
         let with = |c: Vec<usize>| Grant {

@@ -588,7 +588,10 @@ impl VmRuntime {
             .map_err(|e| ControlError::Refused(e.to_string()))?;
         // The event-loop thread (the VM's I/O) goes where the grant places the VM; the
         // vCPU threads follow in set_host_cores. Without a list it gets its start CPUs back.
-        let place = grant.cpus.clone().unwrap_or_else(|| self.allowed_cpus.clone());
+        let place = grant
+            .cpus
+            .clone()
+            .unwrap_or_else(|| self.allowed_cpus.clone());
         if self.main_tid > 0 {
             let set = first_cpus(&place, place.len());
             // SAFETY: valid set and size; the tid is this process's event-loop thread.

@@ -686,7 +686,9 @@ impl Arbiter {
                         let risk = at_risk(*i) || used(*i).is_none();
                         let held = self.held.get(i).map_or(0, |h| h.0);
                         let mut want = match used(*i) {
-                            Some(u) if !risk => (u * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap),
+                            Some(u) if !risk => {
+                                (u * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap)
+                            }
                             // A critical VM at risk grows one CPU at a time, and only while
                             // it uses what it holds: more CPUs do not help a VM held back
                             // by something else (its device, load from outside the budget).
@@ -986,7 +988,10 @@ mod tests {
         assert_eq!((p[1].cpus.clone(), p[1].exclusive), (vec![0], false));
         assert_eq!(p[2].cpus, vec![0]);
         // Critical first in the shared pool: all but the batch floor.
-        assert!((p[1].cores - 0.9).abs() < 1e-9 && (p[2].cores - 0.1).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p[1].cores - 0.9).abs() < 1e-9 && (p[2].cores - 0.1).abs() < 1e-9,
+            "{p:?}"
+        );
         // Time in the pool never exceeds the pool.
         let shared: f64 = p.iter().filter(|x| !x.exclusive).map(|x| x.cores).sum();
         assert!(shared <= 1.0 + 1e-9);
