@@ -27,6 +27,9 @@ pub enum GrantError {
     /// The CPU list is empty, too long, or names a CPU the VM may not use.
     #[error("cpus: {0}")]
     Cpus(String),
+    /// The weight is outside 1..=10000.
+    #[error("weight: {0} is outside 1..=10000")]
+    Weight(u32),
 }
 
 /// What the arbiter grants; `None` / absent drive: no cap.
@@ -39,12 +42,21 @@ pub struct Grant {
     /// The host CPUs every thread of the VM runs on (its vCPUs, its event-loop thread):
     /// placement on top of the time of `cores`; `None`: the CPUs the VM was started with.
     pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads (vCPUs and I/O thread, in their cgroup) against
+    /// whatever else runs on its CPUs, in cgroup v2 `cpu.weight` units (100 = one
+    /// ordinary thread); `None`: left as it is.
+    pub weight: Option<u32>,
 }
 
 impl Grant {
     /// Checks the values against the VM's drives and `allowed`, the CPUs the VM was
     /// started with (a granted CPU list must be a non-empty subset of them).
     pub fn validate(&self, drive_ids: &[String], allowed: &[usize]) -> Result<(), GrantError> {
+        if let Some(w) = self.weight {
+            if !(1..=10_000).contains(&w) {
+                return Err(GrantError::Weight(w));
+            }
+        }
         if let Some(cpus) = &self.cpus {
             if cpus.is_empty() {
                 return Err(GrantError::Cpus("the list is empty".into()));
@@ -158,6 +170,7 @@ mod tests {
             cores,
             drive_bps: drives.iter().map(|(i, b)| (i.to_string(), *b)).collect(),
             cpus: None,
+            weight: None,
         }
     }
 
@@ -238,6 +251,13 @@ mod tests {
         ] {
             let e = with(bad).validate(&ids, &cpus).unwrap_err().to_string();
             assert!(e.starts_with("cpus: ") && e.contains(says), "{e}");
+        }
+        for w in [0, 10_001] {
+            let e = Grant {
+                weight: Some(w),
+                ..grant(None, &[])
+            };
+            assert!(e.validate(&ids, &cpus).unwrap_err().to_string().starts_with("weight:"));
         }
         // The affinity cap never exceeds the CPU list.
         assert_eq!(with(vec![1]).core_cap(2), 1);

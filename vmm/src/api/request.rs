@@ -117,6 +117,10 @@ pub struct GrantBody {
     /// the VM was started with).
     #[serde(default)]
     pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads against what else runs on its CPUs (cgroup v2
+    /// `cpu.weight` units, 1..=10000).
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// One drive's part of a grant.
@@ -296,6 +300,7 @@ mod tests {
                 cores: Some(1.5),
                 drives,
                 cpus: Some(vec![1]),
+                weight: None,
             }))
         );
         assert_eq!(

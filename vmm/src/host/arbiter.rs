@@ -276,6 +276,22 @@ pub fn place(cpus: &[usize], claims: &[CpuClaim]) -> Vec<Placement> {
     out
 }
 
+/// A class's factor on its VMs' CPU weight (mode `slo`): a critical VM's threads win
+/// against whatever else runs on its CPUs (load from outside the budget included).
+pub fn class_weight(class: SloClass) -> f64 {
+    match class {
+        SloClass::Critical => 4.0,
+        SloClass::Standard => 2.0,
+        SloClass::Batch => 1.0,
+    }
+}
+
+/// The CPU weight of a grant of `cores` (cgroup v2 units: 100 per core, as Kubernetes
+/// turns a CPU request into shares) times `factor`, within 1..=10000.
+pub fn weight_of(cores: f64, factor: f64) -> u32 {
+    (100.0 * cores * factor).round().clamp(1.0, 10_000.0) as u32
+}
+
 /// One step of the threshold autoscaler: the grant `g` of a VM that used `used` cores,
 /// between `floor` and `cap`.
 pub fn threshold_step(g: f64, used: f64, floor: f64, cap: f64) -> f64 {
@@ -618,6 +634,9 @@ impl Arbiter {
             if let Some(c) = &g.cpus {
                 body["cpus"] = json!(c);
             }
+            if let Some(w) = g.weight {
+                body["weight"] = json!(w);
+            }
             let r = vm_api(&sock, "PUT", "/grant", Some(body));
             if r.is_ok() {
                 // The VM pins its vCPUs and event-loop thread; its helper threads
@@ -669,10 +688,11 @@ impl Arbiter {
                 .min(budget)
                 .max(pv.min_cores)
         };
-        let view = |cores: f64, cpus: Option<Vec<usize>>| GrantView {
+        let view = |cores: f64, cpus: Option<Vec<usize>>, factor: f64| GrantView {
             cores: round_cores(cores),
             drive_bps: BTreeMap::new(),
             cpus,
+            weight: Some(weight_of(cores, factor)),
         };
         let mut out: HashMap<usize, GrantView> = HashMap::new();
         match self.plan.mode {
@@ -731,7 +751,15 @@ impl Arbiter {
                     } else {
                         self.held.remove(i);
                     }
-                    out.insert(*i, view(p.cores, Some(p.cpus)));
+                    // Weight for the threads it may run (its cap), not its grant: with
+                    // its CPUs placed, the weight only matters against load from
+                    // outside the budget and the VMs sharing its pool.
+                    let mut g = view(p.cores, Some(p.cpus), 1.0);
+                    g.weight = Some(weight_of(
+                        cap_of(*i),
+                        class_weight(self.plan.vms[*i].class),
+                    ));
+                    out.insert(*i, g);
                 }
             }
             ArbiterMode::Threshold => {
@@ -753,7 +781,7 @@ impl Arbiter {
                     }
                 }
                 for (i, g) in grants {
-                    out.insert(i, view(g, None));
+                    out.insert(i, view(g, None, 1.0));
                 }
             }
             ArbiterMode::Pi => {
@@ -777,7 +805,7 @@ impl Arbiter {
                     };
                     self.pi.insert(*i, (c, e));
                     critical += c;
-                    out.insert(*i, view(c, None));
+                    out.insert(*i, view(c, None, 1.0));
                 }
                 let rest: Vec<usize> = running
                     .iter()
@@ -795,7 +823,7 @@ impl Arbiter {
                     .collect();
                 let left = (budget - critical).max(0.0);
                 for (i, g) in rest.iter().zip(allocate(left, &claims)) {
-                    out.insert(*i, view(g, None));
+                    out.insert(*i, view(g, None, 1.0));
                 }
             }
         }
@@ -1016,6 +1044,10 @@ mod tests {
         assert_eq!(interval_margin(Some(&r)), Some(-0.2));
         assert_eq!(interval_margin(Some(&json!({"interval": null}))), None);
         assert_eq!(ArbiterMode::parse("pi"), Some(ArbiterMode::Pi));
+        assert_eq!(weight_of(1.0, class_weight(SloClass::Critical)), 400);
+        assert_eq!(weight_of(0.5, class_weight(SloClass::Batch)), 50);
+        assert_eq!(weight_of(0.001, 1.0), 1);
+        assert_eq!(weight_of(500.0, 4.0), 10_000);
         assert_eq!(ArbiterMode::parse("PI"), None);
         assert_eq!(ArbiterMode::Threshold.name(), "threshold");
     }

@@ -35,6 +35,8 @@ pub struct GrantView {
     pub drive_bps: BTreeMap<String, u64>,
     /// The CPUs all the VM's threads are placed on (`None`: the whole budget, time only).
     pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads against what else runs on its CPUs.
+    pub weight: Option<u32>,
 }
 
 /// SLO attainment so far.
@@ -123,7 +125,7 @@ impl VmStatus {
                 .iter()
                 .map(|(id, b)| (id.clone(), json!({"bandwidth_bps": b})))
                 .collect();
-            json!({"cores": g.cores, "drives": drives, "cpus": g.cpus})
+            json!({"cores": g.cores, "drives": drives, "cpus": g.cpus, "weight": g.weight})
         });
         json!({
             "id": self.id,
