@@ -286,8 +286,8 @@ pub fn class_weight(class: SloClass) -> f64 {
     }
 }
 
-/// The CPU weight of a grant of `cores` (cgroup v2 units: 100 per core, as Kubernetes
-/// turns a CPU request into shares) times `factor`, within 1..=10000.
+/// The CPU weight of `cores` (cgroup v2 units: 100 per core, as Kubernetes turns a CPU
+/// request into shares) times `factor`, within 1..=10000.
 pub fn weight_of(cores: f64, factor: f64) -> u32 {
     (100.0 * cores * factor).round().clamp(1.0, 10_000.0) as u32
 }
@@ -688,11 +688,12 @@ impl Arbiter {
                 .min(budget)
                 .max(pv.min_cores)
         };
-        let view = |cores: f64, cpus: Option<Vec<usize>>, factor: f64| GrantView {
+        // The baselines leave the weight as it is (the cgroup's default, 100).
+        let view = |cores: f64, cpus: Option<Vec<usize>>| GrantView {
             cores: round_cores(cores),
             drive_bps: BTreeMap::new(),
             cpus,
-            weight: Some(weight_of(cores, factor)),
+            weight: None,
         };
         let mut out: HashMap<usize, GrantView> = HashMap::new();
         match self.plan.mode {
@@ -754,7 +755,7 @@ impl Arbiter {
                     // Weight for the threads it may run (its cap), not its grant: with
                     // its CPUs placed, the weight only matters against load from
                     // outside the budget and the VMs sharing its pool.
-                    let mut g = view(p.cores, Some(p.cpus), 1.0);
+                    let mut g = view(p.cores, Some(p.cpus));
                     g.weight = Some(weight_of(
                         cap_of(*i),
                         class_weight(self.plan.vms[*i].class),
@@ -781,7 +782,7 @@ impl Arbiter {
                     }
                 }
                 for (i, g) in grants {
-                    out.insert(i, view(g, None, 1.0));
+                    out.insert(i, view(g, None));
                 }
             }
             ArbiterMode::Pi => {
@@ -805,7 +806,7 @@ impl Arbiter {
                     };
                     self.pi.insert(*i, (c, e));
                     critical += c;
-                    out.insert(*i, view(c, None, 1.0));
+                    out.insert(*i, view(c, None));
                 }
                 let rest: Vec<usize> = running
                     .iter()
@@ -823,7 +824,7 @@ impl Arbiter {
                     .collect();
                 let left = (budget - critical).max(0.0);
                 for (i, g) in rest.iter().zip(allocate(left, &claims)) {
-                    out.insert(*i, view(g, None, 1.0));
+                    out.insert(*i, view(g, None));
                 }
             }
         }
