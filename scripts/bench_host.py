@@ -50,7 +50,10 @@ WARM_MS = int(os.environ.get("WARM_MS", "2000"))
 MIN_OPS = float(os.environ.get("MIN_OPS", "10000"))
 P99_US = int(os.environ.get("P99_US", "1000"))
 BURSTY_MIN_OPS = float(os.environ.get("BURSTY_MIN_OPS", "5000"))
-ARMS = ["alone", "static", "off", "threshold", "pi", "slo"]
+ARMS = ["alone", "static", "off", "threshold", "pi", "slo", "static-w"]
+# The CPU weight `slo` gives each VM (100 x min(vCPUs + 1, 2 CPUs) x class factor), for the
+# static-w arm: the static partition with the same weights, pushed with PUT /grant.
+CLASS_FACTOR = {"critical": 4, "standard": 2, "batch": 1}
 SCENARIOS = ["noisy", "peaks", "bursty"]
 HELD_OUT = "bursty"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -161,7 +164,7 @@ def run_arm(scenario, arm, seed, tmp):
     procs, pids = [], {}
     ncpu = len(os.sched_getaffinity(0))
     cpus = sorted(os.sched_getaffinity(0))
-    if arm in ("alone", "static"):
+    if arm in ("alone", "static", "static-w"):
         gap = (seed % 3) * 0.3
         for i, (vid, cfg) in enumerate(order):
             c = dict(cfg, api_sock=f"{d}/{vid}.sock", serial_out=f"{d}/{vid}.serial",
@@ -169,7 +172,7 @@ def run_arm(scenario, arm, seed, tmp):
             with open(f"{d}/{vid}.json", "w") as f:
                 json.dump(c, f)
             pre = []
-            if arm == "static":
+            if arm in ("static", "static-w"):
                 pre = ["taskset", "-c", str(cpus[-1] if vid == "crit" else cpus[0])]
             p = subprocess.Popen(pre + [VMM, "run", "--config", f"{d}/{vid}.json"],
                                  stdout=open(f"{d}/{vid}.out", "w"), stderr=subprocess.STDOUT,
@@ -178,6 +181,16 @@ def run_arm(scenario, arm, seed, tmp):
             pids[vid] = p.pid
             if i + 1 < len(order):
                 time.sleep(gap)
+        if arm == "static-w":
+            for vid, cfg in order:
+                w = 100 * min(cfg.get("vcpus", 1) + 1, ncpu) * CLASS_FACTOR[cfg["slo"]["class"]]
+                for _ in range(100):
+                    if os.path.exists(f"{d}/{vid}.sock"):
+                        break
+                    time.sleep(0.05)
+                subprocess.run(["curl", "-s", "-m", "2", "--unix-socket", f"{d}/{vid}.sock", "-X", "PUT",
+                                "-d", json.dumps({"weight": w}), "http://localhost/grant"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         host = False
     else:
         hc = {"api_sock": f"{d}/host.sock", "state_db": f"{d}/state.db", "interval_ms": 500,
@@ -245,8 +258,10 @@ def measure(d, scenario, arm, seed, ids, rows, ncpu):
     granted = {}
     used = {}
     for vid in ids:
-        if arm == "static":
-            granted[vid] = 1.0 * span if span else None
+        if arm in ("static", "static-w"):
+            # The critical VM's CPU is its own; the others share the other one.
+            share = 1.0 if vid == "crit" else 1.0 / max(1, len(ids) - 1)
+            granted[vid] = share * span if span else None
         elif arm in ("threshold", "pi", "slo"):
             g = 0.0
             for a, b in zip(in_win, in_win[1:]):
@@ -308,6 +323,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--tag", default="", help="suffix of the output files (host-<scenario>-<tag>.json)")
     a = ap.parse_args()
     scenarios = [s for s in a.scenarios.split(",") if s]
     arms = [x for x in a.arms.split(",") if x]
@@ -346,11 +362,14 @@ def main():
     meta = {"run_ms": RUN_MS, "warm_ms": WARM_MS, "seeds": a.seeds, "held_out": HELD_OUT,
             "slo": {"min_ops": MIN_OPS, "bursty_min_ops": BURSTY_MIN_OPS, "p99_us": P99_US},
             "host_cpus": len(os.sched_getaffinity(0))}
+    if a.tag and not a.tag.replace("-", "").isalnum():
+        sys.exit("bench-host: --tag must be letters, digits and '-'")
+    sfx = f"-{a.tag}" if a.tag else ""
     for s in scenarios:
-        with open(f"{out_dir}/host-{s}.json", "w") as f:
+        with open(f"{out_dir}/host-{s}{sfx}.json", "w") as f:
             json.dump(dict(meta, scenario=s, summary=summary[s],
                            runs=[r for r in runs if r["scenario"] == s]), f, indent=1)
-    with open(f"{out_dir}/host-all.json", "w") as f:
+    with open(f"{out_dir}/host-all{sfx}.json", "w") as f:
         json.dump(dict(meta, summary=summary, runs=runs), f)
     for s in scenarios:
         print(f"\n{s}{' (held out)' if s == HELD_OUT else ''}: {a.seeds} seeds, mean ± 95% CI (t)")

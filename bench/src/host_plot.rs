@@ -42,7 +42,15 @@ pub enum HostPlotError {
 }
 
 /// The arms in the order the plots show them.
-const ARMS: [&str; 6] = ["alone", "static", "off", "threshold", "pi", "slo"];
+const ARMS: [&str; 7] = [
+    "alone",
+    "static",
+    "static-w",
+    "off",
+    "threshold",
+    "pi",
+    "slo",
+];
 /// The arbiter modes whose grants are plotted.
 const MODES: [&str; 3] = ["threshold", "pi", "slo"];
 
@@ -50,6 +58,7 @@ fn arm_color(arm: &str) -> RGBColor {
     match arm {
         "alone" => RGBColor(150, 150, 150),
         "static" => RGBColor(0, 0, 0),
+        "static-w" => RGBColor(120, 60, 160),
         "off" => RGBColor(230, 140, 30),
         "threshold" => RGBColor(200, 40, 40),
         "pi" => RGBColor(40, 90, 200),
@@ -176,7 +185,7 @@ fn attainment(
         .map_err(|e| err(e.to_string()))?;
     for (k, arm) in ARMS.iter().enumerate() {
         let c = arm_color(arm);
-        let dx = (k as f64 - 2.5) * 0.12;
+        let dx = (k as f64 - 3.0) * 0.11;
         let mut pts = Vec::new();
         let mut bars = Vec::new();
         for (i, s) in scenarios.iter().enumerate() {

@@ -545,15 +545,16 @@ impl VmRuntime {
             .collect()
     }
 
-    /// The threads a CPU quota holds: the vCPU threads and, under a host's core grant,
-    /// the event-loop (I/O) thread too. Its time is the VM's, and it must share the
+    /// The threads a CPU quota holds: the vCPU threads and, under a host's grant of
+    /// cores or weight, the event-loop (I/O) thread too. Its time is the VM's, and it must share the
     /// vCPUs' cgroup: in a cgroup of their own the vCPU threads leave the I/O thread
     /// waiting a whole slice for each request it is woken for (measured: a `blk-io`
     /// randread VM pinned to one CPU fell from 19 700 to under 2 000 reads/s when its
     /// vCPU alone was moved into the cgroup, quota lifted).
     fn quota_tids(&self) -> Vec<i32> {
         let mut t = self.tids();
-        if lock(&self.grant).grant.cores.is_some() && self.main_tid > 0 {
+        let g = lock(&self.grant);
+        if (g.grant.cores.is_some() || g.grant.weight.is_some()) && self.main_tid > 0 {
             t.push(self.main_tid);
         }
         t
