@@ -622,10 +622,7 @@ impl CpuQuota {
         }
         let mut s = devices::lock(&self.state);
         let path = self.path.clone().unwrap_or_default();
-        let backend = s
-            .backend
-            .as_mut()
-            .ok_or(CpuQuotaError::Released(path))?;
+        let backend = s.backend.as_mut().ok_or(CpuQuotaError::Released(path))?;
         backend.add_threads(tids)?;
         backend.set_weight(weight)
     }

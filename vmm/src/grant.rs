@@ -257,7 +257,11 @@ mod tests {
                 weight: Some(w),
                 ..grant(None, &[])
             };
-            assert!(e.validate(&ids, &cpus).unwrap_err().to_string().starts_with("weight:"));
+            assert!(e
+                .validate(&ids, &cpus)
+                .unwrap_err()
+                .to_string()
+                .starts_with("weight:"));
         }
         // The affinity cap never exceeds the CPU list.
         assert_eq!(with(vec![1]).core_cap(2), 1);

@@ -756,10 +756,7 @@ impl Arbiter {
                     // its CPUs placed, the weight only matters against load from
                     // outside the budget and the VMs sharing its pool.
                     let mut g = view(p.cores, Some(p.cpus));
-                    g.weight = Some(weight_of(
-                        cap_of(*i),
-                        class_weight(self.plan.vms[*i].class),
-                    ));
+                    g.weight = Some(weight_of(cap_of(*i), class_weight(self.plan.vms[*i].class)));
                     out.insert(*i, g);
                 }
             }
