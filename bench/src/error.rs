@@ -57,6 +57,9 @@ pub enum BenchError {
     /// Results could not be (de)serialised.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The multi-tenant plots could not be drawn.
+    #[error("host plots: {0}")]
+    HostPlot(#[from] crate::host_plot::HostPlotError),
 }
 
 impl BenchError {

@@ -24,6 +24,7 @@ mod boot;
 mod child;
 mod decision;
 mod error;
+mod host_plot;
 mod memory;
 mod pio;
 mod profile;
@@ -107,6 +108,16 @@ enum Cmd {
     },
     /// Print a table of the latest result files in the output directory.
     Summary,
+    /// PNG plots of `scripts/bench-host.sh`'s results: SLO attainment per scenario and
+    /// arm, cores granted per VM over time.
+    HostPlot {
+        /// The results [default: <out-dir>/host-all.json].
+        #[arg(long, value_name = "PATH")]
+        input: Option<PathBuf>,
+        /// Where the PNGs go [default: <out-dir>].
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
+    },
     /// Write a test kernel wrapped for QEMU's PVH boot (to rerun a comparison by hand).
     PvhWrap {
         /// The test kernel.
@@ -588,6 +599,14 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         );
         return Ok(());
     }
+    if let Cmd::HostPlot { input, plots } = &cli.command {
+        let dir = out_dir(&cli.common);
+        let input = input.clone().unwrap_or_else(|| dir.join("host-all.json"));
+        for p in host_plot::plot(&input, plots.as_deref().unwrap_or(&dir))? {
+            eprintln!("vmm-bench: wrote {}", p.display());
+        }
+        return Ok(());
+    }
     if let Cmd::Summary = cli.command {
         print!("{}", summary::render(&out_dir(&cli.common))?);
         return Ok(());
@@ -667,7 +686,7 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
                 },
             )
         }
-        Cmd::Summary | Cmd::PvhWrap { .. } => Ok(()),
+        Cmd::Summary | Cmd::PvhWrap { .. } | Cmd::HostPlot { .. } => Ok(()),
     }
 }
 

@@ -166,23 +166,23 @@ fn three_vms_under(bin: &Path, name: &str, kill_one: bool) -> (Scratch, String) 
         let cores = g["body"]["cores"].as_f64().expect("a core grant");
         let host_cores = g["body"]["host_cores"].as_u64().unwrap() as f64;
         assert!(host_cores <= cores.ceil(), "VM {id}: {g}");
-        // With a cgroup quota to hold the share, no VM's vCPU threads are stacked on the
-        // budget's first cores: they may run on every CPU of the budget.
-        let quota = api_with(bin, sock_vm, r#"{"method":"GET","path":"/vm"}"#);
-        if quota["body"]["cpu_quota"]["mode"] != "none" {
-            let mine = allowed_list("/proc/self/status");
-            for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .flatten()
-            {
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                if comm.starts_with("vcpu") {
-                    let theirs = allowed_list(&t.path().join("status").display().to_string());
-                    assert_eq!(theirs, mine, "VM {id}: vCPU thread {comm:?} pinned");
-                }
+    }
+    // Placement: the critical VM's threads (vCPUs and event loop included) run on CPUs of
+    // its own, the others on the rest (grants move between intervals: read again until
+    // one interval's grants and the threads agree).
+    let mut last = String::new();
+    let placed = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let h = get_host(&sock);
+        match placement_holds(&h) {
+            Ok(()) => true,
+            Err(e) => {
+                last = e;
+                false
             }
         }
-    }
+    });
+    assert!(placed, "placement: {last}");
     // The critical VM's drive sits on the budgeted device: it has a bandwidth grant.
     assert!(
         vm(&h, "web")["grant"]["drives"]["blk0"]["bandwidth_bps"]
@@ -327,6 +327,30 @@ fn the_grant_caps_host_cores_and_drive_bandwidth_through_the_api() {
     assert_eq!(vm_cores(), Some(total));
     let (_, drives) = curl(&sock, "GET", "/drives", None);
     assert!(drives[0]["rate_limiter"]["bandwidth"].is_null(), "{drives}");
+    // A CPU list places every thread of the VM there: its vCPUs and its event loop
+    // (the process's main thread) alike; without one they get their start CPUs back.
+    let last_cpu = *vmm::runtime::allowed_cpus().last().unwrap();
+    let g = put(&format!(r#"{{"cores": 64, "cpus": [{last_cpu}]}}"#));
+    assert_eq!(g["status"], 200, "{g}");
+    assert_eq!(g["body"]["cpus"], serde_json::json!([last_cpu]), "{g}");
+    let pid = child.id();
+    let threads = |want: &str| {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let tid = t.file_name().to_string_lossy().to_string();
+            if comm.starts_with("vcpu") || tid == pid.to_string() {
+                let theirs = allowed_list(&t.path().join("status").display().to_string());
+                assert_eq!(theirs, want, "thread {tid} ({})", comm.trim());
+            }
+        }
+    };
+    threads(&last_cpu.to_string());
+    let g = put(r#"{"cores": 64}"#);
+    assert_eq!(g["status"], 200, "{g}");
+    threads(&allowed_list("/proc/self/status"));
     // Bad grants are refused, naming the field; the grant in force stays.
     for (body, field) in [
         (r#"{"cores": 0}"#, "cores"),
@@ -335,7 +359,9 @@ fn the_grant_caps_host_cores_and_drive_bandwidth_through_the_api() {
             r#"{"drives": {"blk0": {"bandwidth_bps": 0}}}"#,
             "bandwidth_bps",
         ),
-        (r#"{"cpus": 1}"#, "cpus"),
+        (r#"{"cpu_set": 1}"#, "cpu_set"),
+        (r#"{"cpus": []}"#, "cpus"),
+        (r#"{"cpus": [1023]}"#, "cpus: CPU 1023"),
     ] {
         let r = put(body);
         assert_eq!(r["status"], 400, "{body}: {r}");
@@ -483,10 +509,12 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
     let child = start_host(&vmm_bin(), &path);
     let host_pid = child.id();
     wait_for(&sock);
+    // It grows one CPU per interval while it uses what it holds (its vCPU polls).
     let settled = |h: &Value| {
         vm(h, "web")["slo_state"] == "missed"
             && vm(h, "web")["intervals"].as_u64() >= Some(3)
             && vm(h, "batch")["grant"].is_object()
+            && vm(h, "web")["grant"]["cpus"].as_array().map(Vec::len) == Some(cpus.len())
     };
     let h = wait_host(&sock, Duration::from_secs(30), settled);
     assert!(settled(&h), "{h:#}");
@@ -494,7 +522,14 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
     let web = vm(&h, "web")["grant"]["cores"].as_f64().unwrap();
     let batch = vm(&h, "batch")["grant"]["cores"].as_f64().unwrap();
     assert!((batch - 0.1).abs() < 1e-9, "{h:#}");
+    // At risk, the critical VM holds every CPU of the budget as its own (its cap is its
+    // vCPUs plus its I/O thread); the batch VM runs at its floor.
     assert!((web - (budget - 0.1)).abs() < 0.011, "{h:#}");
+    assert_eq!(
+        vm(&h, "web")["grant"]["cpus"].as_array().map(Vec::len),
+        Some(cpus.len()),
+        "{h:#}"
+    );
     assert_eq!(vm(&h, "web")["attainment"], 0.0, "{h:#}");
     // In the batch VM itself: one host core at most, and a CPU quota of 0.1 core where
     // the host has a cgroup for it.
@@ -510,6 +545,73 @@ fn a_critical_vm_missing_its_slo_takes_the_cores_of_the_batch_vm() {
     unsafe { libc::kill(host_pid as i32, libc::SIGTERM) };
     let (status, stderr) = finish(child, Duration::from_secs(30));
     assert_eq!(status, Some(143), "{stderr}");
+}
+
+#[test]
+fn the_baseline_arbiter_modes_grant_as_named() {
+    if !kvm_available() {
+        return;
+    }
+    for mode in ["off", "threshold", "pi"] {
+        let dir = Scratch::new(&format!("mode-{mode}"));
+        let img = dir.path("web.img");
+        std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+        let cfg = serde_json::json!({
+            "api_sock": s(&dir.path("host.sock")),
+            "log_dir": s(&dir.0),
+            "interval_ms": 200,
+            "arbiter": mode,
+            "vms": [
+                {"id": "batch",
+                 "vm": {"kernel": kernel("cpu-burn"), "vcpus": 2, "cmdline": "ms=60000",
+                        "slo": {"class": "batch"}}},
+                {"id": "web",
+                 "vm": {"kernel": kernel("blk-io"), "cmdline": "mode=randread ms=60000",
+                        "slo": {"class": "critical", "min_ops": 100},
+                        "drives": [{"path": s(&img), "read_only": true}]}}
+            ]
+        });
+        let path = dir.path("host.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let sock = s(&dir.path("host.sock"));
+        let child = start_host(&vmm_bin(), &path);
+        let host_pid = child.id();
+        wait_for(&sock);
+        // Both VMs observed for a few intervals.
+        let h = wait_host(&sock, Duration::from_secs(30), |h| {
+            vm(h, "web")["intervals"].as_u64() >= Some(5)
+                && (mode == "off"
+                    || ["web", "batch"]
+                        .iter()
+                        .all(|id| vm(h, id)["grant"].is_object()))
+        });
+        assert_eq!(h["arbiter"], mode, "{h:#}");
+        for id in ["web", "batch"] {
+            let g = &vm(&h, id)["grant"];
+            if mode == "off" {
+                assert!(g.is_null(), "{mode}: {id} has a grant: {h:#}");
+            } else {
+                // Time only: no placement.
+                assert!(
+                    g["cores"].as_f64().is_some_and(|c| c > 0.0),
+                    "{mode}: {h:#}"
+                );
+                assert!(g["cpus"].is_null(), "{mode}: {h:#}");
+            }
+        }
+        if mode != "off" {
+            let total = vm(&h, "web")["grant"]["cores"].as_f64().unwrap()
+                + vm(&h, "batch")["grant"]["cores"].as_f64().unwrap();
+            assert!(
+                total <= h["budget"]["cores"].as_f64().unwrap() + 1e-6,
+                "{h:#}"
+            );
+        }
+        // SAFETY: signalling the host process this test started.
+        unsafe { libc::kill(host_pid as i32, libc::SIGTERM) };
+        let (status, stderr) = finish(child, Duration::from_secs(30));
+        assert_eq!(status, Some(143), "{mode}: {stderr}");
+    }
 }
 
 #[test]
@@ -548,6 +650,70 @@ fn a_host_killed_outright_leaves_no_vm_behind() {
         "{:?}",
         std::fs::read_to_string(dir.path("burn.log"))
     );
+}
+
+/// Parses a `Cpus_allowed_list` value (`0-1,3`).
+fn cpu_list(text: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<u64>(), b.trim().parse::<u64>()) {
+            out.extend(a..=b);
+        }
+    }
+    out
+}
+
+/// Checks the slo arbiter's placement against every thread of every running VM: the
+/// critical VM `web` has CPUs no other VM is granted, and each VM's threads (all of them:
+/// vCPUs, event loop, helpers) are allowed exactly its granted CPUs.
+fn placement_holds(h: &Value) -> Result<(), String> {
+    let budget = h["budget"]["cpus"].as_array().map_or(0, Vec::len);
+    let grant_cpus = |id: &str| -> Vec<u64> {
+        vm(h, id)["grant"]["cpus"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let web = grant_cpus("web");
+    if budget >= 2 && web.len() != 1 {
+        return Err(format!("web does not hold one CPU of its own: {h}"));
+    }
+    for id in ["web", "app", "batch"] {
+        let v = vm(h, id);
+        if v["state"] != "running" {
+            continue;
+        }
+        let mine = grant_cpus(id);
+        if mine.is_empty() {
+            return Err(format!("{id}: no CPU list in its grant: {v}"));
+        }
+        if id != "web" && budget >= 2 && mine.iter().any(|c| web.contains(c)) {
+            return Err(format!("{id} granted web's CPUs {web:?}: {mine:?}"));
+        }
+        let pid = v["pid"].as_u64().ok_or("no pid")?;
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let theirs = cpu_list(&allowed_list(
+                &t.path().join("status").display().to_string(),
+            ));
+            // A vCPU thread may be held to fewer of them (host_cores below the grant).
+            let ok = if comm.starts_with("vcpu") {
+                !theirs.is_empty() && theirs.iter().all(|c| mine.contains(c))
+            } else {
+                theirs == mine
+            };
+            if !ok {
+                return Err(format!(
+                    "{id}: thread {} ({}) allowed {theirs:?}, granted {mine:?}",
+                    t.file_name().to_string_lossy(),
+                    comm.trim()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `Cpus_allowed_list` line of a `/proc/.../status` file.

@@ -307,6 +307,8 @@ struct Backend {
     parent_members: File,
     /// Threads moved in so far.
     tids: Vec<i32>,
+    /// v2 `cpu.weight` or v1 `cpu.shares` (`None`: not writable here).
+    weight: Option<File>,
 }
 
 impl Backend {
@@ -345,6 +347,7 @@ impl Backend {
                 period: None,
                 members: open_for_write(&dir.join("cgroup.threads"))?,
                 parent_members: open_for_write(&parent.join("cgroup.threads"))?,
+                weight: open_for_write(&dir.join("cpu.weight")).ok(),
                 dir: dir.clone(),
                 tids: Vec::new(),
             })
@@ -366,6 +369,7 @@ impl Backend {
                 period: Some(open_for_write(&dir.join("cpu.cfs_period_us"))?),
                 members: open_for_write(&dir.join("tasks"))?,
                 parent_members: open_for_write(&parent.join("tasks"))?,
+                weight: open_for_write(&dir.join("cpu.shares")).ok(),
                 dir: dir.clone(),
                 tids: Vec::new(),
             })
@@ -392,6 +396,25 @@ impl Backend {
             self.tids.push(tid);
         }
         Ok(())
+    }
+
+    /// The cgroup's weight against its siblings (v2 `cpu.weight`, 1..=10000, 100 by
+    /// default; v1 `cpu.shares` = weight x 1024 / 100).
+    fn set_weight(&mut self, weight: u32) -> Result<(), CpuQuotaError> {
+        let (name, text) = match self.mode {
+            Mode::V2 => ("cpu.weight", format!("{}\n", weight.clamp(1, 10_000))),
+            _ => (
+                "cpu.shares",
+                format!("{}\n", (u64::from(weight) * 1024 / 100).max(2)),
+            ),
+        };
+        let dir = self.dir.clone();
+        match &mut self.weight {
+            Some(f) => Self::write(f, &dir, name, &text),
+            None => Err(io_err("open", &dir.join(name))(std::io::Error::from(
+                std::io::ErrorKind::PermissionDenied,
+            ))),
+        }
     }
 
     /// `quota_us` of `None` means unlimited.
@@ -588,6 +611,20 @@ impl CpuQuota {
             path: self.path.clone(),
             last_error: s.last_error.clone(),
         }
+    }
+
+    /// Puts the threads `tids` (0 = not started, skipped) in the cgroup and sets its
+    /// weight against the other cgroups and threads beside it (`weight`: cgroup v2
+    /// `cpu.weight` units, 100 = one ordinary thread's share).
+    pub fn set_weight(&self, weight: u32, tids: &[i32]) -> Result<(), CpuQuotaError> {
+        if self.mode == Mode::None {
+            return Err(CpuQuotaError::Unavailable(self.reason.clone()));
+        }
+        let mut s = devices::lock(&self.state);
+        let path = self.path.clone().unwrap_or_default();
+        let backend = s.backend.as_mut().ok_or(CpuQuotaError::Released(path))?;
+        backend.add_threads(tids)?;
+        backend.set_weight(weight)
     }
 
     /// Puts the threads `tids` (0 = not started, skipped) in the cgroup and caps them at

@@ -24,6 +24,12 @@ pub enum GrantError {
     /// No drive with this id.
     #[error("drives.{0}: no drive with this id")]
     UnknownDrive(String),
+    /// The CPU list is empty, too long, or names a CPU the VM may not use.
+    #[error("cpus: {0}")]
+    Cpus(String),
+    /// The weight is outside 1..=10000.
+    #[error("weight: {0} is outside 1..=10000")]
+    Weight(u32),
 }
 
 /// What the arbiter grants; `None` / absent drive: no cap.
@@ -33,11 +39,41 @@ pub struct Grant {
     pub cores: Option<f64>,
     /// Per drive id, the most bytes per second.
     pub drive_bps: BTreeMap<String, u64>,
+    /// The host CPUs every thread of the VM runs on (its vCPUs, its event-loop thread):
+    /// placement on top of the time of `cores`; `None`: the CPUs the VM was started with.
+    pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads (vCPUs and I/O thread, in their cgroup) against
+    /// whatever else runs on its CPUs, in cgroup v2 `cpu.weight` units (100 = one
+    /// ordinary thread); `None`: left as it is.
+    pub weight: Option<u32>,
 }
 
 impl Grant {
-    /// Checks the values against the VM's drives.
-    pub fn validate(&self, drive_ids: &[String]) -> Result<(), GrantError> {
+    /// Checks the values against the VM's drives and `allowed`, the CPUs the VM was
+    /// started with (a granted CPU list must be a non-empty subset of them).
+    pub fn validate(&self, drive_ids: &[String], allowed: &[usize]) -> Result<(), GrantError> {
+        if let Some(w) = self.weight {
+            if !(1..=10_000).contains(&w) {
+                return Err(GrantError::Weight(w));
+            }
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.is_empty() {
+                return Err(GrantError::Cpus("the list is empty".into()));
+            }
+            if cpus.len() > allowed.len() {
+                return Err(GrantError::Cpus(format!(
+                    "{} CPUs, more than the {} this VM may use",
+                    cpus.len(),
+                    allowed.len()
+                )));
+            }
+            if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+                return Err(GrantError::Cpus(format!(
+                    "CPU {c} is not among the CPUs this VM may use ({allowed:?})"
+                )));
+            }
+        }
         if let Some(c) = self.cores {
             if !c.is_finite() || c < MIN_GRANT_CORES {
                 return Err(GrantError::Cores(c.to_string()));
@@ -55,8 +91,13 @@ impl Grant {
     }
 
     /// The most host cores (affinity) the vCPU threads may have, out of `total`: the
-    /// grant rounded up (its fraction is enforced by the CPU quota), at least 1.
+    /// grant rounded up (its fraction is enforced by the CPU quota), at least 1, and no
+    /// more than the granted CPU list holds.
     pub fn core_cap(&self, total: u32) -> u32 {
+        let total = match &self.cpus {
+            Some(c) => total.min(u32::try_from(c.len()).unwrap_or(u32::MAX)),
+            None => total,
+        };
         match self.cores {
             // Finite and >= MIN_GRANT_CORES (validated); the cast saturates anyway.
             Some(c) => (c.ceil() as u32).clamp(1, total.max(1)),
@@ -128,6 +169,8 @@ mod tests {
         Grant {
             cores,
             drive_bps: drives.iter().map(|(i, b)| (i.to_string(), *b)).collect(),
+            cpus: None,
+            weight: None,
         }
     }
 
@@ -179,14 +222,56 @@ mod tests {
     #[test]
     fn bad_grants_are_refused_with_the_field() {
         let ids = vec!["blk0".to_string()];
-        assert!(grant(Some(0.5), &[("blk0", 1)]).validate(&ids).is_ok());
+        let cpus = [0, 1];
+        assert!(grant(Some(0.5), &[("blk0", 1)])
+            .validate(&ids, &cpus)
+            .is_ok());
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.01] {
-            let e = grant(Some(bad), &[]).validate(&ids).unwrap_err();
+            let e = grant(Some(bad), &[]).validate(&ids, &cpus).unwrap_err();
             assert!(e.to_string().starts_with("cores:"), "{e}");
         }
-        let e = grant(None, &[("blk9", 1)]).validate(&ids).unwrap_err();
+        let e = grant(None, &[("blk9", 1)])
+            .validate(&ids, &cpus)
+            .unwrap_err();
         assert_eq!(e.to_string(), "drives.blk9: no drive with this id");
-        let e = grant(None, &[("blk0", 0)]).validate(&ids).unwrap_err();
+        let e = grant(None, &[("blk0", 0)])
+            .validate(&ids, &cpus)
+            .unwrap_err();
         assert!(e.to_string().contains("bandwidth_bps"), "{e}");
+        // CPU lists: a non-empty subset of the allowed CPUs.
+        let with = |c: Vec<usize>| Grant {
+            cpus: Some(c),
+            ..grant(Some(1.0), &[])
+        };
+        assert!(with(vec![1]).validate(&ids, &cpus).is_ok());
+        for (bad, says) in [
+            (vec![], "empty"),
+            (vec![2], "CPU 2 is not among"),
+            (vec![0, 1, 1], "more than the 2"),
+        ] {
+            let e = with(bad).validate(&ids, &cpus).unwrap_err().to_string();
+            assert!(e.starts_with("cpus: ") && e.contains(says), "{e}");
+        }
+        for w in [0, 10_001] {
+            let e = Grant {
+                weight: Some(w),
+                ..grant(None, &[])
+            };
+            assert!(e
+                .validate(&ids, &cpus)
+                .unwrap_err()
+                .to_string()
+                .starts_with("weight:"));
+        }
+        // The affinity cap never exceeds the CPU list.
+        assert_eq!(with(vec![1]).core_cap(2), 1);
+        assert_eq!(
+            Grant {
+                cores: Some(2.0),
+                ..with(vec![0, 1])
+            }
+            .core_cap(2),
+            2
+        );
     }
 }

@@ -178,7 +178,7 @@ fn grant_json(rt: &VmRuntime) -> Value {
         .iter()
         .map(|(id, bps)| (id.clone(), json!({"bandwidth_bps": bps})))
         .collect();
-    json!({"cores": g.cores, "drives": drives,
+    json!({"cores": g.cores, "drives": drives, "cpus": g.cpus, "weight": g.weight,
            "host_cores": rt.host_cores_given(), "core_cap": rt.granted_core_cap(),
            "cpu_quota": cpu_quota_json(rt)})
 }
@@ -192,6 +192,8 @@ fn put_grant(rt: &VmRuntime, body: GrantBody) -> Reply {
             .into_iter()
             .map(|(id, d)| (id, d.bandwidth_bps))
             .collect(),
+        cpus: body.cpus,
+        weight: body.weight,
     };
     match rt.control(KnobWrite::Grant(grant)) {
         Ok(_) => Reply::ok(grant_json(rt)),

@@ -125,6 +125,14 @@ pub struct GrantBody {
     /// Per drive id, its bandwidth cap.
     #[serde(default)]
     pub drives: std::collections::BTreeMap<String, DriveGrantBody>,
+    /// The host CPUs all the VM's threads run on (placement; checked against the CPUs
+    /// the VM was started with).
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads against what else runs on its CPUs (cgroup v2
+    /// `cpu.weight` units, 1..=10000).
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// One drive's part of a grant.
@@ -303,11 +311,13 @@ mod tests {
             parse(
                 "PUT",
                 "/grant",
-                br#"{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": 1000}}}"#
+                br#"{"cores": 1.5, "drives": {"blk0": {"bandwidth_bps": 1000}}, "cpus": [1]}"#
             ),
             Ok(Command::PutGrant(GrantBody {
                 cores: Some(1.5),
-                drives
+                drives,
+                cpus: Some(vec![1]),
+                weight: None,
             }))
         );
         assert_eq!(

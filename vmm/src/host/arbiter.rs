@@ -10,6 +10,16 @@
 //! not yet known); what is left goes, in the same order, up to what each VM can use.
 //! So when a critical VM's SLO is at risk, its larger want is taken from batch VMs
 //! first, then from standard ones, never from another class above.
+//!
+//! Cores are placement as well as time ([`place`], mode `slo`): a critical VM gets whole
+//! CPUs of its own, every thread of it (vCPUs and its event-loop I/O thread) pinned
+//! there; the other VMs share the rest under CPU quotas. A quota alone limits time, not
+//! placement: under it a batch VM's threads ran on the critical VM's core and the
+//! arbiter lost to a static `taskset` partition (BENCHMARKS section 11). The I/O thread
+//! counts: a VM's cap is its vCPUs plus one core.
+//!
+//! The baselines run under the same host as other modes ([`ArbiterMode`]): a threshold
+//! autoscaler per VM, a PI controller on the critical VM's SLO margin, and no grants.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,6 +41,64 @@ const CORE_SLACK: f64 = 0.1;
 /// Grants are whole multiples of 1/this of a core (rounded down, so they never exceed
 /// the budget).
 const CORE_STEPS: f64 = 100.0;
+/// Cores a VM may use beyond its vCPUs: its event-loop (I/O) thread.
+const IO_THREAD_CORES: f64 = 1.0;
+/// A critical VM at risk gets one more CPU only when it uses this share of those it holds.
+const GROW_USE: f64 = 0.85;
+/// Intervals in a row a critical VM meets its SLO before its CPUs may shrink (`slo`).
+const SHRINK_AFTER: u32 = 6;
+/// Threshold autoscaler: grow above this utilisation of the grant, shrink below the low
+/// mark (Kubernetes' horizontal autoscaler targets 80%).
+const THRESHOLD_HIGH: f64 = 0.8;
+/// Threshold autoscaler's low mark.
+const THRESHOLD_LOW: f64 = 0.5;
+/// Threshold autoscaler: a grant grows by this factor at least.
+const THRESHOLD_GROW: f64 = 1.5;
+/// PI controller: the SLO margin it holds the critical VM at (10% to spare).
+const PI_SETPOINT: f64 = 0.1;
+/// PI controller: proportional gain, cores per unit of margin.
+const PI_KP: f64 = 0.5;
+/// PI controller: integral gain, cores per unit of margin per interval.
+const PI_KI: f64 = 0.3;
+
+/// How the arbiter grants (`arbiter` in host.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArbiterMode {
+    /// By class and SLO, with placement: whole CPUs of its own for a critical VM.
+    #[default]
+    Slo,
+    /// Baseline: a threshold autoscaler per VM (used x headroom, no SLO, no class, no
+    /// placement).
+    Threshold,
+    /// Baseline: a PI controller on each critical VM's SLO margin moves cores of time
+    /// (no placement) between it and the others.
+    Pi,
+    /// Baseline: no grants (every VM at its maximum, Linux's scheduler).
+    Off,
+}
+
+impl ArbiterMode {
+    /// The mode named `name` in host.json.
+    pub fn parse(name: &str) -> Option<ArbiterMode> {
+        match name {
+            "slo" => Some(ArbiterMode::Slo),
+            "threshold" => Some(ArbiterMode::Threshold),
+            "pi" => Some(ArbiterMode::Pi),
+            "off" => Some(ArbiterMode::Off),
+            _ => None,
+        }
+    }
+
+    /// Its name in host.json and `GET /host`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArbiterMode::Slo => "slo",
+            ArbiterMode::Threshold => "threshold",
+            ArbiterMode::Pi => "pi",
+            ArbiterMode::Off => "off",
+        }
+    }
+}
 
 /// Errors talking to a VM's control socket.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +184,144 @@ pub fn allocate(budget: f64, claims: &[Claim]) -> Vec<f64> {
         }
     }
     grants
+}
+
+/// What one VM claims in a placement ([`place`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuClaim {
+    /// Its claim of time.
+    pub claim: Claim,
+    /// Its SLO is missed or not yet known: a critical VM at risk may take the CPU kept
+    /// for the others (they fall to their floors, placed on all the budget).
+    pub at_risk: bool,
+}
+
+/// One VM's placement: the CPUs its threads run on and its cores of time there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// Its CPUs.
+    pub cpus: Vec<usize>,
+    /// Its cores of CPU time (the quota).
+    pub cores: f64,
+    /// Whether the CPUs are its own (no other VM placed there).
+    pub exclusive: bool,
+}
+
+/// Places `claims` on `cpus`: each critical VM, in order, gets `ceil(want)` whole CPUs of
+/// its own (at least 1, at most its cap) from the top of the list, keeping one CPU for
+/// the others unless it is at risk; everyone else (and a critical VM left without a
+/// free CPU) shares the CPUs left, their time split by [`allocate`]. When nothing is
+/// left, they share the whole list at their floors.
+pub fn place(cpus: &[usize], claims: &[CpuClaim]) -> Vec<Placement> {
+    let n = cpus.len();
+    let others = claims.iter().any(|c| c.claim.class != SloClass::Critical);
+    let mut taken = 0usize;
+    let mut own = vec![0usize; claims.len()];
+    for (i, c) in claims.iter().enumerate() {
+        if c.claim.class != SloClass::Critical {
+            continue;
+        }
+        let reserve = usize::from(others && !c.at_risk);
+        let free = n.saturating_sub(taken + reserve);
+        // Finite, non-negative (checked configuration values and measured rates).
+        let cap = c.claim.cap.ceil().max(1.0) as usize;
+        let k = ((c.claim.want - 1e-9).ceil().max(1.0) as usize)
+            .min(cap)
+            .min(free);
+        own[i] = k;
+        taken += k;
+    }
+    let pool: Vec<usize> = cpus[..n - taken].to_vec();
+    let members: Vec<usize> = (0..claims.len()).filter(|&i| own[i] == 0).collect();
+    // Nothing left for the others: they run at their floors on all the CPUs, and the
+    // critical VMs' time shrinks by as much, so the grants still add up to the budget.
+    let mut squeeze = 0.0;
+    let (pool, shared): (Vec<usize>, Vec<f64>) = if pool.is_empty() {
+        let floors: Vec<f64> = members.iter().map(|&i| claims[i].claim.floor).collect();
+        squeeze = floors.iter().sum::<f64>() / taken.max(1) as f64;
+        (cpus.to_vec(), floors)
+    } else {
+        let budget = pool.len() as f64;
+        let sub: Vec<Claim> = members
+            .iter()
+            .map(|&i| {
+                let c = claims[i].claim;
+                Claim {
+                    cap: c.cap.min(budget).max(c.floor),
+                    ..c
+                }
+            })
+            .collect();
+        (pool, allocate(budget, &sub))
+    };
+    let mut out = Vec::with_capacity(claims.len());
+    let mut top = n;
+    for (i, k) in own.iter().enumerate() {
+        if *k > 0 {
+            out.push(Placement {
+                cpus: cpus[top - k..top].to_vec(),
+                cores: (*k as f64 * (1.0 - squeeze)).max(claims[i].claim.floor),
+                exclusive: true,
+            });
+            top -= k;
+        } else {
+            let at = members.iter().position(|&m| m == i).unwrap_or(0);
+            out.push(Placement {
+                cpus: pool.clone(),
+                cores: shared.get(at).copied().unwrap_or(claims[i].claim.floor),
+                exclusive: false,
+            });
+        }
+    }
+    out
+}
+
+/// A class's factor on its VMs' CPU weight (mode `slo`): a critical VM's threads win
+/// against whatever else runs on its CPUs (load from outside the budget included).
+pub fn class_weight(class: SloClass) -> f64 {
+    match class {
+        SloClass::Critical => 4.0,
+        SloClass::Standard => 2.0,
+        SloClass::Batch => 1.0,
+    }
+}
+
+/// The CPU weight of `cores` (cgroup v2 units: 100 per core, as Kubernetes turns a CPU
+/// request into shares) times `factor`, within 1..=10000.
+pub fn weight_of(cores: f64, factor: f64) -> u32 {
+    (100.0 * cores * factor).round().clamp(1.0, 10_000.0) as u32
+}
+
+/// One step of the threshold autoscaler: the grant `g` of a VM that used `used` cores,
+/// between `floor` and `cap`.
+pub fn threshold_step(g: f64, used: f64, floor: f64, cap: f64) -> f64 {
+    let u = used / g.max(1e-9);
+    let next = if u > THRESHOLD_HIGH {
+        (g * THRESHOLD_GROW).max(used * HEADROOM)
+    } else if u < THRESHOLD_LOW {
+        used * HEADROOM
+    } else {
+        g
+    };
+    next.clamp(floor, cap.max(floor))
+}
+
+/// One step of the PI controller (velocity form): the critical VM's cores `c` given its
+/// SLO margin now and the last error; returns (cores, error), cores within [lo, hi].
+pub fn pi_step(c: f64, margin: f64, last_error: f64, lo: f64, hi: f64) -> (f64, f64) {
+    let e = PI_SETPOINT - margin;
+    let next = c + PI_KP * (e - last_error) + PI_KI * e;
+    (next.clamp(lo, hi.max(lo)), e)
+}
+
+/// The smallest margin over the targets of a VM's interval report (`None`: no report).
+fn interval_margin(reported: Option<&Value>) -> Option<f64> {
+    let targets = reported?.get("interval")?.get("targets")?.as_array()?;
+    targets
+        .iter()
+        .filter_map(|t| t.get("margin").and_then(Value::as_f64))
+        .filter(|m| m.is_finite())
+        .reduce(f64::min)
 }
 
 /// Rounds core grants down to 1/[`CORE_STEPS`], never below the smallest grant a VM
@@ -272,6 +478,33 @@ fn vm_api(
     }
 }
 
+/// Pins every thread of process `pid` but its vCPU threads (named `vcpu<N>`; the VM
+/// places those itself, within the grant) to `cpus`. Best effort: a thread that ends
+/// meanwhile is skipped.
+fn pin_helpers(pid: u32, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: c < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    // A process has a bounded number of threads; read_dir ends.
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("vcpu") {
+            continue;
+        }
+        // SAFETY: valid set and size; the thread belongs to a VM this host started.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    }
+}
+
 /// A running VM in one interval: its index in the table, id and control socket.
 type Running = (usize, String, std::path::PathBuf);
 
@@ -281,6 +514,12 @@ pub struct Arbiter {
     status: SharedStatus,
     last: HashMap<String, Observation>,
     pushed: HashMap<String, GrantView>,
+    /// `slo`: each critical VM's own CPUs and how many intervals in a row it met its SLO.
+    held: HashMap<usize, (usize, u32)>,
+    /// `threshold`: each VM's grant.
+    scaled: HashMap<usize, f64>,
+    /// `pi`: each critical VM's cores and last error.
+    pi: HashMap<usize, (f64, f64)>,
 }
 
 impl Arbiter {
@@ -291,6 +530,9 @@ impl Arbiter {
             status,
             last: HashMap::new(),
             pushed: HashMap::new(),
+            held: HashMap::new(),
+            scaled: HashMap::new(),
+            pi: HashMap::new(),
         }
     }
 
@@ -342,7 +584,8 @@ impl Arbiter {
         }
         // Judge and decide.
         let pushes = {
-            let mut st = lock(&self.status);
+            let status = self.status.clone();
+            let mut st = lock(&status);
             for (i, _, _) in &running {
                 let Some(v) = st.vms.get_mut(*i) else {
                     continue;
@@ -387,9 +630,21 @@ impl Arbiter {
                 .iter()
                 .map(|(d, b)| (d.clone(), json!({"bandwidth_bps": b})))
                 .collect();
-            let body = json!({"cores": g.cores, "drives": drives});
+            let mut body = json!({"cores": g.cores, "drives": drives});
+            if let Some(c) = &g.cpus {
+                body["cpus"] = json!(c);
+            }
+            if let Some(w) = g.weight {
+                body["weight"] = json!(w);
+            }
             let r = vm_api(&sock, "PUT", "/grant", Some(body));
             if r.is_ok() {
+                // The VM pins its vCPUs and event-loop thread; its helper threads
+                // (API, sampler, tuner) follow here.
+                let pid = lock(&self.status).vms.get(i).and_then(|v| v.pid);
+                if let Some(pid) = pid {
+                    pin_helpers(pid, g.cpus.as_deref().unwrap_or(&self.plan.cpus));
+                }
                 self.pushed.insert(id.clone(), g.clone());
             }
             results.push((i, id, g, r.err().map(|e| e.to_string())));
@@ -411,9 +666,9 @@ impl Arbiter {
         }
     }
 
-    /// Every running VM's grant for this interval.
+    /// Every running VM's grant for this interval (none under [`ArbiterMode::Off`]).
     fn decide(
-        &self,
+        &mut self,
         st: &super::status::HostStatus,
         rates: &HashMap<usize, Option<Rates>>,
         running: &[Running],
@@ -425,39 +680,151 @@ impl Arbiter {
                 Some(SloState::Missed | SloState::Unknown)
             )
         };
-        let claims: Vec<Claim> = running
-            .iter()
-            .map(|(i, _, _)| {
-                let pv = &self.plan.vms[*i];
-                let cap = f64::from(pv.config.vcpus).min(budget).max(pv.min_cores);
-                let want = match rates.get(i).and_then(Option::as_ref) {
-                    Some(r) if !at_risk(*i) => {
-                        (r.cores * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap)
+        let used = |i: usize| rates.get(&i).and_then(Option::as_ref).map(|r| r.cores);
+        // A VM's cap: its vCPUs and its I/O thread, within the budget.
+        let cap_of = |i: usize| {
+            let pv = &self.plan.vms[i];
+            (f64::from(pv.config.vcpus) + IO_THREAD_CORES)
+                .min(budget)
+                .max(pv.min_cores)
+        };
+        // The baselines leave the weight as it is (the cgroup's default, 100).
+        let view = |cores: f64, cpus: Option<Vec<usize>>| GrantView {
+            cores: round_cores(cores),
+            drive_bps: BTreeMap::new(),
+            cpus,
+            weight: None,
+        };
+        let mut out: HashMap<usize, GrantView> = HashMap::new();
+        match self.plan.mode {
+            ArbiterMode::Off => return out,
+            ArbiterMode::Slo => {
+                let claims: Vec<CpuClaim> = running
+                    .iter()
+                    .map(|(i, _, _)| {
+                        let pv = &self.plan.vms[*i];
+                        let cap = cap_of(*i);
+                        let risk = at_risk(*i) || used(*i).is_none();
+                        let held = self.held.get(i).map_or(0, |h| h.0);
+                        let mut want = match used(*i) {
+                            Some(u) if !risk => {
+                                (u * HEADROOM + CORE_SLACK).clamp(pv.min_cores, cap)
+                            }
+                            // A critical VM at risk grows one CPU at a time, and only while
+                            // it uses what it holds: more CPUs do not help a VM held back
+                            // by something else (its device, load from outside the budget).
+                            Some(u) if pv.class == SloClass::Critical && held > 0 => {
+                                let k = held as f64;
+                                if u >= GROW_USE * k {
+                                    (k + 1.0).min(cap)
+                                } else {
+                                    k
+                                }
+                            }
+                            _ if pv.class == SloClass::Critical => 1.0_f64.min(cap),
+                            _ => cap,
+                        };
+                        // Hold a critical VM's CPUs until it has met its SLO a while.
+                        if let Some((k, streak)) = self.held.get(i) {
+                            if *streak < SHRINK_AFTER {
+                                want = want.max(*k as f64).min(cap);
+                            }
+                        }
+                        CpuClaim {
+                            claim: Claim {
+                                class: pv.class,
+                                floor: pv.min_cores,
+                                want,
+                                cap,
+                            },
+                            at_risk: risk && pv.class == SloClass::Critical,
+                        }
+                    })
+                    .collect();
+                let placed = place(&self.plan.cpus, &claims);
+                for ((i, _, _), p) in running.iter().zip(placed) {
+                    if p.exclusive {
+                        let met = st.vms.get(*i).map(|v| v.slo_state) == Some(SloState::Met);
+                        let (k0, streak0) = self.held.get(i).copied().unwrap_or((0, 0));
+                        let k = p.cpus.len();
+                        let streak = if k != k0 || !met { 0 } else { streak0 + 1 };
+                        self.held.insert(*i, (k, streak));
+                    } else {
+                        self.held.remove(i);
                     }
-                    _ => cap,
-                };
-                Claim {
-                    class: pv.class,
-                    floor: pv.min_cores,
-                    want,
-                    cap,
+                    // Weight for the threads it may run (its cap), not its grant: with
+                    // its CPUs placed, the weight only matters against load from
+                    // outside the budget and the VMs sharing its pool.
+                    let mut g = view(p.cores, Some(p.cpus));
+                    g.weight = Some(weight_of(cap_of(*i), class_weight(self.plan.vms[*i].class)));
+                    out.insert(*i, g);
                 }
-            })
-            .collect();
-        let cores = allocate(budget, &claims);
-        let mut out: HashMap<usize, GrantView> = running
-            .iter()
-            .zip(&cores)
-            .map(|((i, _, _), c)| {
-                (
-                    *i,
-                    GrantView {
-                        cores: round_cores(*c),
-                        drive_bps: BTreeMap::new(),
-                    },
-                )
-            })
-            .collect();
+            }
+            ArbiterMode::Threshold => {
+                let mut grants: Vec<(usize, f64)> = running
+                    .iter()
+                    .map(|(i, _, _)| {
+                        let (floor, cap) = (self.plan.vms[*i].min_cores, cap_of(*i));
+                        let g = self.scaled.get(i).copied().unwrap_or(cap);
+                        let g = used(*i).map_or(g, |u| threshold_step(g, u, floor, cap));
+                        self.scaled.insert(*i, g);
+                        (*i, g)
+                    })
+                    .collect();
+                // Each VM scales on its own; the host can give no more than it has.
+                let total: f64 = grants.iter().map(|(_, g)| g).sum();
+                if total > budget {
+                    for (_, g) in &mut grants {
+                        *g *= budget / total;
+                    }
+                }
+                for (i, g) in grants {
+                    out.insert(i, view(g, None));
+                }
+            }
+            ArbiterMode::Pi => {
+                let floors: f64 = running
+                    .iter()
+                    .filter(|(i, _, _)| self.plan.vms[*i].class != SloClass::Critical)
+                    .map(|(i, _, _)| self.plan.vms[*i].min_cores)
+                    .sum();
+                let mut critical = 0.0;
+                for (i, _, _) in running {
+                    let pv = &self.plan.vms[*i];
+                    if pv.class != SloClass::Critical {
+                        continue;
+                    }
+                    let hi = cap_of(*i).min(budget - floors - critical);
+                    let (c, e) = self.pi.get(i).copied().unwrap_or((1.0, 0.0));
+                    let margin = interval_margin(st.vms.get(*i).and_then(|v| v.reported.as_ref()));
+                    let (c, e) = match margin {
+                        Some(m) => pi_step(c, m, e, pv.min_cores, hi),
+                        None => (c.clamp(pv.min_cores, hi.max(pv.min_cores)), e),
+                    };
+                    self.pi.insert(*i, (c, e));
+                    critical += c;
+                    out.insert(*i, view(c, None));
+                }
+                let rest: Vec<usize> = running
+                    .iter()
+                    .map(|(i, _, _)| *i)
+                    .filter(|i| self.plan.vms[*i].class != SloClass::Critical)
+                    .collect();
+                let claims: Vec<Claim> = rest
+                    .iter()
+                    .map(|&i| Claim {
+                        class: self.plan.vms[i].class,
+                        floor: self.plan.vms[i].min_cores,
+                        want: cap_of(i),
+                        cap: cap_of(i),
+                    })
+                    .collect();
+                let left = (budget - critical).max(0.0);
+                for (i, g) in rest.iter().zip(allocate(left, &claims)) {
+                    out.insert(*i, view(g, None));
+                }
+            }
+        }
         // Bandwidth, device by device, among the VMs with drives on it.
         for (dev, budget_dev) in self.plan.devices.iter().enumerate() {
             let bps = budget_dev.bandwidth_bps as f64;
@@ -580,6 +947,107 @@ mod tests {
         let g = allocate(2.0, &more);
         assert!(g[1] < 0.6 && g[1] >= 0.1 - 1e-9, "{g:?}");
         assert!(g.iter().sum::<f64>() <= 2.0 + 1e-9);
+    }
+
+    fn cpu_claim(class: SloClass, want: f64, cap: f64, at_risk: bool) -> CpuClaim {
+        CpuClaim {
+            claim: claim(class, want, cap),
+            at_risk,
+        }
+    }
+
+    #[test]
+    fn a_critical_vm_gets_cpus_of_its_own_and_the_others_share_the_rest() {
+        let cpus = [0, 1];
+        // Content critical VM wanting 1.4 cores: 1 CPU of its own (one kept for batch).
+        let p = place(
+            &cpus,
+            &[
+                cpu_claim(SloClass::Batch, 3.0, 3.0, false),
+                cpu_claim(SloClass::Critical, 1.4, 2.0, false),
+            ],
+        );
+        assert_eq!(p[1].cpus, vec![1]);
+        assert!(p[1].exclusive && p[1].cores == 1.0, "{p:?}");
+        assert_eq!(p[0].cpus, vec![0]);
+        assert!(!p[0].exclusive && (p[0].cores - 1.0).abs() < 1e-9, "{p:?}");
+        // Disjoint: no CPU of the critical VM is in anyone else's list.
+        assert!(p[0].cpus.iter().all(|c| !p[1].cpus.contains(c)));
+        // At risk it takes both; batch falls to its floor on all the CPUs.
+        let p = place(
+            &cpus,
+            &[
+                cpu_claim(SloClass::Batch, 3.0, 3.0, false),
+                cpu_claim(SloClass::Critical, 2.0, 2.0, true),
+            ],
+        );
+        assert_eq!(p[1].cpus, vec![0, 1]);
+        assert_eq!(p[0].cpus, vec![0, 1]);
+        assert!((p[0].cores - 0.1).abs() < 1e-9, "{p:?}");
+        assert!((p[1].cores - 1.9).abs() < 1e-9, "{p:?}");
+        // The cap is not the vCPU count: a 1-vCPU VM capped at 2 (its I/O thread) may
+        // hold 2 CPUs when alone.
+        let p = place(&cpus, &[cpu_claim(SloClass::Critical, 1.6, 2.0, false)]);
+        assert_eq!(p[0].cpus, vec![0, 1]);
+        // Two critical VMs and a batch one on 4 CPUs: disjoint, top down, batch keeps one.
+        let p = place(
+            &[0, 1, 2, 3],
+            &[
+                cpu_claim(SloClass::Critical, 2.0, 3.0, false),
+                cpu_claim(SloClass::Standard, 1.0, 2.0, false),
+                cpu_claim(SloClass::Critical, 3.0, 3.0, false),
+            ],
+        );
+        assert_eq!(p[0].cpus, vec![2, 3]);
+        assert_eq!(p[2].cpus, vec![1]);
+        assert_eq!(p[1].cpus, vec![0]);
+        // No room left for a second critical VM: it shares the pool with the others.
+        let p = place(
+            &cpus,
+            &[
+                cpu_claim(SloClass::Critical, 1.0, 2.0, false),
+                cpu_claim(SloClass::Critical, 1.0, 2.0, false),
+                cpu_claim(SloClass::Batch, 1.0, 2.0, false),
+            ],
+        );
+        assert_eq!(p[0].cpus, vec![1]);
+        assert_eq!((p[1].cpus.clone(), p[1].exclusive), (vec![0], false));
+        assert_eq!(p[2].cpus, vec![0]);
+        // Critical first in the shared pool: all but the batch floor.
+        assert!(
+            (p[1].cores - 0.9).abs() < 1e-9 && (p[2].cores - 0.1).abs() < 1e-9,
+            "{p:?}"
+        );
+        // Time in the pool never exceeds the pool.
+        let shared: f64 = p.iter().filter(|x| !x.exclusive).map(|x| x.cores).sum();
+        assert!(shared <= 1.0 + 1e-9);
+    }
+
+    #[test]
+    fn threshold_and_pi_steps_move_the_right_way() {
+        // Busy (90% of 1 core): grows by at least half; idle: shrinks to use x headroom.
+        assert!((threshold_step(1.0, 0.9, 0.1, 3.0) - 1.5).abs() < 1e-9);
+        assert!((threshold_step(1.0, 0.2, 0.1, 3.0) - 0.25).abs() < 1e-9);
+        assert_eq!(threshold_step(1.0, 0.6, 0.1, 3.0), 1.0);
+        assert_eq!(threshold_step(2.0, 2.0, 0.1, 3.0), 3.0);
+        assert_eq!(threshold_step(1.0, 0.0, 0.1, 3.0), 0.1);
+        // Missed by 50%: more cores; comfortably met: fewer; within bounds always.
+        let (up, e) = pi_step(1.0, -0.5, 0.0, 0.1, 1.9);
+        assert!(up > 1.0 && (e - 0.6).abs() < 1e-9, "{up}");
+        let (down, _) = pi_step(1.0, 2.0, 0.0, 0.1, 1.9);
+        assert!(down < 1.0);
+        assert_eq!(pi_step(1.8, -10.0, 0.0, 0.1, 1.9).0, 1.9);
+        assert_eq!(pi_step(0.2, 10.0, 0.0, 0.1, 1.9).0, 0.1);
+        let r = json!({"interval": {"met": false, "targets": [{"margin": 0.3}, {"margin": -0.2}]}});
+        assert_eq!(interval_margin(Some(&r)), Some(-0.2));
+        assert_eq!(interval_margin(Some(&json!({"interval": null}))), None);
+        assert_eq!(ArbiterMode::parse("pi"), Some(ArbiterMode::Pi));
+        assert_eq!(weight_of(1.0, class_weight(SloClass::Critical)), 400);
+        assert_eq!(weight_of(0.5, class_weight(SloClass::Batch)), 50);
+        assert_eq!(weight_of(0.001, 1.0), 1);
+        assert_eq!(weight_of(500.0, 4.0), 10_000);
+        assert_eq!(ArbiterMode::parse("PI"), None);
+        assert_eq!(ArbiterMode::Threshold.name(), "threshold");
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub struct HostConfig {
     /// at the end) when absent.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// How the arbiter grants (`slo`, the default; `threshold`, `pi`, `off`: the
+    /// baselines, see [`super::arbiter::ArbiterMode`]).
+    #[serde(default)]
+    pub arbiter: Option<String>,
     /// The VMs.
     pub vms: Vec<VmEntry>,
 }

@@ -158,6 +158,7 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
                 .collect(),
         },
         interval_ms: cfg.interval_ms,
+        arbiter: plan.mode.name(),
         vms: table,
     }));
 

@@ -33,6 +33,10 @@ pub struct GrantView {
     pub cores: f64,
     /// Per drive id, bytes per second (drives on budgeted devices only).
     pub drive_bps: BTreeMap<String, u64>,
+    /// The CPUs all the VM's threads are placed on (`None`: the whole budget, time only).
+    pub cpus: Option<Vec<usize>>,
+    /// The weight of the VM's threads against what else runs on its CPUs.
+    pub weight: Option<u32>,
 }
 
 /// SLO attainment so far.
@@ -121,7 +125,7 @@ impl VmStatus {
                 .iter()
                 .map(|(id, b)| (id.clone(), json!({"bandwidth_bps": b})))
                 .collect();
-            json!({"cores": g.cores, "drives": drives})
+            json!({"cores": g.cores, "drives": drives, "cpus": g.cpus, "weight": g.weight})
         });
         json!({
             "id": self.id,
@@ -163,6 +167,8 @@ pub struct HostStatus {
     pub budget: BudgetView,
     /// The arbiter's interval.
     pub interval_ms: u64,
+    /// The arbiter's mode (`slo`, `threshold`, `pi`, `off`).
+    pub arbiter: &'static str,
     /// The VMs, in configuration order.
     pub vms: Vec<VmStatus>,
 }
@@ -185,6 +191,7 @@ impl HostStatus {
                     .collect::<Vec<_>>(),
             },
             "interval_ms": self.interval_ms,
+            "arbiter": self.arbiter,
             "granted_cores": granted,
             "vms": self.vms.iter().map(VmStatus::to_json).collect::<Vec<_>>(),
         })

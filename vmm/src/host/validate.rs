@@ -25,6 +25,8 @@ pub struct Plan {
     pub devices: Vec<PlannedDevice>,
     /// The VMs, in configuration order.
     pub vms: Vec<PlannedVm>,
+    /// How the arbiter grants.
+    pub mode: super::arbiter::ArbiterMode,
 }
 
 /// A budgeted backing device.
@@ -143,6 +145,18 @@ pub fn validate(
             format!("{} is outside 100..=600000", cfg.stop_timeout_ms),
         ));
     }
+    let mode = match &cfg.arbiter {
+        None => super::arbiter::ArbiterMode::default(),
+        Some(name) => super::arbiter::ArbiterMode::parse(name).ok_or_else(|| {
+            err(
+                "arbiter".into(),
+                format!(
+                    "{:?} is not an arbiter mode (slo, threshold, pi or off)",
+                    name.chars().take(32).collect::<String>()
+                ),
+            )
+        })?,
+    };
     let cpus = match &cfg.cpus {
         Some(text) => parse_cpu_list(text).map_err(|e| err("cpus".into(), e))?,
         None => allowed.to_vec(),
@@ -352,7 +366,12 @@ pub fn validate(
             format!("the VMs' mem_mib add up to {mem_total} MiB, more than the host's {host_mem_mib} MiB"),
         ));
     }
-    Ok(Plan { cpus, devices, vms })
+    Ok(Plan {
+        cpus,
+        devices,
+        vms,
+        mode,
+    })
 }
 
 /// Targets that cannot be met whatever the arbiter does: a minimum operation rate above
@@ -485,12 +504,28 @@ mod tests {
         assert_eq!(plan.cpus, vec![0, 1]);
         assert_eq!(plan.vms.len(), 2);
         assert_eq!(plan.vms[0].drives, vec![("blk0".to_string(), Some(0))]);
+        assert_eq!(plan.mode, super::super::arbiter::ArbiterMode::Slo);
+        for (name, mode) in [
+            ("off", super::super::arbiter::ArbiterMode::Off),
+            ("pi", super::super::arbiter::ArbiterMode::Pi),
+            ("threshold", super::super::arbiter::ArbiterMode::Threshold),
+        ] {
+            let mut c = cfg.clone();
+            c.arbiter = Some(name.into());
+            assert_eq!(check(&c).unwrap().mode, mode);
+        }
     }
 
     #[test]
     fn each_bad_host_names_the_vm_and_field() {
         let d = scratch("bad");
         let cases: &[(&str, &str, &str)] = &[
+            // An arbiter mode that does not exist.
+            (
+                r#""arbiter": "greedy","#,
+                r#"[{"id": "a", "vm": {"kernel": "DIR/k", "slo": {"class": "batch"}}}]"#,
+                "arbiter",
+            ),
             // A budget larger than the host.
             (
                 r#""cpus": "0-3","#,
