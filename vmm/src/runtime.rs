@@ -94,6 +94,8 @@ pub struct VmRuntime {
     slo: Option<tuner::slo::Slo>,
     /// The sampling agent's latest sample (for `GET /vm`), once telemetry runs.
     latest: Mutex<Option<tuner::agent::LatestSample>>,
+    /// The state repository's writer (its counts and health in `GET /vm` and the metrics).
+    repo: Mutex<Option<tuner::state_repo::RepoWriter>>,
 }
 
 /// The grant in force and the settings asked for, before the cap (given back when a
@@ -350,12 +352,23 @@ impl VmRuntime {
             proc_stat: std::fs::File::open("/proc/stat").ok(),
             slo,
             latest: Mutex::new(None),
+            repo: Mutex::new(None),
         }
     }
 
     /// Registers the sampling agent's latest-sample slot (for `GET /vm`).
     pub fn set_latest_sample(&self, latest: tuner::agent::LatestSample) {
         *lock(&self.latest) = Some(latest);
+    }
+
+    /// Registers the state repository's writer (for `GET /vm` and the metrics).
+    pub fn set_repo_stats(&self, writer: tuner::state_repo::RepoWriter) {
+        *lock(&self.repo) = Some(writer);
+    }
+
+    /// The state repository writer's counts, when the VM writes to one.
+    pub fn repo_stats(&self) -> Option<tuner::state_repo::WriterStats> {
+        lock(&self.repo).as_ref().map(|w| w.stats())
     }
 
     /// The latest interval's sample, once the sampling agent has made one.
@@ -732,6 +745,10 @@ impl VmRuntime {
 }
 
 impl CounterSource for VmRuntime {
+    fn repo_stats(&self) -> Option<tuner::state_repo::WriterStats> {
+        VmRuntime::repo_stats(self)
+    }
+
     fn snapshot(&self) -> CounterSnapshot {
         self.counters(true)
     }

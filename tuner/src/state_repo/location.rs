@@ -25,8 +25,10 @@ pub enum Location {
 pub struct PgUrl {
     /// The text as the user gave it (passed on unchanged to a child monitor).
     text: String,
-    /// The client's configuration parsed from it.
-    config: postgres::Config,
+    /// What [`PgUrl`]'s `Display` shows: `postgresql://USER@HOST/DB`, no password. (The
+    /// client's `Config` is parsed again when connecting: it holds a callback that is not
+    /// unwind-safe, and the VM's configuration must be.)
+    shown: String,
 }
 
 impl PartialEq for PgUrl {
@@ -38,9 +40,9 @@ impl PartialEq for PgUrl {
 impl Eq for PgUrl {}
 
 impl PgUrl {
-    /// The client configuration.
-    pub fn config(&self) -> &postgres::Config {
-        &self.config
+    /// The client configuration (parsed from the text, checked when it was parsed).
+    pub fn config(&self) -> Result<postgres::Config, RepoError> {
+        parse_config(&self.text)
     }
 
     /// The URL as given (it may hold a password: not for logs; [`PgUrl`]'s `Display`
@@ -50,24 +52,37 @@ impl PgUrl {
     }
 }
 
+fn parse_config(text: &str) -> Result<postgres::Config, RepoError> {
+    postgres::Config::from_str(text).map_err(|e| RepoError::BadUrl {
+        backend: "postgresql",
+        message: e.to_string(),
+    })
+}
+
+/// `postgresql://USER@HOST[,HOST...]/DB`, without a password.
+fn shown(c: &postgres::Config) -> String {
+    use std::fmt::Write;
+    let mut f = String::from("postgresql://");
+    if let Some(u) = c.get_user() {
+        let _ = write!(f, "{u}@");
+    }
+    for (i, h) in c.get_hosts().iter().enumerate() {
+        if i > 0 {
+            f.push(',');
+        }
+        let _ = match h {
+            postgres::config::Host::Tcp(name) => write!(f, "{name}"),
+            postgres::config::Host::Unix(dir) => write!(f, "[{}]", dir.display()),
+        };
+    }
+    let _ = write!(f, "/{}", c.get_dbname().unwrap_or(""));
+    f
+}
+
 impl fmt::Display for PgUrl {
     /// `postgresql://USER@HOST[,HOST...]/DB`, without a password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
-        write!(f, "postgresql://")?;
-        if let Some(u) = c.get_user() {
-            write!(f, "{u}@")?;
-        }
-        for (i, h) in c.get_hosts().iter().enumerate() {
-            if i > 0 {
-                write!(f, ",")?;
-            }
-            match h {
-                postgres::config::Host::Tcp(name) => write!(f, "{name}")?,
-                postgres::config::Host::Unix(dir) => write!(f, "[{}]", dir.display())?,
-            }
-        }
-        write!(f, "/{}", c.get_dbname().unwrap_or(""))
+        f.write_str(&self.shown)
     }
 }
 
@@ -85,10 +100,7 @@ impl Location {
         }
         let lower = text.get(..13).unwrap_or(text).to_ascii_lowercase();
         if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-            let config = postgres::Config::from_str(text).map_err(|e| RepoError::BadUrl {
-                backend: "postgresql",
-                message: e.to_string(),
-            })?;
+            let config = parse_config(text)?;
             if config.get_hosts().is_empty() {
                 return Err(RepoError::BadUrl {
                     backend: "postgresql",
@@ -99,7 +111,7 @@ impl Location {
             }
             return Ok(Location::Postgres(PgUrl {
                 text: text.to_string(),
-                config,
+                shown: shown(&config),
             }));
         }
         if text.contains("://") {

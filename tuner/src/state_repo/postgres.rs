@@ -142,7 +142,7 @@ fn connection_lost(client: &Client, e: &postgres::Error) -> bool {
 /// The client configuration with every TCP host name resolved (once, here, on the
 /// opening thread), a connect timeout and TCP keepalives.
 fn resolved_config(url: &PgUrl) -> Result<postgres::Config, RepoError> {
-    let mut config = url.config().clone();
+    let mut config = url.config()?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }

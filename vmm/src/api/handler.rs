@@ -173,6 +173,10 @@ fn get_vm(rt: &VmRuntime) -> Reply {
         "drives": drives,
         "log_lines_suppressed": snap.log_lines_suppressed,
         "slo": slo,
+        "state_repo": rt.repo_stats().map(|s| json!({
+            "degraded": s.degraded, "rows_written": s.rows_written,
+            "rows_dropped": s.rows_dropped, "rows_buffered": s.rows_buffered,
+            "reconnects": s.reconnects, "commit_errors": s.commit_errors})),
         "vcpu_run_delay_ns": snap.vcpus.iter().map(|v| v.run_delay_ns).collect::<Vec<_>>(),
         "vcpu_run_delay_share": feature(tuner::schema::FeatureId::VcpuRunDelayShare),
         "host": {"load": feature(tuner::schema::FeatureId::HostLoad),
