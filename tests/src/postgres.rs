@@ -83,7 +83,8 @@ impl Postgres {
     }
 
     fn try_start(name: &str) -> Result<Postgres, String> {
-        let bin = bin_dir().ok_or("no /usr/lib/postgresql/*/bin/initdb (apt-get install postgresql)")?;
+        let bin =
+            bin_dir().ok_or("no /usr/lib/postgresql/*/bin/initdb (apt-get install postgresql)")?;
         let dir = std::env::temp_dir().join(format!("vmm-pg-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -209,7 +210,14 @@ impl Drop for Postgres {
         let data = self.dir.join("data");
         let _ = as_owner(
             &self.bin.join("pg_ctl"),
-            &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())

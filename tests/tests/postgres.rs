@@ -147,7 +147,14 @@ fn export_copies_sqlite_to_postgres_and_back_unchanged() {
     let url = pg.url("fleet");
     let b = dir.path("b.db");
     let to_pg = vmm(
-        &["state", "export", "--state-db", a.to_str().unwrap(), "--to", &url],
+        &[
+            "state",
+            "export",
+            "--state-db",
+            a.to_str().unwrap(),
+            "--to",
+            &url,
+        ],
         Duration::from_secs(60),
     );
     to_pg.expect_status(0);
@@ -156,9 +163,19 @@ fn export_copies_sqlite_to_postgres_and_back_unchanged() {
         "{}",
         to_pg.stdout
     );
-    assert!(!to_pg.stdout.contains(PASSWORD), "the password is not printed");
+    assert!(
+        !to_pg.stdout.contains(PASSWORD),
+        "the password is not printed"
+    );
     vmm(
-        &["state", "export", "--state-db", &url, "--to", b.to_str().unwrap()],
+        &[
+            "state",
+            "export",
+            "--state-db",
+            &url,
+            "--to",
+            b.to_str().unwrap(),
+        ],
         Duration::from_secs(60),
     )
     .expect_status(0);
@@ -171,12 +188,17 @@ fn export_copies_sqlite_to_postgres_and_back_unchanged() {
     assert_eq!(sa.len(), 300);
     // Same rows, VM ids, times, verdicts and receipt times (ids are each file's own).
     let strip = |v: Vec<tuner::state_repo::StoredRow>| {
-        v.into_iter().map(|s| (s.wall_ns, s.row)).collect::<Vec<_>>()
+        v.into_iter()
+            .map(|s| (s.wall_ns, s.row))
+            .collect::<Vec<_>>()
     };
     assert_eq!(strip(sa), strip(sb));
     assert_eq!(ra.events(None, 0).unwrap(), rb.events(None, 0).unwrap());
     // The report reads PostgreSQL directly too.
-    let report = vmm(&["ab", "report", "--state-db", &url], Duration::from_secs(60));
+    let report = vmm(
+        &["ab", "report", "--state-db", &url],
+        Duration::from_secs(60),
+    );
     assert!(
         !report.stderr.contains("state_db"),
         "ab report on postgres: {}",
@@ -292,7 +314,8 @@ fn bad_urls_wrong_passwords_and_other_schema_versions_are_named() {
         Duration::from_secs(30),
     );
     assert!(
-        r.stderr.contains("state_db") && r.stderr.contains("postgresql: database schema version 99"),
+        r.stderr.contains("state_db")
+            && r.stderr.contains("postgresql: database schema version 99"),
         "{}",
         r.stderr
     );
@@ -350,7 +373,11 @@ fn a_vm_writes_its_rows_into_postgres() {
     assert_eq!(status, Some(0), "{stderr}");
     let repo = StateRepo::open_read_only_at(&loc(&url)).expect("open");
     let rows = repo.rows("pg-vm-1", 0).expect("rows");
-    assert!(rows.len() >= 25, "4 s at 100 ms: {} rows", rows.len());
+    assert!(
+        rows.len() >= 25,
+        "4 s at 100 ms: {} rows; {stderr}",
+        rows.len()
+    );
     assert!(rows.iter().all(|r| r.vector.len() == FEATURES.len()));
     let busy = rows
         .iter()
@@ -367,7 +394,10 @@ fn a_vm_runs_with_its_database_unreachable_and_says_so() {
     let dir = Scratch::new("pg-down");
     let sock = dir.path("api.sock");
     let sock = sock.to_str().unwrap();
-    let gone = format!("postgresql://vmm@/x?host={}", dir.path("no-socket-here").display());
+    let gone = format!(
+        "postgresql://vmm@/x?host={}",
+        dir.path("no-socket-here").display()
+    );
     let child = kernel_command("cpu-burn", &["--cmdline", "ms=2500"])
         .args([
             "--state-db",

@@ -95,7 +95,12 @@ enum StateCommand {
         #[arg(long, value_parser = ["csv", "parquet"], default_value = "csv")]
         format: String,
         /// Output file.
-        #[arg(long, value_name = "PATH", required_unless_present = "to", conflicts_with = "to")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "to",
+            conflicts_with = "to"
+        )]
         out: Option<PathBuf>,
         /// The repository to copy into (created or migrated; a SQLite file or a
         /// PostgreSQL URL).

@@ -45,6 +45,11 @@ pub(crate) trait Reader: Send {
     /// Number of committed rows.
     fn count(&mut self) -> Result<u64, RepoError>;
 
+    /// Whether the connection is gone (the server went away): the next read reconnects.
+    fn lost(&self) -> bool {
+        false
+    }
+
     /// Streams every committed row (insertion order) in chunks of `chunk`; returns the
     /// number of rows.
     fn for_each_chunk(

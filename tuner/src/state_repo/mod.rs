@@ -123,7 +123,7 @@ pub enum RepoError {
     #[error("parquet: {0}")]
     Parquet(String),
     /// PostgreSQL reported an error while doing `what`.
-    #[error("postgresql: {what}: {source}")]
+    #[error("postgresql: {what}: {}", postgres::describe(source))]
     Postgres {
         /// What failed (connecting, copying, reading rows...).
         what: &'static str,
@@ -359,19 +359,31 @@ impl StateRepo {
         self.writer.retention(None)
     }
 
-    /// Runs `f` on the reader, connecting it first if it is not yet.
+    /// Runs `f` on the reader, connecting it first if it is not yet; a PostgreSQL reader
+    /// whose server went away since its last read reconnects and `f` runs once more.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut dyn Reader) -> Result<T, RepoError>,
+        mut f: impl FnMut(&mut dyn Reader) -> Result<T, RepoError>,
     ) -> Result<T, RepoError> {
         let mut slot = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
-        if let ReaderSlot::Lazy(url) = &*slot {
-            let reader = postgres::open_reader(url)?;
-            *slot = ReaderSlot::Open(Box::new(reader));
-        }
-        match &mut *slot {
-            ReaderSlot::Open(r) => f(r.as_mut()),
-            ReaderSlot::Lazy(_) => Err(RepoError::Closed),
+        let mut retried = false;
+        loop {
+            if let ReaderSlot::Lazy(url) = &*slot {
+                let reader = postgres::open_reader(url)?;
+                *slot = ReaderSlot::Open(Box::new(reader));
+            }
+            let ReaderSlot::Open(r) = &mut *slot else {
+                return Err(RepoError::Closed);
+            };
+            let result = f(r.as_mut());
+            match (&self.location, result) {
+                (Location::Postgres(url), Err(e)) if !retried && r.lost() => {
+                    log::info!("state repository (postgresql): reconnecting the reader ({e})");
+                    *slot = ReaderSlot::Lazy(url.clone());
+                    retried = true;
+                }
+                (_, result) => return result,
+            }
         }
     }
 

@@ -120,6 +120,18 @@ const SELECT_COLUMNS: &str = "id, wall_ns, vm_id, ts_ns, interval_ns, schema_ver
      raw, action, reward, policy_id, config, anomaly, anomaly_score, slo_class, slo_met, \
      slo_p99_margin, slo_ops_margin";
 
+/// The client's error with the server's message when it answered (the client's own
+/// `Display` says only "db error").
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// `what` failed with `e`, as a [`RepoError`] naming the backend.
 fn pg(what: &'static str) -> impl Fn(postgres::Error) -> RepoError {
     move |source| RepoError::Postgres { what, source }
@@ -630,6 +642,10 @@ impl Reader for PgReader {
                 })
             })
             .collect()
+    }
+
+    fn lost(&self) -> bool {
+        self.client.is_closed()
     }
 
     fn count(&mut self) -> Result<u64, RepoError> {

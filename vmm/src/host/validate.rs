@@ -261,8 +261,7 @@ pub fn validate(
                     at("vm.state_db"),
                     format!(
                         "{} is not the host's state_db {}: every VM writes to the one repository",
-                        own,
-                        host
+                        own, host
                     ),
                 ));
             }
