@@ -157,6 +157,12 @@ impl From<PathBuf> for Location {
     }
 }
 
+impl From<&PathBuf> for Location {
+    fn from(p: &PathBuf) -> Self {
+        Location::Sqlite(p.clone())
+    }
+}
+
 impl From<&Path> for Location {
     fn from(p: &Path) -> Self {
         Location::Sqlite(p.to_path_buf())
