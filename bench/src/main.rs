@@ -25,6 +25,7 @@ mod pio;
 mod pvh;
 mod qemu;
 mod ratelimit;
+mod repo;
 mod report;
 mod stats;
 mod summary;
@@ -87,6 +88,9 @@ enum Cmd {
     /// Telemetry overhead: exit round trip and compute with and without the agent, and
     /// the state repository's rows per second.
     Telemetry(TelemetryArgs),
+    /// The state repository's backends side by side: 8 writers into SQLite and into
+    /// PostgreSQL (scripts/bench-pg.sh starts a private server and runs this).
+    Repo(repo::RepoArgs),
     /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
     Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
@@ -543,6 +547,10 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Blk(a) => env.emit("blk", &env.blk(&a)?),
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
+        Cmd::Repo(a) => {
+            let name = if a.outage_run_s.is_some() { "repo-outage" } else { "repo" };
+            env.emit(name, &repo::repo(&env.out_dir, &a)?)
+        }
         Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {
