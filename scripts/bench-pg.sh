@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-bench=target/release/vmm-bench
+bench=${VMM_BENCH:-target/release/vmm-bench}
 [ -x "$bench" ] || cargo build --release -p vmm-bench
 dir=$(mktemp -d /tmp/vmm-bench-pg.XXXXXX)
 owner=()

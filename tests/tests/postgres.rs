@@ -26,15 +26,15 @@ fn row(vm: &str, t: u64) -> Row {
         schema_version: tuner::schema::SCHEMA_VERSION,
         vector: (0..n).map(|i| (i as f32 + t as f32) / 100.0).collect(),
         raw: (0..n).map(|i| i as f64 * 1.5 + t as f64).collect(),
-        action: (t % 3 == 0).then(|| format!("a{t}")),
-        reward: (t % 2 == 0).then_some(t as f64 * 0.25),
+        action: (t.is_multiple_of(3)).then(|| format!("a{t}")),
+        reward: (t.is_multiple_of(2)).then_some(t as f64 * 0.25),
         policy_id: "static".into(),
         config: r#"{"vcpus":2}"#.into(),
-        anomaly: Some(t % 5 == 0),
+        anomaly: Some(t.is_multiple_of(5)),
         anomaly_score: Some(t as f64),
-        slo: (t % 4 == 0).then_some(SloColumns {
+        slo: (t.is_multiple_of(4)).then_some(SloColumns {
             class: SloClass::Critical,
-            met: t % 8 == 0,
+            met: t.is_multiple_of(8),
             p99_margin: Some(0.5),
             ops_margin: None,
         }),
@@ -64,7 +64,7 @@ fn rows_events_and_outcomes_round_trip_with_host_ids_and_partitions() {
     assert!(!repo.stats().degraded);
     let w = repo.writer();
     for t in 0..500 {
-        w.insert(row(if t % 2 == 0 { "vm-a" } else { "vm-b" }, t))
+        w.insert(row(if t.is_multiple_of(2) { "vm-a" } else { "vm-b" }, t))
             .expect("queued");
     }
     w.record_event(Event {
