@@ -548,7 +548,11 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Ratelimit(a) => env.emit("ratelimit", &env.ratelimit(&a)?),
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
         Cmd::Repo(a) => {
-            let name = if a.outage_run_s.is_some() { "repo-outage" } else { "repo" };
+            let name = if a.outage_run_s.is_some() {
+                "repo-outage"
+            } else {
+                "repo"
+            };
             env.emit(name, &repo::repo(&env.out_dir, &a)?)
         }
         Cmd::Tuner(a) => env.tuner(&a),

@@ -84,7 +84,9 @@ fn row(vm: &str, t: u64) -> Row {
         ts_ns: t,
         interval_ns: 10_000_000,
         schema_version: SCHEMA_VERSION,
-        vector: (0..n).map(|i| (i as f32 * 0.01 + t as f32 * 1e-6) % 1.0).collect(),
+        vector: (0..n)
+            .map(|i| (i as f32 * 0.01 + t as f32 * 1e-6) % 1.0)
+            .collect(),
         raw: (0..n).map(|i| i as f64 + t as f64).collect(),
         action: None,
         reward: None,
@@ -214,7 +216,12 @@ pub fn repo(out_dir: &std::path::Path, a: &RepoArgs) -> Result<RepoReport, Bench
     let mut runs = Vec::new();
     if let Some(s) = a.outage_run_s {
         pg_clear(&a.pg_url)?;
-        runs.push(run(&pg, a.writers, Some((interval, Duration::from_secs(s))), 0)?);
+        runs.push(run(
+            &pg,
+            a.writers,
+            Some((interval, Duration::from_secs(s))),
+            0,
+        )?);
         return Ok(RepoReport {
             method: format!(
                 "{} writers (one StateRepo each: its own writer thread and connection, as {} \
@@ -228,10 +235,7 @@ pub fn repo(out_dir: &std::path::Path, a: &RepoArgs) -> Result<RepoReport, Bench
     let dir: PathBuf = out_dir.join("repo-bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::io(format!("{}", dir.display()), e))?;
-    for paced in [
-        Some((interval, Duration::from_secs(a.seconds))),
-        None,
-    ] {
+    for paced in [Some((interval, Duration::from_secs(a.seconds))), None] {
         let db = dir.join(format!("s-{}.db", paced.is_some()));
         runs.push(run(&Location::Sqlite(db), a.writers, paced, a.burst_rows)?);
         pg_clear(&a.pg_url)?;

@@ -63,7 +63,7 @@ fn rows_events_and_outcomes_round_trip_with_host_ids_and_partitions() {
     let repo = StateRepo::open_at(&url, cfg).expect("open");
     assert!(!repo.stats().degraded);
     let w = repo.writer();
-    for t in 0..500 {
+    for t in 0..500u64 {
         w.insert(row(if t.is_multiple_of(2) { "vm-a" } else { "vm-b" }, t))
             .expect("queued");
     }
