@@ -421,3 +421,60 @@ fn a_vm_runs_with_its_database_unreachable_and_says_so() {
     assert_eq!(status, Some(0), "the guest ran to its end: {stderr}");
     assert!(stderr.contains("postgresql"), "{stderr}");
 }
+
+#[test]
+fn a_vm_keeps_running_through_a_database_outage_and_its_rows_arrive() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(pg) = Postgres::start("vm-outage") else {
+        return;
+    };
+    pg.create_db("o");
+    let url = pg.url("o");
+    let child = kernel_command("cpu-burn", &["--cmdline", "ms=5000"])
+        .args([
+            "--state-db",
+            &url,
+            "--vm-id",
+            "through",
+            "--metrics-interval-ms",
+            "100",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmm");
+    std::thread::sleep(Duration::from_millis(1500));
+    pg.stop();
+    std::thread::sleep(Duration::from_millis(2000));
+    pg.restart();
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("cpu-burn: cpus="),
+        "the guest finished: {stdout}"
+    );
+    // The writer's final counts: everything written after a reconnect, nothing dropped.
+    let stats = stderr
+        .lines()
+        .find(|l| l.contains("state repository: WriterStats"))
+        .unwrap_or_else(|| panic!("no final counts: {stderr}"));
+    assert!(stats.contains("rows_dropped: 0,"), "{stats}");
+    assert!(!stats.contains("reconnects: 0,"), "{stats}");
+    let written: u64 = stats
+        .split("rows_written: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("rows_written");
+    assert!(written >= 40, "5 s at 100 ms: {written}");
+    let in_db: u64 = pg
+        .psql("o", "SELECT count(*) FROM samples WHERE vm_id = 'through'")
+        .parse()
+        .expect("count");
+    assert_eq!(in_db, written);
+}

@@ -163,6 +163,10 @@ fn resolved_config(url: &PgUrl) -> Result<postgres::Config, RepoError> {
     if config.get_application_name().is_none() {
         config.application_name("vmm");
     }
+    if config.get_options().is_none() {
+        // "relation ... already exists, skipping" notices of every migration check.
+        config.options("-c client_min_messages=warning");
+    }
     if config.get_hostaddrs().is_empty() {
         let ports = config.get_ports().to_vec();
         let mut addrs = Vec::new();
