@@ -9,7 +9,8 @@ echo "== set-up"
 # SQLite for rusqlite (bundled), curl speaks HTTP to the control socket, prlimit fills
 # the monitor's descriptor table in the API tests, prometheus (server and promtool) scrapes
 # two monitors in a test, strace watches the shipped binary for refused system calls,
-# iproute2 makes the network tests' namespaces. Installed only when missing.
+# iproute2 makes the network tests' namespaces, postgresql runs the state repository's
+# PostgreSQL tests. Installed only when missing.
 missing=()
 command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
@@ -19,6 +20,9 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# PostgreSQL: tests/tests/postgres.rs starts a private server (initdb, pg_ctl) and uses psql.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi

@@ -11,6 +11,8 @@
 //! - `profile`: the guest profiler's cost on guest compute (off, 100 Hz, 1000 Hz).
 //! - `decision`: the tuner's decision time and the age of the sample it decides on, on
 //!   the control loop of a running VM.
+//! - `repo`: the state repository's backends side by side (8 writers into SQLite and into
+//!   PostgreSQL; scripts/bench-pg.sh starts a private server), and a database outage.
 //! - `tuner`: tuner policies (best static, threshold, random, learned, online) on the
 //!   `phased` workload suite; report, results and plots in `target/bench-tuner/`.
 //! - `all`: all of them in a row; `summary`: a table of the latest result files.
@@ -31,6 +33,7 @@ mod profile;
 mod pvh;
 mod qemu;
 mod ratelimit;
+mod repo;
 mod report;
 mod stats;
 mod summary;
@@ -98,6 +101,9 @@ enum Cmd {
     Profile(ProfileArgs),
     /// The tuner's decision time and the age of the sample it decides on (control loop).
     Decision(DecisionArgs),
+    /// The state repository's backends side by side: 8 writers into SQLite and into
+    /// PostgreSQL (scripts/bench-pg.sh starts a private server and runs this).
+    Repo(repo::RepoArgs),
     /// Tuner policies on the phased workload suite (report.md, results.json, PNG plots).
     Tuner(TunerArgs),
     /// Every benchmark with its defaults (or --quick); JSON of all of them to stdout.
@@ -621,6 +627,14 @@ fn real_main(cli: Cli) -> Result<(), BenchError> {
         Cmd::Telemetry(a) => env.emit("telemetry", &env.telemetry(&a)?),
         Cmd::Profile(a) => env.emit("profile", &env.profile(&a)?),
         Cmd::Decision(a) => env.emit("decision", &env.decision(&a)?),
+        Cmd::Repo(a) => {
+            let name = if a.outage_run_s.is_some() {
+                "repo-outage"
+            } else {
+                "repo"
+            };
+            env.emit(name, &repo::repo(&env.out_dir, &a)?)
+        }
         Cmd::Tuner(a) => env.tuner(&a),
         Cmd::All { quick } => {
             let boot_args = BootArgs {

@@ -61,6 +61,7 @@ use serde::Serialize;
 use tuner::actions::{Action, ActionSpace, VmShape};
 use tuner::reward::RewardWeights;
 use tuner::schema::{Schema, SCHEMA_VERSION};
+use tuner::state_repo::{Location, RowFilter};
 
 use crate::error::LearnError;
 
@@ -174,6 +175,9 @@ pub struct DatasetOptions {
     pub exclude_prefixes: Vec<String>,
     /// The next row continues the episode when it comes within this many intervals.
     pub max_gap_factor: f64,
+    /// Which rows to read: host (PostgreSQL only), VM, scenario label (VM id prefix) and
+    /// time range; every row by default.
+    pub filter: RowFilter,
 }
 
 impl Default for DatasetOptions {
@@ -181,6 +185,7 @@ impl Default for DatasetOptions {
         Self {
             exclude_prefixes: Vec::new(),
             max_gap_factor: 2.5,
+            filter: RowFilter::default(),
         }
     }
 }
@@ -323,6 +328,7 @@ impl Dataset {
 /// A row as read, before interpretation.
 struct RawRow {
     id: i64,
+    wall_ns: i64,
     vm_id: String,
     ts_ns: i64,
     interval_ns: i64,
@@ -469,6 +475,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> Result<RawRow, (i64, &'static str, rusqlit
     let col = |c: &'static str| move |e| (id, c, e);
     Ok(RawRow {
         id,
+        wall_ns: r.get(9).map_err(col("wall_ns"))?,
         vm_id: r.get(1).map_err(col("vm_id"))?,
         ts_ns: r.get(2).map_err(col("ts_ns"))?,
         interval_ns: r.get(3).map_err(col("interval_ns"))?,
@@ -480,9 +487,57 @@ fn read_row(r: &rusqlite::Row<'_>) -> Result<RawRow, (i64, &'static str, rusqlit
     })
 }
 
+/// Whether `row` passes `filter` (the host is filtered by the PostgreSQL query; a SQLite
+/// file has no host column).
+fn keep(filter: &RowFilter, row: &RawRow) -> bool {
+    filter.vm_id.as_ref().is_none_or(|v| *v == row.vm_id)
+        && filter
+            .scenario
+            .as_ref()
+            .is_none_or(|s| row.vm_id.starts_with(s.as_str()))
+        && u64::try_from(row.ts_ns).unwrap_or(0) >= filter.since_ns
+        && filter.from_wall_ns.is_none_or(|t| row.wall_ns >= t)
+        && filter.to_wall_ns.is_none_or(|t| row.wall_ns < t)
+}
+
+/// Reads, checks and pairs the rows of the repository at `location`: a SQLite file (as
+/// [`load`]) or a PostgreSQL database (the rows of `options.filter`, across hosts and VMs).
+pub fn load_from(location: &Location, options: &DatasetOptions) -> Result<Dataset, LearnError> {
+    let url = match location {
+        Location::Sqlite(path) => return load(path, options),
+        Location::Postgres(url) => url,
+    };
+    let repo = tuner::state_repo::StateRepo::open_read_only_at(location)?;
+    let rows_total = repo.count()?;
+    let stored = repo.select_stored(&options.filter)?;
+    let rows = stored.into_iter().map(|s| {
+        Ok(RawRow {
+            id: s.id,
+            wall_ns: s.wall_ns,
+            vm_id: s.row.vm_id,
+            ts_ns: i64::try_from(s.row.ts_ns).unwrap_or(i64::MAX),
+            interval_ns: i64::try_from(s.row.interval_ns).unwrap_or(i64::MAX),
+            schema_version: i64::from(s.row.schema_version),
+            vector: tuner::state_repo::encode_vector(&s.row.vector),
+            action: s.row.action,
+            reward: s.row.reward,
+            config: s.row.config,
+        })
+    });
+    // The summary and errors name the database by its URL without the password.
+    load_rows(Path::new(&url.to_string()), rows_total, rows, options)
+}
+
 /// Reads, checks and pairs the rows of `path` (see the module documentation).
 pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset, LearnError> {
     let path = path.as_ref();
+    if options.filter.host_id.is_some() {
+        return Err(tuner::state_repo::RepoError::Unsupported {
+            backend: "sqlite",
+            what: "a host filter (a SQLite repository is one host's; no host column)",
+        }
+        .into());
+    }
     let conn = open(path)?;
     let rows_total: i64 = conn
         .query_row("SELECT count(*) FROM samples", [], |r| r.get(0))
@@ -490,11 +545,35 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut stmt = conn
         .prepare(
             "SELECT id, vm_id, ts_ns, interval_ns, schema_version, vector, action, reward, \
-             config FROM samples ORDER BY vm_id, ts_ns, id",
+             config, wall_ns FROM samples ORDER BY vm_id, ts_ns, id",
         )
         .map_err(|e| sqlite_error(path, e))?;
-    let mut rows = stmt.query([]).map_err(|e| sqlite_error(path, e))?;
+    let rows = stmt
+        .query_map([], |r| Ok(read_row(r)))
+        .map_err(|e| sqlite_error(path, e))?
+        .map(|r| match r {
+            Ok(Ok(row)) => Ok(row),
+            Ok(Err((row_id, column, e))) => Err(match e {
+                rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..) => LearnError::BadColumn {
+                    row_id,
+                    column,
+                    message: e.to_string(),
+                },
+                other => sqlite_error(path, other),
+            }),
+            Err(e) => Err(sqlite_error(path, e)),
+        });
+    load_rows(path, u64::try_from(rows_total).unwrap_or(0), rows, options)
+}
 
+/// Checks and pairs `rows` (ordered by VM, then time) of the repository named `path`.
+fn load_rows(
+    path: &Path,
+    rows_total: u64,
+    rows: impl Iterator<Item = Result<RawRow, LearnError>>,
+    options: &DatasetOptions,
+) -> Result<Dataset, LearnError> {
     let n = Schema::len();
     // Per configuration text: shape and recorded weights.
     let mut configs: HashMap<String, (VmShape, Option<RewardWeights>)> = HashMap::new();
@@ -502,7 +581,7 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut weights_recorded = false;
     let mut summary = DataSummary {
         db: path.to_path_buf(),
-        rows_total: u64::try_from(rows_total).unwrap_or(0),
+        rows_total,
         rows_excluded: 0,
         rows: 0,
         transitions: 0,
@@ -526,21 +605,12 @@ pub fn load(path: impl AsRef<Path>, options: &DatasetOptions) -> Result<Dataset,
     let mut transitions = Vec::new();
     let mut pending: Option<Pending> = None;
 
-    loop {
-        let r = match rows.next() {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => return Err(sqlite_error(path, e)),
-        };
-        let row = read_row(r).map_err(|(row_id, column, e)| match e {
-            rusqlite::Error::InvalidColumnType(..)
-            | rusqlite::Error::IntegralValueOutOfRange(..) => LearnError::BadColumn {
-                row_id,
-                column,
-                message: e.to_string(),
-            },
-            other => sqlite_error(path, other),
-        })?;
+    for row in rows {
+        let row = row?;
+        if !keep(&options.filter, &row) {
+            summary.rows_excluded += 1;
+            continue;
+        }
         if options
             .exclude_prefixes
             .iter()

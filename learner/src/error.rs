@@ -11,6 +11,9 @@ use tuner::policy::PolicyError;
 /// Everything that can go wrong while loading data, training or exporting.
 #[derive(Debug, Error)]
 pub enum LearnError {
+    /// The state repository (e.g. PostgreSQL) could not be read.
+    #[error("state repository: {0}")]
+    Repository(#[from] tuner::state_repo::RepoError),
     /// The state repository file does not exist.
     #[error("{path} does not exist")]
     DbMissing {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::json;
 use tuner::policy::{ModelCard, OnnxPolicy, PolicyError, QNetwork, StartConfig};
 use tuner::reward::RewardWeights;
+use tuner::state_repo::Location;
 
 use crate::dataset::{self, DatasetOptions};
 use crate::dqn::{Dqn, DqnConfig};
@@ -31,8 +32,8 @@ pub const DEFAULT_CHECK_STATES: usize = 256;
 /// Everything `vmm train` takes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainOptions {
-    /// The state repository to learn from.
-    pub state_db: PathBuf,
+    /// The state repository to learn from: a SQLite file or a PostgreSQL database.
+    pub state_db: Location,
     /// Where the model goes (`NAME.onnx`; the card goes beside it as `NAME.card.json`).
     pub out: PathBuf,
     /// DQN steps.
@@ -54,7 +55,7 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     /// Defaults for everything but the input and output.
-    pub fn new(state_db: impl Into<PathBuf>, out: impl Into<PathBuf>) -> TrainOptions {
+    pub fn new(state_db: impl Into<Location>, out: impl Into<PathBuf>) -> TrainOptions {
         TrainOptions {
             state_db: state_db.into(),
             out: out.into(),
@@ -204,7 +205,7 @@ fn card_weights(opts: &TrainOptions, data: &dataset::Dataset) -> Result<RewardWe
 /// Reads the data, trains, exports and checks (see the module documentation).
 pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
     opts.validate()?;
-    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+    let data = dataset::load_from(&opts.state_db, &opts.dataset)?;
     let weights = card_weights(opts, &data)?;
     let space = data.space();
     let mut dqn =
@@ -261,7 +262,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
     let description = opts.description.clone().unwrap_or_else(|| {
         format!(
             "DQN Q-network trained offline by `vmm train` on {}",
-            opts.state_db.display()
+            opts.state_db
         )
     });
     let mut card = export::card(
@@ -317,7 +318,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, LearnError> {
 /// cards made before a change to the derivation, or to use more data.
 pub fn refresh_start(opts: &TrainOptions) -> Result<Option<StartConfig>, LearnError> {
     opts.validate()?;
-    let data = dataset::load(&opts.state_db, &opts.dataset)?;
+    let data = dataset::load_from(&opts.state_db, &opts.dataset)?;
     let weights = card_weights(opts, &data)?;
     let space = data.space();
     let bad_model =

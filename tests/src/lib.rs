@@ -9,6 +9,7 @@ pub use test_kernels::kernel_path;
 
 pub mod hostile_onnx;
 pub mod netns;
+pub mod postgres;
 
 /// The cargo target directory (`target/`), found from this test executable's path.
 pub fn target_dir() -> PathBuf {

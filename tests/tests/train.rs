@@ -213,3 +213,72 @@ fn bad_input_is_one_line_and_status_2() {
     assert!(!out.exists(), "nothing written on bad input");
     assert!(!ModelCard::path_for(&out).exists());
 }
+
+#[test]
+fn train_reads_the_fleet_from_postgres_with_filters() {
+    let Some(pg) = integration_tests::postgres::Postgres::start("train") else {
+        return;
+    };
+    pg.create_db("fleet");
+    let url = pg.url("fleet");
+    let dir = Scratch::new("train-pg");
+    let db = dir.path("host1.db");
+    let mut all = rows("scen-a-0", 150, 1);
+    all.extend(rows("scen-a-1", 150, 2));
+    all.extend(rows("held-b-0", 40, 3));
+    write_db(&db, all);
+    integration_tests::vmm(
+        &["state", "export", "--state-db", s(&db), "--to", &url],
+        LIMIT,
+    )
+    .expect_status(0);
+    let train = |filter: &[&str], name: &str| {
+        let out = dir.path(&format!("{name}.onnx"));
+        let mut args = vec![
+            "train",
+            "--state-db",
+            &url,
+            "--out",
+            s(&out),
+            "--steps",
+            "20",
+            "--hidden",
+            "16",
+            "--batch",
+            "16",
+        ];
+        args.extend_from_slice(filter);
+        vmm_learn(&args, LIMIT)
+    };
+    let host = hostname();
+    for (filter, transitions) in [
+        (vec!["--scenario", "scen-a"], 298),
+        (vec!["--vm", "scen-a-1"], 149),
+        (vec!["--host", host.as_str(), "--scenario", "held-"], 39),
+    ] {
+        let run = train(&filter, "fleet");
+        run.expect_status(0);
+        let want = format!("fleet.onnx ({transitions} transitions");
+        assert!(
+            run.stdout.contains(&want),
+            "{filter:?}: {}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    // Nothing from another host, or before 1970 + 1 s: a clear error, no model.
+    let run = train(&["--host", "no-such-host"], "none");
+    assert_ne!(run.status, Some(0));
+    assert!(run.stderr.contains("no sample rows"), "{}", run.stderr);
+    let run = train(&["--until", "1"], "none");
+    assert_ne!(run.status, Some(0));
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!(rc, 0);
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

@@ -207,4 +207,9 @@ pub struct DriveKnobs {
 pub trait CounterSource: Send + Sync {
     /// Reads every counter now.
     fn snapshot(&self) -> CounterSnapshot;
+
+    /// The state repository writer's counts and health, when the VM writes to one.
+    fn repo_stats(&self) -> Option<crate::state_repo::WriterStats> {
+        None
+    }
 }

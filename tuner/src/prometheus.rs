@@ -162,6 +162,48 @@ pub fn render_sink_drops(drops: &[(String, u64)], labels: &SeriesLabels) -> Stri
     o.text
 }
 
+/// Renders the state repository writer's counts and health in the text format.
+pub fn render_repo(stats: &crate::state_repo::WriterStats, labels: &SeriesLabels) -> String {
+    let mut o = Out::new(labels);
+    let families: [(&str, &str, &str, u64); 5] = [
+        (
+            "vmm_state_repo_rows_written_total",
+            "counter",
+            "Rows committed to the state repository.",
+            stats.rows_written,
+        ),
+        (
+            "vmm_state_repo_rows_dropped_total",
+            "counter",
+            "Rows dropped: the writer's queue or buffer was full, or a batch failed.",
+            stats.rows_dropped,
+        ),
+        (
+            "vmm_state_repo_rows_buffered",
+            "gauge",
+            "Rows waiting in the writer's buffer for the database.",
+            stats.rows_buffered,
+        ),
+        (
+            "vmm_state_repo_reconnects_total",
+            "counter",
+            "Reconnections to the database after it was lost.",
+            stats.reconnects,
+        ),
+        (
+            "vmm_state_repo_degraded",
+            "gauge",
+            "1 while the state repository cannot write (database unreachable).",
+            u64::from(stats.degraded),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        o.family(name, kind, help);
+        o.sample(name, &[], value);
+    }
+    o.text
+}
+
 /// Renders a snapshot (and, if given, the latest sample's features) in the text format.
 /// Every series carries `labels` (the VM and host it comes from).
 pub fn render(snap: &CounterSnapshot, sample: Option<&Sample>, labels: &SeriesLabels) -> String {
@@ -916,6 +958,9 @@ impl Responder {
             let mut text = render(&snapshot, sample.as_deref(), &self.labels);
             if let Some(l) = &self.latest {
                 text.push_str(&render_sink_drops(&l.sink_drops(), &self.labels));
+            }
+            if let Some(stats) = self.source.repo_stats() {
+                text.push_str(&render_repo(&stats, &self.labels));
             }
             text
         }));

@@ -81,9 +81,10 @@ pub struct VmConfig {
     /// Sampling interval of the performance monitoring agent, in milliseconds.
     #[serde(default = "default_metrics_interval_ms")]
     pub metrics_interval_ms: u64,
-    /// State repository (SQLite) receiving one row per interval; off when absent.
+    /// State repository receiving one row per interval: a SQLite file's path or a
+    /// PostgreSQL URL (`postgres://USER@HOST/DB`); off when absent.
     #[serde(default)]
-    pub state_db: Option<PathBuf>,
+    pub state_db: Option<tuner::state_repo::Location>,
     /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.
     #[serde(default)]
     pub metrics_addr: Option<String>,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tuner::state_repo::{Location, RepoConfig, StateRepo};
 use vmm::{ConfigError, RunOutcome, VmConfig};
 
 /// Exit status for bad user input (as clap's own usage errors).
@@ -90,9 +91,9 @@ enum AbCommand {
     /// Each arm's reward, throughput and latency with 95% confidence intervals, and
     /// whether the difference in reward is significant.
     Report {
-        /// The state repository of the A/B run.
-        #[arg(long, value_name = "PATH")]
-        state_db: PathBuf,
+        /// The state repository of the A/B run: a SQLite file or a PostgreSQL URL.
+        #[arg(long, value_name = "PATH|URL")]
+        state_db: Location,
         /// The VM whose rows to compare (one VM alternating the arms in blocks); without
         /// it, the rows of every VM in the repository (several VMs split between the arms,
         /// each run with one policy and its own `--vm-id`).
@@ -103,17 +104,27 @@ enum AbCommand {
 
 #[derive(Subcommand)]
 enum StateCommand {
-    /// Export every row for training.
+    /// Export every row for training (`--out FILE`), or copy every row and event into
+    /// another repository (`--to PATH|URL`: SQLite -> PostgreSQL and back).
     Export {
-        /// The repository (SQLite file written by `vmm run --state-db`).
-        #[arg(long, value_name = "PATH")]
-        state_db: PathBuf,
+        /// The repository (SQLite file or PostgreSQL URL written by `vmm run --state-db`).
+        #[arg(long, value_name = "PATH|URL")]
+        state_db: Location,
         /// Output format (parquet only in a vmm built with `--features parquet`).
         #[arg(long, value_parser = ["csv", "parquet"], default_value = "csv")]
         format: String,
         /// Output file.
-        #[arg(long, value_name = "PATH")]
-        out: PathBuf,
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "to",
+            conflicts_with = "to"
+        )]
+        out: Option<PathBuf>,
+        /// The repository to copy into (created or migrated; a SQLite file or a
+        /// PostgreSQL URL).
+        #[arg(long, value_name = "PATH|URL")]
+        to: Option<Location>,
     },
 }
 
@@ -163,9 +174,10 @@ struct RunArgs {
     /// Sampling interval of the performance monitoring agent (ms).
     #[arg(long, value_name = "N")]
     metrics_interval_ms: Option<u64>,
-    /// Store one row per interval in this SQLite state repository.
-    #[arg(long, value_name = "PATH")]
-    state_db: Option<PathBuf>,
+    /// Store one row per interval in this state repository: a SQLite file, or a
+    /// PostgreSQL database (`postgres://USER@HOST/DB`, `...?host=/socket/dir`).
+    #[arg(long, value_name = "PATH|URL")]
+    state_db: Option<Location>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
@@ -353,6 +365,49 @@ fn config_from(args: RunArgs) -> Result<VmConfig, ConfigError> {
     Ok(cfg)
 }
 
+/// `vmm state export --to`: every row and event of `from` into `to` (opened for writing,
+/// its schema created or migrated).
+fn copy_repository(from: &Location, to: &Location) -> ExitCode {
+    let source = match StateRepo::open_read_only_at(from) {
+        Ok(r) => r,
+        Err(e) => return usage_error(&ConfigError::new("state_db", format!("{from}: {e}"))),
+    };
+    let config = RepoConfig {
+        // Copied rows keep their verdicts; nothing to judge.
+        anomaly: None,
+        ..RepoConfig::default()
+    };
+    let target = match StateRepo::open_at(to, config) {
+        Ok(r) => r,
+        Err(e) => return usage_error(&ConfigError::new("to", format!("{to}: {e}"))),
+    };
+    if target.stats().degraded {
+        return usage_error(&ConfigError::new(
+            "to",
+            format!("{to}: {}: the database cannot be reached", to.backend()),
+        ));
+    }
+    let copied = source.copy_to(&target);
+    let closed = target.close();
+    match (copied, closed) {
+        (Ok((rows, events)), Ok(stats)) if stats.rows_dropped == 0 => {
+            println!("copied {rows} rows and {events} events from {from} to {to}");
+            ExitCode::SUCCESS
+        }
+        (Ok(_), Ok(stats)) => {
+            eprintln!(
+                "vmm: error: copy to {to}: {} rows dropped ({} commit errors)",
+                stats.rows_dropped, stats.commit_errors
+            );
+            ExitCode::FAILURE
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vmm: error: copy from {from} to {to}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn usage_error(e: &ConfigError) -> ExitCode {
     eprintln!(
         "vmm: error: {} ({}): {}",
@@ -384,14 +439,21 @@ fn main() -> ExitCode {
                     state_db,
                     format,
                     out,
+                    to,
                 },
         } => {
-            if !state_db.exists() {
+            if let Some(missing) = state_db.sqlite_path().filter(|p| !p.exists()) {
                 return usage_error(&ConfigError::new(
                     "state_db",
-                    format!("{} does not exist", state_db.display()),
+                    format!("{} does not exist", missing.display()),
                 ));
             }
+            if let Some(to) = to {
+                return copy_repository(&state_db, &to);
+            }
+            let Some(out) = out else {
+                return usage_error(&ConfigError::new("out", "--out or --to is required"));
+            };
             if format == "parquet" && !cfg!(feature = "parquet") {
                 return usage_error(&ConfigError::new(
                     "format",
@@ -400,13 +462,10 @@ fn main() -> ExitCode {
                 ));
             }
             // Read-only: the export never changes the file it reads (issue 14).
-            let repo = match tuner::state_repo::StateRepo::open_read_only(&state_db) {
+            let repo = match tuner::state_repo::StateRepo::open_read_only_at(&state_db) {
                 Ok(r) => r,
                 Err(e) => {
-                    return usage_error(&ConfigError::new(
-                        "state_db",
-                        format!("{}: {e}", state_db.display()),
-                    ))
+                    return usage_error(&ConfigError::new("state_db", format!("{state_db}: {e}")))
                 }
             };
             let result = match format.as_str() {
@@ -427,14 +486,14 @@ fn main() -> ExitCode {
         Command::Ab {
             command: AbCommand::Report { state_db, vm_id },
         } => {
-            if !state_db.exists() {
+            if let Some(missing) = state_db.sqlite_path().filter(|p| !p.exists()) {
                 return usage_error(&ConfigError::new(
                     "state_db",
-                    format!("{} does not exist", state_db.display()),
+                    format!("{} does not exist", missing.display()),
                 ));
             }
             let rows =
-                tuner::state_repo::StateRepo::open_read_only(&state_db).and_then(
+                tuner::state_repo::StateRepo::open_read_only_at(&state_db).and_then(
                     |r| match &vm_id {
                         Some(vm) => r.rows(vm, 0),
                         None => r.rows_of_all_vms(0),
@@ -451,10 +510,7 @@ fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 },
-                Err(e) => usage_error(&ConfigError::new(
-                    "state_db",
-                    format!("{}: {e}", state_db.display()),
-                )),
+                Err(e) => usage_error(&ConfigError::new("state_db", format!("{state_db}: {e}"))),
             }
         }
         Command::Train { args } => run_train(args),

@@ -103,6 +103,8 @@ pub struct VmRuntime {
     /// The guest profiler, when the VM has one (`--profile-hz`, `--symbols` or an API
     /// socket).
     profiler: Option<Arc<crate::profiler::Profiler>>,
+    /// The state repository's writer (its counts and health in `GET /vm` and the metrics).
+    repo: Mutex<Option<tuner::state_repo::RepoWriter>>,
 }
 
 /// The grant in force and the settings asked for, before the cap (given back when a
@@ -373,6 +375,7 @@ impl VmRuntime {
             slo,
             latest: Mutex::new(None),
             profiler,
+            repo: Mutex::new(None),
         }
     }
 
@@ -384,6 +387,16 @@ impl VmRuntime {
     /// Registers the sampling agent's latest-sample slot (for `GET /vm`).
     pub fn set_latest_sample(&self, latest: tuner::agent::LatestSample) {
         *lock(&self.latest) = Some(latest);
+    }
+
+    /// Registers the state repository's writer (for `GET /vm` and the metrics).
+    pub fn set_repo_stats(&self, writer: tuner::state_repo::RepoWriter) {
+        *lock(&self.repo) = Some(writer);
+    }
+
+    /// The state repository writer's counts, when the VM writes to one.
+    pub fn repo_stats(&self) -> Option<tuner::state_repo::WriterStats> {
+        lock(&self.repo).as_ref().map(|w| w.stats())
     }
 
     /// The latest interval's sample, once the sampling agent has made one.
@@ -807,6 +820,10 @@ impl VmRuntime {
 }
 
 impl CounterSource for VmRuntime {
+    fn repo_stats(&self) -> Option<tuner::state_repo::WriterStats> {
+        VmRuntime::repo_stats(self)
+    }
+
     fn snapshot(&self) -> CounterSnapshot {
         self.counters(true)
     }

@@ -215,7 +215,8 @@ pub enum HelperRole {
     /// `tuner-sink-*` and `tuner-watchdog`: sinks and the fallback (the static
     /// configuration: rate limiter timers, vCPU affinity and cgroup quota writes).
     Tuner,
-    /// `tuner-state-repo`: SQLite writes to the state repository opened before it.
+    /// `tuner-state-repo`: SQLite writes to the state repository opened before it, or
+    /// PostgreSQL over a socket it may (re)connect.
     StateRepo,
     /// `vmm-api`: the control API's HTTP server; reads model files for `PUT /policy`.
     Api,
@@ -309,6 +310,27 @@ pub fn helper_filter(role: HelperRole) -> Result<BpfProgram, SeccompError> {
             libc::SYS_ftruncate,
             // The WAL and shared-memory files go when the repository closes.
             libc::SYS_unlink,
+            // PostgreSQL: (re)connecting to the server (TCP or Unix socket; host names
+            // were resolved before the filter went on) and the client's current-thread
+            // runtime (epoll, an eventfd waker) on this thread.
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_shutdown,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_eventfd2,
         ]),
         HelperRole::Api => {
             extra.extend([

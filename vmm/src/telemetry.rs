@@ -58,9 +58,10 @@ impl Telemetry {
         let source: Arc<dyn CounterSource> = runtime.clone();
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         let mut policy_slot = None;
-        if let Some(path) = &cfg.state_db {
-            let repo = StateRepo::open(path, RepoConfig::default())
-                .map_err(|e| ConfigError::new("state_db", format!("{}: {e}", path.display())))?;
+        if let Some(location) = &cfg.state_db {
+            let repo = StateRepo::open_at(location, RepoConfig::default())
+                .map_err(|e| ConfigError::new("state_db", format!("{location}: {e}")))?;
+            api_view.set_repo_stats(repo.writer());
             let sink = repo.sink(&cfg.vm_id, "static", &config_json(cfg));
             policy_slot = Some(sink.policy_handle());
             sinks.push(Box::new(sink));

@@ -89,9 +89,25 @@ struct OnlineArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The state repository to learn from (written by `vmm run --state-db`).
-    #[arg(long, value_name = "PATH")]
-    state_db: PathBuf,
+    /// The state repository to learn from (written by `vmm run --state-db`): a SQLite
+    /// file or a PostgreSQL URL (`postgres://USER@HOST/DB`: the fleet's rows).
+    #[arg(long, value_name = "PATH|URL")]
+    state_db: tuner::state_repo::Location,
+    /// Only the rows written by this host (PostgreSQL).
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// Only the rows of this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Only the VMs whose id starts with this scenario label (e.g. `phased`).
+    #[arg(long, value_name = "LABEL")]
+    scenario: Option<String>,
+    /// Only the rows received at or after this Unix time (seconds).
+    #[arg(long, value_name = "UNIX_S")]
+    from: Option<u64>,
+    /// Only the rows received before this Unix time (seconds).
+    #[arg(long, value_name = "UNIX_S")]
+    until: Option<u64>,
     /// The model to write: NAME.onnx (the card goes beside it as NAME.card.json).
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -190,6 +206,19 @@ fn train_options(args: TrainArgs) -> Result<learner::TrainOptions, UsageError> {
         opts.dqn.loss = learner::Loss::Mse;
     }
     opts.dataset.exclude_prefixes = args.exclude_prefix;
+    let unix_ns = |field: &'static str, s: u64| {
+        s.checked_mul(1_000_000_000)
+            .and_then(|ns| i64::try_from(ns).ok())
+            .ok_or_else(|| UsageError::new(field, format!("{s} s is out of range")))
+    };
+    opts.dataset.filter = tuner::state_repo::RowFilter {
+        host_id: args.host,
+        vm_id: args.vm,
+        scenario: args.scenario,
+        from_wall_ns: args.from.map(|s| unix_ns("from", s)).transpose()?,
+        to_wall_ns: args.until.map(|s| unix_ns("until", s)).transpose()?,
+        ..tuner::state_repo::RowFilter::default()
+    };
     opts.name = args.name;
     opts.description = args.description;
     if let Some(text) = args.reward_weights {

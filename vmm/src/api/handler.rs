@@ -263,6 +263,10 @@ fn get_vm(rt: &VmRuntime) -> Reply {
         "slo": slo,
         "knobs": knobs_json(&rt.knob_state()),
         "tuner": tuner_json(rt),
+        "state_repo": rt.repo_stats().map(|s| json!({
+            "degraded": s.degraded, "rows_written": s.rows_written,
+            "rows_dropped": s.rows_dropped, "rows_buffered": s.rows_buffered,
+            "reconnects": s.reconnects, "commit_errors": s.commit_errors})),
         "vcpu_run_delay_ns": snap.vcpus.iter().map(|v| v.run_delay_ns).collect::<Vec<_>>(),
         "vcpu_run_delay_share": feature(tuner::schema::FeatureId::VcpuRunDelayShare),
         "profile": rt.profiler().map(|p| {

@@ -39,7 +39,7 @@ pub struct HostConfig {
     /// The one state repository every VM writes its rows to (each row carries the VM's
     /// id); off when absent.
     #[serde(default)]
-    pub state_db: Option<PathBuf>,
+    pub state_db: Option<tuner::state_repo::Location>,
     /// The cores of the budget, in cpuset list syntax (`"0-1"`, `"2,4-5"`); all the CPUs
     /// this process may use when absent.
     #[serde(default)]

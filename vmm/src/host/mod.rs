@@ -117,8 +117,8 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
     let log_dir = cfg.log_dir.clone().unwrap_or_else(|| run_dir.0.clone());
     if let Some(db) = &cfg.state_db {
         // Created once here, so the VMs' writers find the tables and WAL mode in place.
-        tuner::state_repo::StateRepo::open(db, tuner::state_repo::RepoConfig::default())
-            .map_err(|e| ConfigError::new("state_db", format!("{}: {e}", db.display())))?;
+        tuner::state_repo::StateRepo::open_at(db, tuner::state_repo::RepoConfig::default())
+            .map_err(|e| ConfigError::new("state_db", format!("{db}: {e}")))?;
     }
 
     let mut table = Vec::new();
@@ -174,7 +174,7 @@ pub fn run(config_path: &Path) -> Result<i32, HostError> {
             config_path: run_dir.0.join(format!("{}.json", v.id)),
             api_sock: &sock,
             log: &log,
-            state_db: cfg.state_db.as_deref(),
+            state_db: cfg.state_db.as_ref(),
             cpus: &plan.cpus,
         };
         match VmProcess::spawn(&launch) {

@@ -63,7 +63,7 @@ pub struct Launch<'a> {
     /// Its log file.
     pub log: &'a Path,
     /// The host's state repository.
-    pub state_db: Option<&'a Path>,
+    pub state_db: Option<&'a tuner::state_repo::Location>,
     /// The budget's CPUs (the child's affinity).
     pub cpus: &'a [usize],
 }
@@ -120,7 +120,7 @@ impl VmProcess {
             .arg("--vm-id")
             .arg(l.id);
         if let Some(db) = l.state_db {
-            cmd.arg("--state-db").arg(db);
+            cmd.arg("--state-db").arg(db.to_arg());
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))

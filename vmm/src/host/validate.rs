@@ -185,7 +185,7 @@ pub fn validate(
         "the host's api_sock",
         "api_sock".into(),
     )?;
-    if let Some(db) = &cfg.state_db {
+    if let Some(db) = cfg.state_db.as_ref().and_then(|l| l.sqlite_path()) {
         if dir_missing(db) {
             return Err(err(
                 "state_db".into(),
@@ -266,13 +266,16 @@ pub fn validate(
             ));
         }
         if let (Some(own), Some(host)) = (&config.state_db, &cfg.state_db) {
-            if comparable(own) != comparable(host) {
+            let same = match (own.sqlite_path(), host.sqlite_path()) {
+                (Some(a), Some(b)) => comparable(a) == comparable(b),
+                _ => own == host,
+            };
+            if !same {
                 return Err(err(
                     at("vm.state_db"),
                     format!(
                         "{} is not the host's state_db {}: every VM writes to the one repository",
-                        own.display(),
-                        host.display()
+                        own, host
                     ),
                 ));
             }
