@@ -315,3 +315,19 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind a loopback port")
 }
+
+/// Whether the thread named `name` of process `pid` runs under a seccomp filter (its
+/// `Seccomp:` line says 2); panics when the process has no such thread.
+pub fn thread_is_filtered(pid: u32, name: &str) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's tasks");
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            return status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]));
+        }
+    }
+    panic!("no thread {name} in process {pid}");
+}

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::{
-    api, curl, kernel_command, kernel_path, kvm_available, run_kernel, vmm_bin, wait_for, Scratch,
+    api, curl, kernel_command, kernel_path, kvm_available, run_kernel, thread_is_filtered, vmm_bin,
+    wait_for, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -45,21 +46,6 @@ fn finish(child: Child) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// The thread named `name` of process `pid` runs under a seccomp filter.
-fn thread_is_filtered(pid: u32, name: &str) -> bool {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() == name {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            return status
-                .lines()
-                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]));
-        }
-    }
-    panic!("no thread {name} in process {pid}");
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    curl, kernel_command, kernel_path, kvm_available, run_kernel, vmm, wait_for, Scratch,
+    curl, kernel_command, kernel_path, kvm_available, run_kernel, thread_is_filtered, vmm,
+    wait_for, Scratch,
 };
 use serde_json::Value;
 
@@ -49,23 +50,6 @@ fn share_of(p: &Value, name: &str) -> f64 {
         .find(|f| f["name"] == name)
         .and_then(|f| f["share"].as_f64())
         .unwrap_or(0.0)
-}
-
-/// The thread `name` of process `pid` runs under a seccomp filter.
-fn thread_is_filtered(pid: u32, name: &str) -> bool {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() == name {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            return status
-                .lines()
-                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]));
-        }
-    }
-    panic!("no thread {name} in process {pid}");
 }
 
 #[test]

@@ -58,3 +58,29 @@ pub(crate) trait Reader: Send {
         f: &mut dyn FnMut(&[StoredRow]) -> Result<(), RepoError>,
     ) -> Result<u64, RepoError>;
 }
+
+/// Hands the rows `next` yields to `f` in chunks of at most `chunk` (the last one may be
+/// shorter); returns how many rows there were. Both backends' `for_each_chunk` read
+/// through it.
+pub(super) fn in_chunks(
+    chunk: usize,
+    mut next: impl FnMut() -> Result<Option<StoredRow>, RepoError>,
+    f: &mut dyn FnMut(&[StoredRow]) -> Result<(), RepoError>,
+) -> Result<u64, RepoError> {
+    let chunk = chunk.max(1);
+    let mut buf = Vec::with_capacity(chunk);
+    let mut n = 0u64;
+    while let Some(row) = next()? {
+        buf.push(row);
+        if buf.len() >= chunk {
+            f(&buf)?;
+            n += buf.len() as u64;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        f(&buf)?;
+        n += buf.len() as u64;
+    }
+    Ok(n)
+}

@@ -675,20 +675,15 @@ impl Reader for PgReader {
                 none.iter().copied(),
             )
             .map_err(pg("reading rows"))?;
-        let mut buf = Vec::with_capacity(chunk);
-        let mut n = 0u64;
-        while let Some(r) = it.next().map_err(pg("reading rows"))? {
-            buf.push(read_stored(&r)?);
-            if buf.len() >= chunk {
-                f(&buf)?;
-                n += buf.len() as u64;
-                buf.clear();
-            }
-        }
-        if !buf.is_empty() {
-            f(&buf)?;
-            n += buf.len() as u64;
-        }
-        Ok(n)
+        super::backend::in_chunks(
+            chunk,
+            || {
+                it.next()
+                    .map_err(pg("reading rows"))?
+                    .map(|r| read_stored(&r))
+                    .transpose()
+            },
+            f,
+        )
     }
 }

@@ -430,20 +430,6 @@ impl Reader for SqliteReader {
             self.slo_columns
         ))?;
         let mut rows = stmt.query([])?;
-        let mut buf = Vec::with_capacity(chunk);
-        let mut n = 0u64;
-        while let Some(r) = rows.next()? {
-            buf.push(read_stored(r)?);
-            if buf.len() >= chunk {
-                f(&buf)?;
-                n += buf.len() as u64;
-                buf.clear();
-            }
-        }
-        if !buf.is_empty() {
-            f(&buf)?;
-            n += buf.len() as u64;
-        }
-        Ok(n)
+        super::backend::in_chunks(chunk, || rows.next()?.map(read_stored).transpose(), f)
     }
 }
