@@ -65,20 +65,9 @@ fn select_baseline(
     epsilon: f64,
     rng: &mut XorShift64,
 ) -> Result<Selection, PolicyError> {
-    if !(0.0..=1.0).contains(&epsilon) {
-        return Err(PolicyError::BadEpsilon(epsilon));
-    }
-    let valid: Vec<usize> = mask
-        .iter()
-        .enumerate()
-        .filter_map(|(i, ok)| ok.then_some(i))
-        .collect();
-    if valid.is_empty() {
-        return Err(PolicyError::NoValidAction);
-    }
-    if epsilon > 0.0 && rng.next_f64() < epsilon {
+    if let (_, Some(index)) = crate::policy::valid_or_explore(mask, epsilon, rng)? {
         return Ok(Selection {
-            index: valid[rng.below(valid.len())],
+            index,
             explored: true,
         });
     }

@@ -1300,6 +1300,29 @@ pub fn select(
     select_explained(q, mask, epsilon, rng).map(|s| s.index)
 }
 
+/// The actions `mask` allows (in order), and, when the epsilon draw says to explore, one
+/// of them drawn uniformly. Errors on an epsilon outside 0..=1 or a mask allowing nothing.
+pub(crate) fn valid_or_explore(
+    mask: &[bool],
+    epsilon: f64,
+    rng: &mut XorShift64,
+) -> Result<(Vec<usize>, Option<usize>), PolicyError> {
+    if !(0.0..=1.0).contains(&epsilon) {
+        return Err(PolicyError::BadEpsilon(epsilon));
+    }
+    let valid: Vec<usize> = mask
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ok)| ok.then_some(i))
+        .collect();
+    if valid.is_empty() {
+        return Err(PolicyError::NoValidAction);
+    }
+    let explore =
+        (epsilon > 0.0 && rng.next_f64() < epsilon).then(|| valid[rng.below(valid.len())]);
+    Ok((valid, explore))
+}
+
 /// [`select`], also telling whether the choice explored.
 pub fn select_explained(
     q: &[f32],
@@ -1313,19 +1336,8 @@ pub fn select_explained(
             mask: mask.len(),
         });
     }
-    if !(0.0..=1.0).contains(&epsilon) {
-        return Err(PolicyError::BadEpsilon(epsilon));
-    }
-    let valid: Vec<usize> = mask
-        .iter()
-        .enumerate()
-        .filter_map(|(i, ok)| ok.then_some(i))
-        .collect();
-    if valid.is_empty() {
-        return Err(PolicyError::NoValidAction);
-    }
-    if epsilon > 0.0 && rng.next_f64() < epsilon {
-        let index = valid[rng.below(valid.len())];
+    let (valid, explore) = valid_or_explore(mask, epsilon, rng)?;
+    if let Some(index) = explore {
         return Ok(Selection {
             index,
             explored: true,
